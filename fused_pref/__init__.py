@@ -1,0 +1,23 @@
+"""fused_pref: preference and cross-entropy losses over ``hidden @ lm_head.T`` that never
+materialize the ``[tokens, vocab]`` logits.  Triton kernels on CUDA (and on the CPU under
+``TRITON_INTERPRET=1``), with a plain-PyTorch twin of every function in ``fused_pref.reference``.
+"""
+
+from . import reference
+from .functional import dpo_loss, linear_cross_entropy, linear_logprobs, sequence_logprobs, simpo_loss
+from .modules import FusedDPOLoss, FusedSimPOLoss
+from .outputs import PreferenceOutput
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedDPOLoss",
+    "FusedSimPOLoss",
+    "PreferenceOutput",
+    "dpo_loss",
+    "linear_cross_entropy",
+    "linear_logprobs",
+    "reference",
+    "sequence_logprobs",
+    "simpo_loss",
+]

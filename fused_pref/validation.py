@@ -1,0 +1,138 @@
+"""Input checks shared by the fused path and the reference: raised once, at the public boundary.
+
+Shape, dtype and device checks are free.  The checks that read tensor values (label range, empty
+sequences under a mean) cost one host synchronisation, done together here, and are skipped with
+``validate=False``.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = FUSED_DTYPES + (torch.float64,)
+REDUCTIONS = {
+    "sequence": ("sum", "mean"),
+    "cross_entropy": ("mean", "sum", "none"),
+}
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What validation learned: the valid-token mask and, when it synchronised, the valid count."""
+
+    valid: torch.Tensor        # bool, shape of labels
+    n_valid: int | None        # None when validate=False (no host sync was made)
+
+
+def _fail(cls, message):
+    raise cls(message)
+
+
+def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, name="hidden"):
+    """Types, shapes, dtypes and devices of the projection inputs."""
+    for arg, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+        if not isinstance(value, torch.Tensor):
+            _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        _fail(TypeError, f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if hidden.dtype not in dtypes:
+        _fail(TypeError, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        _fail(TypeError, f"weight dtype {weight.dtype} must match {name} dtype {hidden.dtype}")
+    if bias is not None and bias.dtype != hidden.dtype:
+        _fail(TypeError, f"bias dtype {bias.dtype} must match {name} dtype {hidden.dtype}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        _fail(TypeError, f"labels must be an integer tensor, got {labels.dtype}")
+    wanted = "[R, T, D]" if sequence_level else "[N, D] or [R, T, D]"
+    if hidden.dim() not in ((3,) if sequence_level else (2, 3)):
+        _fail(ValueError, f"{name} must be {wanted}, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        _fail(ValueError, f"weight must be [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
+                          f"got shape {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        _fail(ValueError, "weight must have at least one vocabulary row")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        _fail(ValueError, f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+    if tuple(labels.shape) != tuple(hidden.shape[:-1]):
+        _fail(ValueError, f"labels must have shape {name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
+                          f"got {tuple(labels.shape)}")
+    devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
+    if len(devices) > 1:
+        _fail(ValueError, f"{name}, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
+
+
+def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100):
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
+    if kind is not None and reduction not in REDUCTIONS[kind]:
+        _fail(ValueError, f"reduction must be one of {REDUCTIONS[kind]}, got {reduction!r}")
+    if not isinstance(ignore_index, int):
+        _fail(TypeError, f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_pairs(hidden, *, name="hidden"):
+    if hidden.shape[0] % 2:
+        _fail(ValueError, f"{name} must hold 2B sequences, chosen first then rejected; "
+                          f"got an odd number of sequences, {hidden.shape[0]}")
+
+
+def check_hyper(*, beta, label_smoothing):
+    if not isinstance(beta, (int, float)) or beta <= 0:
+        _fail(ValueError, f"beta must be a positive number, got {beta!r}")
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
+        _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+
+
+def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequences=False):
+    """Valid-token mask, and with ``validate`` the label-range and empty-sequence checks (one sync)."""
+    valid = labels != ignore_index
+    if not validate:
+        return Checked(valid=valid, n_valid=None)
+    out_of_range = valid & ((labels < 0) | (labels >= vocab_size))
+    stats = [out_of_range.sum(), valid.sum()]
+    if mean_over_sequences:
+        stats.append((valid.sum(dim=-1) == 0).sum())
+    n_bad, n_valid, *n_empty = torch.stack(stats).tolist()
+    if n_bad:
+        where = tuple(out_of_range.nonzero()[0].tolist())
+        _fail(ValueError, f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
+                          f"found {n_bad} outside, first labels{list(where)} = {labels[where].item()}")
+    if n_empty and n_empty[0]:
+        first = int((valid.sum(dim=-1) == 0).nonzero()[0, 0])
+        _fail(ValueError, f"sequence {first} has no valid label (all ignore_index={ignore_index}); "
+                          f"reduction='mean' needs at least one valid token per sequence")
+    return Checked(valid=valid, n_valid=int(n_valid))
+
+
+DPO_LOSS_TYPES = ("sigmoid",)
+
+
+def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, ref_weight, ref_bias,
+                        loss_type, dtypes=FUSED_DTYPES):
+    """The reference-model inputs of a DPO loss; returns the ``(ref_weight, ref_bias)`` to use.
+
+    Exactly one of ``ref_logps`` (``[2B]``) and ``ref_hidden`` (``[2B, T, D_ref]``) is given.
+    Without ``ref_weight`` the policy's ``weight`` and ``bias`` serve the reference model too.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        _fail(ValueError, f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
+    if (ref_logps is None) == (ref_hidden is None):
+        _fail(ValueError, "dpo_loss needs exactly one of ref_logps ([2B] precomputed reference "
+                          "log-probs) or ref_hidden ([2B, T, D] reference-model hidden states)")
+    if ref_logps is not None:
+        if ref_weight is not None or ref_bias is not None:
+            _fail(ValueError, "ref_weight and ref_bias are only used with ref_hidden, not with ref_logps")
+        if not isinstance(ref_logps, torch.Tensor) or not ref_logps.dtype.is_floating_point:
+            _fail(TypeError, "ref_logps must be a floating-point torch.Tensor")
+        if tuple(ref_logps.shape) != (hidden.shape[0],):
+            _fail(ValueError, f"ref_logps must be [2B] = [{hidden.shape[0]}], got shape {tuple(ref_logps.shape)}")
+        if ref_logps.device != hidden.device:
+            _fail(ValueError, f"ref_logps is on {ref_logps.device}, hidden on {hidden.device}")
+        return None, None
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+    check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=dtypes, sequence_level=True, name="ref_hidden")
+    if ref_hidden.device != hidden.device:
+        _fail(ValueError, f"ref_hidden is on {ref_hidden.device}, hidden on {hidden.device}")
+    return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()

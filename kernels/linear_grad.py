@@ -1,0 +1,154 @@
+"""Backward: the weighted cross-entropy gradient of DESIGN.md section 1, one vocabulary chunk at a time.
+
+Strategy (b) of DESIGN.md section 4, V-chunked.  For each chunk of the vocabulary a Triton kernel
+recomputes the logits of the valid rows (the same ``logits_tile`` and tile shapes as the forward)
+and writes ``dz' = onehot(label) - softmax(z)`` (times ``1 - tanh^2`` under a softcap) into a
+workspace ``[n_rows, V_chunk]`` in the input dtype; two cuBLAS products through torch then give
+
+    d_hidden += dz' @ W[chunk]              (fp32 accumulator, rows scaled by g afterwards)
+    d_weight[chunk] = dz'.T @ (g * H)       d_bias[chunk] = dz'.T @ g
+
+Why (b) and not (a), the fully fused kernel with atomics: (a) is only fast when gradient filtering
+skips most tiles (Cut Cross-Entropy measured 362 ms unfiltered against 209 ms for plain PyTorch),
+and its atomics make results run-to-run different.  (b) is exact, deterministic, spends the two
+D-wide products in cuBLAS, and its extra traffic (3 x N x V_chunk elements per chunk) is small next
+to those products.  The per-row weight ``g = dLoss/dlogp`` is applied outside the workspace, so the
+workspace holds values in [-1, 1]: a fp16 workspace cannot underflow on a small ``g``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import DEFAULT_TILES, TileConfig, dot_flags, logits_tile, valid_rows
+
+# The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
+# replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
+# 16k x 8k x D, large enough for cuBLAS to run near peak.
+WORKSPACE_BYTES = 256 * 2**20
+MAX_CHUNK_FRACTION = 16
+
+
+@triton.jit
+def linear_grad_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
+    # sizes
+    V, D, T, v_chunk_start, v_chunk_end,
+    # strides
+    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_dz_p,
+    # scalars
+    softcap,
+    # variants
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    # tiles
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    n_valid = tl.load(n_valid_ptr)
+    p0 = pid_n * BLOCK_N
+    if p0 >= n_valid:
+        return
+    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
+    label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
+    lse = tl.load(lse_ptr + row, mask=p_mask, other=0.0)
+
+    v0 = v_chunk_start + pid_v * BLOCK_V
+    z, offs_v, v_mask = logits_tile(
+        h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
+        stride_h_d, stride_w_v, stride_w_d, softcap,
+        HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+    )
+    dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+    if HAS_SOFTCAP:
+        # z = c * tanh(u / c), so dz/du = 1 - (z / c)^2.
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    col_mask = offs_v < v_chunk_end
+    dz_offset = offs_p.to(tl.int64)[:, None] * stride_dz_p + (offs_v - v_chunk_start)[None, :]
+    tl.store(dz_ptr + dz_offset, dz.to(dz_ptr.dtype.element_ty), mask=p_mask[:, None] & col_mask[None, :])
+
+
+def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
+                      softcap=None, tiles: TileConfig = DEFAULT_TILES):
+    """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
+
+    ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
+    valid count are left untouched (the caller zero-fills the workspace once).
+    """
+    if rows.numel() == 0:
+        return
+    V, D = weight.shape
+    T = hidden.shape[1]
+    grid = (triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v))
+    linear_grad_kernel[grid](
+        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz,
+        V, D, T, v_start, v_start + dz.shape[1],
+        hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
+        dz.stride(0),
+        1.0 if softcap is None else float(softcap),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        **dot_flags(hidden.dtype),
+        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def vocab_chunk_size(n_rows: int, V: int, itemsize: int, workspace_bytes: int = WORKSPACE_BYTES,
+                     tiles: TileConfig = DEFAULT_TILES) -> int:
+    """Vocabulary columns per backward chunk: a multiple of BLOCK_V within the workspace bounds."""
+    by_bytes = workspace_bytes // max(1, n_rows * itemsize)
+    by_fraction = triton.cdiv(V, MAX_CHUNK_FRACTION)
+    chunk = min(by_bytes, by_fraction) // tiles.block_v * tiles.block_v
+    return max(tiles.block_v, chunk)
+
+
+def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
+                         softcap=None, needs=(True, True, True), workspace_bytes=WORKSPACE_BYTES,
+                         tiles: TileConfig = DEFAULT_TILES):
+    """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
+
+    Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
+    (hidden, weight, bias) want a gradient; the others come back as None.  Gradients are returned
+    in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.
+    """
+    R, T, D = hidden.shape
+    V = weight.shape[0]
+    n_rows = rows.numel()
+    rows_long = rows.long()
+    g = grad_logp.float()[rows_long]
+    need_h, need_w, need_b = needs
+    d_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
+    d_bias = torch.empty(V, device=weight.device, dtype=torch.float32) if need_b else None
+    if n_rows == 0:
+        return (d_hidden, None if d_weight is None else d_weight.zero_(),
+                None if d_bias is None else d_bias.to(bias.dtype).zero_())
+
+    # The valid rows of hidden, gathered once (cuBLAS takes no row index) and pre-scaled by g.
+    picked = (rows_long // T, rows_long % T)
+    h_scaled = (hidden[picked].float() * g[:, None]).to(hidden.dtype) if need_w else None
+    g_in = g.to(hidden.dtype)
+    chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), workspace_bytes, tiles)
+    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=hidden.dtype)
+    dh_acc = None
+    for v_start in range(0, V, chunk):
+        v_end = min(v_start + chunk, V)
+        dz = workspace[:, : v_end - v_start]
+        linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
+                          softcap=softcap, tiles=tiles)
+        if need_h:
+            part = dz @ weight[v_start:v_end]
+            dh_acc = part.float() if dh_acc is None else dh_acc.add_(part)
+        if need_w:
+            torch.mm(dz.t(), h_scaled, out=d_weight[v_start:v_end])
+        if need_b:
+            d_bias[v_start:v_end] = dz.t() @ g_in
+    if need_h:
+        d_hidden[picked] = (dh_acc * g[:, None]).to(hidden.dtype)
+    return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
+
+
+__all__ = ["linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "vocab_chunk_size"]

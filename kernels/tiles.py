@@ -1,0 +1,110 @@
+"""Shared tile math: the logits tile ``z = softcap(h @ w.T + b)`` and the launch-time flags.
+
+Both the forward (``linear_lse``) and the backward (``linear_grad``) build their logits through
+``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same way in both
+passes (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes).
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton turns @triton.jit functions into interpreter functions when this is set at definition
+# time, so it is read once here, at import, exactly as Triton reads it.
+KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Block sizes and launch settings shared by the forward and backward logits tiles."""
+
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+# Shipped configuration.  128x128 tiles with 8 warps spilled registers at D=4096 in an early
+# experiment (DESIGN.md section 7); 64x128 with 8 warps compiles without spills for sm_80 and
+# sm_90 (checked by tests/test_aot_compile.py).
+DEFAULT_TILES = TileConfig()
+
+
+def dot_flags(dtype: torch.dtype) -> dict:
+    """Constexprs for ``dot_acc``, derived in one place from the input dtype.
+
+    ``DOT_IN_FP32``: the interpreter multiplies bf16 bit patterns as integers in ``tl.dot``
+    (triton-lang/triton#11584), so under it bf16 operands are upcast; a bf16 x bf16 product is exact
+    in fp32, so the math is unchanged.  On a GPU the dot stays bf16 on the tensor cores.
+    ``DOT_PRECISION``: fp32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does.
+    """
+    ieee = dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    return {
+        "DOT_IN_FP32": KERNELS_INTERPRETED and dtype == torch.bfloat16,
+        "DOT_PRECISION": "ieee" if ieee else "tf32",
+    }
+
+
+@triton.jit
+def dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    if DOT_IN_FP32:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def tanh(x):
+    # libdevice.tanh does not run under the interpreter; this identity is exact enough in fp32.
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N: tl.constexpr):
+    """Rows ``p0 .. p0+BLOCK_N`` of the valid-first row index: (token id, hidden offset, mask)."""
+    offs_p = p0 + tl.arange(0, BLOCK_N)
+    p_mask = offs_p < n_valid
+    row = tl.load(rows_ptr + offs_p, mask=p_mask, other=0).to(tl.int64)
+    # hidden is addressed as [R, T, D] so that strided views such as h[:, :-1] need no copy.
+    h_offset = (row // T) * stride_h_r + (row % T) * stride_h_t
+    return offs_p, row, p_mask, h_offset
+
+
+@triton.jit
+def logits_tile(
+    h_ptr, w_ptr, b_ptr,
+    h_offset, p_mask, v0,
+    V, D,
+    stride_h_d, stride_w_v, stride_w_d,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """fp32 logits of BLOCK_N gathered rows against vocabulary entries ``v0 .. v0+BLOCK_V``."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < V
+    w_row = offs_v.to(tl.int64) * stride_w_v
+    acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(
+            h_ptr + h_offset[:, None] + offs_d[None, :] * stride_h_d,
+            mask=p_mask[:, None] & d_mask[None, :], other=0.0,
+        )
+        w = tl.load(
+            w_ptr + w_row[None, :] + offs_d[:, None] * stride_w_d,
+            mask=d_mask[:, None] & v_mask[None, :], other=0.0,
+        )
+        acc = dot_acc(h, w, acc, DOT_IN_FP32, DOT_PRECISION)
+    # The bias is added once per tile, after the whole D loop (CCE added it per D-block).
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        acc = softcap * tanh(acc / softcap)
+    return acc, offs_v, v_mask
