@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import DEFAULT_TILES, TileConfig, dot_flags, logits_tile, valid_rows
+from .tiles import TileConfig, dot_flags, tiles_for, logits_tile, valid_rows
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -72,7 +72,7 @@ def linear_grad_kernel(
 
 
 def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
-                      softcap=None, tiles: TileConfig = DEFAULT_TILES):
+                      softcap=None, tiles: TileConfig | None = None):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
@@ -82,6 +82,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
         return
     V, D = weight.shape
     T = hidden.shape[1]
+    tiles = tiles or tiles_for(hidden.dtype)
     grid = (triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v))
     linear_grad_kernel[grid](
         hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz,
@@ -96,18 +97,18 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
     )
 
 
-def vocab_chunk_size(n_rows: int, V: int, itemsize: int, workspace_bytes: int = WORKSPACE_BYTES,
-                     tiles: TileConfig = DEFAULT_TILES) -> int:
+def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
+                     workspace_bytes: int = WORKSPACE_BYTES) -> int:
     """Vocabulary columns per backward chunk: a multiple of BLOCK_V within the workspace bounds."""
     by_bytes = workspace_bytes // max(1, n_rows * itemsize)
     by_fraction = triton.cdiv(V, MAX_CHUNK_FRACTION)
-    chunk = min(by_bytes, by_fraction) // tiles.block_v * tiles.block_v
-    return max(tiles.block_v, chunk)
+    chunk = min(by_bytes, by_fraction) // block_v * block_v
+    return max(block_v, chunk)
 
 
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
                          softcap=None, needs=(True, True, True), workspace_bytes=WORKSPACE_BYTES,
-                         tiles: TileConfig = DEFAULT_TILES):
+                         tiles: TileConfig | None = None):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
@@ -116,6 +117,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
+    tiles = tiles or tiles_for(hidden.dtype)
     n_rows = rows.numel()
     rows_long = rows.long()
     g = grad_logp.float()[rows_long]
@@ -131,7 +133,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     picked = (rows_long // T, rows_long % T)
     h_scaled = (hidden[picked].float() * g[:, None]).to(hidden.dtype) if need_w else None
     g_in = g.to(hidden.dtype)
-    chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), workspace_bytes, tiles)
+    chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=hidden.dtype)
     dh_acc = None
     for v_start in range(0, V, chunk):

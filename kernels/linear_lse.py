@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import DEFAULT_TILES, KERNELS_INTERPRETED, TileConfig, dot_flags, logits_tile, valid_rows
+from .tiles import TileConfig, dot_flags, tiles_for, logits_tile, valid_rows
 
 
 @triton.jit
@@ -78,7 +78,7 @@ def _programs_wanted(device: torch.device) -> int:
     return 8
 
 
-def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig = DEFAULT_TILES):
+def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig):
     """(number of vocabulary splits, vocabulary entries per split) for ``n_rows`` valid rows."""
     row_tiles = max(1, triton.cdiv(n_rows, tiles.block_n))
     v_tiles = triton.cdiv(V, tiles.block_v)
@@ -88,7 +88,7 @@ def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig = 
 
 
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None,
-                       logit_sum=False, tiles: TileConfig = DEFAULT_TILES):
+                       logit_sum=False, tiles: TileConfig | None = None):
     """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary.
 
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
@@ -98,6 +98,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     """
     R, T, D = hidden.shape
     N, V = R * T, weight.shape[0]
+    tiles = tiles or tiles_for(hidden.dtype)
     splits, v_per_split = vocab_splits(rows.numel(), V, hidden.device, tiles)
     partial = torch.empty((4 if logit_sum else 3, splits, N), device=hidden.device, dtype=torch.float32)
     if rows.numel() > 0:
@@ -122,4 +123,4 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     return lse, target.sum(dim=0), partial[3].sum(dim=0) if logit_sum else None
 
 
-__all__ = ["linear_lse_forward", "linear_lse_kernel", "vocab_splits", "KERNELS_INTERPRETED"]
+__all__ = ["linear_lse_forward", "linear_lse_kernel", "vocab_splits"]

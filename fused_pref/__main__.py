@@ -1,0 +1,70 @@
+"""Command line: ``python -m fused_pref check | kernels``.
+
+``check``   fused vs reference errors for every public function (the real Triton kernels: through
+            the interpreter when there is no GPU).
+``kernels`` compiles every kernel ahead of time for sm_80 and sm_90 and prints registers, spills and
+            shared memory; exits non-zero on any spill.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+
+def _reexec_with_interpreter(wanted: bool):
+    """Triton reads TRITON_INTERPRET when kernels are defined, which ``python -m fused_pref`` has
+    already done by the time this runs; so re-execute with the variable as the command needs it."""
+    current = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if current == wanted:
+        return
+    env = dict(os.environ)
+    if wanted:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    os.execve(sys.executable, [sys.executable, "-m", "fused_pref", *sys.argv[1:]], env)
+
+
+def _check(_args) -> int:
+    from .check import format_rows, run_check
+
+    cuda = torch.cuda.is_available()
+    _reexec_with_interpreter(not cuda)
+    device = "cuda" if cuda else "cpu"
+    torch.set_float32_matmul_precision("highest")
+    where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
+    print(f"fused_pref check on {where}: fused vs fp64 reference, ||out - ref|| / ||ref||", flush=True)
+    rows = run_check(device)
+    print(format_rows(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _kernels(_args) -> int:
+    _reexec_with_interpreter(False)
+    from .aot import build_all, format_table
+
+    builds = build_all()
+    print(format_table(builds))
+    spilled = [b for b in builds if b.spill_stores or b.spill_loads]
+    if spilled:
+        print(f"{len(spilled)} builds spill registers")
+    return 1 if spilled else 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="fused vs reference errors of every public function").set_defaults(run=_check)
+    commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
+        run=_kernels)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

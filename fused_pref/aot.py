@@ -1,0 +1,131 @@
+"""Ahead-of-time compilation of every kernel for real GPUs, on any machine (no GPU needed).
+
+The interpreter accepts code that the GPU compiler rejects, so each kernel is also compiled for
+sm_80 and sm_90 at its shipped configuration and the register / spill figures are read from
+``ptxas -v`` (Triton's wheel carries a ptxas new enough for its own PTX as ``ptxas-blackwell``).
+Must run in a process without ``TRITON_INTERPRET`` (``python -m fused_pref kernels`` re-executes
+itself without it).
+"""
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+ARCHS = (80, 90)
+TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    kernel: str
+    variant: str
+    arch: int
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    shared_bytes: int
+
+
+def _linear_specs(dtype):
+    """(kernel, variant name, fn, signature, constexprs, options) for the two logits kernels."""
+    from .kernels import linear_grad, linear_lse
+    from .kernels.tiles import tiles_for
+
+    tiles = tiles_for(TORCH_DTYPES[dtype])
+    tile_constexprs = {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d}
+    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+    precision = "tf32" if dtype == "fp32" else "ieee"
+    for flags in ((False, False), (True, True)):
+        has_bias, has_softcap = flags
+        variant = f"{dtype}{'+bias' if has_bias else ''}{'+softcap' if has_softcap else ''}"
+        base = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "DOT_IN_FP32": False,
+                "DOT_PRECISION": precision, **tile_constexprs}
+        lse_sig = {
+            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
+            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "max_ptr": "*fp32", "sumexp_ptr": "*fp32",
+            "target_ptr": "*fp32", "logit_sum_ptr": "*fp32",
+            "N": "i32", "V": "i32", "D": "i32", "T": "i32", "v_per_split": "i32",
+            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64", "stride_w_d": "i32",
+            "softcap": "fp32",
+        }
+        lse_const = {**base, "LOGIT_SUM": True}
+        yield ("linear_lse", variant, linear_lse.linear_lse_kernel, lse_sig, lse_const, options)
+        grad_sig = {
+            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
+            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "lse_ptr": "*fp32", "dz_ptr": f"*{dtype}",
+            "V": "i32", "D": "i32", "T": "i32", "v_chunk_start": "i32", "v_chunk_end": "i32",
+            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64",
+            "stride_w_d": "i32", "stride_dz_p": "i64",
+            "softcap": "fp32",
+        }
+        yield ("linear_grad", variant, linear_grad.linear_grad_kernel, grad_sig, base, options)
+
+
+def _head_specs():
+    from .kernels import pref_head
+
+    sig = {"logps_ptr": "*fp32", "ref_ptr": "*fp32", "loss_ptr": "*fp32", "dlogps_ptr": "*fp32", "B": "i32",
+           "beta": "fp32", "gamma": "fp32", "label_smoothing": "fp32"}
+    for has_ref in (False, True):
+        yield ("pref_head", "ref" if has_ref else "no-ref", pref_head.preference_head_kernel, sig,
+               {"HAS_REF": has_ref, "BLOCK_B": pref_head.BLOCK_B}, {"num_warps": 4})
+
+
+def shipped_specs(dtypes=tuple(TORCH_DTYPES)):
+    for dtype in dtypes:
+        yield from _linear_specs(dtype)
+    yield from _head_specs()
+
+
+def _ptxas() -> Path:
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+
+
+def _ptxas_figures(ptx: str, arch: int):
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        out = subprocess.run([str(_ptxas()), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                             capture_output=True, text=True, check=True)
+    log = out.stdout + out.stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return registers, int(spills.group(1)), int(spills.group(2))
+
+
+def compile_kernel(fn, signature, constexprs, options, arch):
+    """Compile one kernel for ``sm_<arch>``; returns Triton's compiled kernel (PTX in ``.asm``)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("AOT compilation needs a process without TRITON_INTERPRET")
+    full_sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    ordered = {name: full_sig[name] for name in fn.arg_names}
+    source = ASTSource(fn=fn, signature=ordered, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES)) -> list[KernelBuild]:
+    builds = []
+    for kernel, variant, fn, signature, constexprs, options in shipped_specs(dtypes):
+        for arch in archs:
+            compiled = compile_kernel(fn, signature, constexprs, options, arch)
+            registers, spill_stores, spill_loads = _ptxas_figures(compiled.asm["ptx"], arch)
+            builds.append(KernelBuild(kernel, variant, arch, registers, spill_stores, spill_loads,
+                                      compiled.metadata.shared))
+    return builds
+
+
+def format_table(builds) -> str:
+    lines = [f"{'kernel':<12} {'variant':<20} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'smem B':>8}"]
+    for b in builds:
+        lines.append(f"{b.kernel:<12} {b.variant:<20} sm_{b.arch:<3} {b.registers:>5} {b.spill_stores:>9} "
+                     f"{b.spill_loads:>9} {b.shared_bytes:>8}")
+    return "\n".join(lines)
