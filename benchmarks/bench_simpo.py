@@ -30,7 +30,7 @@ def _inputs(tokens, D, V, T=1024, seed=0):
     gen = torch.Generator(device="cuda").manual_seed(seed)
     R = max(2, tokens // T // 2 * 2)
     hidden = (torch.randn(R, tokens // R, D, device="cuda", generator=gen) / math.sqrt(D)).bfloat16()
-    weight = (torch.randn(V, D, device="cuda", generator=gen) * 0.02 * math.sqrt(D) ** 0.5).bfloat16()
+    weight = torch.randn(V, D, device="cuda", generator=gen).bfloat16()  # logits ~ N(0, 1)
     labels = torch.randint(0, V, (R, tokens // R), device="cuda", generator=gen)
     labels[:, : tokens // R // 4] = -100  # a prompt quarter, as in a preference batch
     return hidden.requires_grad_(), weight.requires_grad_(), labels

@@ -5,6 +5,7 @@ sequences under a mean) cost one host synchronisation, done together here, and a
 ``validate=False``.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,39 +32,43 @@ def _fail(cls, message):
 
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, name="hidden"):
     """Types, shapes, dtypes and devices of the projection inputs."""
-    for arg, value in (("hidden", hidden), ("weight", weight), ("labels", labels)):
+    # Messages name the caller's arguments: name="ref_hidden" makes them ref_weight and ref_bias.
+    w_name, b_name = name.replace("hidden", "weight"), name.replace("hidden", "bias")
+    for arg, value in ((name, hidden), (w_name, weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
             _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
-        _fail(TypeError, f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        _fail(TypeError, f"{b_name} must be a torch.Tensor or None, got {type(bias).__name__}")
     if hidden.dtype not in dtypes:
         _fail(TypeError, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        _fail(TypeError, f"weight dtype {weight.dtype} must match {name} dtype {hidden.dtype}")
+        _fail(TypeError, f"{w_name} dtype {weight.dtype} must match {name} dtype {hidden.dtype}")
     if bias is not None and bias.dtype != hidden.dtype:
-        _fail(TypeError, f"bias dtype {bias.dtype} must match {name} dtype {hidden.dtype}")
-    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-        _fail(TypeError, f"labels must be an integer tensor, got {labels.dtype}")
+        _fail(TypeError, f"{b_name} dtype {bias.dtype} must match {name} dtype {hidden.dtype}")
+    # int64 or int32 only: the reference's gather rejects uint8/int16 (a RuntimeError, not ours).
+    if labels.dtype not in (torch.int64, torch.int32):
+        _fail(TypeError, f"labels must be an integer tensor (int64 or int32), got {labels.dtype}")
     wanted = "[R, T, D]" if sequence_level else "[N, D] or [R, T, D]"
     if hidden.dim() not in ((3,) if sequence_level else (2, 3)):
         _fail(ValueError, f"{name} must be {wanted}, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        _fail(ValueError, f"weight must be [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
+        _fail(ValueError, f"{w_name} must be [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
                           f"got shape {tuple(weight.shape)}")
     if weight.shape[0] == 0:
-        _fail(ValueError, "weight must have at least one vocabulary row")
+        _fail(ValueError, f"{w_name} must have at least one vocabulary row")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        _fail(ValueError, f"bias must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
+        _fail(ValueError, f"{b_name} must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
     if tuple(labels.shape) != tuple(hidden.shape[:-1]):
         _fail(ValueError, f"labels must have shape {name}.shape[:-1] = {tuple(hidden.shape[:-1])}, "
                           f"got {tuple(labels.shape)}")
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) > 1:
-        _fail(ValueError, f"{name}, weight, labels and bias must be on one device, got {sorted(map(str, devices))}")
+        _fail(ValueError, f"{name}, {w_name}, labels and {b_name} must be on one device, got {sorted(map(str, devices))}")
 
 
 def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100):
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+    # isfinite: softcap=inf gives inf * tanh(z / inf) = NaN.
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
         _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
     if kind is not None and reduction not in REDUCTIONS[kind]:
         _fail(ValueError, f"reduction must be one of {REDUCTIONS[kind]}, got {reduction!r}")
@@ -78,7 +83,8 @@ def check_pairs(hidden, *, name="hidden"):
 
 
 def check_hyper(*, beta, label_smoothing):
-    if not isinstance(beta, (int, float)) or beta <= 0:
+    # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.
+    if not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
         _fail(ValueError, f"beta must be a positive number, got {beta!r}")
     if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
         _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
@@ -133,6 +139,11 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
     if ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
     check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=dtypes, sequence_level=True, name="ref_hidden")
+    # labels are range-checked against weight only: a smaller reference vocabulary would be read
+    # out of bounds (NaN on the fused path, a RuntimeError in the reference).
+    if ref_weight.shape[0] != weight.shape[0]:
+        _fail(ValueError, f"ref_weight must have the vocabulary size of weight, V = {weight.shape[0]}, "
+                          f"got shape {tuple(ref_weight.shape)}")
     if ref_hidden.device != hidden.device:
         _fail(ValueError, f"ref_hidden is on {ref_hidden.device}, hidden on {hidden.device}")
     return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
