@@ -1,0 +1,488 @@
+"""Bad input: every user error of DESIGN.md section 3 raises ValueError/TypeError naming the argument,
+in the fused path and in ``fused_pref.reference`` alike; and no public function writes to its inputs.
+
+Awkward small shapes throughout: R=4 sequences (B=2 pairs), T=7, D=40, V=101.  Almost every case
+fails in validation before a kernel runs; the few that run the kernels (interpreter on CPU) are tiny.
+"""
+
+import math
+import re
+
+import pytest
+import torch
+
+import fused_pref
+import fused_pref.reference
+
+R, T, D, V = 4, 7, 40, 101
+PROMPT = 2                      # leading positions of each sequence carry ignore_index
+
+FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy", "simpo_loss", "dpo_loss")
+PAIR_FUNCTIONS = ("simpo_loss", "dpo_loss")
+MODULES = [pytest.param(fused_pref, id="fused"), pytest.param(fused_pref.reference, id="reference")]
+
+
+def make_inputs(r=R, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(r, T, D, generator=g).div_(math.sqrt(D)).to(dtype)
+    weight = torch.randn(V, D, generator=g).to(dtype)
+    bias = torch.randn(V, generator=g).mul_(0.1).to(dtype)
+    labels = torch.randint(0, V, (r, T), generator=g)
+    labels[:, :PROMPT] = -100
+    return dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
+
+
+def call(module, name, **overrides):
+    """``module.name(hidden, weight, labels, bias, **kwargs)`` with valid defaults, some replaced.
+
+    DPO gets precomputed ``ref_logps`` unless the test passes its own reference arguments.
+    """
+    args = make_inputs()
+    kwargs = {}
+    if name == "dpo_loss" and not {"ref_logps", "ref_hidden"} & overrides.keys():
+        kwargs["ref_logps"] = torch.zeros(args["hidden"].shape[0])
+    for key, value in overrides.items():
+        (args if key in args else kwargs)[key] = value
+    fn = getattr(module, name)
+    return fn(args["hidden"], args["weight"], args["labels"], args["bias"], **kwargs)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_valid_defaults_pass(module, name):
+    # The baseline every other test perturbs by one argument must itself be accepted.
+    out = call(module, name)
+    value = out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
+    assert torch.isfinite(value).all()
+
+
+# ---- types ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("arg, bad, pattern", [
+    pytest.param("hidden", [[0.0] * D] * T, r"^hidden must be a torch\.Tensor, got list", id="hidden-list"),
+    pytest.param("weight", None, r"^weight must be a torch\.Tensor, got NoneType", id="weight-None"),
+    pytest.param("labels", [3] * T, r"^labels must be a torch\.Tensor, got list", id="labels-list"),
+    pytest.param("bias", 0.5, r"^bias must be a torch\.Tensor or None, got float", id="bias-float"),
+])
+def test_non_tensor_argument(module, name, arg, bad, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call(module, name, **{arg: bad})
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int64, torch.int32],
+                         ids=["float64", "int64", "int32"])
+def test_fused_rejects_hidden_dtype(name, dtype):
+    args = make_inputs()
+    hidden, weight, bias = (args[k].to(dtype) for k in ("hidden", "weight", "bias"))
+    with pytest.raises(TypeError, match=r"^hidden must have dtype in .*float32.*got torch\." + str(dtype)[6:]):
+        call(fused_pref, name, hidden=hidden, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_reference_rejects_integer_hidden(name):
+    args = make_inputs()
+    hidden, weight, bias = (args[k].to(torch.int64) for k in ("hidden", "weight", "bias"))
+    with pytest.raises(TypeError, match=r"^hidden must have dtype in .*float64.*got torch\.int64"):
+        call(fused_pref.reference, name, hidden=hidden, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_reference_accepts_float64(name):
+    # The reference is the fp64 oracle of the parity tests; the fused path refuses fp64 (above).
+    args = {k: v.double() if v.is_floating_point() else v for k, v in make_inputs().items()}
+    out = call(fused_pref.reference, name, **args)
+    value = out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
+    assert value.dtype == torch.float64 and torch.isfinite(value).all()
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("arg, dtype, pattern", [
+    pytest.param("weight", torch.float16, r"^weight dtype torch\.float16 must match hidden dtype torch\.float32",
+                 id="weight-fp16"),
+    pytest.param("weight", torch.bfloat16, r"^weight dtype torch\.bfloat16 must match hidden", id="weight-bf16"),
+    pytest.param("bias", torch.float16, r"^bias dtype torch\.float16 must match hidden dtype torch\.float32",
+                 id="bias-fp16"),
+])
+def test_dtype_mismatch(module, name, arg, dtype, pattern):
+    with pytest.raises(TypeError, match=pattern):
+        call(module, name, **{arg: make_inputs()[arg].to(dtype)})
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bool, torch.uint8, torch.int16],
+                         ids=["float32", "bool", "uint8", "int16"])
+def test_labels_dtype(module, name, dtype):
+    labels = make_inputs()["labels"].clamp(min=0).to(dtype)
+    with pytest.raises(TypeError, match=r"^labels must be an integer tensor.*got torch\." + str(dtype)[6:]):
+        call(module, name, labels=labels)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_int32_labels_accepted(module, name):
+    labels = make_inputs()["labels"].to(torch.int32)
+    out = call(module, name, labels=labels)
+    value = out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
+    assert torch.isfinite(value).all()
+
+
+# ---- shapes --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("shape", [(V, D + 1), (V, D - 1), (D, V), (V * D,)],
+                         ids=["D+1", "D-1", "transposed", "flat"])
+def test_weight_shape(module, name, shape):
+    with pytest.raises(ValueError, match=rf"^weight must be \[V, D\] with D = hidden\.shape\[-1\] = {D}, "
+                            rf"got shape {re.escape(str(shape))}"):
+        call(module, name, weight=torch.randn(shape))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_empty_vocabulary(module, name):
+    with pytest.raises(ValueError, match=r"^weight must have at least one vocabulary row"):
+        call(module, name, weight=torch.randn(0, D), bias=torch.randn(0))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("shape", [(R, T - 1), (R * T,), (R, T, 1), (T, R)], ids=["T-1", "flat", "3d", "swapped"])
+def test_labels_shape(module, name, shape):
+    labels = torch.zeros(shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=rf"^labels must have shape hidden\.shape\[:-1\] = \({R}, {T}\), "
+                            rf"got {re.escape(str(shape))}"):
+        call(module, name, labels=labels)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", ["linear_logprobs", "linear_cross_entropy"])
+def test_token_level_accepts_2d_hidden(module, name):
+    args = make_inputs()
+    out = call(module, name, hidden=args["hidden"].reshape(R * T, D), labels=args["labels"].reshape(-1))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_hidden_rank(module, name):
+    # Sequence-level functions need [R, T, D]; the token-level ones also take [N, D], never 1-d or 4-d.
+    token_level = name in ("linear_logprobs", "linear_cross_entropy")
+    bad = [torch.randn(D), torch.randn(1, R, T, D)] + ([] if token_level else [torch.randn(R * T, D)])
+    wanted = r"\[N, D\] or \[R, T, D\]" if token_level else r"\[R, T, D\]"
+    for hidden in bad:
+        with pytest.raises(ValueError, match=rf"^hidden must be {wanted}, got shape"):
+            call(module, name, hidden=hidden)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("shape", [(V + 1,), (V - 1,), (1, V), ()], ids=["V+1", "V-1", "1xV", "scalar"])
+def test_bias_shape(module, name, shape):
+    with pytest.raises(ValueError, match=rf"^bias must be \[V\] = \[{V}\], got shape {re.escape(str(shape))}"):
+        call(module, name, bias=torch.randn(shape))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("arg", ["weight", "labels", "bias"])
+def test_mixed_devices(module, name, arg):
+    # "meta" stands in for a second device on a CPU-only machine: the check only compares devices.
+    with pytest.raises(ValueError, match=r"must be on one device, got \['cpu', 'meta'\]"):
+        call(module, name, **{arg: make_inputs()[arg].to("meta")})
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("r", [1, 3, 5])
+def test_odd_number_of_sequences(module, name, r):
+    args = make_inputs(r=r)
+    extra = {"ref_logps": torch.zeros(r)} if name == "dpo_loss" else {}
+    with pytest.raises(ValueError, match=rf"^hidden must hold 2B sequences, chosen first then rejected; "
+                            rf"got an odd number of sequences, {r}$"):
+        call(module, name, **args, **extra)
+
+
+# ---- label values (one host sync, skipped with validate=False) -----------------------------------
+
+BAD_LABELS = [
+    pytest.param(V, -100, id="V"),
+    pytest.param(V + 1000, -100, id="V+1000"),
+    pytest.param(-1, -100, id="minus1"),
+    pytest.param(-100, -1, id="default-ignore-with-ignore_index=-1"),
+]
+
+
+def _bad_labels(value):
+    labels = make_inputs()["labels"]
+    labels[1, 4] = value
+    labels[3, 6] = value
+    return labels
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("value, ignore_index", BAD_LABELS)
+def test_labels_out_of_range(module, name, value, ignore_index):
+    labels = _bad_labels(value)
+    if ignore_index != -100:        # keep the prompt positions ignored under the custom ignore_index
+        labels[:, :PROMPT] = ignore_index
+    pattern = (rf"^labels must be in \[0, {V}\) or ignore_index={ignore_index}; "
+               rf"found 2 outside, first labels\[1, 4\] = {value}$")
+    with pytest.raises(ValueError, match=pattern):
+        call(module, name, labels=labels, ignore_index=ignore_index)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")   # the interpreter's inf - inf
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("value", [V, -1], ids=["V", "minus1"])
+def test_fused_validate_false_skips_label_check(name, value):
+    # validate=False promises no host sync, so no value check: garbage out, but no exception.
+    # (The reference's gather still raises torch's own IndexError-like RuntimeError; not a contract.)
+    out = call(fused_pref, name, labels=_bad_labels(value), validate=False)
+    assert isinstance(out, (torch.Tensor, fused_pref.PreferenceOutput))
+
+
+def _empty_second_sequence():
+    labels = make_inputs()["labels"]
+    labels[2] = -100
+    return labels
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name, kwargs", [
+    pytest.param("sequence_logprobs", {"reduction": "mean"}, id="sequence_logprobs-mean"),
+    pytest.param("simpo_loss", {}, id="simpo_loss"),
+])
+def test_empty_sequence_under_mean(module, name, kwargs):
+    pattern = r"^sequence 2 has no valid label \(all ignore_index=-100\); reduction='mean' needs"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, name, labels=_empty_second_sequence(), **kwargs)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_empty_sequence_under_sum_is_zero(module):
+    logps = call(module, "sequence_logprobs", labels=_empty_second_sequence(), reduction="sum")
+    assert logps.shape == (R,)
+    assert logps[2].item() == 0.0
+    others = logps[[0, 1, 3]]
+    assert torch.isfinite(others).all() and (others < 0).all()
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_empty_sequence_under_dpo_is_allowed(module):
+    # DPO sums log-probs: an empty sequence contributes 0, it is not an error.
+    out = call(module, "dpo_loss", labels=_empty_second_sequence())
+    assert torch.isfinite(out.loss)
+
+
+# ---- options -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name, reduction", [
+    pytest.param("sequence_logprobs", "none", id="sequence-none"),
+    pytest.param("sequence_logprobs", "avg", id="sequence-avg"),
+    pytest.param("sequence_logprobs", "Mean", id="sequence-Mean"),
+    pytest.param("sequence_logprobs", None, id="sequence-None"),
+    pytest.param("linear_cross_entropy", "batchmean", id="ce-batchmean"),
+    pytest.param("linear_cross_entropy", "SUM", id="ce-SUM"),
+    pytest.param("linear_cross_entropy", "", id="ce-empty"),
+])
+def test_bad_reduction(module, name, reduction):
+    with pytest.raises(ValueError, match=rf"^reduction must be one of \(.*\), got {re.escape(repr(reduction))}$"):
+        call(module, name, reduction=reduction)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("softcap", [0, 0.0, -30.0, math.nan, math.inf, "30"],
+                         ids=["0", "0.0", "negative", "nan", "inf", "str"])
+def test_bad_softcap(module, name, softcap):
+    pattern = rf"^softcap must be a positive number or None, got {re.escape(repr(softcap))}$"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, name, softcap=softcap)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_bad_ignore_index(module, name):
+    with pytest.raises(TypeError, match=r"^ignore_index must be an int, got float"):
+        call(module, name, ignore_index=-100.0)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("beta", [0, 0.0, -0.1, math.nan, math.inf, "2"],
+                         ids=["0", "0.0", "negative", "nan", "inf", "str"])
+def test_bad_beta(module, name, beta):
+    with pytest.raises(ValueError, match=rf"^beta must be a positive number, got {re.escape(repr(beta))}$"):
+        call(module, name, beta=beta)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("eps", [-0.1, 0.51, 1.0, math.nan], ids=["negative", "0.51", "1", "nan"])
+def test_bad_label_smoothing(module, name, eps):
+    with pytest.raises(ValueError, match=rf"^label_smoothing must be in \[0, 0\.5\], got {re.escape(repr(eps))}$"):
+        call(module, name, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("eps", [0.0, 0.5], ids=["0", "0.5"])
+def test_label_smoothing_bounds_accepted(module, name, eps):
+    assert torch.isfinite(call(module, name, label_smoothing=eps).loss)
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("backend", ["cuda", "torch", "Triton", None], ids=["cuda", "torch", "Triton", "None"])
+def test_bad_backend(name, backend):
+    # The reference accepts ``backend`` for signature parity and ignores it, so only the fused path checks.
+    with pytest.raises(ValueError, match=rf"^backend must be one of \('auto', 'triton', 'reference'\), "
+                            rf"got {re.escape(repr(backend))}$"):
+        call(fused_pref, name, backend=backend)
+
+
+# ---- DPO reference model -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("given", ["neither", "both"])
+def test_dpo_needs_exactly_one_reference(module, given):
+    refs = {"ref_logps": None, "ref_hidden": None}
+    if given == "both":
+        refs = {"ref_logps": torch.zeros(R), "ref_hidden": make_inputs(seed=1)["hidden"]}
+    with pytest.raises(ValueError, match=r"^dpo_loss needs exactly one of ref_logps \(\[2B\].*\) or ref_hidden"):
+        call(module, "dpo_loss", **refs)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", [(R // 2,), (R + 2,), (R, 1), (1, R), ()],
+                         ids=["B", "R+2", "Rx1", "1xR", "scalar"])
+def test_dpo_ref_logps_shape(module, shape):
+    pattern = rf"^ref_logps must be \[2B\] = \[{R}\], got shape {re.escape(str(shape))}$"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, "dpo_loss", ref_logps=torch.zeros(shape))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("ref_logps", [torch.zeros(R, dtype=torch.long), [0.0] * R], ids=["int64", "list"])
+def test_dpo_ref_logps_type(module, ref_logps):
+    with pytest.raises(TypeError, match=r"^ref_logps must be a floating-point torch\.Tensor"):
+        call(module, "dpo_loss", ref_logps=ref_logps)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_dpo_ref_logps_device(module):
+    with pytest.raises(ValueError, match=r"^ref_logps is on meta, hidden on cpu"):
+        call(module, "dpo_loss", ref_logps=torch.zeros(R, device="meta"))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("arg", ["ref_weight", "ref_bias"])
+def test_dpo_ref_weight_with_ref_logps(module, arg):
+    value = torch.randn(V, D) if arg == "ref_weight" else torch.randn(V)
+    pattern = r"^ref_weight and ref_bias are only used with ref_hidden, not with ref_logps"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, "dpo_loss", ref_logps=torch.zeros(R), **{arg: value})
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "SIGMOID", "", None])
+def test_dpo_unknown_loss_type(module, loss_type):
+    pattern = rf"^loss_type must be one of \('sigmoid',\), got {re.escape(repr(loss_type))}$"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, "dpo_loss", loss_type=loss_type)
+
+
+REF_HIDDEN_CASES = [
+    pytest.param({"ref_hidden": [[0.0]]}, TypeError, r"^ref_hidden must be a torch\.Tensor, got list",
+                 id="ref_hidden-list"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D), "ref_weight": "w"}, TypeError,
+                 r"^ref_weight must be a torch\.Tensor, got str", id="ref_weight-str"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D).half()}, TypeError,
+                 r"^ref_weight dtype torch\.float32 must match ref_hidden dtype torch\.float16",
+                 id="ref_hidden-fp16-vs-weight"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D), "ref_weight": torch.randn(V, D),
+                  "ref_bias": torch.randn(V).half()},
+                 TypeError, r"^ref_bias dtype torch\.float16 must match ref_hidden dtype", id="ref_bias-fp16"),
+    pytest.param({"ref_hidden": torch.randn(R, T - 1, D)}, ValueError,
+                 rf"^labels must have shape ref_hidden\.shape\[:-1\] = \({R}, {T - 1}\)", id="ref_hidden-T-1"),
+    pytest.param({"ref_hidden": torch.randn(R * T, D)}, ValueError,
+                 r"^ref_hidden must be \[R, T, D\]", id="ref_hidden-2d"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D + 3)}, ValueError,
+                 rf"^ref_weight must be \[V, D\] with D = ref_hidden\.shape\[-1\] = {D + 3}", id="ref_hidden-D+3"),
+    pytest.param({"ref_hidden": torch.randn(R, T, 24), "ref_weight": torch.randn(V, 24),
+                  "ref_bias": torch.randn(V + 1)},
+                 ValueError, rf"^ref_bias must be \[V\] = \[{V}\]", id="ref_bias-V+1"),
+    pytest.param({"ref_hidden": torch.randn(R, T, 24), "ref_weight": torch.randn(V - 10, 24)}, ValueError,
+                 rf"^ref_weight must have the vocabulary size of weight, V = {V}, got shape \({V - 10}, 24\)",
+                 id="ref_weight-smaller-V"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D, device="meta")}, ValueError,
+                 r"^ref_hidden, ref_weight, labels and ref_bias must be on one device, got \['cpu', 'meta'\]",
+                 id="ref_hidden-meta"),
+]
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("refs, cls, pattern", REF_HIDDEN_CASES)
+def test_dpo_bad_ref_hidden(module, refs, cls, pattern):
+    with pytest.raises(cls, match=pattern):
+        call(module, "dpo_loss", **refs)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_dpo_ref_hidden_float64(module):
+    # fp64 is the reference's own dtype, so there the mismatch with the (fp32) weight is what fails.
+    pattern = (r"^ref_hidden must have dtype in" if module is fused_pref else
+               r"^ref_weight dtype torch\.float32 must match ref_hidden dtype torch\.float64")
+    with pytest.raises(TypeError, match=pattern):
+        call(module, "dpo_loss", ref_hidden=torch.randn(R, T, D).double())
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_dpo_ref_hidden_with_own_head_accepted(module):
+    # A reference model with another hidden size but the same vocabulary is legitimate.
+    out = call(module, "dpo_loss", ref_hidden=torch.randn(R, T, 24), ref_weight=torch.randn(V, 24),
+               ref_bias=torch.randn(V))
+    assert torch.isfinite(out.loss)
+
+
+# ---- no input is modified in place ---------------------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_inputs_not_modified(module, name, layout):
+    args = make_inputs()
+    if layout == "strided":
+        # The usual h[:, :-1] / labels[:, 1:] views: a kernel writing through strides would hit
+        # the parent tensors, which are watched too.
+        g = torch.Generator().manual_seed(3)
+        args["hidden_parent"] = (torch.randn(R, T + 1, D, generator=g) / math.sqrt(D)).requires_grad_()
+        args["labels_parent"] = torch.cat([torch.zeros(R, 1, dtype=torch.long), args["labels"]], dim=1)
+        hidden, labels = args["hidden_parent"][:, :-1], args["labels_parent"][:, 1:]
+        leaves = {"hidden": args["hidden_parent"]}
+    else:
+        hidden, labels = args["hidden"].requires_grad_(), args["labels"]
+        leaves = {"hidden": hidden}
+    leaves.update(weight=args["weight"].requires_grad_(), bias=args["bias"].requires_grad_())
+    extra = {"softcap": 5.0}
+    if name == "dpo_loss":
+        ref = make_inputs(seed=1)
+        extra = dict(ref_hidden=ref["hidden"], ref_weight=ref["weight"], ref_bias=ref["bias"])
+    watched = {**args, **{k: v for k, v in extra.items() if isinstance(v, torch.Tensor)}}
+    before = {k: v.detach().clone() for k, v in watched.items()}
+
+    out = call(module, name, hidden=hidden, weight=args["weight"], labels=labels, bias=args["bias"], **extra)
+    loss = out.loss if isinstance(out, fused_pref.PreferenceOutput) else out.sum()
+    loss.backward()
+
+    for k, v in watched.items():
+        assert torch.equal(v.detach(), before[k]), f"{name} modified {k} in place"
+    for k, leaf in leaves.items():
+        assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0, k

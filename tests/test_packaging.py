@@ -1,0 +1,102 @@
+"""Packaging: ``kernels/`` ships only as ``fused_pref.kernels`` (setuptools ``package-dir``), never as a
+top-level ``kernels`` package, which belongs to another PyPI project that transformers probes for.
+"""
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+import fused_pref
+import fused_pref.kernels
+
+REPO = Path(__file__).resolve().parents[1]
+
+KERNEL_MODULES = ("__init__", "linear_lse", "linear_grad", "pref_head", "tiles")
+
+
+def test_fused_pref_kernels_resolves_to_repo_kernels_dir():
+    assert Path(fused_pref.kernels.__file__).resolve().parent == REPO / "kernels"
+    assert Path(fused_pref.__file__).resolve().parent == REPO / "fused_pref"
+    # The local fused_pref/ has no kernels/ of its own: it must come from the package-dir mapping.
+    assert not (REPO / "fused_pref" / "kernels").exists()
+    for name in KERNEL_MODULES[1:]:
+        module = importlib.import_module(f"fused_pref.kernels.{name}")
+        assert Path(module.__file__).resolve() == REPO / "kernels" / f"{name}.py"
+
+
+def test_no_top_level_kernels_module_imported():
+    # An absolute ``import kernels`` inside the package would work from the repo root (the root is on
+    # sys.path under ``python -m pytest``) and break once installed: importing everything must leave
+    # no top-level ``kernels`` of ours in sys.modules.
+    for name in ("fused_pref.functional", "fused_pref.reference", "fused_pref.autograd",
+                 *(f"fused_pref.kernels.{m}" for m in KERNEL_MODULES[1:])):
+        importlib.import_module(name)
+    module = sys.modules.get("kernels")
+    if module is not None:
+        origin = getattr(module, "__file__", None)
+        assert origin is None or REPO not in Path(origin).resolve().parents, origin
+
+
+def _isolated_env():
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONSAFEPATH")}
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
+
+
+def test_no_top_level_kernels_package_installed(tmp_path):
+    # What a user's process sees: run outside the repo, so that neither the current directory nor
+    # pytest's rootdir puts the repo root on sys.path (``python -m pytest`` from the root does, and
+    # then find_spec("kernels") finds the directory itself, not the installation).
+    probe = (
+        "import importlib.util, json, fused_pref.kernels as k; s = importlib.util.find_spec('kernels'); "
+        "print(json.dumps([k.__file__, None if s is None else (s.origin or list(s.submodule_search_locations))]))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=_isolated_env(),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    ours, top_level = json.loads(result.stdout.strip().splitlines()[-1])
+    assert Path(ours).resolve().parent == REPO / "kernels"
+    if top_level is not None:
+        locations = [top_level] if isinstance(top_level, str) else top_level
+        for location in locations:
+            path = Path(location).resolve()
+            assert path != REPO / "kernels" and REPO not in path.parents, f"top-level kernels is ours: {path}"
+
+
+# Building a wheel runs pip and setuptools in a subprocess (a few seconds): deselect with -m "not slow".
+@pytest.mark.slow
+def test_wheel_contents(tmp_path):
+    # Build from a copy: setuptools writes build/ and *.egg-info into the source tree.
+    source = tmp_path / "src"
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
+        ".git", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".benchmarks", ".venv"))
+    out = tmp_path / "wheel"
+    # --no-build-isolation: use the installed setuptools, no index needed.
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation",
+         "--no-index", "-q", "-w", str(out)],
+        cwd=tmp_path, env=_isolated_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    wheels = list(out.glob("fused_pref-*.whl"))
+    assert len(wheels) == 1, list(out.iterdir())
+
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+        top_level_txt = next((n for n in names if n.endswith(".dist-info/top_level.txt")), None)
+        top_level = wheel.read(top_level_txt).decode().split() if top_level_txt else None
+
+    expected = ["fused_pref/__init__.py"] + [f"fused_pref/kernels/{m}.py" for m in KERNEL_MODULES]
+    missing = [name for name in expected if name not in names]
+    assert not missing, f"missing from the wheel: {missing}\n{names}"
+    stray = [name for name in names if name.split("/")[0] in ("kernels", "tests")]
+    assert not stray, f"top-level kernels/ or tests/ in the wheel: {stray}"
+    assert all(n.startswith(("fused_pref/", "fused_pref-")) for n in names), names
+    if top_level is not None:
+        assert top_level == ["fused_pref"], top_level
