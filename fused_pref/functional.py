@@ -167,7 +167,7 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     check.check_tensors(hidden, weight, labels, bias, sequence_level=True)
     check.check_pairs(hidden)
     check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
     if not _use_triton(hidden.device, backend):
         return reference.simpo_loss(hidden, weight, labels, bias, beta=beta, gamma=gamma,
                                     label_smoothing=label_smoothing, ignore_index=ignore_index,

@@ -88,7 +88,7 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES, sequence_level=True)
     check.check_pairs(hidden)
     check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
     logps, valid, logit_sums = _sequence_logprobs(hidden, weight, labels, bias, reduction="mean",
                                                   ignore_index=ignore_index, softcap=softcap, validate=validate)
     return _preference(logps, None, valid, logit_sums, weight.shape[0],

@@ -30,6 +30,11 @@ def _fail(cls, message):
     raise cls(message)
 
 
+def _is_number(value) -> bool:
+    # bool is an int to Python, but beta=True is a bug, not a hyper-parameter.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, name="hidden"):
     """Types, shapes, dtypes and devices of the projection inputs."""
     # Messages name the caller's arguments: name="ref_hidden" makes them ref_weight and ref_bias.
@@ -67,26 +72,28 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
 
 
 def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100):
-    # isfinite: softcap=inf gives inf * tanh(z / inf) = NaN.
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+    # Finite too: softcap=inf gives inf * tanh(z / inf) = NaN (and NaN fails the comparison).
+    if softcap is not None and not (_is_number(softcap) and 0 < softcap < math.inf):
         _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
     if kind is not None and reduction not in REDUCTIONS[kind]:
         _fail(ValueError, f"reduction must be one of {REDUCTIONS[kind]}, got {reduction!r}")
-    if not isinstance(ignore_index, int):
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
         _fail(TypeError, f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_pairs(hidden, *, name="hidden"):
-    if hidden.shape[0] % 2:
-        _fail(ValueError, f"{name} must hold 2B sequences, chosen first then rejected; "
-                          f"got an odd number of sequences, {hidden.shape[0]}")
+    if hidden.shape[0] % 2 or hidden.shape[0] == 0:
+        _fail(ValueError, f"{name} must hold 2B sequences (B >= 1), chosen first then rejected; "
+                          f"got {hidden.shape[0]} sequences")
 
 
-def check_hyper(*, beta, label_smoothing):
+def check_hyper(*, beta, label_smoothing, gamma=0.0):
     # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.
-    if not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+    if not _is_number(beta) or not 0 < beta < math.inf:
         _fail(ValueError, f"beta must be a positive number, got {beta!r}")
-    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 0.5:
+    if not _is_number(gamma) or not math.isfinite(gamma):
+        _fail(ValueError, f"gamma must be a finite number, got {gamma!r}")
+    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 0.5:
         _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
 
 

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, tiles_for, logits_tile, valid_rows
+from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -52,7 +52,7 @@ def linear_grad_kernel(
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
+    label = load_labels(labels_ptr, row, p_mask, V)
     lse = tl.load(lse_ptr + row, mask=p_mask, other=0.0)
 
     v0 = v_chunk_start + pid_v * BLOCK_V

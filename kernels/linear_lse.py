@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, tiles_for, logits_tile, valid_rows
+from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
 
 
 @triton.jit
@@ -39,7 +39,7 @@ def linear_lse_kernel(
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
+    label = load_labels(labels_ptr, row, p_mask, V)
 
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)

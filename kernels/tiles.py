@@ -84,6 +84,14 @@ def valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N: tl.con
 
 
 @triton.jit
+def load_labels(labels_ptr, row, p_mask, V):
+    """Labels of the gathered rows; one outside [0, V) (possible only with validate=False) becomes
+    -1, so it can never match a padded vocabulary column of the last tile."""
+    label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
+    return tl.where((label >= 0) & (label < V), label, -1)
+
+
+@triton.jit
 def logits_tile(
     h_ptr, w_ptr, b_ptr,
     h_offset, p_mask, v0,

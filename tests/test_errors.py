@@ -199,12 +199,12 @@ def test_mixed_devices(module, name, arg):
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", PAIR_FUNCTIONS)
-@pytest.mark.parametrize("r", [1, 3, 5])
+@pytest.mark.parametrize("r", [0, 1, 3, 5])
 def test_odd_number_of_sequences(module, name, r):
     args = make_inputs(r=r)
     extra = {"ref_logps": torch.zeros(r)} if name == "dpo_loss" else {}
-    with pytest.raises(ValueError, match=rf"^hidden must hold 2B sequences, chosen first then rejected; "
-                            rf"got an odd number of sequences, {r}$"):
+    with pytest.raises(ValueError, match=rf"^hidden must hold 2B sequences \(B >= 1\), chosen first then "
+                            rf"rejected; got {r} sequences$"):
         call(module, name, **args, **extra)
 
 
@@ -246,6 +246,13 @@ def test_fused_validate_false_skips_label_check(name, value):
     # (The reference's gather still raises torch's own IndexError-like RuntimeError; not a contract.)
     out = call(fused_pref, name, labels=_bad_labels(value), validate=False)
     assert isinstance(out, (torch.Tensor, fused_pref.PreferenceOutput))
+
+
+@pytest.mark.parametrize("name", ["linear_logprobs", "linear_cross_entropy"])
+def test_fused_validate_false_label_in_padded_tile_is_finite(name):
+    # V=101 pads to a 128-wide tile: a label in [101, 128) must not match a padded column (-inf).
+    out = call(fused_pref, name, labels=_bad_labels(V + 5), validate=False)
+    assert torch.isfinite(out).all()
 
 
 def _empty_second_sequence():
@@ -317,11 +324,18 @@ def test_bad_ignore_index(module, name):
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", PAIR_FUNCTIONS)
-@pytest.mark.parametrize("beta", [0, 0.0, -0.1, math.nan, math.inf, "2"],
-                         ids=["0", "0.0", "negative", "nan", "inf", "str"])
+@pytest.mark.parametrize("beta", [0, 0.0, -0.1, math.nan, math.inf, "2", True],
+                         ids=["0", "0.0", "negative", "nan", "inf", "str", "bool"])
 def test_bad_beta(module, name, beta):
     with pytest.raises(ValueError, match=rf"^beta must be a positive number, got {re.escape(repr(beta))}$"):
         call(module, name, beta=beta)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("gamma", [math.nan, math.inf, "1", None], ids=["nan", "inf", "str", "None"])
+def test_bad_simpo_gamma(module, gamma):
+    with pytest.raises(ValueError, match=rf"^gamma must be a finite number, got {re.escape(repr(gamma))}$"):
+        call(module, "simpo_loss", gamma=gamma)
 
 
 @pytest.mark.parametrize("module", MODULES)
