@@ -100,3 +100,17 @@ def test_wheel_contents(tmp_path):
     assert all(n.startswith(("fused_pref/", "fused_pref-")) for n in names), names
     if top_level is not None:
         assert top_level == ["fused_pref"], top_level
+
+    # A plain (non-editable) install of that wheel imports, kernels included, from anywhere.
+    site = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+         str(wheels[0])], cwd=tmp_path, env=_isolated_env(), capture_output=True, text=True, timeout=300)
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    probe = ("import fused_pref, fused_pref.kernels, pathlib; "
+             "print(pathlib.Path(fused_pref.kernels.__file__).parent)")
+    env = {**_isolated_env(), "PYTHONPATH": str(site)}
+    imported = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == str(site / "fused_pref" / "kernels")

@@ -1,0 +1,85 @@
+"""The device policy, the module wrappers and the `python -m fused_pref check` command."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_pref
+from fused_pref.testing import make_inputs, relative_error
+
+
+def _run_without_interpreter(code):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_without_interpreter_falls_back_to_reference_with_one_warning():
+    done = _run_without_interpreter(
+        "import warnings, torch, fused_pref as fp\n"
+        "from fused_pref.testing import make_inputs\n"
+        "x = make_inputs(2, 7, 40, 257)\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = fp.simpo_loss(x['hidden'], x['weight'], x['labels'], x['bias']).loss\n"
+        "    b = fp.simpo_loss(x['hidden'], x['weight'], x['labels'], x['bias']).loss\n"
+        "ref = fp.reference.simpo_loss(x['hidden'], x['weight'], x['labels'], x['bias']).loss\n"
+        "print(len([w for w in seen if 'reference' in str(w.message)]), bool(a == ref), bool(b == ref))\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "True", "True"]
+
+
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error():
+    done = _run_without_interpreter(
+        "import fused_pref as fp\n"
+        "from fused_pref.testing import make_inputs\n"
+        "x = make_inputs(2, 7, 40, 257)\n"
+        "try:\n"
+        "    fp.linear_cross_entropy(x['hidden'], x['weight'], x['labels'], backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print('ValueError', e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("ValueError backend='triton' cannot run on cpu tensors"), done.stdout
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton", "reference"])
+def test_backends_agree(backend, device):
+    x = make_inputs(2, 7, 40, 257, device=device)
+    out = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], backend=backend)
+    ref = fused_pref.reference.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"])
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_modules_equal_functions(device):
+    x = make_inputs(4, 23, 97, 1003, device=device)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    simpo = fused_pref.FusedSimPOLoss(beta=2.5, gamma=0.3, softcap=30.0)
+    assert "beta=2.5" in repr(simpo)
+    assert torch.equal(simpo(*args).loss, fused_pref.simpo_loss(*args, beta=2.5, gamma=0.3, softcap=30.0).loss)
+    ref_logps = -torch.rand(4, device=device) * 10
+    dpo = fused_pref.FusedDPOLoss(beta=0.3, label_smoothing=0.1)
+    assert torch.equal(dpo(*args, ref_logps=ref_logps).loss,
+                       fused_pref.dpo_loss(*args, ref_logps=ref_logps, beta=0.3, label_smoothing=0.1).loss)
+
+
+def test_metrics_follow_trl_names(device):
+    x = make_inputs(4, 23, 97, 1003, device=device)
+    metrics = fused_pref.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]).metrics()
+    assert set(metrics) == {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                            "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["rewards/accuracies"] in (0.0, 0.5, 1.0)
+    assert metrics["rewards/margins"] == pytest.approx(metrics["rewards/chosen"] - metrics["rewards/rejected"], abs=1e-5)
+
+
+def test_check_command_passes():
+    # The README's first command, end to end (it re-executes itself under the interpreter on CPU).
+    done = subprocess.run([sys.executable, "-m", "fused_pref", "check"], capture_output=True, text=True, timeout=600,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "40 passed, 0 failed"
