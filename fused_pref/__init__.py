@@ -4,7 +4,8 @@ materialize the ``[tokens, vocab]`` logits.  Triton kernels on CUDA (and on the 
 """
 
 from . import reference
-from .functional import dpo_loss, linear_cross_entropy, linear_logprobs, sequence_logprobs, simpo_loss
+from .functional import (cpo_loss, dpo_loss, linear_cross_entropy, linear_logprobs, orpo_loss, sequence_logprobs,
+                         simpo_loss)
 from .modules import FusedDPOLoss, FusedSimPOLoss
 from .outputs import PreferenceOutput
 
@@ -14,9 +15,11 @@ __all__ = [
     "FusedDPOLoss",
     "FusedSimPOLoss",
     "PreferenceOutput",
+    "cpo_loss",
     "dpo_loss",
     "linear_cross_entropy",
     "linear_logprobs",
+    "orpo_loss",
     "reference",
     "sequence_logprobs",
     "simpo_loss",

@@ -72,11 +72,12 @@ def _linear_specs(dtype):
 def _head_specs():
     from .kernels import pref_head
 
-    sig = {"logps_ptr": "*fp32", "ref_ptr": "*fp32", "loss_ptr": "*fp32", "dlogps_ptr": "*fp32", "B": "i32",
-           "beta": "fp32", "gamma": "fp32", "label_smoothing": "fp32"}
-    for has_ref in (False, True):
-        yield ("pref_head", "ref" if has_ref else "no-ref", pref_head.preference_head_kernel, sig,
-               {"HAS_REF": has_ref, "BLOCK_B": pref_head.BLOCK_B}, {"num_warps": 4})
+    sig = {"chosen_ptr": "*fp32", "rejected_ptr": "*fp32", "ref_chosen_ptr": "*fp32", "ref_rejected_ptr": "*fp32",
+           "loss_ptr": "*fp32", "d_chosen_ptr": "*fp32", "d_rejected_ptr": "*fp32", "B": "i32",
+           "beta": "fp32", "gamma": "fp32", "label_smoothing": "fp32", "tau": "fp32"}
+    for loss, loss_id in pref_head.LOSS_IDS.items():
+        yield ("pref_head", loss, pref_head.preference_head_kernel, sig,
+               {"HAS_REF": loss != "odds_ratio", "LOSS": loss_id, "BLOCK_B": pref_head.BLOCK_B}, {"num_warps": 4})
 
 
 def shipped_specs(dtypes=tuple(TORCH_DTYPES)):

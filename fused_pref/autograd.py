@@ -46,16 +46,21 @@ class LinearLogprobs(torch.autograd.Function):
 
 
 class PreferenceHead(torch.autograd.Function):
-    """Per-pair losses ``[B]`` from sequence log-probs ``[2B]`` (see ``kernels/pref_head.py``)."""
+    """Per-pair losses ``[B]`` from chosen / rejected log-probs ``[B]`` (see ``kernels/pref_head.py``);
+    the reference log-probs, when given, are constants."""
 
     @staticmethod
-    def forward(ctx, logps, ref_logps, beta, gamma, label_smoothing):
-        losses, dlogps = preference_head_forward(logps.contiguous(), ref_logps, beta=beta, gamma=gamma,
-                                                 label_smoothing=label_smoothing)
-        ctx.save_for_backward(dlogps)
+    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, spec):
+        def fp32(t):
+            return None if t is None else t.detach().float().contiguous()
+
+        losses, d_chosen, d_rejected = preference_head_forward(
+            fp32(chosen), fp32(rejected), fp32(ref_chosen), fp32(ref_rejected), loss=spec.head, beta=spec.beta,
+            gamma=spec.gamma, label_smoothing=spec.label_smoothing, tau=spec.tau)
+        ctx.save_for_backward(d_chosen, d_rejected)
         return losses
 
     @staticmethod
     def backward(ctx, grad_losses):
-        (dlogps,) = ctx.saved_tensors
-        return dlogps * grad_losses.repeat(2), None, None, None, None
+        d_chosen, d_rejected = ctx.saved_tensors
+        return d_chosen * grad_losses, d_rejected * grad_losses, None, None, None

@@ -4,6 +4,13 @@ Triton path, never materializes the ``[tokens, vocab]`` logits, forward or backw
 Device policy (``backend="auto"``): CUDA tensors take the Triton kernels; CPU tensors take them when
 ``TRITON_INTERPRET=1`` was set before ``fused_pref`` was imported (Triton's interpreter), otherwise
 the reference path, with a one-time warning.  ``backend="triton"`` or ``"reference"`` forces a path.
+
+Layouts, for every function: padded ``hidden [R, T, D]`` with ``labels [R, T]``, or packed
+(padding-free) ``hidden [N, D]`` with ``labels [N]`` and ``cu_seqlens [R + 1]`` (sequence ``r`` is
+tokens ``cu_seqlens[r] .. cu_seqlens[r+1]``).  ``shift=True`` takes labels aligned with the input
+ids, as Hugging Face models do: ``hidden[t]`` predicts ``labels[t + 1]`` of the same sequence and the
+last position of each sequence predicts nothing; per-token outputs keep the shape of ``labels``
+(entry ``t`` belongs to ``hidden[t]``, and the last position of each sequence is 0).
 """
 
 import warnings
@@ -11,11 +18,13 @@ from dataclasses import dataclass
 
 import torch
 
+from . import preference as pref
 from . import reference
 from . import validation as check
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
 from .kernels import KERNELS_INTERPRETED
 from .outputs import PreferenceOutput, preference_output
+from .segments import sequence_sums, shift_labels
 
 BACKENDS = ("auto", "triton", "reference")
 _warned_cpu_fallback = False
@@ -38,16 +47,18 @@ def _use_triton(device: torch.device, backend: str) -> bool:
 
 
 @dataclass
-class _TokenLogprobs:
+class _Tokens:
     logp: torch.Tensor          # fp32, shape of labels, 0 where ignored
-    valid: torch.Tensor         # bool, shape of labels
+    valid: torch.Tensor         # bool, shape of labels (after the shift)
     logit_sum: torch.Tensor     # fp32 per-token sum of logits over the vocabulary (or empty)
 
 
-def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, validate,
-                    mean_over_sequences=False, logit_sum=False) -> _TokenLogprobs:
+def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
+                    mean_over_sequences=False, logit_sum=False) -> _Tokens:
+    if shift:
+        labels = shift_labels(labels, ignore_index, cu_seqlens)
     checked = check.check_labels(labels, weight.shape[0], ignore_index=ignore_index, validate=validate,
-                                 mean_over_sequences=mean_over_sequences)
+                                 mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens)
     hidden3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
     labels_flat = labels.reshape(-1).long()
     valid_flat = checked.valid.reshape(-1)
@@ -60,11 +71,11 @@ def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, vali
     params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum)
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
-    return _TokenLogprobs(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums)
+    return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums)
 
 
-def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None,
-                    validate=True, backend="auto"):
+def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
+                    cu_seqlens=None, validate=True, backend="auto"):
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
     ``hidden`` ``[N, D]`` or ``[R, T, D]`` (fp32, bf16 or fp16; strided views are read in place),
@@ -75,49 +86,53 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, sof
         z = hidden @ weight.T + bias;  z = softcap * tanh(z / softcap) if softcap
         logp[i] = z[i, labels[i]] - logsumexp(z[i])
 
-    ``validate=False`` skips the value checks that need a host sync (label range).
+    ``shift`` / ``cu_seqlens``: see the module docstring (``cu_seqlens`` only marks where packed
+    sequences end for the shift).  ``validate=False`` skips the value checks that need a host
+    sync (label range, ``cu_seqlens`` values).
 
     >>> logp = fused_pref.linear_logprobs(h, lm_head.weight, labels)   # [B, T]
     """
-    check.check_tensors(hidden, weight, labels, bias)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index)
     if not _use_triton(hidden.device, backend):
-        return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                         softcap=softcap, validate=validate)
-    return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           validate=validate).logp
+        return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                                         shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+    return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                           cu_seqlens=cu_seqlens, validate=validate).logp
 
 
-def _sequence_sums(tokens: _TokenLogprobs, reduction):
-    sums = tokens.logp.sum(dim=-1)
-    if reduction == "mean":
-        # Validation rejects empty sequences; with validate=False an empty one gives 0, not NaN.
-        sums = sums / tokens.valid.sum(dim=-1).clamp(min=1)
-    return sums
+def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
+    """Per-sequence (log-probs under ``reduction``, summed log-probs, valid-token counts)."""
+    sums = sequence_sums(tokens.logp, cu_seqlens)
+    counts = sequence_sums(tokens.valid, cu_seqlens)
+    # Validation rejects empty sequences under "mean"; with validate=False one gives 0, not NaN.
+    logps = sums / counts.clamp(min=1) if reduction == "mean" else sums
+    return logps, sums, counts
 
 
-def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100,
-                      softcap=None, validate=True, backend="auto"):
-    """Per-sequence log-probabilities ``[R]`` (fp32) of ``labels`` ``[R, T]`` given ``hidden`` ``[R, T, D]``.
+def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
+                      shift=False, cu_seqlens=None, validate=True, backend="auto"):
+    """Per-sequence log-probabilities ``[R]`` (fp32) of ``labels``.
 
-    ``reduction="sum"`` adds the token log-probs (DPO); ``"mean"`` divides by the number of valid
-    tokens of each sequence (SimPO's length normalisation; a sequence with no valid token is an
-    error under validation).  Other arguments as :func:`linear_logprobs`.
+    ``hidden`` ``[R, T, D]`` with ``labels`` ``[R, T]``, or packed ``[N, D]`` / ``[N]`` with
+    ``cu_seqlens``.  ``reduction="sum"`` adds the token log-probs (DPO); ``"mean"`` divides by the
+    number of valid tokens of each sequence (SimPO's length normalisation; a sequence with no valid
+    token is an error under validation).  Other arguments as :func:`linear_logprobs`.
 
     >>> logps = fused_pref.sequence_logprobs(h, lm_head.weight, labels, reduction="mean")   # [R]
     """
-    check.check_tensors(hidden, weight, labels, bias, sequence_level=True)
-    check.check_options(softcap=softcap, reduction=reduction, kind="sequence", ignore_index=ignore_index)
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
+                     ignore_index=ignore_index, reduction=reduction, kind="sequence")
     if not _use_triton(hidden.device, backend):
         return reference.sequence_logprobs(hidden, weight, labels, bias, reduction=reduction,
-                                           ignore_index=ignore_index, softcap=softcap, validate=validate)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                             validate=validate, mean_over_sequences=reduction == "mean")
-    return _sequence_sums(tokens, reduction)
+                                           ignore_index=ignore_index, softcap=softcap, shift=shift,
+                                           cu_seqlens=cu_seqlens, validate=validate)
+    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                             cu_seqlens=cu_seqlens, validate=validate, mean_over_sequences=reduction == "mean")
+    return _sequence_logps(tokens, reduction, cu_seqlens)[0]
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100,
-                         softcap=None, validate=True, backend="auto"):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
+                         shift=False, cu_seqlens=None, validate=True, backend="auto"):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
@@ -125,95 +140,182 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     ``reduction``: ``"mean"`` over valid tokens (default), ``"sum"``, or ``"none"`` (fp32, shape of
     ``labels``, 0 at ignored positions).  Other arguments as :func:`linear_logprobs`.
 
-    >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels)
+    >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
-    check.check_tensors(hidden, weight, labels, bias)
-    check.check_options(softcap=softcap, reduction=reduction, kind="cross_entropy", ignore_index=ignore_index)
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
+                     reduction=reduction, kind="cross_entropy")
     if not _use_triton(hidden.device, backend):
         return reference.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction,
-                                              ignore_index=ignore_index, softcap=softcap, validate=validate)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                             validate=validate)
+                                              ignore_index=ignore_index, softcap=softcap, shift=shift,
+                                              cu_seqlens=cu_seqlens, validate=validate)
+    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                             cu_seqlens=cu_seqlens, validate=validate)
     if reduction == "none":
         return -tokens.logp
     total = -tokens.logp.sum()
     return total / tokens.valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def _preference(tokens: _TokenLogprobs, reduction, ref_logps, vocab_size, *, beta, gamma, label_smoothing):
-    logps = _sequence_sums(tokens, reduction)
-    losses = PreferenceHead.apply(logps, ref_logps, beta, gamma, label_smoothing)
+def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, vocab_size, cu_seqlens) -> PreferenceOutput:
+    logps, sums, counts = _sequence_logps(tokens, spec.reduction, cu_seqlens)
+    B = logps.shape[0] // 2
+    chosen, rejected = logps[:B], logps[B:]
+    ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
+    if spec.sort == "aot":
+        # AOT: sort the policy and reference log-ratios over the batch, then a sigmoid head on their difference.
+        chosen, rejected = torch.sort(chosen - rejected).values, torch.zeros_like(chosen)
+        ref_chosen, ref_rejected = torch.sort(ref_chosen - ref_rejected).values, torch.zeros_like(ref_chosen)
+    elif spec.sort == "aot_pair":
+        chosen = torch.sort(chosen - ref_chosen).values
+        rejected = torch.sort(rejected - ref_rejected).values
+        ref_chosen = ref_rejected = None
+    loss = PreferenceHead.apply(chosen, rejected, ref_chosen, ref_rejected, spec).mean()
+    nll = None
+    if spec.sft_weight:
+        # The NLL of the chosen tokens only adds to the per-token weight g: no second vocabulary pass.
+        nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+        loss = loss + spec.sft_weight * nll
     margin = logps.detach() - (0.0 if ref_logps is None else ref_logps)
-    return preference_output(losses.mean(), logps, beta * margin, tokens.logit_sum.sum(dim=-1),
-                             tokens.valid, vocab_size)
+    extra = pref.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
+    return preference_output(loss, logps, spec.beta * margin, sequence_sums(tokens.logit_sum, cu_seqlens), counts,
+                             vocab_size, nll_loss=nll, extra=extra)
 
 
-def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0,
-               ignore_index=-100, softcap=None, validate=True, backend="auto") -> PreferenceOutput:
+def _reference_free(name, spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
+                    backend, **hyper):
+    """The body of every reference-free preference loss: validate, pick the path, run the head."""
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
+                     softcap=softcap, ignore_index=ignore_index)
+    if not _use_triton(hidden.device, backend):
+        return getattr(reference, name)(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                                        shift=shift, cu_seqlens=cu_seqlens, validate=validate, **hyper)
+    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                             cu_seqlens=cu_seqlens, validate=validate,
+                             mean_over_sequences=spec.reduction == "mean", logit_sum=True)
+    return _preference(tokens, spec, None, weight.shape[0], cu_seqlens)
+
+
+def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
+               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+               backend="auto") -> PreferenceOutput:
     """SimPO (Meng et al., 2024): reference-free, length-normalised preference loss.
 
-    ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` hold B chosen sequences then their B
-    rejected ones (pair j is rows j and j+B).  With ``S`` the mean token log-prob of a sequence::
+    ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` (or packed, with ``cu_seqlens`` ``[2B+1]``)
+    hold B chosen sequences then their B rejected ones (pair j is sequences j and j+B).  With ``S``
+    the mean token log-prob of a sequence::
 
         x_j  = beta * (S[j] - S[j+B]) - gamma
-        loss = mean_j  -(1 - eps) * log sigmoid(x_j) - eps * log sigmoid(-x_j)     (eps = label_smoothing)
+        loss = mean_j  -(1 - eps) * log sigmoid(x_j) - eps * log sigmoid(-x_j)  +  sft_weight * NLL(chosen)
 
-    Defaults ``beta=2.0``, ``gamma=1.0`` (the reward margin), ``label_smoothing=0.0``.  Rewards are
-    ``beta * S``.  Returns a :class:`PreferenceOutput`; ``.metrics()`` gives TRL's names.
+    Defaults ``beta=2.0``, ``gamma=1.0`` (the reward margin), ``label_smoothing=0.0`` (eps),
+    ``sft_weight=0.0`` (CPO-SimPO's NLL on the chosen tokens when > 0).  Rewards are ``beta * S``.
+    Returns a :class:`PreferenceOutput`; ``.metrics()`` gives TRL's names.
 
     >>> out = fused_pref.simpo_loss(h, lm_head.weight, labels, beta=2.5, gamma=1.4)
     >>> out.loss.backward()
     """
-    check.check_tensors(hidden, weight, labels, bias, sequence_level=True)
-    check.check_pairs(hidden)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-    if not _use_triton(hidden.device, backend):
-        return reference.simpo_loss(hidden, weight, labels, bias, beta=beta, gamma=gamma,
-                                    label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                    softcap=softcap, validate=validate)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                             validate=validate, mean_over_sequences=True, logit_sum=True)
-    return _preference(tokens, "mean", None, weight.shape[0], beta=beta, gamma=gamma,
-                       label_smoothing=label_smoothing)
+    spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free("simpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
 
 
-def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None,
-             ref_bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-             softcap=None, validate=True, backend="auto") -> PreferenceOutput:
-    """DPO (Rafailov et al., 2023) on summed sequence log-probs, with cDPO label smoothing.
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
+             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+             backend="auto") -> PreferenceOutput:
+    """CPO (Xu et al., 2024) as TRL's CPOTrainer with ``loss_type="sigmoid"``: reference-free, summed.
+
+    Layout as :func:`simpo_loss`.  With ``S`` the summed token log-probs::
+
+        x_j  = beta * (S[j] - S[j+B])
+        loss = mean_j  -(1 - eps) * log sigmoid(x_j) - eps * log sigmoid(-x_j)  +  sft_weight * NLL(chosen)
+
+    Defaults ``beta=0.1``, ``label_smoothing=0.0``, ``sft_weight=1.0`` (TRL's ``cpo_alpha``).
+    Rewards are ``beta * S``.
+
+    >>> out = fused_pref.cpo_loss(h, lm_head.weight, labels)
+    """
+    spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free("cpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+
+
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
+              cu_seqlens=None, validate=True, backend="auto") -> PreferenceOutput:
+    """ORPO (Hong et al., 2024) as TRL's ORPOTrainer: NLL plus an odds-ratio term, no reference model.
+
+    Layout as :func:`simpo_loss`.  With ``S`` the mean token log-prob of a sequence::
+
+        v_j  = (S[j] - S[j+B]) - (log(1 - exp S[j]) - log(1 - exp S[j+B]))
+        loss = NLL(chosen) - beta * mean_j log sigmoid(v_j)
+
+    Default ``beta=0.1`` (the paper's lambda).  Rewards are ``beta * S``; ``metrics()`` adds
+    ``nll_loss``, ``log_odds_ratio`` and ``log_odds_chosen``.
+
+    >>> out = fused_pref.orpo_loss(h, lm_head.weight, labels)
+    """
+    spec = pref.orpo_spec(beta=beta)
+    return _reference_free("orpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           beta=beta)
+
+
+def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
+             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+             backend="auto") -> PreferenceOutput:
+    """DPO (Rafailov et al., 2023) and its variants, each as TRL's DPOTrainer defines it.
 
     Layout as :func:`simpo_loss`.  The reference model enters either as ``ref_logps`` ``[2B]``
-    (precomputed summed log-probs) or as ``ref_hidden`` ``[2B, T, D_ref]`` with ``ref_weight``
-    ``[V, D_ref]`` / ``ref_bias`` (default: the policy's ``weight`` and ``bias``), from which the
-    library computes the log-probs with the fused forward under ``no_grad``.  With ``S``, ``Ref``
-    the summed log-probs::
+    (precomputed, reduced like the policy's) or as ``ref_hidden`` (``hidden``'s layout, any ``D``)
+    with ``ref_weight`` ``[V, D_ref]`` / ``ref_bias`` (default: the policy's ``weight`` and
+    ``bias``), from which the library computes the log-probs with the fused forward under
+    ``no_grad``.  With ``S``, ``Ref`` the per-sequence log-probs, ``a = S[j] - Ref[j]``,
+    ``b = S[j+B] - Ref[j+B]``, ``u = a - b``, ``eps = label_smoothing``, ``s`` the sigmoid:
 
-        x_j  = beta * ((S[j] - Ref[j]) - (S[j+B] - Ref[j+B]))
-        loss = mean_j  -(1 - eps) * log sigmoid(x_j) - eps * log sigmoid(-x_j)     (loss_type="sigmoid")
+    ==========  ====================================================================
+    sigmoid     ``-(1-eps) log s(beta u) - eps log s(-beta u)``   (cDPO when eps > 0)
+    robust      ``(-(1-eps) log s(beta u) + eps log s(-beta u)) / (1 - 2 eps)``
+    exo_pair    ``s(beta u) (log s(beta u) - log(1-eps)) + s(-beta u) (log s(-beta u) - log eps)``, eps=0 -> 1e-3
+    hinge       ``relu(1 - beta u)``
+    ipo         ``(u - 1/(2 beta))^2``, on length-averaged log-probs
+    sppo_hard   ``(a - 1/(2 beta))^2 + (b + 1/(2 beta))^2``
+    nca_pair    ``-log s(beta a) - log s(-beta a)/2 - log s(-beta b)/2``
+    aot         sigmoid on ``sort_batch(S[c] - S[r]) - sort_batch(Ref[c] - Ref[r])``
+    aot_pair    sigmoid on ``sort_batch(a) - sort_batch(b)``
+    apo_zero    ``1 - s(beta a) + s(beta b)``
+    apo_down    ``s(beta a) + 1 - s(beta u)``
+    discopop    ``-log s(beta u) (1 - m) + exp(-beta u) m``, ``m = s(beta u / discopop_tau)``
+    ==========  ====================================================================
 
-    Defaults ``beta=0.1``, ``label_smoothing=0.0``.  Rewards are ``beta * (S - Ref)``.
+    ``loss = mean_j loss_j + sft_weight * NLL(chosen)`` (RPO's ``rpo_alpha`` when > 0).
+    ``length_normalize``: average the log-probs over valid tokens (Liger's ``average_log_prob``);
+    None means TRL's choice, True for ``ipo`` only.  Defaults ``beta=0.1``, ``discopop_tau=0.05``.
+    Rewards are ``beta * (S - Ref)``.
 
-    >>> out = fused_pref.dpo_loss(h, lm_head.weight, labels, ref_hidden=h_ref)
+    >>> out = fused_pref.dpo_loss(h, lm_head.weight, labels, ref_hidden=h_ref, loss_type="ipo")
     """
-    check.check_tensors(hidden, weight, labels, bias, sequence_level=True)
-    check.check_pairs(hidden)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+    spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                         length_normalize=length_normalize, discopop_tau=discopop_tau)
+    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True,
+                                     pairs=True, softcap=softcap, ignore_index=ignore_index)
     ref_weight, ref_bias = check.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, loss_type=loss_type)
+        ref_bias=ref_bias, num_sequences=num_sequences)
     if not _use_triton(hidden.device, backend):
         return reference.dpo_loss(hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
                                   ref_weight=ref_weight, ref_bias=ref_bias, beta=beta, loss_type=loss_type,
-                                  label_smoothing=label_smoothing, ignore_index=ignore_index,
-                                  softcap=softcap, validate=validate)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                             validate=validate, logit_sum=True)
+                                  label_smoothing=label_smoothing, sft_weight=sft_weight,
+                                  length_normalize=length_normalize, discopop_tau=discopop_tau,
+                                  ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                                  validate=validate)
+    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                             cu_seqlens=cu_seqlens, validate=validate,
+                             mean_over_sequences=spec.reduction == "mean", logit_sum=True)
     if ref_logps is None:
         with torch.no_grad():
             ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
-                                         softcap=softcap, validate=False)
-        ref_logps = _sequence_sums(ref_tokens, "sum")
-    return _preference(tokens, "sum", ref_logps.detach().float().contiguous(), weight.shape[0],
-                       beta=beta, gamma=0.0, label_smoothing=label_smoothing)
+                                         softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=False)
+            ref_logps = _sequence_logps(ref_tokens, spec.reduction, cu_seqlens)[0]
+    return _preference(tokens, spec, ref_logps.detach().float(), weight.shape[0], cu_seqlens)

@@ -1,6 +1,6 @@
 """The result of a preference loss: the loss, per-pair log-probs and rewards, and TRL's metrics."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,9 +10,11 @@ class PreferenceOutput:
     """``loss`` is a differentiable scalar; every other field is detached.
 
     ``chosen_logps`` / ``rejected_logps`` are ``[B]``, summed or length-averaged as the loss uses
-    them; rewards are ``beta * (logps - ref)`` for DPO and ``beta * logps`` for reference-free
-    losses; ``chosen_logits_mean`` / ``rejected_logits_mean`` are 0-d: the mean logit over the
-    vocabulary and over the valid tokens of all chosen (rejected) sequences.
+    them; rewards are ``beta * (logps - ref)`` for losses with a reference model and ``beta * logps``
+    for reference-free ones; ``chosen_logits_mean`` / ``rejected_logits_mean`` are 0-d: the mean
+    logit over the vocabulary and over the valid tokens of all chosen (rejected) sequences.
+    ``nll_loss`` is the mean NLL of the chosen tokens when the loss includes it; ``extra`` holds
+    loss-specific metrics under their trainer's names (ORPO's ``log_odds_ratio``, ``log_odds_chosen``).
     """
 
     loss: torch.Tensor
@@ -22,9 +24,11 @@ class PreferenceOutput:
     rejected_rewards: torch.Tensor
     chosen_logits_mean: torch.Tensor
     rejected_logits_mean: torch.Tensor
+    nll_loss: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
-        """Means over pairs under TRL DPOTrainer's names (one host sync)."""
+        """Means over pairs under TRL's names (one host sync)."""
         values = {
             "rewards/chosen": self.chosen_rewards.mean(),
             "rewards/rejected": self.rejected_rewards.mean(),
@@ -36,17 +40,19 @@ class PreferenceOutput:
             "logits/chosen": self.chosen_logits_mean,
             "logits/rejected": self.rejected_logits_mean,
         }
+        if self.nll_loss is not None:
+            values["nll_loss"] = self.nll_loss
+        values.update({name: value.mean() for name, value in self.extra.items()})
         numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
         return dict(zip(values, numbers))
 
 
-def preference_output(loss, logps, rewards, token_logit_sums, valid, vocab_size) -> PreferenceOutput:
-    """Assemble the output from per-sequence ``logps`` and ``rewards`` ``[2B]`` (chosen first),
-    per-sequence sums of logits over vocabulary and valid tokens ``[2B]`` and the valid mask ``[2B, T]``."""
+def preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, *, nll_loss=None,
+                      extra=None) -> PreferenceOutput:
+    """Assemble the output from per-sequence ``logps``, ``rewards``, sums of logits over vocabulary
+    and valid tokens, and valid-token ``counts``, all ``[2B]`` with the chosen sequences first."""
     B = logps.shape[0] // 2
-    logps, rewards = logps.detach(), rewards.detach()
-    counts = valid.sum(dim=-1).float()
-    sums = token_logit_sums.detach().float()
+    logps, rewards, sums, counts = logps.detach(), rewards.detach(), logit_sums.detach().float(), counts.float()
 
     def logits_mean(part):
         return sums[part].sum() / (counts[part].sum().clamp(min=1) * vocab_size)
@@ -57,4 +63,6 @@ def preference_output(loss, logps, rewards, token_logit_sums, valid, vocab_size)
         chosen_logps=logps[chosen], rejected_logps=logps[rejected],
         chosen_rewards=rewards[chosen], rejected_rewards=rewards[rejected],
         chosen_logits_mean=logits_mean(chosen), rejected_logits_mean=logits_mean(rejected),
+        nll_loss=None if nll_loss is None else nll_loss.detach(),
+        extra={k: v.detach() for k, v in (extra or {}).items()},
     )

@@ -1,14 +1,18 @@
 """The plain-PyTorch definition of every public function: logits materialized in fp32 (fp64 for
-fp64 inputs), ``log_softmax``, ``gather``, masked sums and ``F.logsigmoid``.
+fp64 inputs), ``log_softmax``, ``gather``, masked sums, and each loss written as TRL writes it.
 
 Slow and memory-hungry by design, and part of the library: it shares each signature with
-``fused_pref.functional`` so users can check parity in their own CI.  ``backend`` is accepted for
-that parity and ignored (this module always computes in PyTorch).
+``fused_pref.functional`` so users can check parity in their own CI.  Shifted and packed layouts
+are computed the obvious way, by slicing each sequence.  ``backend`` is accepted for signature
+parity and ignored (this module always computes in PyTorch).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
 
+from . import preference as pref
 from . import validation as check
 from .outputs import PreferenceOutput, preference_output
 
@@ -23,94 +27,188 @@ def _logits(hidden, weight, bias, softcap):
     return z
 
 
-def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, validate, mean_over_sequences=False):
-    valid = check.check_labels(labels, weight.shape[0], ignore_index=ignore_index, validate=validate,
-                               mean_over_sequences=mean_over_sequences).valid
-    z = _logits(hidden, weight, bias, softcap)
-    picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, picked, 0.0), valid, z
+def _spans(labels, cu_seqlens):
+    """(start, end) of each sequence in the flattened tokens."""
+    if cu_seqlens is None:
+        T = labels.shape[-1]
+        return [(r * T, (r + 1) * T) for r in range(labels.numel() // T)] if labels.dim() == 2 else [(0, labels.numel())]
+    cu = cu_seqlens.tolist()
+    return list(zip(cu[:-1], cu[1:]))
 
 
-def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None,
-                    validate=True, backend="auto"):
+def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
+                    mean_over_sequences=False):
+    """Per-token (logp, valid, sum of logits over the vocabulary), each of the shape of ``labels``:
+    with ``shift``, entry t of a sequence is hidden[t]'s prediction of labels[t + 1]."""
+    D = hidden.shape[-1]
+    flat_h, flat_labels = hidden.reshape(-1, D), labels.reshape(-1)
+    targets = torch.full_like(flat_labels, ignore_index)
+    for start, end in _spans(labels, cu_seqlens):
+        if shift:
+            targets[start:end - 1] = flat_labels[start + 1:end]
+        else:
+            targets[start:end] = flat_labels[start:end]
+    targets = targets.view(labels.shape)
+    valid = check.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=validate,
+                               mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
+    z = _logits(flat_h, weight, bias, softcap).view(*labels.shape, -1)
+    picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
+
+
+def _per_sequence(values, labels, cu_seqlens):
+    flat = values.reshape(-1)
+    return torch.stack([flat[start:end].sum() for start, end in _spans(labels, cu_seqlens)])
+
+
+def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
+                    cu_seqlens=None, validate=True, backend="auto"):
     """Reference of :func:`fused_pref.linear_logprobs`."""
-    check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
-    logp, _, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                 softcap=softcap, validate=validate)
-    return logp
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
+                     dtypes=check.REFERENCE_DTYPES)
+    return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                           cu_seqlens=cu_seqlens, validate=validate)[0]
 
 
-def _sequence_logprobs(hidden, weight, labels, bias, *, reduction, ignore_index, softcap, validate):
-    logp, valid, z = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                     softcap=softcap, validate=validate,
-                                     mean_over_sequences=reduction == "mean")
-    sums = logp.sum(dim=-1)
-    if reduction == "mean":
-        sums = sums / valid.sum(dim=-1).clamp(min=1)
-    logit_sums = torch.where(valid, z.sum(dim=-1), 0.0).sum(dim=-1)
-    return sums, valid, logit_sums
+def _sequence_logps(hidden, weight, labels, bias, *, reduction, ignore_index, softcap, shift, cu_seqlens, validate):
+    """Per-sequence (log-probs under ``reduction``, summed log-probs, valid counts, sums of logits)."""
+    logp, valid, logit_sums = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
+                                              softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                                              validate=validate, mean_over_sequences=reduction == "mean")
+    sums = _per_sequence(logp, labels, cu_seqlens)
+    counts = _per_sequence(valid.long(), labels, cu_seqlens)
+    logps = sums / counts.clamp(min=1) if reduction == "mean" else sums
+    return logps, sums, counts, _per_sequence(logit_sums, labels, cu_seqlens)
 
 
-def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100,
-                      softcap=None, validate=True, backend="auto"):
+def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
+                      shift=False, cu_seqlens=None, validate=True, backend="auto"):
     """Reference of :func:`fused_pref.sequence_logprobs`."""
-    check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES, sequence_level=True)
-    check.check_options(softcap=softcap, reduction=reduction, kind="sequence", ignore_index=ignore_index)
-    return _sequence_logprobs(hidden, weight, labels, bias, reduction=reduction,
-                              ignore_index=ignore_index, softcap=softcap, validate=validate)[0]
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
+                     ignore_index=ignore_index, reduction=reduction, kind="sequence", dtypes=check.REFERENCE_DTYPES)
+    return _sequence_logps(hidden, weight, labels, bias, reduction=reduction, ignore_index=ignore_index,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate)[0]
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100,
-                         softcap=None, validate=True, backend="auto"):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
+                         shift=False, cu_seqlens=None, validate=True, backend="auto"):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
-    check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES)
-    check.check_options(softcap=softcap, reduction=reduction, kind="cross_entropy", ignore_index=ignore_index)
-    logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                     softcap=softcap, validate=validate)
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
+                     reduction=reduction, kind="cross_entropy", dtypes=check.REFERENCE_DTYPES)
+    logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                                     shift=shift, cu_seqlens=cu_seqlens, validate=validate)
     if reduction == "none":
         return -logp
     total = -logp.sum()
     return total / valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def _preference(logps, ref, valid, logit_sums, vocab_size, *, beta, gamma, label_smoothing):
+def _pair_losses(spec: pref.PreferenceSpec, chosen, rejected, ref_chosen, ref_rejected):
+    """TRL's per-pair losses, term for term (DPOTrainer.dpo_loss, CPOTrainer, ORPOTrainer)."""
+    beta, eps = spec.beta, spec.label_smoothing
+    logsig = F.logsigmoid
+    if spec.head == "odds_ratio":
+        log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+        return -beta * logsig(log_odds)
+    if ref_chosen is None:
+        ref_chosen = ref_rejected = torch.zeros_like(chosen)
+    a, b = chosen - ref_chosen, rejected - ref_rejected
+    if spec.sort == "aot":
+        u = torch.sort(chosen - rejected).values - torch.sort(ref_chosen - ref_rejected).values
+    elif spec.sort == "aot_pair":
+        u = torch.sort(a).values - torch.sort(b).values
+    else:
+        u = a - b
+    x = beta * u - spec.gamma
+    if spec.head == "sigmoid":
+        return -logsig(x) * (1 - eps) - logsig(-x) * eps
+    if spec.head == "robust":
+        return (-logsig(x) * (1 - eps) + logsig(-x) * eps) / (1 - 2 * eps)
+    if spec.head == "exo_pair":
+        return x.sigmoid() * (logsig(x) - math.log(1 - eps)) + (-x).sigmoid() * (logsig(-x) - math.log(eps))
+    if spec.head == "hinge":
+        return torch.relu(1 - x)
+    if spec.head == "ipo":
+        return (u - 1 / (2 * beta)) ** 2
+    if spec.head == "sppo_hard":
+        return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
+    if spec.head == "nca_pair":
+        return -logsig(beta * a) - 0.5 * logsig(-beta * a) - 0.5 * logsig(-beta * b)
+    if spec.head == "apo_zero":
+        return (1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
+    if spec.head == "apo_down":
+        return torch.sigmoid(beta * a) + (1 - torch.sigmoid(beta * u))
+    if spec.head == "discopop":
+        modulation = torch.sigmoid(x / spec.tau)
+        return -logsig(x) * (1 - modulation) + torch.exp(-x) * modulation
+    raise AssertionError(f"no reference for head {spec.head!r}")
+
+
+def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) -> PreferenceOutput:
     B = logps.shape[0] // 2
-    margin = logps - (0.0 if ref is None else ref)
-    x = beta * (margin[:B] - margin[B:]) - gamma
-    losses = -(1 - label_smoothing) * F.logsigmoid(x) - label_smoothing * F.logsigmoid(-x)
-    return preference_output(losses.mean(), logps, beta * margin, logit_sums, valid, vocab_size)
+    ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
+    loss = _pair_losses(spec, logps[:B], logps[B:], ref_chosen, ref_rejected).mean()
+    nll = None
+    if spec.sft_weight:
+        nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
+        loss = loss + spec.sft_weight * nll
+    rewards = spec.beta * (logps - (0.0 if ref_logps is None else ref_logps))
+    extra = pref.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
+    return preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, nll_loss=nll, extra=extra)
 
 
-def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0,
-               ignore_index=-100, softcap=None, validate=True, backend="auto") -> PreferenceOutput:
+def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate):
+    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
+                     softcap=softcap, ignore_index=ignore_index, dtypes=check.REFERENCE_DTYPES)
+    logps, sums, counts, logit_sums = _sequence_logps(
+        hidden, weight, labels, bias, reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap,
+        shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+    return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0])
+
+
+def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
+               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+               backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
-    check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES, sequence_level=True)
-    check.check_pairs(hidden)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
-    logps, valid, logit_sums = _sequence_logprobs(hidden, weight, labels, bias, reduction="mean",
-                                                  ignore_index=ignore_index, softcap=softcap, validate=validate)
-    return _preference(logps, None, valid, logit_sums, weight.shape[0],
-                       beta=beta, gamma=gamma, label_smoothing=label_smoothing)
+    spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
 
 
-def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None,
-             ref_bias=None, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, ignore_index=-100,
-             softcap=None, validate=True, backend="auto") -> PreferenceOutput:
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
+             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+             backend="auto") -> PreferenceOutput:
+    """Reference of :func:`fused_pref.cpo_loss`."""
+    spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+
+
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
+              cu_seqlens=None, validate=True, backend="auto") -> PreferenceOutput:
+    """Reference of :func:`fused_pref.orpo_loss`."""
+    spec = pref.orpo_spec(beta=beta)
+    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+
+
+def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+             beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
+             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
+             backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
-    check.check_tensors(hidden, weight, labels, bias, dtypes=check.REFERENCE_DTYPES, sequence_level=True)
-    check.check_pairs(hidden)
-    check.check_options(softcap=softcap, ignore_index=ignore_index)
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+    spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                         length_normalize=length_normalize, discopop_tau=discopop_tau)
+    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True,
+                                     pairs=True, softcap=softcap, ignore_index=ignore_index,
+                                     dtypes=check.REFERENCE_DTYPES)
     ref_weight, ref_bias = check.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, loss_type=loss_type, dtypes=check.REFERENCE_DTYPES)
-    logps, valid, logit_sums = _sequence_logprobs(hidden, weight, labels, bias, reduction="sum",
-                                                  ignore_index=ignore_index, softcap=softcap, validate=validate)
+        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=check.REFERENCE_DTYPES)
+    options = dict(reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                   cu_seqlens=cu_seqlens)
+    logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, validate=validate, **options)
     if ref_logps is None:
         with torch.no_grad():
-            ref_logps = _sequence_logprobs(ref_hidden, ref_weight, labels, ref_bias, reduction="sum",
-                                           ignore_index=ignore_index, softcap=softcap, validate=False)[0]
-    return _preference(logps, ref_logps.detach().to(logps.dtype), valid, logit_sums, weight.shape[0],
-                       beta=beta, gamma=0.0, label_smoothing=label_smoothing)
+            ref_logps = _sequence_logps(ref_hidden, ref_weight, labels, ref_bias, validate=False, **options)[0]
+    return _preference(spec, logps, sums, counts, logit_sums, ref_logps.detach().to(logps.dtype), weight.shape[0])

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .segments import sequence_sums
+
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 REFERENCE_DTYPES = FUSED_DTYPES + (torch.float64,)
 REDUCTIONS = {
@@ -35,8 +37,11 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, name="hidden"):
-    """Types, shapes, dtypes and devices of the projection inputs."""
+def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, packed=False,
+                  name="hidden"):
+    """Types, shapes, dtypes and devices of the projection inputs.
+
+    Sequence-level functions take ``[R, T, D]`` (padded) or, with ``packed``, ``[N, D]``."""
     # Messages name the caller's arguments: name="ref_hidden" makes them ref_weight and ref_bias.
     w_name, b_name = name.replace("hidden", "weight"), name.replace("hidden", "bias")
     for arg, value in ((name, hidden), (w_name, weight), ("labels", labels)):
@@ -53,8 +58,13 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
     # int64 or int32 only: the reference's gather rejects uint8/int16 (a RuntimeError, not ours).
     if labels.dtype not in (torch.int64, torch.int32):
         _fail(TypeError, f"labels must be an integer tensor (int64 or int32), got {labels.dtype}")
-    wanted = "[R, T, D]" if sequence_level else "[N, D] or [R, T, D]"
-    if hidden.dim() not in ((3,) if sequence_level else (2, 3)):
+    if packed:
+        wanted, ranks = "[N, D] (packed, with cu_seqlens)", (2,)
+    elif sequence_level:
+        wanted, ranks = "[R, T, D] (or [N, D] with cu_seqlens)", (3,)
+    else:
+        wanted, ranks = "[N, D] or [R, T, D]", (2, 3)
+    if hidden.dim() not in ranks:
         _fail(ValueError, f"{name} must be {wanted}, got shape {tuple(hidden.shape)}")
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         _fail(ValueError, f"{w_name} must be [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
@@ -81,13 +91,25 @@ def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100)
         _fail(TypeError, f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
-def check_pairs(hidden, *, name="hidden"):
-    if hidden.shape[0] % 2 or hidden.shape[0] == 0:
-        _fail(ValueError, f"{name} must hold 2B sequences (B >= 1), chosen first then rejected; "
-                          f"got {hidden.shape[0]} sequences")
+def check_cu_seqlens(cu_seqlens, hidden):
+    """Shape and type of the packed layout's ``cu_seqlens`` (its values are checked with the labels)."""
+    if cu_seqlens is None:
+        return
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        _fail(TypeError, "cu_seqlens must be an int32 or int64 torch.Tensor [R + 1]")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        _fail(ValueError, f"cu_seqlens must be [R + 1] with R >= 1, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != hidden.device:
+        _fail(ValueError, f"cu_seqlens is on {cu_seqlens.device}, hidden on {hidden.device}")
 
 
-def check_hyper(*, beta, label_smoothing, gamma=0.0):
+def check_pairs(num_sequences):
+    if num_sequences % 2 or num_sequences == 0:
+        _fail(ValueError, f"hidden must hold 2B sequences (B >= 1), chosen first then rejected; "
+                          f"got {num_sequences} sequences")
+
+
+def check_hyper(*, beta, label_smoothing, gamma=0.0, sft_weight=0.0):
     # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.
     if not _is_number(beta) or not 0 < beta < math.inf:
         _fail(ValueError, f"beta must be a positive number, got {beta!r}")
@@ -95,41 +117,45 @@ def check_hyper(*, beta, label_smoothing, gamma=0.0):
         _fail(ValueError, f"gamma must be a finite number, got {gamma!r}")
     if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 0.5:
         _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
+    if not _is_number(sft_weight) or not 0.0 <= sft_weight < math.inf:
+        _fail(ValueError, f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
 
 
-def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequences=False):
-    """Valid-token mask, and with ``validate`` the label-range and empty-sequence checks (one sync)."""
+def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequences=False, cu_seqlens=None):
+    """Valid-token mask, and with ``validate`` the label-range, ``cu_seqlens`` and empty-sequence
+    checks, all read with one host synchronisation."""
     valid = labels != ignore_index
     if not validate:
         return Checked(valid=valid, n_valid=None)
     out_of_range = valid & ((labels < 0) | (labels >= vocab_size))
     stats = [out_of_range.sum(), valid.sum()]
+    if cu_seqlens is not None:
+        cu = cu_seqlens.long()
+        stats.append((cu[0] != 0) | (cu[-1] != labels.numel()) | (cu.diff() < 0).any())
     if mean_over_sequences:
-        stats.append((valid.sum(dim=-1) == 0).sum())
-    n_bad, n_valid, *n_empty = torch.stack(stats).tolist()
+        stats.append((sequence_sums(valid, cu_seqlens) == 0).sum())
+    n_bad, n_valid, *rest = torch.stack([t.long() for t in stats]).tolist()
     if n_bad:
         where = tuple(out_of_range.nonzero()[0].tolist())
         _fail(ValueError, f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
                           f"found {n_bad} outside, first labels{list(where)} = {labels[where].item()}")
-    if n_empty and n_empty[0]:
-        first = int((valid.sum(dim=-1) == 0).nonzero()[0, 0])
+    if cu_seqlens is not None and rest.pop(0):
+        _fail(ValueError, f"cu_seqlens must start at 0, end at N = {labels.numel()} and never decrease; "
+                          f"got {cu_seqlens.tolist()}")
+    if rest and rest[0]:
+        first = int((sequence_sums(valid, cu_seqlens) == 0).nonzero()[0, 0])
         _fail(ValueError, f"sequence {first} has no valid label (all ignore_index={ignore_index}); "
                           f"reduction='mean' needs at least one valid token per sequence")
     return Checked(valid=valid, n_valid=int(n_valid))
 
 
-DPO_LOSS_TYPES = ("sigmoid",)
-
-
 def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, ref_weight, ref_bias,
-                        loss_type, dtypes=FUSED_DTYPES):
+                        num_sequences, dtypes=FUSED_DTYPES):
     """The reference-model inputs of a DPO loss; returns the ``(ref_weight, ref_bias)`` to use.
 
     Exactly one of ``ref_logps`` (``[2B]``) and ``ref_hidden`` (``[2B, T, D_ref]``) is given.
     Without ``ref_weight`` the policy's ``weight`` and ``bias`` serve the reference model too.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        _fail(ValueError, f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     if (ref_logps is None) == (ref_hidden is None):
         _fail(ValueError, "dpo_loss needs exactly one of ref_logps ([2B] precomputed reference "
                           "log-probs) or ref_hidden ([2B, T, D] reference-model hidden states)")
@@ -138,14 +164,15 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
             _fail(ValueError, "ref_weight and ref_bias are only used with ref_hidden, not with ref_logps")
         if not isinstance(ref_logps, torch.Tensor) or not ref_logps.dtype.is_floating_point:
             _fail(TypeError, "ref_logps must be a floating-point torch.Tensor")
-        if tuple(ref_logps.shape) != (hidden.shape[0],):
-            _fail(ValueError, f"ref_logps must be [2B] = [{hidden.shape[0]}], got shape {tuple(ref_logps.shape)}")
+        if tuple(ref_logps.shape) != (num_sequences,):
+            _fail(ValueError, f"ref_logps must be [2B] = [{num_sequences}], got shape {tuple(ref_logps.shape)}")
         if ref_logps.device != hidden.device:
             _fail(ValueError, f"ref_logps is on {ref_logps.device}, hidden on {hidden.device}")
         return None, None
     if ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
-    check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=dtypes, sequence_level=True, name="ref_hidden")
+    check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=dtypes, sequence_level=True,
+                  packed=hidden.dim() == 2, name="ref_hidden")
     # labels are range-checked against weight only: a smaller reference vocabulary would be read
     # out of bounds (NaN on the fused path, a RuntimeError in the reference).
     if ref_weight.shape[0] != weight.shape[0]:
@@ -154,3 +181,16 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
     if ref_hidden.device != hidden.device:
         _fail(ValueError, f"ref_hidden is on {ref_hidden.device}, hidden on {hidden.device}")
     return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
+
+
+def check_call(hidden, weight, labels, bias, *, cu_seqlens=None, sequence_level=False, pairs=False,
+               softcap=None, ignore_index=-100, reduction=None, kind=None, dtypes=FUSED_DTYPES) -> int:
+    """Every free check of a public function's common arguments; returns the number of sequences."""
+    check_tensors(hidden, weight, labels, bias, dtypes=dtypes, sequence_level=sequence_level,
+                  packed=cu_seqlens is not None)
+    check_cu_seqlens(cu_seqlens, hidden)
+    check_options(softcap=softcap, reduction=reduction, kind=kind, ignore_index=ignore_index)
+    num_sequences = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+    if pairs:
+        check_pairs(num_sequences)
+    return num_sequences

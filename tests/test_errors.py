@@ -174,7 +174,7 @@ def test_hidden_rank(module, name):
     # Sequence-level functions need [R, T, D]; the token-level ones also take [N, D], never 1-d or 4-d.
     token_level = name in ("linear_logprobs", "linear_cross_entropy")
     bad = [torch.randn(D), torch.randn(1, R, T, D)] + ([] if token_level else [torch.randn(R * T, D)])
-    wanted = r"\[N, D\] or \[R, T, D\]" if token_level else r"\[R, T, D\]"
+    wanted = r"\[N, D\] or \[R, T, D\]" if token_level else r"\[R, T, D\] \(or \[N, D\] with cu_seqlens\)"
     for hidden in bad:
         with pytest.raises(ValueError, match=rf"^hidden must be {wanted}, got shape"):
             call(module, name, hidden=hidden)
@@ -406,9 +406,9 @@ def test_dpo_ref_weight_with_ref_logps(module, arg):
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("loss_type", ["ipo", "hinge", "SIGMOID", "", None])
+@pytest.mark.parametrize("loss_type", ["kto", "SIGMOID", "", None, "bco_pair"])
 def test_dpo_unknown_loss_type(module, loss_type):
-    pattern = rf"^loss_type must be one of \('sigmoid',\), got {re.escape(repr(loss_type))}$"
+    pattern = rf"^loss_type must be one of \('sigmoid', 'robust', .*, 'discopop'\), got {re.escape(repr(loss_type))}"
     with pytest.raises(ValueError, match=pattern):
         call(module, "dpo_loss", loss_type=loss_type)
 
@@ -500,3 +500,60 @@ def test_inputs_not_modified(module, name, layout):
         assert torch.equal(v.detach(), before[k]), f"{name} modified {k} in place"
     for k, leaf in leaves.items():
         assert leaf.grad is not None and torch.isfinite(leaf.grad).all() and leaf.grad.abs().sum() > 0, k
+
+
+# ---- loss-family options and the packed layout -----------------------------------------------------
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("kwargs, cls, pattern", [
+    pytest.param({"sft_weight": -0.1}, ValueError, r"^sft_weight must be a finite number >= 0", id="sft-negative"),
+    pytest.param({"sft_weight": math.inf}, ValueError, r"^sft_weight must be a finite number >= 0", id="sft-inf"),
+    pytest.param({"loss_type": "robust", "label_smoothing": 0.5}, ValueError,
+                 r"^label_smoothing must be below 0\.5 for loss_type='robust'", id="robust-0.5"),
+    pytest.param({"loss_type": "discopop", "discopop_tau": 0.0}, ValueError, r"^discopop_tau must be a positive",
+                 id="tau-0"),
+    pytest.param({"length_normalize": "yes"}, TypeError, r"^length_normalize must be a bool or None", id="lnorm-str"),
+])
+def test_bad_dpo_options(module, kwargs, cls, pattern):
+    with pytest.raises(cls, match=pattern):
+        call(module, "dpo_loss", **kwargs)
+
+
+def _packed(cu):
+    args = make_inputs()
+    return dict(hidden=args["hidden"].reshape(R * T, D), labels=args["labels"].reshape(R * T), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("cu, cls, pattern", [
+    pytest.param([0, 7, 14, 21, 28], TypeError, r"^cu_seqlens must be an int32 or int64 torch\.Tensor", id="list"),
+    pytest.param(torch.tensor([0.0, 28.0]), TypeError, r"^cu_seqlens must be an int32 or int64", id="float"),
+    pytest.param(torch.tensor([0]), ValueError, r"^cu_seqlens must be \[R \+ 1\] with R >= 1", id="one-entry"),
+    pytest.param(torch.tensor([[0, 28]]), ValueError, r"^cu_seqlens must be \[R \+ 1\]", id="2d"),
+])
+def test_bad_cu_seqlens_type_and_shape(module, name, cu, cls, pattern):
+    with pytest.raises(cls, match=pattern):
+        call(module, name, **_packed(cu))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("cu", [[1, 7, 14, 21, 28], [0, 7, 14, 21, 27], [0, 14, 7, 21, 28]],
+                         ids=["not-from-0", "not-to-N", "decreasing"])
+def test_bad_cu_seqlens_values(module, name, cu):
+    with pytest.raises(ValueError, match=r"^cu_seqlens must start at 0, end at N = 28 and never decrease"):
+        call(module, name, **_packed(torch.tensor(cu, dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_cu_seqlens_needs_packed_hidden(module):
+    with pytest.raises(ValueError, match=r"^hidden must be \[N, D\] \(packed, with cu_seqlens\), got shape \(4, 7, 40\)"):
+        call(module, "linear_logprobs", cu_seqlens=torch.tensor([0, 28], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_packed_pairs_counted_from_cu_seqlens(module):
+    with pytest.raises(ValueError, match=r"^hidden must hold 2B sequences \(B >= 1\), chosen first then rejected; "
+                                         r"got 3 sequences$"):
+        call(module, "simpo_loss", **_packed(torch.tensor([0, 7, 14, 28], dtype=torch.int32)))

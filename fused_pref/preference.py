@@ -1,0 +1,79 @@
+"""What a preference loss is made of, shared by the fused path and the reference.
+
+A loss is a head over per-sequence log-probs (see ``kernels/pref_head.py`` for every formula),
+the reduction those log-probs use ("sum" or "mean" over valid tokens), whether a reference
+model enters, and an optional NLL term on the chosen tokens.  ``PreferenceSpec`` carries exactly
+that; ``dpo_spec`` & co. build it from the public arguments and validate them.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import validation as check
+
+# TRL DPOTrainer's loss types.  "bco_pair" is left out: it keeps a running mean of the rewards
+# across training steps (state in the trainer), which a stateless loss function cannot hold.
+DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "sppo_hard", "nca_pair",
+                  "aot", "aot_pair", "apo_zero", "apo_down", "discopop")
+
+
+@dataclass(frozen=True)
+class PreferenceSpec:
+    head: str                  # a LOSS_IDS key of kernels/pref_head.py
+    reduction: str             # "sum" or "mean" log-probs per sequence
+    beta: float
+    gamma: float = 0.0
+    label_smoothing: float = 0.0
+    tau: float = 1.0
+    sft_weight: float = 0.0    # weight of the NLL of the chosen tokens added to the loss
+    sort: str | None = None    # "aot" / "aot_pair": sort log-ratios over the batch first
+    uses_reference: bool = False
+
+
+def simpo_spec(*, beta, gamma, label_smoothing, sft_weight):
+    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma, sft_weight=sft_weight)
+    return PreferenceSpec("sigmoid", "mean", beta, gamma, label_smoothing, sft_weight=sft_weight)
+
+
+def cpo_spec(*, beta, label_smoothing, sft_weight):
+    check.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return PreferenceSpec("sigmoid", "sum", beta, 0.0, label_smoothing, sft_weight=sft_weight)
+
+
+def orpo_spec(*, beta):
+    check.check_hyper(beta=beta, label_smoothing=0.0)
+    # ORPO's loss is NLL(chosen) - beta * mean log s(log-odds): the NLL always has weight 1.
+    return PreferenceSpec("odds_ratio", "mean", beta, sft_weight=1.0)
+
+
+def dpo_spec(*, loss_type, beta, label_smoothing, sft_weight, length_normalize, discopop_tau):
+    if loss_type not in DPO_LOSS_TYPES:
+        hint = (" (bco_pair needs a running mean of rewards across steps, trainer state that a loss "
+                "function cannot keep)") if loss_type == "bco_pair" else ""
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}{hint}")
+    check.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    if loss_type == "robust" and label_smoothing >= 0.5:
+        raise ValueError(f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by "
+                         f"1 - 2 * label_smoothing), got {label_smoothing!r}")
+    if not (isinstance(discopop_tau, (int, float)) and not isinstance(discopop_tau, bool)
+            and 0 < discopop_tau < math.inf):
+        raise ValueError(f"discopop_tau must be a positive number, got {discopop_tau!r}")
+    if length_normalize is None:
+        # TRL averages the log-probs over completion tokens for IPO only.
+        length_normalize = loss_type == "ipo"
+    if not isinstance(length_normalize, bool):
+        raise TypeError(f"length_normalize must be a bool or None, got {type(length_normalize).__name__}")
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        label_smoothing = 1e-3  # TRL's substitute: log(eps) would be -inf
+    sort = loss_type if loss_type in ("aot", "aot_pair") else None
+    head = "sigmoid" if sort else loss_type
+    return PreferenceSpec(head, "mean" if length_normalize else "sum", beta, 0.0, label_smoothing,
+                          tau=discopop_tau, sft_weight=sft_weight, sort=sort, uses_reference=True)
+
+
+def odds_ratio_metrics(chosen, rejected) -> dict:
+    """ORPO's logged quantities, as TRL's ORPOTrainer names them (per pair; means are taken later)."""
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    return {"log_odds_ratio": torch.nn.functional.logsigmoid(log_odds), "log_odds_chosen": log_odds}

@@ -1,0 +1,33 @@
+"""Sequence layouts: padded ``[R, T]`` or packed ``[N]`` with ``cu_seqlens`` ``[R + 1]``.
+
+O(N) index work only; nothing here touches ``hidden``.
+"""
+
+import torch
+
+
+def shift_labels(labels, ignore_index, cu_seqlens=None):
+    """Hugging Face's shift as a relabelling: position t is trained on ``labels[t + 1]`` of its own
+    sequence, and the last position of each sequence on nothing (``ignore_index``).  ``hidden``
+    keeps its layout, so ``hidden[t]`` predicts the returned ``labels[t]``."""
+    if cu_seqlens is None:
+        pad = torch.full_like(labels[..., :1], ignore_index)
+        return torch.cat([labels[..., 1:], pad], dim=-1)
+    last = torch.zeros_like(labels, dtype=torch.bool)
+    # cu_seqlens[1:] - 1 is each sequence's last position; an empty first sequence gives -1,
+    # which wraps to N - 1, the last position of the batch, last anyway.
+    last[cu_seqlens[1:].long() - 1] = True
+    last[-1] = True
+    return torch.where(last, ignore_index, labels.roll(-1))
+
+
+def sequence_sums(values, cu_seqlens=None):
+    """Per-sequence sums ``[R]`` of per-token ``values`` (``[R, T]``, or ``[N]`` with ``cu_seqlens``).
+
+    Packed sums difference an fp64 prefix sum: deterministic on every device (no atomics) and
+    exact to fp32 for any realistic N."""
+    if cu_seqlens is None:
+        return values.sum(dim=-1)
+    prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
+    cu = cu_seqlens.long()
+    return (prefix[cu[1:]] - prefix[cu[:-1]]).to(values.dtype if values.dtype.is_floating_point else torch.int64)
