@@ -6,13 +6,16 @@ materialize the ``[tokens, vocab]`` logits.  Triton kernels on CUDA (and on the 
 from . import reference
 from .functional import (cpo_loss, dpo_loss, linear_cross_entropy, linear_logprobs, orpo_loss, sequence_logprobs,
                          simpo_loss)
-from .modules import FusedDPOLoss, FusedSimPOLoss
+from .modules import FusedCPOLoss, FusedDPOLoss, FusedLinearCrossEntropyLoss, FusedORPOLoss, FusedSimPOLoss
 from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FusedCPOLoss",
     "FusedDPOLoss",
+    "FusedLinearCrossEntropyLoss",
+    "FusedORPOLoss",
     "FusedSimPOLoss",
     "PreferenceOutput",
     "cpo_loss",

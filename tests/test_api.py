@@ -55,16 +55,33 @@ def test_backends_agree(backend, device):
     assert relative_error(out, ref) < 1e-5
 
 
-def test_modules_equal_functions(device):
+MODULE_CASES = {
+    "simpo": (fused_pref.FusedSimPOLoss, fused_pref.simpo_loss, dict(beta=2.5, gamma=0.3, softcap=30.0)),
+    "cpo": (fused_pref.FusedCPOLoss, fused_pref.cpo_loss, dict(beta=0.2, sft_weight=0.5)),
+    "orpo": (fused_pref.FusedORPOLoss, fused_pref.orpo_loss, dict(beta=0.3, shift=True)),
+    "cross_entropy": (fused_pref.FusedLinearCrossEntropyLoss, fused_pref.linear_cross_entropy, dict(reduction="sum")),
+}
+
+
+@pytest.mark.parametrize("case", MODULE_CASES.values(), ids=MODULE_CASES.keys())
+def test_modules_equal_functions(case, device):
+    module_cls, function, options = case
     x = make_inputs(4, 23, 97, 1003, device=device)
     args = (x["hidden"], x["weight"], x["labels"], x["bias"])
-    simpo = fused_pref.FusedSimPOLoss(beta=2.5, gamma=0.3, softcap=30.0)
-    assert "beta=2.5" in repr(simpo)
-    assert torch.equal(simpo(*args).loss, fused_pref.simpo_loss(*args, beta=2.5, gamma=0.3, softcap=30.0).loss)
+    module = module_cls(**options)
+    assert all(f"{k}={v!r}" in repr(module) for k, v in options.items())
+    ours, theirs = module(*args), function(*args, **options)
+    ours, theirs = (ours.loss, theirs.loss) if hasattr(ours, "loss") else (ours, theirs)
+    assert torch.equal(ours, theirs)
+
+
+def test_dpo_module_takes_reference_inputs_in_forward(device):
+    x = make_inputs(4, 23, 97, 1003, device=device)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
     ref_logps = -torch.rand(4, device=device) * 10
-    dpo = fused_pref.FusedDPOLoss(beta=0.3, label_smoothing=0.1)
+    dpo = fused_pref.FusedDPOLoss(beta=0.3, loss_type="ipo")
     assert torch.equal(dpo(*args, ref_logps=ref_logps).loss,
-                       fused_pref.dpo_loss(*args, ref_logps=ref_logps, beta=0.3, label_smoothing=0.1).loss)
+                       fused_pref.dpo_loss(*args, ref_logps=ref_logps, beta=0.3, loss_type="ipo").loss)
 
 
 def test_metrics_follow_trl_names(device):
