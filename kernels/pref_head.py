@@ -32,6 +32,13 @@ LOSS_IDS = {
 
 
 @triton.jit
+def sigmoid(x):
+    # Through exp(-|x|), which never overflows (tl.sigmoid's exp(-x) does for x < -88).
+    e = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
 def log_sigmoid(x):
     # Stable for |x| up to fp32's range: exp(-|x|) never overflows.
     return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
@@ -40,7 +47,7 @@ def log_sigmoid(x):
 @triton.jit
 def sigmoid_slope(x):
     # s(x) s(-x), written so that neither factor overflows.
-    return tl.sigmoid(x) * tl.sigmoid(-x)
+    return sigmoid(x) * sigmoid(-x)
 
 
 @triton.jit
@@ -83,18 +90,18 @@ def preference_head_kernel(
     if LOSS == 0:  # sigmoid
         x = beta * u - gamma
         loss = -(1.0 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x)
-        da = beta * (-(1.0 - eps) * tl.sigmoid(-x) + eps * tl.sigmoid(x))
+        da = beta * (-(1.0 - eps) * sigmoid(-x) + eps * sigmoid(x))
         db = -da
     elif LOSS == 1:  # robust
         x = beta * u
         loss = (-(1.0 - eps) * log_sigmoid(x) + eps * log_sigmoid(-x)) / (1.0 - 2.0 * eps)
-        da = beta * (-(1.0 - eps) * tl.sigmoid(-x) - eps * tl.sigmoid(x)) / (1.0 - 2.0 * eps)
+        da = beta * (-(1.0 - eps) * sigmoid(-x) - eps * sigmoid(x)) / (1.0 - 2.0 * eps)
         db = -da
     elif LOSS == 2:  # exo_pair
         x = beta * u
         log_keep = tl.log(1.0 - eps)
         log_eps = tl.log(eps)
-        loss = tl.sigmoid(x) * (log_sigmoid(x) - log_keep) + tl.sigmoid(-x) * (log_sigmoid(-x) - log_eps)
+        loss = sigmoid(x) * (log_sigmoid(x) - log_keep) + sigmoid(-x) * (log_sigmoid(-x) - log_eps)
         # d/dx: s(x) s(-x) (log s(x) - log s(-x) - log(1-eps) + log eps), and log s(x) - log s(-x) = x.
         da = beta * sigmoid_slope(x) * (x - log_keep + log_eps)
         db = -da
@@ -118,30 +125,30 @@ def preference_head_kernel(
         xa = beta * a
         xb = beta * b
         loss = -log_sigmoid(xa) - 0.5 * log_sigmoid(-xa) - 0.5 * log_sigmoid(-xb)
-        da = beta * (-tl.sigmoid(-xa) + 0.5 * tl.sigmoid(xa))
-        db = beta * 0.5 * tl.sigmoid(xb)
+        da = beta * (-sigmoid(-xa) + 0.5 * sigmoid(xa))
+        db = beta * 0.5 * sigmoid(xb)
     elif LOSS == 7:  # apo_zero
-        loss = 1.0 - tl.sigmoid(beta * a) + tl.sigmoid(beta * b)
+        loss = 1.0 - sigmoid(beta * a) + sigmoid(beta * b)
         da = -beta * sigmoid_slope(beta * a)
         db = beta * sigmoid_slope(beta * b)
     elif LOSS == 8:  # apo_down
-        loss = tl.sigmoid(beta * a) + 1.0 - tl.sigmoid(beta * u)
+        loss = sigmoid(beta * a) + 1.0 - sigmoid(beta * u)
         db = beta * sigmoid_slope(beta * u)
         da = beta * sigmoid_slope(beta * a) - db
     elif LOSS == 9:  # discopop
         x = beta * u
-        m = tl.sigmoid(x / tau)
+        m = sigmoid(x / tau)
         # exp(-x) m as exp(log s(x / tau) - x): finite wherever the product is (tau < 1).
         exp_part = tl.exp(log_sigmoid(x / tau) - x)
         dm = m * (1.0 - m) / tau
         loss = -log_sigmoid(x) * (1.0 - m) + exp_part
-        dx = -tl.sigmoid(-x) * (1.0 - m) + log_sigmoid(x) * dm - exp_part + exp_part * (1.0 - m) / tau
+        dx = -sigmoid(-x) * (1.0 - m) + log_sigmoid(x) * dm - exp_part + exp_part * (1.0 - m) / tau
         da = beta * dx
         db = -da
     else:  # odds_ratio
         v = (c - r) - (log1m_exp(c) - log1m_exp(r))
         loss = -beta * log_sigmoid(v)
-        dv = -beta * tl.sigmoid(-v)
+        dv = -beta * sigmoid(-v)
         # d v / d c = 1 / (1 - e^c) = -1 / expm1(c)
         da = -dv / expm1(c)
         db = dv / expm1(r)
