@@ -4,8 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels import linear_lse_forward, preference_head_forward
-from .kernels.linear_grad import WORKSPACE_BYTES, linear_grad_backward
+from . import ops
+from .kernels.linear_grad import WORKSPACE_BYTES
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,13 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, params: LogprobParams):
-        lse, target, logit_sum = linear_lse_forward(hidden, weight, bias, labels, rows, n_valid,
-                                                    softcap=params.softcap, logit_sum=params.logit_sum)
+        lse, target, logit_sum = ops.linear_lse(hidden, weight, bias, labels, rows, n_valid, params.softcap,
+                                                params.logit_sum)
         logp = torch.where(valid, target - lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse)
         ctx.params = params
-        logit_sum = torch.where(valid, logit_sum, 0.0) if params.logit_sum else logp.new_empty(0)
+        if params.logit_sum:
+            logit_sum = torch.where(valid, logit_sum, 0.0)
         ctx.mark_non_differentiable(logit_sum)
         return logp, logit_sum
 
@@ -39,9 +40,9 @@ class LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_logit_sum):
         hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        d_hidden, d_weight, d_bias = linear_grad_backward(
-            grad_logp, hidden, weight, bias, labels, rows, n_valid, lse,
-            softcap=ctx.params.softcap, needs=needs, workspace_bytes=ctx.params.workspace_bytes)
+        grads = ops.linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, ctx.params.softcap,
+                                list(needs), ctx.params.workspace_bytes)
+        d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
@@ -54,9 +55,9 @@ class PreferenceHead(torch.autograd.Function):
         def fp32(t):
             return None if t is None else t.detach().float().contiguous()
 
-        losses, d_chosen, d_rejected = preference_head_forward(
-            fp32(chosen), fp32(rejected), fp32(ref_chosen), fp32(ref_rejected), loss=spec.head, beta=spec.beta,
-            gamma=spec.gamma, label_smoothing=spec.label_smoothing, tau=spec.tau)
+        losses, d_chosen, d_rejected = ops.preference_head(
+            fp32(chosen), fp32(rejected), fp32(ref_chosen), fp32(ref_rejected), spec.head, spec.beta, spec.gamma,
+            spec.label_smoothing, spec.tau)
         ctx.save_for_backward(d_chosen, d_rejected)
         return losses
 

@@ -125,7 +125,9 @@ def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequen
     """Valid-token mask, and with ``validate`` the label-range, ``cu_seqlens`` and empty-sequence
     checks, all read with one host synchronisation."""
     valid = labels != ignore_index
-    if not validate:
+    # Under torch.compile a host sync would break the graph, so the value checks are skipped there
+    # exactly as with validate=False (README, "torch.compile").
+    if not validate or torch.compiler.is_compiling():
         return Checked(valid=valid, n_valid=None)
     out_of_range = valid & ((labels < 0) | (labels >= vocab_size))
     stats = [out_of_range.sum(), valid.sum()]

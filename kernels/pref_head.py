@@ -167,7 +167,7 @@ def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss,
     ``chosen``, ``rejected`` (and ``ref_chosen``, ``ref_rejected``, or both None) are fp32 ``[B]``.
     """
     B = chosen.numel()
-    losses, d_chosen, d_rejected = torch.empty((3, B), device=chosen.device, dtype=torch.float32)
+    losses, d_chosen, d_rejected = (torch.empty(B, device=chosen.device, dtype=torch.float32) for _ in range(3))
     has_ref = ref_chosen is not None
     preference_head_kernel[(triton.cdiv(B, BLOCK_B),)](
         chosen, rejected, ref_chosen if has_ref else chosen, ref_rejected if has_ref else rejected,
