@@ -1,0 +1,1 @@
+"""Drop-in replacements for other libraries' loss classes, built on fused_pref (see ``liger``)."""
