@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
+from .distributed import VocabShard, all_reduce_sum, combine_partials
 from .kernels.linear_grad import WORKSPACE_BYTES
 
 
@@ -13,6 +14,7 @@ class LogprobParams:
     softcap: float | None = None
     logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
     workspace_bytes: int = WORKSPACE_BYTES
+    shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -28,6 +30,10 @@ class LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, params: LogprobParams):
         lse, target, logit_sum = ops.linear_lse(hidden, weight, bias, labels, rows, n_valid, params.softcap,
                                                 params.logit_sum)
+        if params.shard is not None:
+            # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
+            lse = torch.where(valid, lse, 0.0)
+            lse, target, logit_sum = combine_partials(lse, target, logit_sum, params.shard)
         logp = torch.where(valid, target - lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse)
         ctx.params = params
@@ -43,6 +49,8 @@ class LinearLogprobs(torch.autograd.Function):
         grads = ops.linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, ctx.params.softcap,
                                 list(needs), ctx.params.workspace_bytes)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
+        if d_hidden is not None and ctx.params.shard is not None:
+            d_hidden = all_reduce_sum(d_hidden, ctx.params.shard)  # each rank saw only its vocabulary
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 

@@ -11,6 +11,11 @@ tokens ``cu_seqlens[r] .. cu_seqlens[r+1]``).  ``shift=True`` takes labels align
 ids, as Hugging Face models do: ``hidden[t]`` predicts ``labels[t + 1]`` of the same sequence and the
 last position of each sequence predicts nothing; per-token outputs keep the shape of ``labels``
 (entry ``t`` belongs to ``hidden[t]``, and the last position of each sequence is 0).
+
+Vocabulary parallelism: with ``process_group``, ``weight`` (and ``bias``) is this rank's contiguous
+shard of the vocabulary, starting at ``vocab_start`` (default ``rank * weight.shape[0]``, the
+``torch.chunk`` split); labels are global ids; every rank gets the whole result and the full
+``d_hidden``, and its own shard's ``d_weight`` / ``d_bias``.  See :mod:`fused_pref.distributed`.
 """
 
 import warnings
@@ -22,6 +27,7 @@ from . import preference as pref
 from . import reference
 from . import validation as check
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
+from .distributed import resolve_shard
 from .kernels import KERNELS_INTERPRETED
 from .outputs import PreferenceOutput, preference_output
 from .segments import sequence_sums, shift_labels
@@ -51,16 +57,21 @@ class _Tokens:
     logp: torch.Tensor          # fp32, shape of labels, 0 where ignored
     valid: torch.Tensor         # bool, shape of labels (after the shift)
     logit_sum: torch.Tensor     # fp32 per-token sum of logits over the vocabulary (or empty)
+    vocab_size: object          # int, or a 0-d tensor for a sharded vocabulary
 
 
 def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    mean_over_sequences=False, logit_sum=False) -> _Tokens:
+                    process_group, vocab_start, mean_over_sequences=False, logit_sum=False) -> _Tokens:
+    shard = resolve_shard(weight, process_group, vocab_start, validate=validate)
     if shift:
         labels = shift_labels(labels, ignore_index, cu_seqlens)
-    checked = check.check_labels(labels, weight.shape[0], ignore_index=ignore_index, validate=validate,
+    vocab_size = weight.shape[0] if shard is None or not validate else int(shard.total)
+    checked = check.check_labels(labels, vocab_size, ignore_index=ignore_index, validate=validate,
                                  mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens)
     hidden3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
-    labels_flat = labels.reshape(-1).long()
+    # A vocabulary shard sees labels relative to its first row; labels it does not own fall
+    # outside [0, V_local) and match no column of its kernels.
+    labels_flat = labels.reshape(-1).long() - (0 if shard is None else shard.start)
     valid_flat = checked.valid.reshape(-1)
     # Valid rows first, in order: kernels read only the first n_valid and skip the rest on the
     # device.  When validation synchronised anyway, the index is cut to the exact count.
@@ -68,14 +79,16 @@ def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shif
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum)
+    params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum, shard=shard)
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
-    return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums)
+    return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,
+                   weight.shape[0] if shard is None else shard.total)
 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, validate=True, backend="auto"):
+                    cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
     ``hidden`` ``[N, D]`` or ``[R, T, D]`` (fp32, bf16 or fp16; strided views are read in place),
@@ -95,9 +108,11 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, sof
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index)
     if not _use_triton(hidden.device, backend):
         return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                         shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+                                         shift=shift, cu_seqlens=cu_seqlens, validate=validate,
+                                         process_group=process_group, vocab_start=vocab_start)
     return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                           cu_seqlens=cu_seqlens, validate=validate).logp
+                           cu_seqlens=cu_seqlens, validate=validate,
+                           process_group=process_group, vocab_start=vocab_start).logp
 
 
 def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
@@ -110,7 +125,8 @@ def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, validate=True, backend="auto"):
+                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Per-sequence log-probabilities ``[R]`` (fp32) of ``labels``.
 
     ``hidden`` ``[R, T, D]`` with ``labels`` ``[R, T]``, or packed ``[N, D]`` / ``[N]`` with
@@ -125,14 +141,17 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ign
     if not _use_triton(hidden.device, backend):
         return reference.sequence_logprobs(hidden, weight, labels, bias, reduction=reduction,
                                            ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                           cu_seqlens=cu_seqlens, validate=validate)
+                                           cu_seqlens=cu_seqlens, validate=validate,
+                                           process_group=process_group, vocab_start=vocab_start)
     tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate, mean_over_sequences=reduction == "mean")
+                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                             vocab_start=vocab_start, mean_over_sequences=reduction == "mean")
     return _sequence_logps(tokens, reduction, cu_seqlens)[0]
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, validate=True, backend="auto"):
+                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
@@ -147,16 +166,18 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     if not _use_triton(hidden.device, backend):
         return reference.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction,
                                               ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                              cu_seqlens=cu_seqlens, validate=validate)
+                                              cu_seqlens=cu_seqlens, validate=validate,
+                                              process_group=process_group, vocab_start=vocab_start)
     tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate)
+                             cu_seqlens=cu_seqlens, validate=validate,
+                             process_group=process_group, vocab_start=vocab_start)
     if reduction == "none":
         return -tokens.logp
     total = -tokens.logp.sum()
     return total / tokens.valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, vocab_size, cu_seqlens) -> PreferenceOutput:
+def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, cu_seqlens) -> PreferenceOutput:
     logps, sums, counts = _sequence_logps(tokens, spec.reduction, cu_seqlens)
     B = logps.shape[0] // 2
     chosen, rejected = logps[:B], logps[B:]
@@ -178,26 +199,27 @@ def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, vocab_siz
     margin = logps.detach() - (0.0 if ref_logps is None else ref_logps)
     extra = pref.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
     return preference_output(loss, logps, spec.beta * margin, sequence_sums(tokens.logit_sum, cu_seqlens), counts,
-                             vocab_size, nll_loss=nll, extra=extra)
+                             tokens.vocab_size, nll_loss=nll, extra=extra)
 
 
 def _reference_free(name, spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    backend, **hyper):
+                    process_group, vocab_start, backend, **hyper):
     """The body of every reference-free preference loss: validate, pick the path, run the head."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
                      softcap=softcap, ignore_index=ignore_index)
     if not _use_triton(hidden.device, backend):
         return getattr(reference, name)(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                        shift=shift, cu_seqlens=cu_seqlens, validate=validate, **hyper)
+                                        shift=shift, cu_seqlens=cu_seqlens, validate=validate,
+                                        process_group=process_group, vocab_start=vocab_start, **hyper)
     tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate,
-                             mean_over_sequences=spec.reduction == "mean", logit_sum=True)
-    return _preference(tokens, spec, None, weight.shape[0], cu_seqlens)
+                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                             vocab_start=vocab_start, mean_over_sequences=spec.reduction == "mean", logit_sum=True)
+    return _preference(tokens, spec, None, cu_seqlens)
 
 
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-               backend="auto") -> PreferenceOutput:
+               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
+               validate=True, backend="auto") -> PreferenceOutput:
     """SimPO (Meng et al., 2024): reference-free, length-normalised preference loss.
 
     ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` (or packed, with ``cu_seqlens`` ``[2B+1]``)
@@ -216,13 +238,14 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     """
     spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free("simpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
+                           process_group=process_group, vocab_start=vocab_start, backend=backend,
                            beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
 
 
 def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
+             validate=True, backend="auto") -> PreferenceOutput:
     """CPO (Xu et al., 2024) as TRL's CPOTrainer with ``loss_type="sigmoid"``: reference-free, summed.
 
     Layout as :func:`simpo_loss`.  With ``S`` the summed token log-probs::
@@ -237,12 +260,14 @@ def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0
     """
     spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free("cpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
+                           process_group=process_group, vocab_start=vocab_start, backend=backend,
                            beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
 
 
 def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, validate=True, backend="auto") -> PreferenceOutput:
+              cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto") -> PreferenceOutput:
     """ORPO (Hong et al., 2024) as TRL's ORPOTrainer: NLL plus an odds-ratio term, no reference model.
 
     Layout as :func:`simpo_loss`.  With ``S`` the mean token log-prob of a sequence::
@@ -257,21 +282,22 @@ def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100,
     """
     spec = pref.orpo_spec(beta=beta)
     return _reference_free("orpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate, backend=backend,
+                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
+                           process_group=process_group, vocab_start=vocab_start, backend=backend,
                            beta=beta)
 
 
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
+             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
     """DPO (Rafailov et al., 2023) and its variants, each as TRL's DPOTrainer defines it.
 
     Layout as :func:`simpo_loss`.  The reference model enters either as ``ref_logps`` ``[2B]``
     (precomputed, reduced like the policy's) or as ``ref_hidden`` (``hidden``'s layout, any ``D``)
-    with ``ref_weight`` ``[V, D_ref]`` / ``ref_bias`` (default: the policy's ``weight`` and
-    ``bias``), from which the library computes the log-probs with the fused forward under
-    ``no_grad``.  With ``S``, ``Ref`` the per-sequence log-probs, ``a = S[j] - Ref[j]``,
+    with ``ref_weight`` ``[V, D_ref]`` and ``ref_bias`` (without ``ref_weight``, the policy's
+    ``weight`` and, unless ``ref_bias`` is given, its ``bias``), from which the library computes
+    the log-probs with the fused forward under ``no_grad``.  With ``S``, ``Ref`` the per-sequence log-probs, ``a = S[j] - Ref[j]``,
     ``b = S[j+B] - Ref[j+B]``, ``u = a - b``, ``eps = label_smoothing``, ``s`` the sigmoid:
 
     ==========  ====================================================================
@@ -309,13 +335,14 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
                                   label_smoothing=label_smoothing, sft_weight=sft_weight,
                                   length_normalize=length_normalize, discopop_tau=discopop_tau,
                                   ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                                  validate=validate)
+                                  validate=validate, process_group=process_group, vocab_start=vocab_start)
     tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate,
-                             mean_over_sequences=spec.reduction == "mean", logit_sum=True)
+                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                             vocab_start=vocab_start, mean_over_sequences=spec.reduction == "mean", logit_sum=True)
     if ref_logps is None:
         with torch.no_grad():
             ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
-                                         softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=False)
+                                         softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=False,
+                                         process_group=process_group, vocab_start=vocab_start)
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, cu_seqlens)[0]
-    return _preference(tokens, spec, ref_logps.detach().float(), weight.shape[0], cu_seqlens)
+    return _preference(tokens, spec, ref_logps.detach().float(), cu_seqlens)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import preference as pref
 from . import validation as check
+from .distributed import gather_shards, resolve_shard
 from .outputs import PreferenceOutput, preference_output
 
 
@@ -25,6 +26,15 @@ def _logits(hidden, weight, bias, softcap):
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     return z
+
+
+def _whole_vocabulary(weight, bias, process_group, vocab_start, validate):
+    """The whole lm_head: under vocabulary parallelism, every rank's shard gathered in vocabulary
+    order (each rank's gradient is its own rows of the replicated gradient)."""
+    shard = resolve_shard(weight, process_group, vocab_start, validate=validate)
+    if shard is None:
+        return weight, bias
+    return gather_shards(weight, shard), gather_shards(bias, shard)
 
 
 def _spans(labels, cu_seqlens):
@@ -62,10 +72,12 @@ def _per_sequence(values, labels, cu_seqlens):
 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, validate=True, backend="auto"):
+                    cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Reference of :func:`fused_pref.linear_logprobs`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
                      dtypes=check.REFERENCE_DTYPES)
+    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
                            cu_seqlens=cu_seqlens, validate=validate)[0]
 
@@ -82,19 +94,23 @@ def _sequence_logps(hidden, weight, labels, bias, *, reduction, ignore_index, so
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, validate=True, backend="auto"):
+                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Reference of :func:`fused_pref.sequence_logprobs`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
                      ignore_index=ignore_index, reduction=reduction, kind="sequence", dtypes=check.REFERENCE_DTYPES)
+    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     return _sequence_logps(hidden, weight, labels, bias, reduction=reduction, ignore_index=ignore_index,
                            softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate)[0]
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, validate=True, backend="auto"):
+                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+                    backend="auto"):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
                      reduction=reduction, kind="cross_entropy", dtypes=check.REFERENCE_DTYPES)
+    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                                      shift=shift, cu_seqlens=cu_seqlens, validate=validate)
     if reduction == "none":
@@ -157,9 +173,11 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) ->
     return preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, nll_loss=nll, extra=extra)
 
 
-def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate):
+def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
+                    process_group, vocab_start):
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
                      softcap=softcap, ignore_index=ignore_index, dtypes=check.REFERENCE_DTYPES)
+    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     logps, sums, counts, logit_sums = _sequence_logps(
         hidden, weight, labels, bias, reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap,
         shift=shift, cu_seqlens=cu_seqlens, validate=validate)
@@ -167,35 +185,39 @@ def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap
 
 
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-               backend="auto") -> PreferenceOutput:
+               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
+               vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
     spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                           vocab_start=vocab_start)
 
 
 def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
+             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.cpo_loss`."""
     spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                           vocab_start=vocab_start)
 
 
 def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, validate=True, backend="auto") -> PreferenceOutput:
+              cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
+              backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.orpo_loss`."""
     spec = pref.orpo_spec(beta=beta)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
+                           vocab_start=vocab_start)
 
 
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
+             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
     spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
                          length_normalize=length_normalize, discopop_tau=discopop_tau)
@@ -205,6 +227,9 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     ref_weight, ref_bias = check.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences, dtypes=check.REFERENCE_DTYPES)
+    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
+    if ref_weight is not None:
+        ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, process_group, vocab_start, validate)
     options = dict(reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap, shift=shift,
                    cu_seqlens=cu_seqlens)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, validate=validate, **options)

@@ -1,0 +1,94 @@
+"""Vocabulary parallelism over ``torch.distributed``: each rank holds a contiguous shard of the
+lm_head (rows ``vocab_start .. vocab_start + V_local``), as Megatron-LM's tensor parallelism does.
+
+The fused path exchanges only O(N) per-token numbers: the forward all-reduces the partial
+log-sum-exp (MAX, then SUM of rescaled exponentials), the target logit (only its owner has it)
+and the logit sums; the backward all-reduces the partial ``d_hidden``.  ``d_weight`` and
+``d_bias`` stay on their shard.  The reference gathers the whole weight instead (for checking).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class VocabShard:
+    group: object        # the torch.distributed process group
+    start: int           # first vocabulary id of this rank's shard
+    size: int            # rows of this rank's weight
+    total: torch.Tensor  # the whole vocabulary, a 0-d device tensor (reading it is a host sync)
+
+
+def resolve_shard(weight, process_group, vocab_start, *, validate) -> VocabShard | None:
+    """This rank's shard; with ``validate``, checks that the shards tile ``[0, V)`` (one collective)."""
+    if process_group is None:
+        if vocab_start is not None:
+            raise ValueError("vocab_start is only meaningful with a process_group")
+        return None
+    size = weight.shape[0]
+    if vocab_start is None:
+        # Equal shards (the last may be smaller), as torch.chunk splits: rank r starts at r * size.
+        vocab_start = dist.get_rank(process_group) * size
+    if not isinstance(vocab_start, int) or isinstance(vocab_start, bool) or vocab_start < 0:
+        raise ValueError(f"vocab_start must be an int >= 0, got {vocab_start!r}")
+    spans = _shard_spans(weight.device, process_group, vocab_start, size)
+    if validate and not torch.compiler.is_compiling():
+        expected = 0
+        for start, length in sorted(spans.tolist()):
+            if start != expected:
+                raise ValueError(f"the ranks' vocabulary shards must tile [0, V) without gaps or overlaps; got "
+                                 f"(vocab_start, rows) per rank = {spans.tolist()}: pass vocab_start explicitly "
+                                 f"when shards are not split as torch.chunk splits")
+            expected = start + length
+    return VocabShard(process_group, vocab_start, size, spans[:, 1].sum())
+
+
+def _shard_spans(device, group, start, size):
+    """[world, 2] (vocab_start, rows) of every rank, by one all-reduce."""
+    spans = torch.zeros(dist.get_world_size(group), 2, dtype=torch.int64, device=device)
+    spans[dist.get_rank(group)] = torch.tensor([start, size])
+    dist.all_reduce(spans, group=group)
+    return spans
+
+
+def combine_partials(lse, target, logit_sum, shard: VocabShard):
+    """Global per-token (lse, target, logit_sum) from every rank's partials; ``lse`` must be finite."""
+    top = lse.clone()
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
+    parts = [torch.exp(lse - top), target] + ([logit_sum] if logit_sum.numel() else [])
+    summed = torch.stack(parts)
+    dist.all_reduce(summed, group=shard.group)
+    return top + torch.log(summed[0]), summed[1], summed[2] if logit_sum.numel() else logit_sum
+
+
+def all_reduce_sum(tensor, shard: VocabShard):
+    dist.all_reduce(tensor, group=shard.group)
+    return tensor
+
+
+class _GatherShards(torch.autograd.Function):
+    """All ranks' shards in vocabulary order; backward keeps this rank's rows of the (replicated)
+    gradient, since every rank computes the same loss from the same gathered weight."""
+
+    @staticmethod
+    def forward(ctx, local, shard: VocabShard):
+        world = dist.get_world_size(shard.group)
+        spans = _shard_spans(local.device, shard.group, shard.start, shard.size)
+        rows = int(spans[:, 1].max())
+        padded = local.new_zeros((rows, *local.shape[1:]))
+        padded[: shard.size] = local
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded.contiguous(), group=shard.group)
+        order = sorted(range(world), key=lambda r: int(spans[r, 0]))
+        ctx.start, ctx.size = shard.start, shard.size
+        return torch.cat([gathered[r][: int(spans[r, 1])] for r in order])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.start: ctx.start + ctx.size], None
+
+
+def gather_shards(local, shard: VocabShard):
+    return None if local is None else _GatherShards.apply(local, shard)
