@@ -557,3 +557,10 @@ def test_packed_pairs_counted_from_cu_seqlens(module):
     with pytest.raises(ValueError, match=r"^hidden must hold 2B sequences \(B >= 1\), chosen first then rejected; "
                                          r"got 3 sequences$"):
         call(module, "simpo_loss", **_packed(torch.tensor([0, 7, 14, 28], dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_vocab_start_needs_a_process_group(module, name):
+    with pytest.raises(ValueError, match=r"^vocab_start is only meaningful with a process_group$"):
+        call(module, name, vocab_start=3)

@@ -1,0 +1,138 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
+
+    torchrun --standalone --nproc-per-node W tests/distributed_worker.py {vocab-chunk|vocab-split|ddp|fsdp}...
+
+Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import fused_pref  # noqa: E402
+from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error  # noqa: E402
+
+SHAPE = (4, 23, 97, 1003)  # V = 1003 is divisible by neither 2 nor 3
+
+
+def _close(ours, theirs, what):
+    error = relative_error(ours, theirs)
+    assert error <= TOLERANCE[torch.float32], f"rank {dist.get_rank()}: {what}: relative error {error:.2e}"
+
+
+LOSSES = {
+    "simpo": lambda m, x, **kw: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], **kw).loss,
+    "dpo": lambda m, x, **kw: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], shift=True,
+                                         ref_hidden=x["hidden"].detach().flip(0), loss_type="ipo", **kw).loss,
+    "cross_entropy": lambda m, x, **kw: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                                               softcap=20.0, **kw),
+}
+
+
+def vocab_parallel(split):
+    """Each rank holds a vocabulary shard; results and gradients equal the unsharded reference."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    V = SHAPE[3]
+    if split == "chunk":  # equal shards, the last smaller: the default vocab_start fits
+        sizes = [len(c) for c in torch.arange(V).chunk(world)]
+    else:  # torch.tensor_split: the first shards larger, vocab_start must be given
+        sizes = [len(c) for c in torch.arange(V).tensor_split(world)]
+    start = sum(sizes[:rank])
+    for name, loss in LOSSES.items():
+        full = make_inputs(*SHAPE, seed=5)
+        ref = as_reference(full)
+        expected = loss(fused_pref.reference, ref)
+        expected.backward()
+        local = {**full, "weight": full["weight"][start:start + sizes[rank]].detach().clone().requires_grad_(),
+                 "bias": full["bias"][start:start + sizes[rank]].detach().clone().requires_grad_()}
+        kwargs = {"process_group": dist.group.WORLD}
+        if split != "chunk":
+            kwargs["vocab_start"] = start
+        for module in (fused_pref, fused_pref.reference):
+            for t in local.values():
+                t.grad = None
+            inputs = local if module is fused_pref else as_reference(local)
+            got = loss(module, inputs, **kwargs)
+            got.backward()
+            tag = f"{name}/{module.__name__}"
+            _close(got, expected, f"{tag} value")
+            _close(inputs["hidden"].grad, ref["hidden"].grad, f"{tag} d_hidden")
+            _close(inputs["weight"].grad, ref["weight"].grad[start:start + sizes[rank]], f"{tag} d_weight shard")
+            _close(inputs["bias"].grad, ref["bias"].grad[start:start + sizes[rank]], f"{tag} d_bias shard")
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, one hidden layer and an lm_head; the loss is computed in forward (as trainers do)."""
+
+    def __init__(self, vocab=301, dim=40):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.mix = torch.nn.Linear(dim, dim)
+        self.lm_head = torch.nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids, labels):
+        hidden = torch.tanh(self.mix(self.embed(ids)))
+        return fused_pref.simpo_loss(hidden, self.lm_head.weight, labels, shift=True).loss
+
+
+def _pairs(B=4, T=13, vocab=301):
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(0, vocab, (2 * B, T), generator=gen)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    return ids, labels
+
+
+def _rank_batch(ids, labels):
+    """This rank's pairs, still chosen-first: rows j and j+B for its share of j."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    B = ids.shape[0] // 2
+    mine = torch.arange(B).chunk(world)[rank]
+    rows = torch.cat([mine, mine + B])
+    return ids[rows], labels[rows]
+
+
+def data_parallel(kind):
+    """DDP gradients equal the single-process full-batch ones; under FSDP the lm_head gradient does."""
+    torch.manual_seed(0)
+    single = TinyLM()
+    ids, labels = _pairs()
+    single(ids, labels).backward()
+    torch.manual_seed(0)
+    model = TinyLM()
+    if kind == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    model(*_rank_batch(ids, labels)).backward()
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        # FSDP's gradient is a sharded DTensor; both average over ranks, and the ranks' means over
+        # equally many pairs average to the full batch's mean.
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        _close(grad, q.grad, f"{kind} {name}")
+
+
+def main(checks):
+    dist.init_process_group("gloo")
+    try:
+        for check in checks:
+            if check.startswith("vocab-"):
+                vocab_parallel(check.removeprefix("vocab-"))
+            else:
+                data_parallel(check)
+            dist.barrier()
+            if dist.get_rank() == 0:
+                print(f"ok {check} world={dist.get_world_size()}", flush=True)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
