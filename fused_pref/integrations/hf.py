@@ -1,0 +1,228 @@
+"""Hugging Face transformers causal LMs: our losses on the model's final hidden states, no logits.
+
+    import fused_pref.integrations.hf as fph
+
+    # input_ids, attention_mask [2B, T]: B chosen sequences, then their B rejected ones;
+    # labels = input_ids with -100 on prompt and padding (Hugging Face alignment: not shifted).
+    out = fph.simpo_loss(model, input_ids, labels, attention_mask, beta=2.0, gamma=1.0)
+    out.loss.backward()
+
+How: the model's base (``model.base_model``: ``LlamaModel``, ``GPT2Model``, ...) runs the decoder,
+final norm included, and returns ``last_hidden_state``; the causal-LM wrapper's forward, which
+would build ``[B, T, V]`` logits, never runs.  :func:`output_head` reads what that forward would
+have applied: ``get_output_embeddings()`` (its weight, tied to the input embeddings or not, and
+its bias if any), Gemma-2's ``final_logit_softcapping`` (our ``softcap``) and the logit multiplier
+some architectures apply after the projection (Cohere's ``logit_scale``, Granite's
+``logits_scaling``, ...; see :data:`LOGIT_MULTIPLIERS`).  Labels are taken as Hugging Face passes
+them and shifted by relabelling (our ``shift=True``).
+
+Every loss function here is the one of ``fused_pref`` with ``(hidden, weight, labels, bias)``
+replaced by ``(model, input_ids, labels, attention_mask)``; other keyword arguments pass through,
+``model_kwargs`` goes to the decoder (e.g. ``position_ids``).  Under DDP, FSDP or DeepSpeed, call
+through the wrapper so its forward hooks run: :func:`add_fused_forward`.
+"""
+
+import functools
+import types
+from dataclasses import dataclass
+
+import torch
+
+import fused_pref
+
+# Multipliers of the logits applied after the output projection, by text-config attribute, as
+# read in each architecture's modeling file (transformers 5.24).  ``(attribute, model types that
+# divide by it instead of multiplying)``; the first attribute present on the config wins.
+LOGIT_MULTIPLIERS = (
+    ("logit_scale", ()),                       # Cohere, Cohere2: logits * logit_scale
+    ("logits_scaling", ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
+                        "granitemoe_swa", "minicpm3")),
+                                               # Granite family, MiniCPM3: logits / logits_scaling;
+                                               # HyperCLOVA X: logits * logits_scaling
+    ("lm_head_multiplier", ()),                # Falcon-H1: logits * lm_head_multiplier
+    ("output_multiplier", ()),                 # Muse Glimmer: logits * output_multiplier, before the softcap
+)
+
+
+def _unwrap(model):
+    """The transformers model inside a PEFT wrapper (LoRA layers are injected in place, so its
+    decoder still runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def logit_multiplier(config) -> float:
+    """The factor the model multiplies its logits by after the projection (1.0 for most models)."""
+    model_type = getattr(config, "model_type", "")
+    for attribute, dividers in LOGIT_MULTIPLIERS:
+        value = getattr(config, attribute, None)
+        if value is not None:
+            return 1.0 / float(value) if model_type in dividers else float(value)
+    return 1.0
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The output layer as our functions take it: ``z = logit_scale * (hidden @ weight.T + bias)``,
+    then ``softcap * tanh(z / softcap)`` when ``softcap`` is set."""
+
+    weight: torch.Tensor           # [V, D], the lm_head's own parameter (tied or not)
+    bias: torch.Tensor | None      # [V] or None (most models have none)
+    softcap: float | None          # Gemma-2's final_logit_softcapping
+    logit_scale: float = 1.0
+
+    def inputs(self, hidden):
+        """``(hidden, weight, bias)`` for our functions, with the logit multiplier folded in.
+
+        Our kernels take no logit scale, and ``s * (h @ W.T + b) = (s * h) @ W.T + s * b``, so the
+        hidden states are scaled: an ``[N, D]`` temporary, the size of one activation.  Scaling
+        the weight instead would be ``[V, D]`` (Cohere's 256000 x 8192 lm_head: 4 GB in bf16).
+        Autograd carries the factor into every gradient.
+
+        Dtypes follow ``nn.Linear``'s: under ``torch.autocast`` (as Trainer's ``bf16=True``, TRL's
+        default, sets up) the projection runs in the autocast dtype, so hidden, weight and bias are
+        cast to it (the ``[V, D]`` weight copy is the one autocast makes for every linear layer);
+        otherwise a hidden state in another dtype than the weight is cast to the weight's."""
+        weight, bias = self.weight, self.bias
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            weight, bias = weight.to(dtype), None if bias is None else bias.to(dtype)
+        if hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        if self.logit_scale == 1.0:
+            return hidden, weight, bias
+        bias = None if bias is None else bias * self.logit_scale
+        return hidden * self.logit_scale, weight, bias
+
+    def apply(self, fn, hidden, labels, **kwargs):
+        """``fn(hidden, weight, labels, bias, softcap=..., shift=True, **kwargs)`` for any public
+        function ``fn`` of ``fused_pref`` (or ``fused_pref.reference``), labels as Hugging Face
+        passes them."""
+        for name in ("softcap", "shift"):
+            if name in kwargs:
+                raise TypeError(f"{name} comes from the model (its config, and Hugging Face's label "
+                                "alignment); do not pass it")
+        hidden, weight, bias = self.inputs(hidden)
+        return fn(hidden, weight, labels, bias, softcap=self.softcap, shift=True, **kwargs)
+
+
+def output_head(model) -> OutputHead:
+    """The output layer of a transformers causal LM (or a PEFT model wrapping one)."""
+    model = _unwrap(model)
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
+        raise TypeError(f"{type(model).__name__} has no output embeddings with a weight "
+                        "(get_output_embeddings()): not a causal LM with a linear head")
+    config = _text_config(model)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return OutputHead(lm_head.weight, getattr(lm_head, "bias", None), None if softcap is None else float(softcap),
+                      logit_multiplier(config))
+
+
+def backbone(model) -> torch.nn.Module:
+    """The decoder that returns ``last_hidden_state`` after the final norm (``model.model`` for
+    Llama, Qwen2, Mistral, Gemma-2, Cohere; ``model.transformer`` for GPT-2)."""
+    model = _unwrap(model)
+    base = getattr(model, "base_model", None)
+    if base is None or base is model:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if base is None or base is model:
+        raise TypeError(f"cannot find the decoder of {type(model).__name__}: neither model.base_model nor "
+                        "model.get_decoder() is a separate module")
+    return base
+
+
+def hidden_states(model, input_ids=None, attention_mask=None, **model_kwargs) -> torch.Tensor:
+    """Final hidden states ``[B, T, D]`` of a causal LM, without its logits."""
+    model_kwargs["use_cache"] = False
+    return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
+
+
+def _loss(fn, model, input_ids, labels, attention_mask, model_kwargs, kwargs):
+    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    return output_head(model).apply(fn, hidden, labels, **kwargs)
+
+
+def linear_logprobs(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """Per-token log-probs ``[B, T]`` of ``labels`` (entry t is the log-prob of ``labels[t + 1]``);
+    :func:`fused_pref.linear_logprobs`."""
+    return _loss(fused_pref.linear_logprobs, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def sequence_logprobs(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """Per-sequence log-probs ``[B]``; :func:`fused_pref.sequence_logprobs`."""
+    return _loss(fused_pref.sequence_logprobs, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def linear_cross_entropy(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """The causal-LM loss, equal to ``model(input_ids, labels=labels).loss``;
+    :func:`fused_pref.linear_cross_entropy`."""
+    return _loss(fused_pref.linear_cross_entropy, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def simpo_loss(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """SimPO on a causal LM; :func:`fused_pref.simpo_loss` (B chosen sequences, then B rejected)."""
+    return _loss(fused_pref.simpo_loss, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def cpo_loss(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """CPO on a causal LM; :func:`fused_pref.cpo_loss`."""
+    return _loss(fused_pref.cpo_loss, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def orpo_loss(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
+    """ORPO on a causal LM; :func:`fused_pref.orpo_loss`."""
+    return _loss(fused_pref.orpo_loss, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
+
+
+def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, ref_logps=None, model_kwargs=None,
+             **kwargs):
+    """DPO on a causal LM; :func:`fused_pref.dpo_loss`.  The reference is either ``ref_logps``
+    ``[2B]`` or ``ref_model``, whose decoder runs under ``no_grad`` and whose head (its own
+    weight, bias and logit multiplier) the fused forward uses; its softcap must be the policy's."""
+    if (ref_model is None) == (ref_logps is None):
+        raise ValueError("pass exactly one of ref_model and ref_logps")
+    head = output_head(model)
+    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    if ref_model is not None:
+        ref_head = output_head(ref_model)
+        if ref_head.softcap != head.softcap:
+            raise ValueError(f"ref_model's final_logit_softcapping ({ref_head.softcap}) differs from the "
+                             f"model's ({head.softcap}): pass its log-probs as ref_logps instead")
+        with torch.no_grad():
+            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
+            ref_hidden, ref_weight, ref_bias = ref_head.inputs(ref_hidden)
+        kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    else:
+        kwargs["ref_logps"] = ref_logps
+    return head.apply(fused_pref.dpo_loss, hidden, labels, **kwargs)
+
+
+def add_fused_forward(model):
+    """Patch ``model.forward`` so that ``model(..., fused_pref=fn)`` runs only the decoder and
+    returns ``fn(hidden, head)`` (``head`` an :class:`OutputHead`, e.g.
+    ``fn = lambda h, head: head.apply(fused_pref.simpo_loss, h, labels)``); without ``fused_pref``
+    the forward is the original one.  Call the wrapped model (DDP, FSDP, DeepSpeed, PEFT) so its
+    forward hooks run and FSDP gathers the head inside the forward, as TRL's own fused LM head
+    does.  Returns ``model``; patching twice is a no-op."""
+    target = _unwrap(model)
+    if getattr(target, "_fused_pref_forward", False):
+        return model
+    original = target.forward
+
+    # Keep the original signature: generate() checks its keyword arguments against it.
+    @functools.wraps(type(target).forward)
+    def forward(self, *args, fused_pref=None, **kwargs):
+        if fused_pref is None:
+            return original(*args, **kwargs)
+        kwargs["use_cache"] = False
+        return fused_pref(backbone(self)(*args, **kwargs).last_hidden_state, output_head(self))
+
+    target.forward = types.MethodType(forward, target)
+    target._fused_pref_forward = True
+    return model

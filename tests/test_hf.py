@@ -1,0 +1,179 @@
+"""fused_pref.integrations.hf on tiny random transformers models built from their config classes
+(no download): our losses on the decoder's hidden states equal the same losses computed from the
+model's own logits, values and every parameter's gradient."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fused_pref  # noqa: E402
+import fused_pref.integrations.hf as fph  # noqa: E402
+
+V, D, T = 301, 32, 13   # V odd and not a power of two; 2 layers keep the interpreter quick
+
+COMMON = dict(vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+              num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# name: (config class, model class, config overrides).  Gemma-2's softcap is lowered from 30 so that
+# it bends the small logits of a random model; Cohere and Granite get a logit multiplier that is not 1.
+MODELS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16, "final_logit_softcapping": 0.5}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.25}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {"logits_scaling": 4.0}),
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),   # an lm_head with a bias
+}
+
+
+def make_model(name, seed=0):
+    config_cls, model_cls, overrides = MODELS[name]
+    if name == "gpt2":
+        config = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=2, n_positions=64,
+                                         bos_token_id=1, eos_token_id=2)
+    else:
+        config = getattr(transformers, config_cls)(**{**COMMON, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()   # eval: no dropout (GPT-2, Phi)
+    with torch.no_grad():
+        # Random init gives near-uniform predictions; a larger head makes them confident, as trained ones are.
+        model.get_output_embeddings().weight.mul_(8.0)
+        if model.get_output_embeddings().bias is not None:
+            model.get_output_embeddings().bias.normal_(0, 0.5)
+    return model
+
+
+def make_batch(pairs=2, seed=0):
+    """``2 * pairs`` right-padded sequences, chosen first: a shared prompt, a completion, padding;
+    labels are the input ids with -100 on prompt and padding (Hugging Face alignment)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, V, (2 * pairs, T), generator=gen)
+    attention_mask = torch.ones_like(input_ids)
+    labels = input_ids.clone()
+    for r in range(2 * pairs):
+        prompt, length = 3 + r % 2, T - (r * 3) % 5
+        input_ids[r, length:] = 0
+        attention_mask[r, length:] = 0
+        labels[r, :prompt] = -100
+        labels[r, length:] = -100
+    return input_ids, attention_mask, labels
+
+
+def logits_logps(model, input_ids, attention_mask, labels):
+    """Per-sequence (sum, mean) of the log-probs of the shifted labels under the model's own logits."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    target, valid = labels[:, 1:], labels[:, 1:] != -100
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, target.clamp(min=0)[..., None])[..., 0] * valid
+    return logp.sum(-1), logp.sum(-1) / valid.sum(-1)
+
+
+def grads(model):
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_close_grads(ours, theirs, rtol=2e-4):
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        error = (ours[name] - theirs[name]).norm() / theirs[name].norm().clamp(min=1e-30)
+        assert error < rtol, f"d {name}: {error:.2e}"
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_output_head_reads_the_config(name):
+    model = make_model(name)
+    head = fph.output_head(model)
+    assert head.weight is model.get_output_embeddings().weight
+    assert (head.bias is not None) == (name == "phi")
+    assert head.softcap == (0.5 if name == "gemma2" else None)
+    assert head.logit_scale == {"cohere": 0.25, "granite": 0.25}.get(name, 1.0)
+    tied = name in ("gemma2", "gpt2", "cohere")   # these configs tie the embeddings by default
+    assert (head.weight is model.get_input_embeddings().weight) == tied
+    hidden = fph.hidden_states(model, *make_batch()[:2])
+    assert hidden.shape == (4, T, D)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cross_entropy_and_gradients_equal_the_models_own_loss(name):
+    model = make_model(name)
+    input_ids, attention_mask, labels = make_batch(seed=1)
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    theirs.backward()
+    their_grads = grads(model)
+    ours = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    ours.backward()
+    assert_close_grads(grads(model), their_grads)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_simpo_equals_simpo_on_the_models_logits(name):
+    model = make_model(name)
+    input_ids, attention_mask, labels = make_batch(seed=2)
+    beta, gamma = 2.0, 0.5
+    _, mean = logits_logps(model, input_ids, attention_mask, labels)
+    theirs = -torch.nn.functional.logsigmoid(beta * (mean[:2] - mean[2:]) - gamma).mean()
+    theirs.backward()
+    their_grads = grads(model)
+    out = fph.simpo_loss(model, input_ids, labels, attention_mask, beta=beta, gamma=gamma)
+    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert out.chosen_logps.tolist() == pytest.approx(mean[:2].tolist(), rel=1e-5)
+    out.loss.backward()
+    assert_close_grads(grads(model), their_grads)
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "cohere"])
+def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name):
+    model, ref_model = make_model(name, seed=0), make_model(name, seed=1)
+    input_ids, attention_mask, labels = make_batch(seed=3)
+    beta = 0.1
+    policy, _ = logits_logps(model, input_ids, attention_mask, labels)
+    with torch.no_grad():
+        ref, _ = logits_logps(ref_model, input_ids, attention_mask, labels)
+    u = (policy[:2] - ref[:2]) - (policy[2:] - ref[2:])
+    theirs = -torch.nn.functional.logsigmoid(beta * u).mean()
+    theirs.backward()
+    their_grads = grads(model)
+    out = fph.dpo_loss(model, input_ids, labels, attention_mask, ref_model=ref_model, beta=beta)
+    assert out.loss.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert out.chosen_rewards.tolist() == pytest.approx((beta * (policy[:2] - ref[:2])).tolist(), rel=1e-4)
+    out.loss.backward()
+    assert_close_grads(grads(model), their_grads)
+    assert not any(p.grad is not None for p in ref_model.parameters())
+    same = fph.dpo_loss(model, input_ids, labels, attention_mask, ref_logps=ref, beta=beta)
+    assert same.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
+
+
+def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original():
+    model = make_model("gemma2")
+    input_ids, attention_mask, labels = make_batch(seed=4)
+    fph.add_fused_forward(model)
+    fph.add_fused_forward(model)    # a second patch changes nothing
+    out = model(input_ids, attention_mask=attention_mask,
+                fused_pref=lambda h, head: head.apply(fused_pref.simpo_loss, h, labels))
+    direct = fph.simpo_loss(model, input_ids, labels, attention_mask)
+    assert out.loss.item() == direct.loss.item()
+    plain = model(input_ids, attention_mask=attention_mask, labels=labels)
+    assert plain.logits.shape == (4, T, V)
+
+
+def test_softcap_and_shift_come_from_the_model():
+    model = make_model("llama")
+    input_ids, attention_mask, labels = make_batch()
+    with pytest.raises(TypeError, match="softcap comes from the model"):
+        fph.simpo_loss(model, input_ids, labels, attention_mask, softcap=30.0)
+    with pytest.raises(ValueError, match="exactly one of ref_model and ref_logps"):
+        fph.dpo_loss(model, input_ids, labels, attention_mask)
+
+
+def test_head_follows_autocast_like_nn_linear():
+    model = make_model("phi")
+    hidden = torch.randn(2, 5, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h, w, b = fph.output_head(model).inputs(hidden)
+        expected = model.get_output_embeddings()(hidden).dtype
+    assert h.dtype == w.dtype == b.dtype == expected == torch.bfloat16
+    assert fph.output_head(model).inputs(hidden)[1].dtype == torch.float32
