@@ -1,0 +1,258 @@
+"""TRL's DPO and CPO/SimPO training on our fused losses: ``FusedDPOTrainer``, ``FusedCPOTrainer``.
+
+    from fused_pref.integrations.trl import FusedDPOTrainer      # instead of trl.DPOTrainer
+    trainer = FusedDPOTrainer(model, ref_model=ref, args=DPOConfig(...), train_dataset=...,
+                              processing_class=tokenizer)
+    trainer.train()
+
+Each is TRL's own trainer (written against TRL 1.16: ``trl.DPOTrainer`` and
+``trl.experimental.cpo.CPOTrainer``) with one method overridden, the one that turns a collated
+batch into the loss and the logged metrics: ``DPOTrainer.compute_loss`` (the transformers Trainer
+hook, which DPOTrainer implements) and ``CPOTrainer.get_batch_loss_metrics``.  Data preparation,
+collation, the reference model (a separate model, a PEFT adapter switched off, or log-probs
+precomputed by TRL), optimisation and logging stay TRL's.  The override runs the model through
+its (wrapped) forward with ``fused_pref=...`` (:func:`fused_pref.integrations.hf.add_fused_forward`)
+so DDP, FSDP and DeepSpeed see an ordinary forward, then calls ``fused_pref.dpo_loss`` /
+``cpo_loss`` / ``simpo_loss`` on the final hidden states: no ``[tokens, vocab]`` logits.
+
+Logged metrics keep TRL's names and definitions: ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
+``logits/chosen``, ``logits/rejected``, and ``num_tokens`` (DPO) or ``nll_loss`` (CPO).  Not logged:
+DPOTrainer's ``entropy`` and ``mean_token_accuracy``, which need each token's softmax entropy and
+argmax; our forward kernel computes neither.  CPOTrainer's ``logits/*`` averages the logits over
+every position of the batch (prompt, padding and the final position included), which only the
+full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
+
+Options whose math our losses do not have raise ``NotImplementedError`` when the trainer is built,
+rather than train something else: DPO's ``bco_pair`` loss, more than one preference loss type
+(MPO-style mixtures; one type plus ``"sft"`` is supported), ``f_divergence_type`` other than
+``"reverse_kl"``, ``ld_alpha``, ``use_weighting``, MoE router auxiliary losses, vision-language
+datasets; CPO's ``hinge`` and ``ipo`` loss types, AlphaPO's ``alpha``, encoder-decoder models.
+"""
+
+import contextlib
+import warnings
+
+import torch
+
+import fused_pref
+from fused_pref.preference import dpo_spec
+
+from .hf import add_fused_forward
+
+try:
+    from trl import DPOTrainer
+    from trl.experimental.cpo import CPOTrainer
+    from trl.models.utils import disable_gradient_checkpointing
+    from trl.trainer.utils import use_adapter
+except ImportError as error:   # pragma: no cover - depends on the environment
+    raise ImportError("fused_pref.integrations.trl needs TRL >= 1.16 (trl.DPOTrainer computing its loss in "
+                      "compute_loss, trl.experimental.cpo): pip install 'fused-pref[trl]'") from error
+
+try:
+    from accelerate.utils import is_peft_model
+except ImportError:   # pragma: no cover
+    def is_peft_model(model):
+        return hasattr(model, "peft_config")
+
+# TRL DPOTrainer loss_type -> (our dpo_loss loss_type, extra arguments).  TRL 1.16 reads
+# label_smoothing only in these four; its "sigmoid" ignores it (ours would make it cDPO), so it is
+# passed only where TRL uses it.  TRL divides IPO's and sigmoid_norm's summed log-ratios by the
+# completion length: our length_normalize averages the policy's and the reference's log-probs over
+# the same tokens, the same number.
+_DPO_LOSSES = {
+    "sigmoid": ("sigmoid", {}),
+    "sigmoid_norm": ("sigmoid", {"length_normalize": True}),
+    "hinge": ("hinge", {}),
+    "ipo": ("ipo", {}),
+    "exo_pair": ("exo_pair", {}),
+    "nca_pair": ("nca_pair", {}),
+    "robust": ("robust", {}),
+    "sppo_hard": ("sppo_hard", {}),
+    "aot": ("aot", {}),
+    "aot_unpaired": ("aot_pair", {}),
+    "apo_zero": ("apo_zero", {}),
+    "apo_down": ("apo_down", {}),
+    "discopop": ("discopop", {}),
+}
+_SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
+    """(weight of the preference loss, keyword arguments of fused_pref.dpo_loss, whether it averages
+    the log-probs) for TRL's config, or NotImplementedError naming what our losses lack."""
+    args = trainer.args
+    weights = dict(zip(trainer.loss_types, trainer.loss_weights, strict=True))
+    preference = [t for t in trainer.loss_types if t != "sft"]
+    if len(preference) != 1 or preference[0] not in _DPO_LOSSES:
+        raise NotImplementedError(
+            f"FusedDPOTrainer supports one preference loss type among {sorted(_DPO_LOSSES)}, optionally with "
+            f"'sft'; got loss_type={trainer.loss_types} (bco_pair and mixtures of preference losses have no "
+            "fused equivalent yet)")
+    unsupported = {
+        "f_divergence_type": args.f_divergence_type != "reverse_kl",
+        "ld_alpha": args.ld_alpha is not None,
+        "use_weighting": args.use_weighting,
+        "router_aux_loss_coef (a MoE auxiliary loss)": trainer.aux_loss_enabled,
+        "vision-language datasets": trainer._is_vision_dataset,
+    }
+    for name, present in unsupported.items():
+        if present:
+            raise NotImplementedError(f"FusedDPOTrainer does not support {name}")
+    loss_type = preference[0]
+    weight = float(weights[loss_type])
+    if weight == 0:
+        raise NotImplementedError("FusedDPOTrainer needs a non-zero weight on the preference loss")
+    ours, extra = _DPO_LOSSES[loss_type]
+    kwargs = dict(loss_type=ours, beta=trainer.beta, discopop_tau=args.discopop_tau, **extra)
+    if loss_type in _SMOOTHED:
+        kwargs["label_smoothing"] = trainer.label_smoothing
+    if "sft" in weights:
+        # weight * (loss + (w_sft / weight) * NLL) = weight * loss + w_sft * NLL, TRL's sum; TRL's
+        # "sft" term is the mean NLL over the chosen completion tokens, as our sft_weight's.
+        kwargs["sft_weight"] = float(weights["sft"]) / weight
+    spec = dpo_spec(loss_type=ours, beta=trainer.beta, label_smoothing=kwargs.get("label_smoothing", 0.0),
+                    sft_weight=kwargs.get("sft_weight", 0.0), length_normalize=kwargs.get("length_normalize"),
+                    discopop_tau=args.discopop_tau)
+    return weight, kwargs, spec.reduction == "mean"
+
+
+def _gather_mean(accelerator, values) -> float:
+    return accelerator.gather_for_metrics(values.detach()).float().mean().item()
+
+
+class FusedDPOTrainer(DPOTrainer):
+    """``trl.DPOTrainer`` whose loss is ``fused_pref.dpo_loss``; same arguments.  See the module
+    docstring for what is logged and which options are refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._fused_weight, self._fused_kwargs, self._fused_mean = _dpo_arguments(self)
+        add_fused_forward(self.model)
+        if self.ref_model is not None:
+            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    def _reference_logps(self, inputs, model_kwargs, labels):
+        """Summed reference log-probs ``[2B]``, as TRL's: precomputed, a PEFT model with its
+        adapter off, or the reference model, through our fused forward under no_grad."""
+        if self.precompute_ref_logps:
+            return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
+
+        def logps(hidden, head):
+            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum")
+
+        adapter = contextlib.nullcontext()
+        model = self.ref_model
+        if self.ref_model is None and is_peft_model(self.model):
+            # As TRL: a new adapter switched off gives the base model; an adapter being re-trained
+            # was loaded a second time as "ref".
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            model = self.model
+        # Under autocast, as the policy's forward (which accelerate wraps in it) and TRL's reference:
+        # patching the reference's forward after accelerate wrapped it took that wrapper off.
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            return model(**model_kwargs, fused_pref=logps)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        accelerator = self.accelerator
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        # Hugging Face alignment, as TRL builds them; our shift=True moves them onto the hidden states.
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        counts = completion_mask[:, 1:].sum(dim=1)          # valid tokens per sequence after the shift
+        B = counts.shape[0] // 2
+
+        ref_sums = self._reference_logps(inputs, model_kwargs, labels)
+        kwargs, mean = self._fused_kwargs, self._fused_mean
+        ref_logps = ref_sums / counts.clamp(min=1) if mean else ref_sums
+
+        def loss(hidden, head):
+            return head.apply(fused_pref.dpo_loss, hidden, labels, ref_logps=ref_logps, **kwargs)
+
+        out = model(**model_kwargs, fused_pref=loss)
+        total = self._fused_weight * out.loss
+
+        # Metrics as TRL 1.16 computes them: on summed log-probs whatever the loss averages.
+        scale = counts.float() if mean else torch.ones_like(counts, dtype=torch.float32)
+        chosen, rejected = out.chosen_logps * scale[:B], out.rejected_logps * scale[B:]
+        # Differences before the rescaling, so a policy equal to its reference has rewards of exactly 0.
+        chosen_rewards = self.beta * (out.chosen_logps - ref_logps[:B]) * scale[:B]
+        rejected_rewards = self.beta * (out.rejected_logps - ref_logps[B:]) * scale[B:]
+        metrics = self._metrics[mode]
+        if mode == "train":
+            tokens = accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        for name, mean_logit, tokens in (("chosen", out.chosen_logits_mean, counts[:B].sum()),
+                                         ("rejected", out.rejected_logits_mean, counts[B:].sum())):
+            # A token-weighted mean across ranks, as TRL's: gather sums and counts.
+            logit_sum = accelerator.gather_for_metrics((mean_logit * tokens).reshape(1)).sum().item()
+            token_sum = accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
+            metrics[f"logits/{name}"].append(logit_sum / token_sum if token_sum > 0 else 0.0)
+        metrics["rewards/chosen"].append(_gather_mean(accelerator, chosen_rewards))
+        metrics["rewards/rejected"].append(_gather_mean(accelerator, rejected_rewards))
+        metrics["rewards/accuracies"].append(_gather_mean(accelerator, (chosen_rewards > rejected_rewards).float()))
+        metrics["rewards/margins"].append(_gather_mean(accelerator, chosen_rewards - rejected_rewards))
+        metrics["logps/chosen"].append(_gather_mean(accelerator, chosen))
+        metrics["logps/rejected"].append(_gather_mean(accelerator, rejected))
+
+        if return_outputs:
+            warnings.warn("return_outputs=True recomputes the logits with a plain forward (as TRL does): the "
+                          "[tokens, vocab] logits materialize", stacklevel=2)
+            with torch.no_grad():
+                model_outputs = model(**model_kwargs)
+            return total, model_outputs
+        return total
+
+
+class FusedCPOTrainer(CPOTrainer):
+    """``trl.experimental.cpo.CPOTrainer`` whose loss is ``fused_pref.cpo_loss`` (``loss_type="sigmoid"``)
+    or ``fused_pref.simpo_loss`` (``loss_type="simpo"``, CPO-SimPO with ``cpo_alpha > 0``); same
+    arguments.  See the module docstring for what is logged and which options are refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.loss_type not in ("sigmoid", "simpo"):
+            raise NotImplementedError(f"FusedCPOTrainer supports loss_type 'sigmoid' (CPO) and 'simpo', got "
+                                      f"{self.loss_type!r}")
+        for name, present in (("alpha (AlphaPO)", self.alpha != 0.0), ("encoder-decoder models", self.is_encoder_decoder),
+                              ("router_aux_loss_coef (a MoE auxiliary loss)", self.aux_loss_enabled)):
+            if present:
+                raise NotImplementedError(f"FusedCPOTrainer does not support {name}")
+        add_fused_forward(self.model)
+
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        batch = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
+                                         device=self.accelerator.device)
+        labels = batch["concatenated_labels"]     # Hugging Face alignment, -100 on prompt and padding
+        hyper = dict(beta=self.beta, label_smoothing=self.label_smoothing, sft_weight=self.cpo_alpha)
+        if self.loss_type == "simpo":
+            # TRL: beta * ((S_c - S_r) - gamma / beta) = beta * (S_c - S_r) - gamma, our SimPO margin.
+            fn, hyper["gamma"] = fused_pref.simpo_loss, self.simpo_gamma
+        else:
+            fn = fused_pref.cpo_loss
+
+        out = model(batch["concatenated_input_ids"], attention_mask=batch["concatenated_attention_mask"],
+                    use_cache=False, fused_pref=lambda hidden, head: head.apply(fn, hidden, labels, **hyper))
+
+        gather = self.accelerator.gather_for_metrics
+        prefix = "eval_" if train_eval == "eval" else ""
+        nll = out.nll_loss if out.nll_loss is not None else out.loss.new_zeros(())
+        values = {
+            "rewards/chosen": out.chosen_rewards,
+            "rewards/rejected": out.rejected_rewards,
+            "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+            "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+            "logps/rejected": out.rejected_logps,
+            "logps/chosen": out.chosen_logps,
+            "logits/rejected": out.rejected_logits_mean,   # over completion tokens: see the module docstring
+            "logits/chosen": out.chosen_logits_mean,
+            "nll_loss": nll,
+        }
+        metrics = {f"{prefix}{name}": gather(value.detach()).float().mean().item() for name, value in values.items()}
+        return out.loss, metrics

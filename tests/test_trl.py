@@ -1,0 +1,109 @@
+"""fused_pref.integrations.trl: a few steps of TRL training on a tiny random Llama and synthetic
+preference pairs, on the CPU (our kernels through the interpreter), give the losses and metrics of
+TRL's own trainers from the same seed."""
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+from fused_pref.integrations.trl import FusedCPOTrainer, FusedDPOTrainer  # noqa: E402
+from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
+
+V, STEPS = 67, 3
+# Compared each step: the loss and every metric our trainers log under TRL's name.  Tolerance:
+# fp32 logits summed in another order, then a few optimizer steps on top.
+RTOL, ATOL = 2e-4, 1e-5
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, V)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>",
+                                                eos_token="<eos>")
+
+
+def pairs(n=8, seed=0):
+    """Prompts of 2-4 tokens; the chosen completion counts up from the prompt's last token, the
+    rejected one is random; lengths differ within a pair."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def word(i):
+        return f"t{3 + i % (V - 3)}"
+
+    rows = {"prompt": [], "chosen": [], "rejected": []}
+    for _ in range(n):
+        prompt = torch.randint(0, V - 3, (int(torch.randint(2, 5, (1,), generator=gen)),), generator=gen).tolist()
+        length = int(torch.randint(2, 6, (1,), generator=gen))
+        rows["prompt"].append(" ".join(word(i) for i in prompt))
+        rows["chosen"].append(" " + " ".join(word(prompt[-1] + k + 1) for k in range(length)))
+        rejected = torch.randint(0, V - 3, (length + 1,), generator=gen).tolist()
+        rows["rejected"].append(" " + " ".join(word(i) for i in rejected))
+    return datasets.Dataset.from_dict(rows)
+
+
+def tiny_llama(seed=0):
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+# bf16=False: TRL's configs default to bf16 autocast, under which both paths run the head in bf16
+# and agree only to bf16's resolution; fp32 compares the math at fp32's.
+COMMON = dict(bf16=False, per_device_train_batch_size=4, max_steps=STEPS, logging_steps=1, learning_rate=1e-2, use_cpu=True,
+              report_to="none", save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+
+
+def run(trainer_cls, config, model, **kwargs):
+    trainer = trainer_cls(model=model, args=config, train_dataset=pairs(), processing_class=tokenizer(), **kwargs)
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def assert_same_logs(ours, theirs, skip=()):
+    assert len(ours) == len(theirs) == STEPS
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        compared = [k for k in a if k not in ("learning_rate", "epoch", "step", "grad_norm") and k not in skip]
+        assert "rewards/accuracies" in compared and "logps/chosen" in compared
+        for key in compared:
+            assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), f"step {step}: {key}: {a[key]} vs {b[key]}"
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"step {step}: grad_norm"
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"]], ids=["sigmoid", "ipo+sft"])
+def test_dpo_trainer_matches_trl(loss_type, tmp_path):
+    config = trl.DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, **COMMON)
+    model = tiny_llama()
+    theirs = run(trl.DPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
+    ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
+    assert {"entropy", "mean_token_accuracy"} <= theirs[0].keys() - ours[0].keys()   # no fused equivalent
+    assert_same_logs(ours, theirs)
+    assert ours[-1]["loss"] != ours[0]["loss"]    # it trained
+
+
+@pytest.mark.parametrize("loss_type,cpo_alpha", [("sigmoid", 1.0), ("simpo", 0.5)], ids=["cpo", "cpo-simpo"])
+def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, tmp_path):
+    config = CPOConfig(output_dir=str(tmp_path), loss_type=loss_type, cpo_alpha=cpo_alpha, beta=2.0,
+                       simpo_gamma=0.5, max_length=32, **COMMON)
+    model = tiny_llama()
+    theirs = run(CPOTrainer, config, copy.deepcopy(model))
+    ours = run(FusedCPOTrainer, config, copy.deepcopy(model))
+    assert ours[0].keys() == theirs[0].keys()
+    # CPOTrainer's logits/* averages over every position (prompt, padding) of the full logits.
+    assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
+
+
+def test_unsupported_options_are_refused(tmp_path):
+    config = trl.DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "bco_pair"], **COMMON)
+    model = tiny_llama()
+    with pytest.raises(NotImplementedError, match="one preference loss type"):
+        run(FusedDPOTrainer, config, model, ref_model=copy.deepcopy(model))
