@@ -209,7 +209,9 @@ def add_fused_forward(model):
     ``fn = lambda h, head: head.apply(fused_pref.simpo_loss, h, labels)``); without ``fused_pref``
     the forward is the original one.  Call the wrapped model (DDP, FSDP, DeepSpeed, PEFT) so its
     forward hooks run and FSDP gathers the head inside the forward, as TRL's own fused LM head
-    does.  Returns ``model``; patching twice is a no-op."""
+    does.  Patch before ``accelerate`` (or a Trainer) prepares the model: the autocast wrapper it
+    puts on ``forward`` then wraps this one; patched after, calls run outside that autocast unless
+    the caller enters it.  Returns ``model``; patching twice is a no-op."""
     target = _unwrap(model)
     if getattr(target, "_fused_pref_forward", False):
         return model
