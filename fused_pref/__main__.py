@@ -1,4 +1,4 @@
-"""Command line: ``python -m fused_pref check | kernels | demo``.
+"""Command line: ``python -m fused_pref check | kernels | demo | memory``.
 
 ``check``   fused vs reference errors for every public function (the real Triton kernels: through
             the interpreter when there is no GPU).
@@ -6,6 +6,8 @@
             shared memory; exits non-zero on any spill.
 ``demo``    trains a tiny Llama-style model with SimPO, fused and reference side by side, and shows
             the loss curves match and the loss memory saved (``fused_pref/demo.py``).
+``memory``  peak bytes of live tensors beyond inputs and gradients, per implementation, at a model's
+            full shape: measured on the CPU at scaled shapes, fitted, beside the analytic formula.
 """
 
 import argparse
@@ -14,8 +16,10 @@ import sys
 
 import torch
 
+from .workload import LOSSES, MODELS
 
-def _reexec_with_interpreter(wanted: bool):
+
+def _reexec_with_interpreter(wanted: bool, argv):
     """Triton reads TRITON_INTERPRET when kernels are defined, which ``python -m fused_pref`` has
     already done by the time this runs; so re-execute with the variable as the command needs it."""
     current = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -26,14 +30,14 @@ def _reexec_with_interpreter(wanted: bool):
         env["TRITON_INTERPRET"] = "1"
     else:
         env.pop("TRITON_INTERPRET", None)
-    os.execve(sys.executable, [sys.executable, "-m", "fused_pref", *sys.argv[1:]], env)
+    os.execve(sys.executable, [sys.executable, "-m", "fused_pref", *argv], env)
 
 
-def _check(_args) -> int:
+def _check(args) -> int:
     from .check import format_rows, run_check
 
     cuda = torch.cuda.is_available()
-    _reexec_with_interpreter(not cuda)
+    _reexec_with_interpreter(not cuda, args.argv)
     device = "cuda" if cuda else "cpu"
     torch.set_float32_matmul_precision("highest")
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
@@ -45,8 +49,8 @@ def _check(_args) -> int:
     return 1 if failed else 0
 
 
-def _kernels(_args) -> int:
-    _reexec_with_interpreter(False)
+def _kernels(args) -> int:
+    _reexec_with_interpreter(False, args.argv)
     from .aot import build_all, format_table
 
     builds = build_all()
@@ -61,24 +65,43 @@ def _demo(args) -> int:
     from .demo import run_demo
 
     cuda = torch.cuda.is_available()
-    _reexec_with_interpreter(not cuda)
+    _reexec_with_interpreter(not cuda, args.argv)
     result = run_demo(steps=args.steps, pairs=args.pairs, seed=args.seed)
     return 0 if result.curves_match else 1
 
 
+def _memory(args) -> int:
+    from .accounting import account, format_report
+
+    # The accounting runs the real kernels on CPU tensors, so through the interpreter, GPU or not.
+    _reexec_with_interpreter(True, args.argv)
+    print(format_report(args.model, args.tokens, args.loss, account(args.model, args.tokens, args.loss)))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("check", help="fused vs reference errors of every public function").set_defaults(run=_check)
     commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
         run=_kernels)
+
     demo = commands.add_parser("demo", help="train a tiny Llama with SimPO, fused against the reference")
     demo.add_argument("--steps", type=int, default=30)
     demo.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
+
+    memory = commands.add_parser("memory", help="peak extra memory of each implementation at a model's shape")
+    memory.add_argument("--model", choices=MODELS, default="llama3-8b")
+    memory.add_argument("--tokens", type=int, default=16384, help="tokens per step (default 16384)")
+    memory.add_argument("--loss", choices=LOSSES, default="simpo")
+    memory.set_defaults(run=_memory)
+
     args = parser.parse_args(argv)
+    args.argv = argv
     return args.run(args)
 
 

@@ -6,6 +6,7 @@ its release and gives the peak of live bytes, the figure ``python -m fused_pref 
 Both see only what PyTorch allocates, on any device, so they work on the CPU.
 """
 
+import gc
 import weakref
 from dataclasses import dataclass
 
@@ -54,13 +55,18 @@ class _RecordingMode(TorchDispatchMode):
             device = next(t.device for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor))
             keys = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _BACKEND_KEYS[device.type]))
             with self:
-                return func.redispatch(keys, *args, **kwargs)
+                out = func.redispatch(keys, *args, **kwargs)
+            self._after_custom_op()
+            return out
         out = func(*args, **kwargs)
         self._record(func, _new_tensors(args, kwargs, out))
         return out
 
     def _record(self, func, tensors):
         raise NotImplementedError
+
+    def _after_custom_op(self):
+        pass
 
 
 class AllocationRecorder(_RecordingMode):
@@ -101,10 +107,17 @@ class LiveBytesRecorder(_RecordingMode):
     storage's Python object alive exactly as long as the storage), its release.  Storages that
     existed before the recorder (the inputs) are never counted; ``peak(exclude=...)`` also leaves
     out the storages of the given tensors (the gradients), wherever they were made.
+
+    ``collect_garbage=True`` runs the garbage collector after every custom op.  Triton's
+    interpreter keeps each launch's arguments in a reference cycle (a dict of their storages), so
+    under it a buffer dropped inside a kernel op (the forward's partial sums) lives on until the
+    collector happens to run, and the peak would depend on when that was; on a GPU the buffer goes
+    when the op returns, and so it does here.
     """
 
-    def __init__(self):
+    def __init__(self, collect_garbage=False):
         super().__init__()
+        self.collect_garbage = collect_garbage
         self._storages: list[LiveStorage] = []
         self._events: list[tuple[int, int]] = []   # (+1 alloc / -1 free, index into _storages)
         self._live: dict[int, int] = {}              # data_ptr -> index, storages alive now
@@ -120,6 +133,10 @@ class LiveBytesRecorder(_RecordingMode):
             self._live[ptr] = index
             self._events.append((1, index))
             weakref.finalize(storage, self._release, ptr, index)
+
+    def _after_custom_op(self):
+        if self.collect_garbage:
+            gc.collect()
 
     def _release(self, ptr, index):
         if self._live.get(ptr) == index:
