@@ -1,4 +1,4 @@
-"""Command line: ``python -m fused_pref check | kernels | demo | memory``.
+"""Command line: ``python -m fused_pref check | kernels | demo | memory | bench``.
 
 ``check``   fused vs reference errors for every public function (the real Triton kernels: through
             the interpreter when there is no GPU).
@@ -8,15 +8,21 @@
             the loss curves match and the loss memory saved (``fused_pref/demo.py``).
 ``memory``  peak bytes of live tensors beyond inputs and gradients, per implementation, at a model's
             full shape: measured on the CPU at scaled shapes, fitted, beside the analytic formula.
+``bench``   on a GPU, times and peak memory of the fused path, the reference, torch.compile of it and
+            the installed peers, written to ``benchmarks/results/<gpu>-<date>.json`` and a PNG; on a
+            machine without CUDA, says so and runs the memory accounting instead.  ``--readme``
+            rewrites README.md's performance section from the newest results file.
 """
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 
-from .workload import LOSSES, MODELS
+from .workload import LOSSES, MODELS, TOKENS_PER_STEP
 
 
 def _reexec_with_interpreter(wanted: bool, argv):
@@ -79,6 +85,40 @@ def _memory(args) -> int:
     return 0
 
 
+def _bench_readme(args) -> int:
+    from .report import newest_results, readme_section, update_readme
+
+    newest = newest_results(args.results)
+    results = None if newest is None else json.loads(newest.read_text())
+    update_readme(args.readme_path, readme_section(results, newest.as_posix() if newest else ""))
+    print(f"rewrote the performance section of {args.readme_path} from {newest or 'no results file'}")
+    return 0
+
+
+def _bench(args) -> int:
+    if args.readme:
+        return _bench_readme(args)
+    models = list(MODELS) if args.all_shapes else args.model or ["llama3-8b"]
+    tokens = list(TOKENS_PER_STEP) if args.all_shapes else args.tokens or [16384]
+    losses = args.loss or list(LOSSES)
+    cuda = torch.cuda.is_available()
+    _reexec_with_interpreter(not cuda, args.argv)
+    if not cuda:
+        print("No CUDA device on this machine: the GPU benchmark (times, peak CUDA memory, peers) is skipped.\n"
+              "Running the part a CPU can measure instead: the memory accounting of `python -m fused_pref "
+              "memory`, at scaled-down shapes, extrapolated to each full shape.\n", flush=True)
+        from .accounting import account, format_summary
+
+        fits = {}  # a fit depends on the loss and the softcap only: measured once, used at every shape
+        print(format_summary({(m, t, loss): account(m, t, loss, fits)
+                              for m in models for t in tokens for loss in losses}))
+        return 0
+    from .benchmark import cases, run
+
+    run(cases(models, tokens, losses), args.out, args.impl, make_plot=not args.no_plot)
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
@@ -99,6 +139,25 @@ def main(argv=None) -> int:
     memory.add_argument("--tokens", type=int, default=16384, help="tokens per step (default 16384)")
     memory.add_argument("--loss", choices=LOSSES, default="simpo")
     memory.set_defaults(run=_memory)
+
+    bench = commands.add_parser("bench", help="GPU times and peak memory against the reference and the peers")
+    bench.add_argument("--model", choices=MODELS, action="append", help="repeatable (default llama3-8b)")
+    bench.add_argument("--tokens", type=int, choices=TOKENS_PER_STEP, action="append",
+                       help="tokens per step, repeatable (default 16384)")
+    bench.add_argument("--loss", choices=LOSSES, action="append", help="repeatable (default all)")
+    bench.add_argument("--all-shapes", action="store_true", help="every model at every tokens per step")
+    bench.add_argument("--impl", action="append",
+                       help="only these implementations, repeatable: fused-<strategy>, reference, "
+                            "reference-compile, liger, cce (default all)")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                       help="directory of the results file and plot (default benchmarks/results)")
+    bench.add_argument("--no-plot", action="store_true", help="write no PNG")
+    bench.add_argument("--readme", action="store_true",
+                       help="only rewrite README.md's performance section from the newest results file")
+    bench.add_argument("--results", type=Path, default=Path("benchmarks/results"),
+                       help="where --readme looks for results files")
+    bench.add_argument("--readme-path", type=Path, default=Path("README.md"))
+    bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
     args.argv = argv

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU protocol, one command on a lent H100/H200, from the repository root or anywhere:
+#
+#     benchmarks/gpu_check.sh OUT_DIR [python -m fused_pref bench options]
+#
+# 1. prints the GPU, driver, CUDA, torch and triton versions;
+# 2. runs the test suite on the GPU (parity against the fp64 reference on CUDA tensors);
+# 3. runs the benchmark at every model and tokens per step (`--all-shapes`; further options, e.g.
+#    `--impl fused-vchunk --impl reference` or `--loss simpo`, narrow it to fit a time budget),
+#    writing OUT_DIR/<gpu>-<date>.json and its PNG, rewritten after every case.
+# Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy the JSON into
+# benchmarks/results/ and run `python -m fused_pref bench --readme`.
+set -euo pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 OUT_DIR [python -m fused_pref bench options]" >&2
+    exit 2
+fi
+out="$(mkdir -p "$1" && cd "$1" && pwd)"
+shift
+cd "$(dirname "$0")/.."
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+# The package must import from this checkout (kernels/ installs as fused_pref.kernels); the lent
+# machine reaches no package index, so install without dependencies or build isolation.
+if ! python -c "import fused_pref.kernels" 2>/dev/null; then
+    python -m pip install --quiet --no-deps --no-build-isolation -e .
+fi
+python -c "import torch, triton, fused_pref; print('torch', torch.__version__, '| CUDA', torch.version.cuda, \
+'| triton', triton.__version__, '| fused_pref', fused_pref.__version__, '|', torch.cuda.get_device_name())"
+
+pytest tests -q 2>&1 | tee "$out/pytest.log"
+python -m fused_pref bench --all-shapes --out "$out" "$@" 2>&1 | tee "$out/bench.log"

@@ -1,0 +1,145 @@
+"""``python -m fused_pref bench`` on a GPU: time and peak CUDA memory of every implementation, side
+by side, at the heads of real models (``workload.MODELS``), bf16.
+
+For each case (model, tokens per step, loss), implementation and mode (forward; forward+backward)
+the inputs are made afresh, random (never zeros) and identical across implementations; a first
+call outside every figure compiles and autotunes; peak memory is the growth of
+``torch.cuda.max_memory_allocated`` over the inputs during one call (gradients included, since a
+training step allocates them); time is the median of ``triton.testing.do_bench``.  The results
+file is rewritten after every case, so a run cut short keeps what it measured.
+"""
+
+import datetime
+import gc
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .peers import implementations
+from .report import format_table, plot, ratios, results_path, write_results
+from .workload import MODELS, SEQUENCE_LENGTH, floor_flops, make_batch, sequences_for
+
+MODES = ("fwd", "fwd+bwd")
+DEVICE = "cuda"
+# do_bench's budgets: warm-up and timed repetitions, in milliseconds of GPU time per figure.
+WARMUP_MS, REP_MS = 100, 500
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    tokens: int
+    loss: str
+
+
+def cases(models, tokens, losses) -> list[Case]:
+    return [Case(m, t, loss) for m in models for t in tokens for loss in losses]
+
+
+def environment() -> dict:
+    """What every results file names: the GPU, its driver, CUDA, torch, triton and this package."""
+    import triton
+
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.SubprocessError):
+        driver = "unknown"
+    return {"gpu": torch.cuda.get_device_name(), "driver": driver, "cuda": torch.version.cuda,
+            "torch": torch.__version__, "triton": triton.__version__, "fused_pref": __version__}
+
+
+def _clear_grads(batch):
+    for t in batch.grads:
+        t.grad = None
+
+
+def measure(fn, batch, mode: str) -> dict:
+    """``ms`` (median) and ``peak_gb`` of ``fn(*batch.inputs())``, with ``.backward()`` for "fwd+bwd"."""
+    from triton.testing import do_bench
+
+    def step():
+        loss = fn(*batch.inputs())
+        if mode == "fwd+bwd":
+            loss.backward()
+
+    step()
+    _clear_grads(batch)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    _clear_grads(batch)
+    ms = do_bench(step, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=batch.grads, return_mode="median")
+    return {"ms": ms, "peak_gb": peak / 1e9}
+
+
+def _progress(items):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        for i, item in enumerate(items):
+            print(f"[{i + 1}/{len(items)}] {item}", file=sys.stderr, flush=True)
+            yield item
+        return
+    yield from tqdm(items, unit="case")
+
+
+def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
+    """Rows (one per implementation and mode) and notes (skipped peers) for one case."""
+    head = MODELS[case.model]
+    R = sequences_for(case.tokens)
+    funcs, notes = implementations(case.loss, head.softcap, names)
+    rows = []
+    for name, fn in funcs.items():
+        for mode in MODES:
+            batch = make_batch(R, SEQUENCE_LENGTH, head.hidden, head.vocab, dtype=torch.bfloat16, device=DEVICE,
+                               seed=seed, softcap=head.softcap, reference_model=case.loss == "dpo")
+            row = {"model": case.model, "tokens": case.tokens, "valid_tokens": batch.valid_tokens,
+                   "loss": case.loss, "D": head.hidden, "V": head.vocab, "softcap": head.softcap,
+                   "impl": name, "mode": mode}
+            try:
+                row.update(measure(fn, batch, mode))
+                flops = floor_flops(case.loss, batch.valid_tokens, head.hidden, head.vocab,
+                                    backward=mode == "fwd+bwd")
+                row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
+            except torch.cuda.OutOfMemoryError:
+                row["error"] = "out of memory"
+            except Exception as error:  # a peer's API drift must not end the run: record it, go on
+                row["error"] = f"{type(error).__name__}: {error}"[:300]
+                print(f"{name} {mode} {case}: {row['error']}", file=sys.stderr, flush=True)
+            rows.append(row)
+            del batch
+            gc.collect()
+            torch.cuda.empty_cache()
+    return rows, notes
+
+
+def run(selected: list[Case], out_dir: Path, names=None, *, make_plot=True) -> Path:
+    """Measure every case, write ``out_dir/<gpu>-<date>.json`` (and a PNG), print the table."""
+    now = datetime.datetime.now()
+    results = {**environment(), "date": now.strftime("%Y-%m-%d"), "created": now.isoformat(timespec="seconds"),
+               "dtype": "bfloat16", "sequence_length": SEQUENCE_LENGTH,
+               "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms",
+               "memory": "torch.cuda.max_memory_allocated growth over the inputs, gradients included",
+               "notes": [], "rows": [], "ratios": []}
+    path = results_path(out_dir, results["gpu"], results["date"])
+    for case in _progress(selected):
+        rows, notes = run_case(case, names)
+        results["rows"] += rows
+        results["notes"] += [n for n in notes if n not in results["notes"]]
+        results["ratios"] = ratios(results["rows"])
+        write_results(path, results)
+    print(format_table(results))
+    for note in results["notes"]:
+        print("note:", note)
+    print("wrote", path)
+    if make_plot:
+        print(plot(results, path.with_suffix(".png")))
+    return path
