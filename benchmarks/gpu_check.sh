@@ -4,9 +4,11 @@
 #     benchmarks/gpu_check.sh OUT_DIR [python -m fused_pref bench options]
 #
 # 1. prints the GPU, driver, CUDA, torch and triton versions;
-# 2. runs the test suite on the GPU (parity against the fp64 reference on CUDA tensors);
+# 2. runs the test suite on the GPU (parity against the fp64 reference on CUDA tensors); a failure
+#    is reported in the exit status but does not stop step 3;
 # 3. runs the benchmark at every model and tokens per step (`--all-shapes`; further options, e.g.
-#    `--impl fused-vchunk --impl reference` or `--loss simpo`, narrow it to fit a time budget),
+#    `--impl fused-vchunk --impl reference`, `--model llama3-8b` or `--loss simpo`, narrow it to
+#    fit a time budget; see benchmarks/NOTES.md for an estimate),
 #    writing OUT_DIR/<gpu>-<date>.json and its PNG, rewritten after every case.
 # Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy the JSON into
 # benchmarks/results/ and run `python -m fused_pref bench --readme`.
@@ -27,7 +29,11 @@ if ! python -c "import fused_pref.kernels" 2>/dev/null; then
     python -m pip install --quiet --no-deps --no-build-isolation -e .
 fi
 python -c "import torch, triton, fused_pref; print('torch', torch.__version__, '| CUDA', torch.version.cuda, \
-'| triton', triton.__version__, '| fused_pref', fused_pref.__version__, '|', torch.cuda.get_device_name())"
+'| triton', triton.__version__, '| fused_pref', fused_pref.__version__, '|', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device visible to torch')"
 
-pytest tests -q 2>&1 | tee "$out/pytest.log"
+# A failing test does not cancel the benchmark (the lent time is scarce); it fails the script.
+tests=0
+pytest tests -q 2>&1 | tee "$out/pytest.log" || tests=$?
 python -m fused_pref bench --all-shapes --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+exit "$tests"

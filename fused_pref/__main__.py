@@ -98,8 +98,8 @@ def _bench_readme(args) -> int:
 def _bench(args) -> int:
     if args.readme:
         return _bench_readme(args)
-    models = list(MODELS) if args.all_shapes else args.model or ["llama3-8b"]
-    tokens = list(TOKENS_PER_STEP) if args.all_shapes else args.tokens or [16384]
+    models = args.model or (list(MODELS) if args.all_shapes else ["llama3-8b"])
+    tokens = args.tokens or (list(TOKENS_PER_STEP) if args.all_shapes else [16384])
     losses = args.loss or list(LOSSES)
     cuda = torch.cuda.is_available()
     _reexec_with_interpreter(not cuda, args.argv)
@@ -119,6 +119,13 @@ def _bench(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
@@ -136,7 +143,7 @@ def main(argv=None) -> int:
 
     memory = commands.add_parser("memory", help="peak extra memory of each implementation at a model's shape")
     memory.add_argument("--model", choices=MODELS, default="llama3-8b")
-    memory.add_argument("--tokens", type=int, default=16384, help="tokens per step (default 16384)")
+    memory.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per step (default 16384)")
     memory.add_argument("--loss", choices=LOSSES, default="simpo")
     memory.set_defaults(run=_memory)
 
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
     bench.add_argument("--tokens", type=int, choices=TOKENS_PER_STEP, action="append",
                        help="tokens per step, repeatable (default 16384)")
     bench.add_argument("--loss", choices=LOSSES, action="append", help="repeatable (default all)")
-    bench.add_argument("--all-shapes", action="store_true", help="every model at every tokens per step")
+    bench.add_argument("--all-shapes", action="store_true",
+                       help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
                        help="only these implementations, repeatable: fused-<strategy>, reference, "
                             "reference-compile, liger, cce (default all)")

@@ -23,8 +23,11 @@ class Unavailable(Exception):
 
 
 def _first(out):
-    # Liger's preference losses return (loss, metrics) in recent versions, the bare loss in older ones.
-    return out[0] if isinstance(out, tuple) else out
+    # Liger's losses return the bare loss in older versions, (loss, metrics) or an output object
+    # with .loss in newer ones.
+    if isinstance(out, tuple):
+        return out[0]
+    return getattr(out, "loss", out)
 
 
 def compiled_reference(loss: str, softcap=None):
