@@ -36,7 +36,7 @@ def _release_cached_memory():
 def test_fused(benchmark, strategy, loss, model, tokens, mode):
     head = MODELS[model]
     batch = make_batch(sequences_for(tokens), SEQUENCE_LENGTH, head.hidden, head.vocab, device="cuda",
-                       softcap=head.softcap, reference_model=loss == "dpo")
+                       reference_model=loss == "dpo")
     fn = loss_fn(fused_pref, loss, softcap=head.softcap, **FUSED_STRATEGIES[strategy])
 
     def clear_grads():

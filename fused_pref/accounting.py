@@ -14,6 +14,7 @@ kernels' row index spans all of them.
 """
 
 import gc
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ class Workspace:
         and under the interpreter its per-chunk cast (there the kernel stores ``dz`` in fp32, see
         ``kernels/tiles.py``; a GPU stores the input dtype and casts nothing)."""
         C = self.columns(N, V)
-        widths = {C, V - (-(-V // C) - 1) * C}
+        widths = {C, V - (math.ceil(V / C) - 1) * C}
         found = sum(s.nbytes for s in peak.live if len(s.shape) == 2 and s.shape[0] == N and s.shape[1] in widths)
         if found == 0:
             raise RuntimeError(f"no [N, C] workspace live at the peak (N {N}, C {C}): the accounting's model of "
@@ -79,13 +80,13 @@ class Term:
 def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:
     """The dominant terms (bf16 inputs), read off the code; O(N) per-token state (tens of bytes
     per token) is left out."""
-    if implementation.startswith("fused-"):
+    if implementation == "fused-vchunk":
         # The d_hidden side of the V-chunked backward, alive together at its end
         # (kernels/linear_grad.py): the fp32 accumulator over chunks and its product with g, that
         # product cast to bf16, the last chunk's bf16 product, the gathered rows pre-scaled by g.
         return [Term(14, "N·D", "backward: fp32 d_hidden accumulator and its g-scaled copy (8), "
                                 "bf16 casts and chunk product (4), gathered rows (2)")]
-    assert implementation == "reference", implementation
+    assert implementation == "reference", f"no analytic formula for {implementation}"
     logits = [Term(4, "N·V", "fp32 log_softmax, saved for backward")]
     if loss == "dpo" and softcap is not None:
         # The peak is the reference model's forward, under no_grad: the policy graph holds its
@@ -147,8 +148,7 @@ def fit_implementation(implementation: str, loss: str, softcap=None, design=DESI
     points, rows, targets = [], [], []
     for seed, (T, D, V) in enumerate(design):
         N = R_MEASURED * T
-        batch = make_batch(R_MEASURED, T, D, V, dtype=DTYPE, seed=seed, softcap=softcap,
-                           reference_model=loss == "dpo")
+        batch = make_batch(R_MEASURED, T, D, V, dtype=DTYPE, seed=seed, reference_model=loss == "dpo")
         peak = peak_extra(step, batch)
         points.append((N, D, V, peak.nbytes))
         rows.append([float(v) for v in monomials(N, D, V).values()])

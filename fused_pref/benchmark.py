@@ -100,7 +100,7 @@ def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
     for name, fn in funcs.items():
         for mode in MODES:
             batch = make_batch(R, SEQUENCE_LENGTH, head.hidden, head.vocab, dtype=torch.bfloat16, device=DEVICE,
-                               seed=seed, softcap=head.softcap, reference_model=case.loss == "dpo")
+                               seed=seed, reference_model=case.loss == "dpo")
             row = {"model": case.model, "tokens": case.tokens, "valid_tokens": batch.valid_tokens,
                    "loss": case.loss, "D": head.hidden, "V": head.vocab, "softcap": head.softcap,
                    "impl": name, "mode": mode}

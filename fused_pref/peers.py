@@ -15,8 +15,6 @@ import torch
 
 from .workload import library_implementations, loss_fn
 
-PEERS = ("reference-compile", "liger", "cce")
-
 
 class Unavailable(Exception):
     """This implementation cannot run this case here; the message says why."""
@@ -91,6 +89,9 @@ def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str
     """(name -> function, notes) for every implementation of ``loss`` (or those in ``names``):
     ours first, then each peer that can run here."""
     funcs = library_implementations(loss, softcap)
+    unknown = set(names or ()) - set(funcs) - set(_PEER_FACTORIES)
+    if unknown:
+        raise ValueError(f"unknown implementations {sorted(unknown)}; known: {[*funcs, *_PEER_FACTORIES]}")
     notes = []
     for name, factory in _PEER_FACTORIES.items():
         if names is not None and name not in names:

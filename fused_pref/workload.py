@@ -60,7 +60,6 @@ class Batch:
     labels: torch.Tensor
     ref_hidden: torch.Tensor | None = None
     ref_weight: torch.Tensor | None = None
-    softcap: float | None = None
 
     @property
     def valid_tokens(self) -> int:
@@ -77,8 +76,7 @@ class Batch:
         return self.hidden, self.weight, self.labels, self.ref_hidden, self.ref_weight
 
 
-def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, softcap=None,
-               reference_model=False) -> Batch:
+def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, reference_model=False) -> Batch:
     """Random inputs, fresh for each call (never zeros, whose uniform softmax is no real case):
     ``hidden`` scaled by ``1/sqrt(D)`` and a unit-variance ``weight`` give logits of unit variance;
     labels are uniform over the vocabulary, with each sequence's first quarter ignored."""
@@ -91,7 +89,7 @@ def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, softca
     weight = randn(V, D).requires_grad_()
     labels = torch.randint(0, V, (R, T), generator=gen, device=device)
     labels[:, : prompt_length(T)] = -100
-    batch = Batch(hidden, weight, labels, softcap=softcap)
+    batch = Batch(hidden, weight, labels)
     if reference_model:
         batch.ref_hidden = randn(R, T, D, scale=1 / math.sqrt(D))
         batch.ref_weight = randn(V, D)

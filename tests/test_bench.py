@@ -41,7 +41,8 @@ def test_bench_without_cuda_says_so_and_runs_the_memory_accounting(tmp_path):
 def test_results_file_is_named_after_the_gpu_and_the_date():
     assert report.results_path("out", "NVIDIA H100 80GB HBM3", "2026-11-27") == Path(
         "out/NVIDIA-H100-80GB-HBM3-2026-11-27.json")
-    assert report.results_path("r", "NVIDIA H200 (MIG 1g.18gb)", "2026-01-02").name == "NVIDIA-H200-MIG-1g.18gb-2026-01-02.json"
+    name = report.results_path("r", "NVIDIA H200 (MIG 1g.18gb)", "2026-01-02").name
+    assert name == "NVIDIA-H200-MIG-1g.18gb-2026-01-02.json"
 
 
 def _row(model, tokens, loss, impl, ms, gb, mode="fwd+bwd"):
@@ -58,7 +59,8 @@ def _results(gpu, created, rows, notes=()):
 def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     results_dir = tmp_path / "results"
     results_dir.mkdir()
-    old = _results("NVIDIA A100-SXM4-80GB", "2026-10-01T09:00:00", [_row("llama3-8b", 16384, "simpo", "fused-vchunk", 99, 9)])
+    old = _results("NVIDIA A100-SXM4-80GB", "2026-10-01T09:00:00",
+                   [_row("llama3-8b", 16384, "simpo", "fused-vchunk", 99, 9)])
     new = _results("NVIDIA H100 80GB HBM3", "2026-11-27T10:00:00", [
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 80.0, 1.5),
         _row("llama3-8b", 16384, "simpo", "reference", 200.0, 30.0),
@@ -143,7 +145,8 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
 
 
 def test_plot_draws_or_says_why_not(tmp_path):
-    rows = [_row("llama3-8b", t, "simpo", impl, t / 100, t / 1e4) for t in (4096, 16384) for impl in ("fused-vchunk", "reference")]
+    rows = [_row("llama3-8b", t, "simpo", impl, t / 100, t / 1e4)
+            for t in (4096, 16384) for impl in ("fused-vchunk", "reference")]
     message = report.plot(_results("NVIDIA H100", "2026-11-27T10:00:00", rows), tmp_path / "p.png")
     if importlib.util.find_spec("matplotlib"):
         assert message == f"wrote {tmp_path / 'p.png'}" and (tmp_path / "p.png").stat().st_size > 0
@@ -156,6 +159,8 @@ def test_missing_or_inapplicable_peers_are_skipped_with_a_note():
     assert list(funcs) == ["fused-vchunk"]
     assert any(n.startswith("liger skipped for simpo: ") for n in notes), notes
     assert "cce skipped for simpo: Cut Cross-Entropy has no preference losses" in notes
+    with pytest.raises(ValueError, match="unknown implementations \\['ligr'\\]"):
+        implementations("simpo", names=["ligr"])
 
 
 def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
