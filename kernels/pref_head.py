@@ -39,9 +39,18 @@ def sigmoid(x):
 
 
 @triton.jit
+def log1p(t):
+    # log(1 + t) for t > -1: 1 + t rounds away the digits of a small t (t = e^-20 gives log(1) = 0,
+    # not 2e-9), so for |t| < 0.1 a degree-7 Taylor polynomial, accurate to 2e-8 relative.
+    small = t * (1.0 - t * (1.0 / 2 - t * (1.0 / 3 - t * (1.0 / 4 - t * (1.0 / 5 - t * (1.0 / 6 - t * (1.0 / 7)))))))
+    return tl.where(tl.abs(t) < 0.1, small, tl.log(1.0 + t))
+
+
+@triton.jit
 def log_sigmoid(x):
-    # Stable for |x| up to fp32's range: exp(-|x|) never overflows.
-    return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
+    # Stable for |x| up to fp32's range: exp(-|x|) never overflows, and log1p keeps the
+    # relative accuracy of log s(x) ~ -e^-x for large x (a confident pair's loss).
+    return tl.minimum(x, 0.0) - log1p(tl.exp(-tl.abs(x)))
 
 
 @triton.jit
@@ -99,7 +108,7 @@ def preference_head_kernel(
         db = -da
     elif LOSS == 2:  # exo_pair
         x = beta * u
-        log_keep = tl.log(1.0 - eps)
+        log_keep = log1p(-eps)      # TRL's eps = 1e-3: log(1 - eps) would lose 5 digits
         log_eps = tl.log(eps)
         loss = sigmoid(x) * (log_sigmoid(x) - log_keep) + sigmoid(-x) * (log_sigmoid(-x) - log_eps)
         # d/dx: s(x) s(-x) (log s(x) - log s(-x) - log(1-eps) + log eps), and log s(x) - log s(-x) = x.
@@ -107,7 +116,8 @@ def preference_head_kernel(
         db = -da
     elif LOSS == 3:  # hinge
         x = beta * u
-        loss = tl.maximum(1.0 - x, 0.0)
+        # maximum() drops a NaN operand by default (maxnum): a NaN margin would give a silent 0.
+        loss = tl.maximum(1.0 - x, 0.0, propagate_nan=tl.PropagateNan.ALL)
         da = tl.where(x < 1.0, -beta, 0.0)
         db = -da
     elif LOSS == 4:  # ipo
