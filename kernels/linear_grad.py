@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
+from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows, workspace_dtype
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -134,13 +134,14 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     h_scaled = (hidden[picked].float() * g[:, None]).to(hidden.dtype) if need_w else None
     g_in = g.to(hidden.dtype)
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
-    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=hidden.dtype)
+    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
     dh_acc = None
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
                           softcap=softcap, tiles=tiles)
+        dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
             part = dz @ weight[v_start:v_end]
             dh_acc = part.float() if dh_acc is None else dh_acc.add_(part)

@@ -58,6 +58,15 @@ def dot_flags(dtype: torch.dtype) -> dict:
     }
 
 
+def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the backward kernel stores its ``dz`` tile in: the input dtype, except bf16 under
+    the interpreter, whose fp32 -> bf16 cast truncates (with or without ``fp_downcast_rounding``)
+    where a GPU rounds to nearest even.  Truncation is biased, so it does not average out over a
+    GEMM's sum: it doubled the bf16 gradient error on CPU.  There the kernel stores fp32 and torch
+    rounds to bf16 (to nearest even), so CPU runs see the GPU's rounding."""
+    return torch.float32 if KERNELS_INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
 @triton.jit
 def dot_acc(a, b, acc, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
     if DOT_IN_FP32:
