@@ -92,7 +92,11 @@ def test_wheel_contents(tmp_path):
         top_level_txt = next((n for n in names if n.endswith(".dist-info/top_level.txt")), None)
         top_level = wheel.read(top_level_txt).decode().split() if top_level_txt else None
 
-    expected = ["fused_pref/__init__.py"] + [f"fused_pref/kernels/{m}.py" for m in KERNEL_MODULES]
+    # Every module of the source tree ships: a subpackage missing from pyproject's explicit
+    # package list would otherwise vanish from the wheel without an error.
+    expected = sorted({f"fused_pref/{p.relative_to(REPO / 'fused_pref').as_posix()}"
+                       for p in (REPO / "fused_pref").rglob("*.py")}
+                      | {f"fused_pref/kernels/{p.name}" for p in (REPO / "kernels").glob("*.py")})
     missing = [name for name in expected if name not in names]
     assert not missing, f"missing from the wheel: {missing}\n{names}"
     stray = [name for name in names if name.split("/")[0] in ("kernels", "tests")]
