@@ -12,15 +12,13 @@ from .kernels import linear_lse_forward, preference_head_forward
 from .kernels.linear_grad import linear_grad_backward
 
 
-def _linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+@torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
+def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None,
                logit_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lse, target, sums = linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, softcap=softcap,
                                            logit_sum=logit_sum)
     return lse, target, sums if logit_sum else lse.new_empty(0)
-
-
-linear_lse = torch.library.custom_op("fused_pref::linear_lse", mutates_args=())(_linear_lse)
 
 
 @linear_lse.register_fake
@@ -30,16 +28,14 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum):
     return out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32)
 
 
-def _linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+@torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
+def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
                 softcap: float | None, needs: list[bool], workspace_bytes: int) -> list[torch.Tensor]:
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
                                  needs=tuple(needs), workspace_bytes=workspace_bytes)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return [g if g is not None else grad_logp.new_empty(0) for g in grads]
-
-
-linear_grad = torch.library.custom_op("fused_pref::linear_grad", mutates_args=())(_linear_grad)
 
 
 @linear_grad.register_fake
@@ -50,26 +46,15 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, need
             for shape, dtype, need in zip(shapes, dtypes, needs)]
 
 
-def _preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
+@torch.library.custom_op("fused_pref::preference_head", mutates_args=())
+def preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
                     ref_rejected: torch.Tensor | None, loss: str, beta: float, gamma: float,
                     label_smoothing: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return tuple(preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, loss=loss, beta=beta,
                                          gamma=gamma, label_smoothing=label_smoothing, tau=tau))
 
 
-preference_head = torch.library.custom_op("fused_pref::preference_head", mutates_args=())(_preference_head)
-
-
 @preference_head.register_fake
 def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoothing, tau):
     out = chosen.new_empty(chosen.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
-
-
-# Each op's Python body, by overload: fused_pref.memory runs these under its dispatch mode so the
-# allocations inside an op (the backward's workspace) are recorded, not just the op's outputs.
-IMPLEMENTATIONS = {
-    torch.ops.fused_pref.linear_lse.default: _linear_lse,
-    torch.ops.fused_pref.linear_grad.default: _linear_grad,
-    torch.ops.fused_pref.preference_head.default: _preference_head,
-}
