@@ -1,0 +1,122 @@
+"""Bitwise determinism: the same inputs give the same bits, forward and backward, run after run, with
+and without ``torch.use_deterministic_algorithms(True)``.
+
+Every path is deterministic by construction today: the one backward is strategy (b) of DESIGN.md
+section 4 (a kernel writes ``dz`` for a vocabulary chunk, cuBLAS products accumulate the gradients,
+chunks in a fixed order), no kernel uses atomics, tile configs are fixed (no autotuning), the
+split-vocabulary forward combines its partials with torch in a fixed order, and packed sequence
+sums difference an fp64 prefix sum.  Under the interpreter programs run one after another, so a
+race cannot show on CPU: ``test_no_kernel_uses_atomics`` guards the structural half, and these
+runs the rest (no state carried between calls, no read of uninitialised memory: under
+deterministic algorithms torch fills fresh tensors with NaN).
+
+When the public functions grow a ``deterministic=`` argument, these tests pass it.
+"""
+
+import inspect
+import pathlib
+import re
+
+import pytest
+import torch
+
+import fused_pref
+from fused_pref.testing import make_inputs
+
+
+def _simpo_packed_shift(x):
+    R, T, D = x["hidden"].shape
+    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32)
+    return fused_pref.simpo_loss(x["hidden"].reshape(R * T, D), x["weight"], x["labels"].reshape(-1), x["bias"],
+                                 shift=True, cu_seqlens=cu, **_deterministic(fused_pref.simpo_loss))
+
+
+def _deterministic(fn):
+    return {"deterministic": True} if "deterministic" in inspect.signature(fn).parameters else {}
+
+
+def _call(name, **kwargs):
+    def call(x):
+        fn = getattr(fused_pref, name)
+        return fn(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs, **_deterministic(fn))
+    return call
+
+
+# (call, dtype, shape): every function family, each dtype, the split and unsplit forward, packed
+# and shifted layouts, a reference model computed by the library, a softcap.
+CASES = {
+    "cross_entropy-bf16": (_call("linear_cross_entropy"), torch.bfloat16, (4, 23, 97, 1003)),
+    "linear_logprobs-fp32-softcap": (_call("linear_logprobs", softcap=20.0), torch.float32, (2, 9, 40, 257)),
+    "simpo-packed-shift-fp32": (_simpo_packed_shift, torch.float32, (4, 23, 97, 1003)),
+    "dpo-ref_hidden-bf16": (lambda x: _call("dpo_loss", ref_hidden=x["hidden"].detach().flip(0))(x),
+                            torch.bfloat16, (4, 23, 97, 1003)),
+    "orpo-fp16-unsplit": (_call("orpo_loss"), torch.float16, (6, 101, 33, 520)),
+}
+
+
+def _step(call, dtype, shape):
+    """Forward and backward on fresh inputs: every output and gradient, as a flat tuple."""
+    x = make_inputs(*shape, dtype=dtype, seed=3, confident=0.0)
+    out = call(x)
+    tensors = [out] if isinstance(out, torch.Tensor) else [out.loss, out.chosen_logps, out.rejected_logps,
+                                                           out.chosen_rewards, out.rejected_rewards]
+    value = tensors[0]
+    weights = torch.linspace(-1, 1, value.numel()).reshape(value.shape).to(value.dtype)
+    (value * weights).sum().backward()
+    return tuple(tensors) + tuple(x[k].grad for k in ("hidden", "weight", "bias"))
+
+
+def _assert_bitwise_equal(a, b):
+    assert len(a) == len(b)
+    for i, (u, v) in enumerate(zip(a, b)):
+        assert u.dtype == v.dtype and u.shape == v.shape
+        # The bits themselves: torch.equal would call -0.0 and 0.0 equal, and NaN unequal to itself.
+        assert torch.equal(u.reshape(-1).view(torch.uint8), v.reshape(-1).view(torch.uint8)), \
+            f"output {i} differs between runs"
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    """``torch.use_deterministic_algorithms(True)`` with NaN-filled fresh tensors, then the previous
+    settings restored."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_runs_are_bitwise_identical(case, request):
+    first, second = _step(*case), _step(*case)
+    _assert_bitwise_equal(first, second)
+    request.getfixturevalue("deterministic_algorithms")
+    # Under torch.use_deterministic_algorithms(True): no op of ours is refused, no result depends
+    # on uninitialised (now NaN-filled) memory, and no bit changes (every path already is
+    # deterministic, so the mode selects nothing different).
+    _assert_bitwise_equal(_step(*case), first)
+
+
+def test_the_fixture_restores_the_previous_settings(deterministic_algorithms):
+    assert torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_algorithms_are_off_again():
+    # Runs after the fixture above (file order): the global switch must not leak into other tests.
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_no_kernel_uses_atomics():
+    # Float atomics add in whatever order programs finish, so results change run to run (DESIGN.md,
+    # strategy (a)).  A kernel that needs them must be reachable only with deterministic=False,
+    # and this test then lists it.
+    kernels = pathlib.Path(fused_pref.kernels.__file__).parent
+    sources = {path.name: path.read_text() for path in kernels.glob("*.py")}
+    assert sources, f"no kernel sources under {kernels}"
+    users = sorted(name for name, text in sources.items() if re.search(r"\btl\.atomic_\w+\(", text))
+    assert users == [], f"kernels with atomics: {users}"
