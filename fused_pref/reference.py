@@ -54,14 +54,14 @@ def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shif
     flat_h, flat_labels = hidden.reshape(-1, D), labels.reshape(-1)
     targets = torch.full_like(flat_labels, ignore_index)
     for start, end in _spans(labels, cu_seqlens):
-        if shift:
+        if shift and end - start > 1:
             targets[start:end - 1] = flat_labels[start + 1:end]
-        else:
+        elif not shift:
             targets[start:end] = flat_labels[start:end]
     targets = targets.view(labels.shape)
     valid = check.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=validate,
                                mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
-    z = _logits(flat_h, weight, bias, softcap).view(*labels.shape, -1)
+    z = _logits(flat_h, weight, bias, softcap).view(*labels.shape, weight.shape[0])
     picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
 
@@ -156,7 +156,9 @@ def _pair_losses(spec: pref.PreferenceSpec, chosen, rejected, ref_chosen, ref_re
         return torch.sigmoid(beta * a) + (1 - torch.sigmoid(beta * u))
     if spec.head == "discopop":
         modulation = torch.sigmoid(x / spec.tau)
-        return -logsig(x) * (1 - modulation) + torch.exp(-x) * modulation
+        # TRL writes exp(-x) * modulation, which is inf * 0 = NaN for x below -88 in fp32; the
+        # same product as one exponential stays finite.
+        return -logsig(x) * (1 - modulation) + torch.exp(logsig(x / spec.tau) - x)
     raise AssertionError(f"no reference for head {spec.head!r}")
 
 
