@@ -13,9 +13,9 @@ import torch
 
 from . import validation as check
 
-# TRL DPOTrainer's loss types.  "bco_pair" is left out: it keeps a running mean of the rewards
-# across training steps (state in the trainer), which a stateless loss function cannot hold.
-DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "sppo_hard", "nca_pair",
+# TRL DPOTrainer's loss types.  "bco_pair" is TRL 1.x's stateless form; TRL 0.x subtracted a
+# running mean of the rewards across steps, trainer state that a loss function cannot hold.
+DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "sppo_hard", "nca_pair", "bco_pair",
                   "aot", "aot_pair", "apo_zero", "apo_down", "discopop")
 
 
@@ -50,9 +50,7 @@ def orpo_spec(*, beta):
 
 def dpo_spec(*, loss_type, beta, label_smoothing, sft_weight, length_normalize, discopop_tau):
     if loss_type not in DPO_LOSS_TYPES:
-        hint = (" (bco_pair needs a running mean of rewards across steps, trainer state that a loss "
-                "function cannot keep)") if loss_type == "bco_pair" else ""
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}{hint}")
+        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
     check.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
     if loss_type == "robust" and label_smoothing >= 0.5:
         raise ValueError(f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by "

@@ -150,6 +150,8 @@ def _pair_losses(spec: pref.PreferenceSpec, chosen, rejected, ref_chosen, ref_re
         return (a - 0.5 / beta) ** 2 + (b + 0.5 / beta) ** 2
     if spec.head == "nca_pair":
         return -logsig(beta * a) - 0.5 * logsig(-beta * a) - 0.5 * logsig(-beta * b)
+    if spec.head == "bco_pair":
+        return -logsig(beta * a) - logsig(-beta * b)
     if spec.head == "apo_zero":
         return (1 - torch.sigmoid(beta * a)) + torch.sigmoid(beta * b)
     if spec.head == "apo_down":

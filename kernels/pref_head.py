@@ -12,6 +12,7 @@ Inputs per pair j: ``c``, ``r`` the chosen and rejected sequence log-probs and, 
     IPO        (u - 1 / (2 beta))^2
     SPPO_HARD  (a - 1 / (2 beta))^2 + (b + 1 / (2 beta))^2
     NCA_PAIR   -log s(beta a) - log s(-beta a) / 2 - log s(-beta b) / 2
+    BCO_PAIR   -log s(beta a) - log s(-beta b)
     APO_ZERO   1 - s(beta a) + s(beta b)
     APO_DOWN   s(beta a) + 1 - s(beta u)
     DISCOPOP   -log s(x) (1 - m) + exp(-x) m,  x = beta u,  m = s(x / tau)
@@ -28,6 +29,7 @@ import triton.language as tl
 LOSS_IDS = {
     "sigmoid": 0, "robust": 1, "exo_pair": 2, "hinge": 3, "ipo": 4, "sppo_hard": 5,
     "nca_pair": 6, "apo_zero": 7, "apo_down": 8, "discopop": 9, "odds_ratio": 10,
+    "bco_pair": 11,
 }
 
 
@@ -155,6 +157,12 @@ def preference_head_kernel(
         dx = -sigmoid(-x) * (1.0 - m) + log_sigmoid(x) * dm - exp_part + exp_part * (1.0 - m) / tau
         da = beta * dx
         db = -da
+    elif LOSS == 11:  # bco_pair
+        xa = beta * a
+        xb = beta * b
+        loss = -log_sigmoid(xa) - log_sigmoid(-xb)
+        da = -beta * sigmoid(-xa)
+        db = beta * sigmoid(xb)
     else:  # odds_ratio
         v = (c - r) - (log1m_exp(c) - log1m_exp(r))
         loss = -beta * log_sigmoid(v)

@@ -119,8 +119,8 @@ def test_orpo_equals_orpo_loss(device):
     assert aux[7].dim() == aux[8].dim() == 0
 
 
-# Liger's DPO loss types (bco_pair is unsupported), with a label smoothing where Liger uses one.
-DPO_CASES = {t: dict(loss_type=t) for t in compat.LIGER_DPO_LOSS_TYPES if t != "bco_pair"}
+# Liger's DPO loss types, with a label smoothing where Liger uses one.
+DPO_CASES = {t: dict(loss_type=t) for t in compat.LIGER_DPO_LOSS_TYPES}
 DPO_CASES["robust"]["label_smoothing"] = 0.1
 DPO_CASES["exo_pair"]["label_smoothing"] = 0.05
 DPO_CASES["discopop"]["discopop_tau"] = 0.2
@@ -225,7 +225,6 @@ def test_no_op_arguments_change_nothing(case, device):
 
 
 UNSUPPORTED = {
-    "dpo_bco_pair": (compat.LigerFusedLinearDPOLoss, dict(loss_type="bco_pair"), NotImplementedError, "bco_pair"),
     "dpo_ipo": (compat.LigerFusedLinearDPOLoss, dict(loss_type="ipo"), ValueError, "loss_type"),
     "dpo_smoothing_on_sigmoid": (compat.LigerFusedLinearDPOLoss, dict(label_smoothing=0.1), ValueError,
                                  "label_smoothing"),

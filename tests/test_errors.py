@@ -406,7 +406,7 @@ def test_dpo_ref_weight_with_ref_logps(module, arg):
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("loss_type", ["kto", "SIGMOID", "", None, "bco_pair"])
+@pytest.mark.parametrize("loss_type", ["kto", "SIGMOID", "", None, "aot_unpaired"])
 def test_dpo_unknown_loss_type(module, loss_type):
     pattern = rf"^loss_type must be one of \('sigmoid', 'robust', .*, 'discopop'\), got {re.escape(repr(loss_type))}"
     with pytest.raises(ValueError, match=pattern):

@@ -79,7 +79,7 @@ def assert_same_logs(ours, theirs, skip=()):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"step {step}: grad_norm"
 
 
-@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"]], ids=["sigmoid", "ipo+sft"])
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"], ["bco_pair"]], ids=["sigmoid", "ipo+sft", "bco_pair"])
 def test_dpo_trainer_matches_trl(loss_type, tmp_path):
     config = trl.DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, **COMMON)
     model = tiny_llama()

@@ -46,8 +46,7 @@ Both only trade Liger's memory against its speed; fused_pref never materialises 
 there is nothing to tune, and the result is the same up to fp32 summation order.
 
 Unsupported, raising ``NotImplementedError`` when set to a value that would change the result:
-DPO ``loss_type="bco_pair"`` (no fused head for Liger's stateless form); ORPO
-``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy ``ce_weight``,
+ORPO ``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy ``ce_weight``,
 ``lse_square_scale``, ``label_smoothing``, ``return_z_loss``, ``return_token_accuracy``,
 ``return_predicted_tokens``, ``use_token_scaling`` and ``accum_dtype`` other than None /
 ``torch.float32`` (fused_pref always accumulates in fp32).  Liger ignores some hyper-parameters
@@ -272,7 +271,7 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
     """Liger's DPO loss: :func:`fused_pref.dpo_loss` with the reference log-probs taken from
     ``ref_input @ ref_weight.T + ref_bias`` (no grad; ``ref_bias=None`` means no bias), or zero when
     ``use_ref_model=False``; ``length_normalize = average_log_prob``; ``sft_weight = alpha`` under
-    ``compute_nll_loss``.  ``loss_type``: Liger's, except ``bco_pair`` (``NotImplementedError``).
+    ``compute_nll_loss``.  ``loss_type``: Liger's.
 
     ``forward(lin_weight, _input, target, bias=None, ref_input=None, ref_weight=None, ref_bias=None)``
     returns ``(loss, aux)``; without ``use_ref_model`` the reference arguments are not read, as in Liger.
@@ -289,9 +288,6 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
         if loss_type not in LIGER_DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of Liger's {LIGER_DPO_LOSS_TYPES}, got {loss_type!r} "
                              "(fused_pref.dpo_loss has ipo, aot and aot_pair too)")
-        if loss_type == "bco_pair":
-            raise NotImplementedError("loss_type='bco_pair' is not supported: fused_pref has no head for Liger's "
-                                      "stateless -log s(beta a) - log s(-beta b)")
         check.check_hyper(beta=beta, label_smoothing=label_smoothing)
         if loss_type == "exo_pair" and not label_smoothing > 0:
             raise ValueError("loss_type='exo_pair' needs label_smoothing > 0, as in Liger (log(eps) is -inf at 0)")

@@ -24,7 +24,7 @@ every position of the batch (prompt, padding and the final position included), w
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
 Options whose math our losses do not have raise ``NotImplementedError`` when the trainer is built,
-rather than train something else: DPO's ``bco_pair`` loss, more than one preference loss type
+rather than train something else: more than one preference loss type
 (MPO-style mixtures; one type plus ``"sft"`` is supported), ``f_divergence_type`` other than
 ``"reverse_kl"``, ``ld_alpha``, ``use_weighting``, MoE router auxiliary losses, vision-language
 datasets; CPO's ``hinge`` and ``ipo`` loss types, AlphaPO's ``alpha``, encoder-decoder models.
@@ -67,6 +67,7 @@ _DPO_LOSSES = {
     "ipo": ("ipo", {}),
     "exo_pair": ("exo_pair", {}),
     "nca_pair": ("nca_pair", {}),
+    "bco_pair": ("bco_pair", {}),
     "robust": ("robust", {}),
     "sppo_hard": ("sppo_hard", {}),
     "aot": ("aot", {}),
@@ -88,8 +89,8 @@ def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
     if len(preference) != 1 or preference[0] not in _DPO_LOSSES:
         raise NotImplementedError(
             f"FusedDPOTrainer supports one preference loss type among {sorted(_DPO_LOSSES)}, optionally with "
-            f"'sft'; got loss_type={trainer.loss_types} (bco_pair and mixtures of preference losses have no "
-            "fused equivalent yet)")
+            f"'sft'; got loss_type={trainer.loss_types} (mixtures of preference losses have no fused "
+            "equivalent yet)")
     unsupported = {
         "f_divergence_type": args.f_divergence_type != "reverse_kl",
         "ld_alpha": args.ld_alpha is not None,
