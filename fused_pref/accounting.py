@@ -81,11 +81,11 @@ def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:
     """The dominant terms (bf16 inputs), read off the code; O(N) per-token state (tens of bytes
     per token) is left out."""
     if implementation == "fused-vchunk":
-        # The d_hidden side of the V-chunked backward, alive together at its end
-        # (kernels/linear_grad.py): the fp32 accumulator over chunks and its product with g, that
-        # product cast to bf16, the last chunk's bf16 product, the gathered rows pre-scaled by g.
-        return [Term(14, "N·D", "backward: fp32 d_hidden accumulator and its g-scaled copy (8), "
-                                "bf16 casts and chunk product (4), gathered rows (2)")]
+        # The V-chunked backward's [N, D] temporaries alive together in its last chunk
+        # (kernels/linear_grad.py): the fp32 d_hidden accumulator, that chunk's bf16 product and
+        # the gathered rows pre-scaled by g (scaled in place; freed before the final cast).
+        return [Term(8, "N·D", "backward: fp32 d_hidden accumulator (4), the chunk's bf16 product (2), "
+                               "gathered rows scaled by g (2)")]
     assert implementation == "reference", f"no analytic formula for {implementation}"
     logits = [Term(4, "N·V", "fp32 log_softmax, saved for backward")]
     if loss == "dpo" and softcap is not None:

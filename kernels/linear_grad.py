@@ -131,8 +131,10 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
 
     # The valid rows of hidden, gathered once (cuBLAS takes no row index) and pre-scaled by g.
     picked = (rows_long // T, rows_long % T)
-    h_scaled = (hidden[picked].float() * g[:, None]).to(hidden.dtype) if need_w else None
     g_in = g.to(hidden.dtype)
+    # In place, in the input dtype: the product is rounded once, as an fp32 product cast back
+    # would be, without an fp32 [N, D] temporary.
+    h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
     dh_acc = None
@@ -143,14 +145,15 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
                           softcap=softcap, tiles=tiles)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
-            part = dz @ weight[v_start:v_end]
-            dh_acc = part.float() if dh_acc is None else dh_acc.add_(part)
+            # Accumulated without a name that outlives the chunk, so two chunk products never coexist.
+            dh_acc = (dz @ weight[v_start:v_end]).float() if dh_acc is None else dh_acc.add_(dz @ weight[v_start:v_end])
         if need_w:
             torch.mm(dz.t(), h_scaled, out=d_weight[v_start:v_end])
         if need_b:
             d_bias[v_start:v_end] = dz.t() @ g_in
     if need_h:
-        d_hidden[picked] = (dh_acc * g[:, None]).to(hidden.dtype)
+        del workspace, h_scaled, dz  # the temporaries go before d_hidden's cast is made
+        d_hidden[picked] = dh_acc.mul_(g[:, None]).to(hidden.dtype)
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
