@@ -86,6 +86,11 @@ def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:
         # the gathered rows pre-scaled by g (scaled in place; freed before the final cast).
         return [Term(8, "N·D", "backward: fp32 d_hidden accumulator (4), the chunk's bf16 product (2), "
                                "gathered rows scaled by g (2)")]
+    if implementation == "fused-atomic":
+        # The atomic backward (kernels/linear_grad_fused.py): fp32 accumulators for d_hidden's valid
+        # rows and for d_weight, alive while d_hidden's accumulator is cast to bf16.
+        return [Term(6, "N·D", "backward: fp32 d_hidden accumulator (4) and its bf16 cast (2)"),
+                Term(4, "V·D", "backward: fp32 d_weight accumulator")]
     assert implementation == "reference", f"no analytic formula for {implementation}"
     logits = [Term(4, "N·V", "fp32 log_softmax, saved for backward")]
     if loss == "dpo" and softcap is not None:

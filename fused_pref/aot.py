@@ -36,7 +36,7 @@ class KernelBuild:
 
 def _linear_specs(dtype):
     """(kernel, variant name, fn, signature, constexprs, options) for the two logits kernels."""
-    from .kernels import linear_grad, linear_lse
+    from .kernels import linear_grad, linear_grad_fused, linear_lse
     from .kernels.tiles import tiles_for
 
     tiles = tiles_for(TORCH_DTYPES[dtype])
@@ -67,6 +67,16 @@ def _linear_specs(dtype):
             "softcap": "fp32",
         }
         yield ("linear_grad", variant, linear_grad.linear_grad_kernel, grad_sig, base, options)
+        fused_sig = {
+            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
+            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "lse_ptr": "*fp32", "g_ptr": "*fp32", "dh_ptr": "*fp32",
+            "dw_ptr": "*fp32", "db_ptr": "*fp32", "V": "i32", "D": "i32", "T": "i32",
+            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64", "stride_w_d": "i32",
+            "softcap": "fp32",
+        }
+        fused_const = {**base, "NEED_H": True, "NEED_W": True, "NEED_B": has_bias}
+        yield ("linear_grad_fused", variant, linear_grad_fused.linear_grad_fused_kernel, fused_sig, fused_const,
+               options)
 
 
 def _head_specs():
@@ -125,8 +135,8 @@ def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES)) -> list[KernelBuild]:
 
 
 def format_table(builds) -> str:
-    lines = [f"{'kernel':<12} {'variant':<20} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'smem B':>8}"]
+    lines = [f"{'kernel':<18} {'variant':<20} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'smem B':>8}"]
     for b in builds:
-        lines.append(f"{b.kernel:<12} {b.variant:<20} sm_{b.arch:<3} {b.registers:>5} {b.spill_stores:>9} "
+        lines.append(f"{b.kernel:<18} {b.variant:<20} sm_{b.arch:<3} {b.registers:>5} {b.spill_stores:>9} "
                      f"{b.spill_loads:>9} {b.shared_bytes:>8}")
     return "\n".join(lines)

@@ -15,6 +15,7 @@ class LogprobParams:
     logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
     workspace_bytes: int = WORKSPACE_BYTES
     shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
+    strategy: str = "chunked"             # the backward: "chunked" (kernels/linear_grad.py) or "fused"
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -47,7 +48,7 @@ class LinearLogprobs(torch.autograd.Function):
         hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
         grads = ops.linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, ctx.params.softcap,
-                                list(needs), ctx.params.workspace_bytes)
+                                list(needs), ctx.params.workspace_bytes, ctx.params.strategy)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and ctx.params.shard is not None:
             d_hidden = all_reduce_sum(d_hidden, ctx.params.shard)  # each rank saw only its vocabulary

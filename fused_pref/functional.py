@@ -59,9 +59,9 @@ class _Tokens:
     logit_sum: torch.Tensor     # fp32 per-token sum of logits over the vocabulary (or empty)
     vocab_size: object          # int, or a 0-d tensor for a sharded vocabulary
 
-
-def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    process_group, vocab_start, mean_over_sequences=False, logit_sum=False) -> _Tokens:
+def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, process_group,
+                    vocab_start, backward, deterministic, validate, mean_over_sequences=False,
+                    logit_sum=False) -> _Tokens:
     shard = resolve_shard(weight, process_group, vocab_start, validate=validate)
     if shift:
         labels = shift_labels(labels, ignore_index, cu_seqlens)
@@ -79,16 +79,35 @@ def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shif
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum, shard=shard)
+    params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum, shard=shard,
+                           strategy=check.check_backward(backward, deterministic))
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
     return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,
                    weight.shape[0] if shard is None else shard.total)
 
 
+def _options(*, ignore_index, softcap, shift, cu_seqlens, process_group, vocab_start, backward, deterministic,
+             validate):
+    """The keyword arguments every public function shares, passed on as one dict."""
+    return dict(ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                process_group=process_group, vocab_start=vocab_start, backward=backward,
+                deterministic=deterministic, validate=validate)
+
+
+def _checked_options(hidden, weight, labels, bias, *, sequence_level=False, pairs=False, reduction=None, kind=None,
+                     **options):
+    """Validate what needs no data read and return the shared options (plus the sequence count)."""
+    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=options["cu_seqlens"],
+                                     sequence_level=sequence_level, pairs=pairs, softcap=options["softcap"],
+                                     ignore_index=options["ignore_index"], reduction=reduction, kind=kind,
+                                     backward=options["backward"], deterministic=options["deterministic"])
+    return _options(**options), num_sequences
+
+
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                    cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
+                    validate=True, backend="auto"):
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
     ``hidden`` ``[N, D]`` or ``[R, T, D]`` (fp32, bf16 or fp16; strided views are read in place),
@@ -105,14 +124,13 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, sof
 
     >>> logp = fused_pref.linear_logprobs(h, lm_head.weight, labels)   # [B, T]
     """
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index)
+    options, _ = _checked_options(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
+                                  shift=shift, cu_seqlens=cu_seqlens, process_group=process_group,
+                                  vocab_start=vocab_start, backward=backward, deterministic=deterministic,
+                                  validate=validate)
     if not _use_triton(hidden.device, backend):
-        return reference.linear_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                         shift=shift, cu_seqlens=cu_seqlens, validate=validate,
-                                         process_group=process_group, vocab_start=vocab_start)
-    return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                           cu_seqlens=cu_seqlens, validate=validate,
-                           process_group=process_group, vocab_start=vocab_start).logp
+        return reference.linear_logprobs(hidden, weight, labels, bias, **options)
+    return _token_logprobs(hidden, weight, labels, bias, **options).logp
 
 
 def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
@@ -125,8 +143,8 @@ def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+                      deterministic=None, validate=True, backend="auto"):
     """Per-sequence log-probabilities ``[R]`` (fp32) of ``labels``.
 
     ``hidden`` ``[R, T, D]`` with ``labels`` ``[R, T]``, or packed ``[N, D]`` / ``[N]`` with
@@ -136,22 +154,19 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ign
 
     >>> logps = fused_pref.sequence_logprobs(h, lm_head.weight, labels, reduction="mean")   # [R]
     """
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
-                     ignore_index=ignore_index, reduction=reduction, kind="sequence")
+    options, _ = _checked_options(hidden, weight, labels, bias, sequence_level=True, reduction=reduction,
+                                  kind="sequence", ignore_index=ignore_index, softcap=softcap, shift=shift,
+                                  cu_seqlens=cu_seqlens, process_group=process_group, vocab_start=vocab_start,
+                                  backward=backward, deterministic=deterministic, validate=validate)
     if not _use_triton(hidden.device, backend):
-        return reference.sequence_logprobs(hidden, weight, labels, bias, reduction=reduction,
-                                           ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                           cu_seqlens=cu_seqlens, validate=validate,
-                                           process_group=process_group, vocab_start=vocab_start)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                             vocab_start=vocab_start, mean_over_sequences=reduction == "mean")
+        return reference.sequence_logprobs(hidden, weight, labels, bias, reduction=reduction, **options)
+    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=reduction == "mean", **options)
     return _sequence_logps(tokens, reduction, cu_seqlens)[0]
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+                         deterministic=None, validate=True, backend="auto"):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
@@ -161,16 +176,13 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
-                     reduction=reduction, kind="cross_entropy")
+    options, _ = _checked_options(hidden, weight, labels, bias, reduction=reduction, kind="cross_entropy",
+                                  ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                                  process_group=process_group, vocab_start=vocab_start, backward=backward,
+                                  deterministic=deterministic, validate=validate)
     if not _use_triton(hidden.device, backend):
-        return reference.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction,
-                                              ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                              cu_seqlens=cu_seqlens, validate=validate,
-                                              process_group=process_group, vocab_start=vocab_start)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate,
-                             process_group=process_group, vocab_start=vocab_start)
+        return reference.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, **options)
+    tokens = _token_logprobs(hidden, weight, labels, bias, **options)
     if reduction == "none":
         return -tokens.logp
     total = -tokens.logp.sum()
@@ -202,24 +214,19 @@ def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, cu_seqlen
                              tokens.vocab_size, nll_loss=nll, extra=extra)
 
 
-def _reference_free(name, spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    process_group, vocab_start, backend, **hyper):
+def _reference_free(name, spec, hidden, weight, labels, bias, backend, hyper, **options):
     """The body of every reference-free preference loss: validate, pick the path, run the head."""
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
-                     softcap=softcap, ignore_index=ignore_index)
+    options, _ = _checked_options(hidden, weight, labels, bias, sequence_level=True, pairs=True, **options)
     if not _use_triton(hidden.device, backend):
-        return getattr(reference, name)(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                        shift=shift, cu_seqlens=cu_seqlens, validate=validate,
-                                        process_group=process_group, vocab_start=vocab_start, **hyper)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                             vocab_start=vocab_start, mean_over_sequences=spec.reduction == "mean", logit_sum=True)
-    return _preference(tokens, spec, None, cu_seqlens)
+        return getattr(reference, name)(hidden, weight, labels, bias, **hyper, **options)
+    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=spec.reduction == "mean",
+                             logit_sum=True, **options)
+    return _preference(tokens, spec, None, options["cu_seqlens"])
 
 
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
                ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
-               validate=True, backend="auto") -> PreferenceOutput:
+               backward="auto", deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
     """SimPO (Meng et al., 2024): reference-free, length-normalised preference loss.
 
     ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` (or packed, with ``cu_seqlens`` ``[2B+1]``)
@@ -237,15 +244,16 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     >>> out.loss.backward()
     """
     spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free("simpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
-                           process_group=process_group, vocab_start=vocab_start, backend=backend,
-                           beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    hyper = dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free("simpo_loss", spec, hidden, weight, labels, bias, backend, hyper,
+                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                           process_group=process_group, vocab_start=vocab_start, backward=backward,
+                           deterministic=deterministic, validate=validate)
 
 
-def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
-             validate=True, backend="auto") -> PreferenceOutput:
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0, ignore_index=-100,
+             softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+             deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
     """CPO (Xu et al., 2024) as TRL's CPOTrainer with ``loss_type="sigmoid"``: reference-free, summed.
 
     Layout as :func:`simpo_loss`.  With ``S`` the summed token log-probs::
@@ -259,15 +267,16 @@ def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0
     >>> out = fused_pref.cpo_loss(h, lm_head.weight, labels)
     """
     spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free("cpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
-                           process_group=process_group, vocab_start=vocab_start, backend=backend,
-                           beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    hyper = dict(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free("cpo_loss", spec, hidden, weight, labels, bias, backend, hyper,
+                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                           process_group=process_group, vocab_start=vocab_start, backward=backward,
+                           deterministic=deterministic, validate=validate)
 
 
 def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto") -> PreferenceOutput:
+              cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
+              validate=True, backend="auto") -> PreferenceOutput:
     """ORPO (Hong et al., 2024) as TRL's ORPOTrainer: NLL plus an odds-ratio term, no reference model.
 
     Layout as :func:`simpo_loss`.  With ``S`` the mean token log-prob of a sequence::
@@ -281,24 +290,26 @@ def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100,
     >>> out = fused_pref.orpo_loss(h, lm_head.weight, labels)
     """
     spec = pref.orpo_spec(beta=beta)
-    return _reference_free("orpo_loss", spec, hidden, weight, labels, bias, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate,
-                           process_group=process_group, vocab_start=vocab_start, backend=backend,
-                           beta=beta)
+    return _reference_free("orpo_loss", spec, hidden, weight, labels, bias, backend, dict(beta=beta),
+                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
+                           process_group=process_group, vocab_start=vocab_start, backward=backward,
+                           deterministic=deterministic, validate=validate)
 
 
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
              discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
+             vocab_start=None, backward="auto", deterministic=None, validate=True,
+             backend="auto") -> PreferenceOutput:
     """DPO (Rafailov et al., 2023) and its variants, each as TRL's DPOTrainer defines it.
 
     Layout as :func:`simpo_loss`.  The reference model enters either as ``ref_logps`` ``[2B]``
     (precomputed, reduced like the policy's) or as ``ref_hidden`` (``hidden``'s layout, any ``D``)
     with ``ref_weight`` ``[V, D_ref]`` and ``ref_bias`` (without ``ref_weight``, the policy's
     ``weight`` and, unless ``ref_bias`` is given, its ``bias``), from which the library computes
-    the log-probs with the fused forward under ``no_grad``.  With ``S``, ``Ref`` the per-sequence log-probs, ``a = S[j] - Ref[j]``,
-    ``b = S[j+B] - Ref[j+B]``, ``u = a - b``, ``eps = label_smoothing``, ``s`` the sigmoid:
+    the log-probs with the fused forward under ``no_grad``.  With ``S``, ``Ref`` the per-sequence
+    log-probs, ``a = S[j] - Ref[j]``, ``b = S[j+B] - Ref[j+B]``, ``u = a - b``,
+    ``eps = label_smoothing``, ``s`` the sigmoid:
 
     ==========  ====================================================================
     sigmoid     ``-(1-eps) log s(beta u) - eps log s(-beta u)``   (cDPO when eps > 0)
@@ -324,8 +335,10 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     """
     spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
                          length_normalize=length_normalize, discopop_tau=discopop_tau)
-    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True,
-                                     pairs=True, softcap=softcap, ignore_index=ignore_index)
+    options, num_sequences = _checked_options(
+        hidden, weight, labels, bias, sequence_level=True, pairs=True, ignore_index=ignore_index, softcap=softcap,
+        shift=shift, cu_seqlens=cu_seqlens, process_group=process_group, vocab_start=vocab_start,
+        backward=backward, deterministic=deterministic, validate=validate)
     ref_weight, ref_bias = check.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
@@ -333,16 +346,11 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         return reference.dpo_loss(hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
                                   ref_weight=ref_weight, ref_bias=ref_bias, beta=beta, loss_type=loss_type,
                                   label_smoothing=label_smoothing, sft_weight=sft_weight,
-                                  length_normalize=length_normalize, discopop_tau=discopop_tau,
-                                  ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                                  validate=validate, process_group=process_group, vocab_start=vocab_start)
-    tokens = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                             cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                             vocab_start=vocab_start, mean_over_sequences=spec.reduction == "mean", logit_sum=True)
+                                  length_normalize=length_normalize, discopop_tau=discopop_tau, **options)
+    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=spec.reduction == "mean",
+                             logit_sum=True, **options)
     if ref_logps is None:
         with torch.no_grad():
-            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, ignore_index=ignore_index,
-                                         softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=False,
-                                         process_group=process_group, vocab_start=vocab_start)
+            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, **{**options, "validate": False})
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, cu_seqlens)[0]
     return _preference(tokens, spec, ref_logps.detach().float(), cu_seqlens)

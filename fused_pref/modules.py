@@ -13,9 +13,12 @@ from . import functional
 class _FusedLoss(torch.nn.Module):
     function = None  # the functional.* callable the module wraps
 
-    def __init__(self, **options):
+    def __init__(self, *, ignore_index, softcap, shift, process_group, vocab_start, backward, deterministic,
+                 validate, backend, **hyper):
         super().__init__()
-        self.options = options
+        self.options = dict(**hyper, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                            process_group=process_group, vocab_start=vocab_start, backward=backward,
+                            deterministic=deterministic, validate=validate, backend=backend)
 
     def forward(self, hidden, weight, labels, bias=None, *, cu_seqlens=None):
         return type(self).function(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, **self.options)
@@ -30,9 +33,12 @@ class FusedSimPOLoss(_FusedLoss):
     function = staticmethod(functional.simpo_loss)
 
     def __init__(self, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0, *, ignore_index=-100,
-                 softcap=None, shift=False, validate=True, backend="auto"):
+                 softcap=None, shift=False, process_group=None, vocab_start=None, backward="auto",
+                 deterministic=None, validate=True, backend="auto"):
         super().__init__(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                         ignore_index=ignore_index, softcap=softcap, shift=shift, validate=validate, backend=backend)
+                         ignore_index=ignore_index, softcap=softcap, shift=shift, process_group=process_group,
+                         vocab_start=vocab_start, backward=backward, deterministic=deterministic,
+                         validate=validate, backend=backend)
 
 
 class FusedCPOLoss(_FusedLoss):
@@ -41,9 +47,11 @@ class FusedCPOLoss(_FusedLoss):
     function = staticmethod(functional.cpo_loss)
 
     def __init__(self, beta=0.1, label_smoothing=0.0, sft_weight=1.0, *, ignore_index=-100, softcap=None,
-                 shift=False, validate=True, backend="auto"):
+                 shift=False, process_group=None, vocab_start=None, backward="auto", deterministic=None,
+                 validate=True, backend="auto"):
         super().__init__(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight, ignore_index=ignore_index,
-                         softcap=softcap, shift=shift, validate=validate, backend=backend)
+                         softcap=softcap, shift=shift, process_group=process_group, vocab_start=vocab_start,
+                         backward=backward, deterministic=deterministic, validate=validate, backend=backend)
 
 
 class FusedORPOLoss(_FusedLoss):
@@ -51,9 +59,11 @@ class FusedORPOLoss(_FusedLoss):
 
     function = staticmethod(functional.orpo_loss)
 
-    def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, shift=False, validate=True, backend="auto"):
-        super().__init__(beta=beta, ignore_index=ignore_index, softcap=softcap, shift=shift, validate=validate,
-                         backend=backend)
+    def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, shift=False, process_group=None,
+                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
+        super().__init__(beta=beta, ignore_index=ignore_index, softcap=softcap, shift=shift,
+                         process_group=process_group, vocab_start=vocab_start, backward=backward,
+                         deterministic=deterministic, validate=validate, backend=backend)
 
 
 class FusedLinearCrossEntropyLoss(_FusedLoss):
@@ -61,10 +71,11 @@ class FusedLinearCrossEntropyLoss(_FusedLoss):
 
     function = staticmethod(functional.linear_cross_entropy)
 
-    def __init__(self, reduction="mean", *, ignore_index=-100, softcap=None, shift=False, validate=True,
-                 backend="auto"):
+    def __init__(self, reduction="mean", *, ignore_index=-100, softcap=None, shift=False, process_group=None,
+                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
         super().__init__(reduction=reduction, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                         validate=validate, backend=backend)
+                         process_group=process_group, vocab_start=vocab_start, backward=backward,
+                         deterministic=deterministic, validate=validate, backend=backend)
 
 
 class FusedDPOLoss(_FusedLoss):
@@ -75,10 +86,12 @@ class FusedDPOLoss(_FusedLoss):
     function = staticmethod(functional.dpo_loss)
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-                 discopop_tau=0.05, *, ignore_index=-100, softcap=None, shift=False, validate=True, backend="auto"):
+                 discopop_tau=0.05, *, ignore_index=-100, softcap=None, shift=False, process_group=None,
+                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
         super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
                          length_normalize=length_normalize, discopop_tau=discopop_tau, ignore_index=ignore_index,
-                         softcap=softcap, shift=shift, validate=validate, backend=backend)
+                         softcap=softcap, shift=shift, process_group=process_group, vocab_start=vocab_start,
+                         backward=backward, deterministic=deterministic, validate=validate, backend=backend)
 
     def forward(self, hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, cu_seqlens=None):

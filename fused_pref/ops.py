@@ -10,6 +10,7 @@ import torch
 
 from .kernels import linear_lse_forward, preference_head_forward
 from .kernels.linear_grad import linear_grad_backward
+from .kernels.linear_grad_fused import linear_grad_fused_backward
 
 
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
@@ -31,15 +32,19 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum):
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
-                softcap: float | None, needs: list[bool], workspace_bytes: int) -> list[torch.Tensor]:
-    grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
-                                 needs=tuple(needs), workspace_bytes=workspace_bytes)
+                softcap: float | None, needs: list[bool], workspace_bytes: int, strategy: str) -> list[torch.Tensor]:
+    if strategy == "fused":
+        grads = linear_grad_fused_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse,
+                                           softcap=softcap, needs=tuple(needs))
+    else:
+        grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
+                                     needs=tuple(needs), workspace_bytes=workspace_bytes)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return [g if g is not None else grad_logp.new_empty(0) for g in grads]
 
 
 @linear_grad.register_fake
-def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, needs, workspace_bytes):
+def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, needs, workspace_bytes, strategy):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)

@@ -4,7 +4,8 @@ fp64 inputs), ``log_softmax``, ``gather``, masked sums, and each loss written as
 Slow and memory-hungry by design, and part of the library: it shares each signature with
 ``fused_pref.functional`` so users can check parity in their own CI.  Shifted and packed layouts
 are computed the obvious way, by slicing each sequence.  ``backend`` is accepted for signature
-parity and ignored (this module always computes in PyTorch).
+parity and ignored (this module always computes in PyTorch), and so are ``backward`` and
+``deterministic`` once validated (its backward is PyTorch's autograd).
 """
 
 import math
@@ -41,7 +42,9 @@ def _spans(labels, cu_seqlens):
     """(start, end) of each sequence in the flattened tokens."""
     if cu_seqlens is None:
         T = labels.shape[-1]
-        return [(r * T, (r + 1) * T) for r in range(labels.numel() // T)] if labels.dim() == 2 else [(0, labels.numel())]
+        if labels.dim() != 2:
+            return [(0, labels.numel())]
+        return [(r * T, (r + 1) * T) for r in range(labels.shape[0])]
     cu = cu_seqlens.tolist()
     return list(zip(cu[:-1], cu[1:]))
 
@@ -72,11 +75,11 @@ def _per_sequence(values, labels, cu_seqlens):
 
 
 def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                    cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
+                    validate=True, backend="auto"):
     """Reference of :func:`fused_pref.linear_logprobs`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
-                     dtypes=check.REFERENCE_DTYPES)
+                     backward=backward, deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
     weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
                            cu_seqlens=cu_seqlens, validate=validate)[0]
@@ -94,22 +97,24 @@ def _sequence_logps(hidden, weight, labels, bias, *, reduction, ignore_index, so
 
 
 def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+                      deterministic=None, validate=True, backend="auto"):
     """Reference of :func:`fused_pref.sequence_logprobs`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
-                     ignore_index=ignore_index, reduction=reduction, kind="sequence", dtypes=check.REFERENCE_DTYPES)
+                     ignore_index=ignore_index, reduction=reduction, kind="sequence", backward=backward,
+                     deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
     weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     return _sequence_logps(hidden, weight, labels, bias, reduction=reduction, ignore_index=ignore_index,
                            softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate)[0]
 
 
 def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-                    backend="auto"):
+                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+                         deterministic=None, validate=True, backend="auto"):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
-                     reduction=reduction, kind="cross_entropy", dtypes=check.REFERENCE_DTYPES)
+                     reduction=reduction, kind="cross_entropy", backward=backward, deterministic=deterministic,
+                     dtypes=check.REFERENCE_DTYPES)
     weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                                      shift=shift, cu_seqlens=cu_seqlens, validate=validate)
@@ -178,9 +183,10 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) ->
 
 
 def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    process_group, vocab_start):
+                    process_group, vocab_start, backward, deterministic):
     check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
-                     softcap=softcap, ignore_index=ignore_index, dtypes=check.REFERENCE_DTYPES)
+                     softcap=softcap, ignore_index=ignore_index, backward=backward, deterministic=deterministic,
+                     dtypes=check.REFERENCE_DTYPES)
     weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
     logps, sums, counts, logit_sums = _sequence_logps(
         hidden, weight, labels, bias, reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap,
@@ -189,45 +195,46 @@ def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap
 
 
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-               vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
+               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
+               backward="auto", deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
     spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                            shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start)
+                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
 
 
-def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0, ignore_index=-100,
+             softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
+             deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.cpo_loss`."""
     spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                            shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start)
+                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
 
 
 def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, process_group=None, vocab_start=None, validate=True,
-              backend="auto") -> PreferenceOutput:
+              cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
+              validate=True, backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.orpo_loss`."""
     spec = pref.orpo_spec(beta=beta)
     return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
                            shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start)
+                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
 
 
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
              discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-             vocab_start=None, validate=True, backend="auto") -> PreferenceOutput:
+             vocab_start=None, backward="auto", deterministic=None, validate=True,
+             backend="auto") -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
     spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
                          length_normalize=length_normalize, discopop_tau=discopop_tau)
     num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True,
                                      pairs=True, softcap=softcap, ignore_index=ignore_index,
-                                     dtypes=check.REFERENCE_DTYPES)
+                                     backward=backward, deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
     ref_weight, ref_bias = check.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences, dtypes=check.REFERENCE_DTYPES)

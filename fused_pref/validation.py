@@ -78,7 +78,8 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
                           f"got {tuple(labels.shape)}")
     devices = {t.device for t in (hidden, weight, labels, bias) if t is not None}
     if len(devices) > 1:
-        _fail(ValueError, f"{name}, {w_name}, labels and {b_name} must be on one device, got {sorted(map(str, devices))}")
+        _fail(ValueError, f"{name}, {w_name}, labels and {b_name} must be on one device, "
+                          f"got {sorted(map(str, devices))}")
 
 
 def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100):
@@ -101,6 +102,25 @@ def check_cu_seqlens(cu_seqlens, hidden):
         _fail(ValueError, f"cu_seqlens must be [R + 1] with R >= 1, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != hidden.device:
         _fail(ValueError, f"cu_seqlens is on {cu_seqlens.device}, hidden on {hidden.device}")
+
+
+BACKWARD_STRATEGIES = ("auto", "chunked", "fused")
+
+
+def check_backward(backward, deterministic) -> str:
+    """The backward strategy to run: "chunked" (V-chunked, deterministic, the default) or "fused"
+    (atomics, run-to-run differences in the last bits; never under determinism)."""
+    if backward not in BACKWARD_STRATEGIES:
+        _fail(ValueError, f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
+    if deterministic is not None and not isinstance(deterministic, bool):
+        _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    if backward == "fused" and deterministic:
+        _fail(ValueError, "backward='fused' accumulates with atomics, so its last bits vary from run to run; "
+                          "it cannot run under deterministic=True or torch.use_deterministic_algorithms(True) "
+                          "(use backward='auto' or 'chunked')")
+    return "fused" if backward == "fused" else "chunked"
 
 
 def check_pairs(num_sequences):
@@ -186,8 +206,10 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
 
 
 def check_call(hidden, weight, labels, bias, *, cu_seqlens=None, sequence_level=False, pairs=False,
-               softcap=None, ignore_index=-100, reduction=None, kind=None, dtypes=FUSED_DTYPES) -> int:
+               softcap=None, ignore_index=-100, reduction=None, kind=None, backward="auto", deterministic=None,
+               dtypes=FUSED_DTYPES) -> int:
     """Every free check of a public function's common arguments; returns the number of sequences."""
+    check_backward(backward, deterministic)
     check_tensors(hidden, weight, labels, bias, dtypes=dtypes, sequence_level=sequence_level,
                   packed=cu_seqlens is not None)
     check_cu_seqlens(cu_seqlens, hidden)

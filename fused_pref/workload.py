@@ -35,8 +35,9 @@ SEQUENCE_LENGTH = 1024
 PROMPT_FRACTION = 0.25
 
 # The library's own implementations.  Each backward strategy the fused path offers is one entry:
-# the keyword arguments that select it (DESIGN.md section 4; only strategy (b) exists so far).
-FUSED_STRATEGIES = {"vchunk": {}}
+# the keyword arguments that select it (DESIGN.md section 4: (b) V-chunked, the default; (a) fused
+# with atomics).
+FUSED_STRATEGIES = {"vchunk": {}, "atomic": {"backward": "fused"}}
 
 
 def sequences_for(tokens: int) -> int:

@@ -1,16 +1,15 @@
 """Bitwise determinism: the same inputs give the same bits, forward and backward, run after run, with
 and without ``torch.use_deterministic_algorithms(True)``.
 
-Every path is deterministic by construction today: the one backward is strategy (b) of DESIGN.md
-section 4 (a kernel writes ``dz`` for a vocabulary chunk, cuBLAS products accumulate the gradients,
-chunks in a fixed order), no kernel uses atomics, tile configs are fixed (no autotuning), the
+Every default path is deterministic by construction: the default backward is strategy (b) of
+DESIGN.md section 4 (a kernel writes ``dz`` for a vocabulary chunk, cuBLAS products accumulate the
+gradients, chunks in a fixed order), only the opt-in ``backward="fused"`` uses atomics and it is
+refused under determinism, tile configs are fixed (no autotuning), the
 split-vocabulary forward combines its partials with torch in a fixed order, and packed sequence
 sums difference an fp64 prefix sum.  Under the interpreter programs run one after another, so a
-race cannot show on CPU: ``test_no_kernel_uses_atomics`` guards the structural half, and these
-runs the rest (no state carried between calls, no read of uninitialised memory: under
-deterministic algorithms torch fills fresh tensors with NaN).
-
-When the public functions grow a ``deterministic=`` argument, these tests pass it.
+race cannot show on CPU: ``test_only_the_fused_backward_uses_atomics`` guards the structural
+half, and these runs the rest (no state carried between calls, no read of uninitialised memory:
+under deterministic algorithms torch fills fresh tensors with NaN).
 """
 
 import inspect
@@ -111,12 +110,31 @@ def test_deterministic_algorithms_are_off_again():
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_no_kernel_uses_atomics():
+def test_only_the_fused_backward_uses_atomics():
     # Float atomics add in whatever order programs finish, so results change run to run (DESIGN.md,
-    # strategy (a)).  A kernel that needs them must be reachable only with deterministic=False,
-    # and this test then lists it.
+    # strategy (a)).  Only kernels/linear_grad_fused.py may use them: it runs only with
+    # backward="fused", which deterministic=True refuses (tested below).
     kernels = pathlib.Path(fused_pref.kernels.__file__).parent
     sources = {path.name: path.read_text() for path in kernels.glob("*.py")}
     assert sources, f"no kernel sources under {kernels}"
     users = sorted(name for name, text in sources.items() if re.search(r"\btl\.atomic_\w+\(", text))
-    assert users == [], f"kernels with atomics: {users}"
+    assert users == ["linear_grad_fused.py"], f"kernels with atomics: {users}"
+
+
+@pytest.mark.parametrize("how", ["argument", "global-switch"])
+def test_the_atomic_backward_is_refused_under_determinism(how, device):
+    x = make_inputs(2, 7, 40, 257, device=device)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    pattern = r"^backward='fused' accumulates with atomics"
+    if how == "argument":
+        with pytest.raises(ValueError, match=pattern):
+            fused_pref.simpo_loss(*args, backward="fused", deterministic=True)
+        return
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match=pattern):
+            fused_pref.linear_cross_entropy(*args, backward="fused")
+        fused_pref.linear_cross_entropy(*args, backward="fused", deterministic=False)  # an explicit opt-out
+    finally:
+        torch.use_deterministic_algorithms(previous)

@@ -564,3 +564,18 @@ def test_packed_pairs_counted_from_cu_seqlens(module):
 def test_vocab_start_needs_a_process_group(module, name):
     with pytest.raises(ValueError, match=r"^vocab_start is only meaningful with a process_group$"):
         call(module, name, vocab_start=3)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("kwargs, cls, pattern", [
+    pytest.param({"backward": "atomic"}, ValueError, r"^backward must be one of \('auto', 'chunked', 'fused'\)",
+                 id="backward-unknown"),
+    pytest.param({"deterministic": 1}, TypeError, r"^deterministic must be a bool or None, got int",
+                 id="deterministic-int"),
+    pytest.param({"backward": "fused", "deterministic": True}, ValueError, r"^backward='fused' accumulates",
+                 id="fused-and-deterministic"),
+])
+def test_bad_backward_options(module, name, kwargs, cls, pattern):
+    with pytest.raises(cls, match=pattern):
+        call(module, name, **kwargs)

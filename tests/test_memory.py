@@ -13,23 +13,24 @@ from fused_pref.testing import make_inputs
 R, T, D, V = 8, 65, 48, 4099
 
 
-def _step(module, loss_name, device):
+def _step(module, loss_name, device, **options):
     x = make_inputs(R, T, D, V, device=device, dtype=torch.float32)
     with AllocationRecorder() as recorder:
         if loss_name == "simpo":
-            loss = module.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]).loss
+            loss = module.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], **options).loss
         elif loss_name == "dpo":
             loss = module.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                   ref_hidden=x["hidden"].detach().flip(0)).loss
+                                   ref_hidden=x["hidden"].detach().flip(0), **options).loss
         else:
-            loss = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"])
+            loss = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], **options)
         loss.backward()
     return recorder
 
 
+@pytest.mark.parametrize("backward", ["chunked", "fused"])
 @pytest.mark.parametrize("loss_name", ["simpo", "dpo", "cross_entropy"])
-def test_fused_never_allocates_tokens_by_vocab(loss_name, device):
-    recorder = _step(fused_pref, loss_name, device)
+def test_fused_never_allocates_tokens_by_vocab(loss_name, backward, device):
+    recorder = _step(fused_pref, loss_name, device, backward=backward)
     largest = recorder.largest()
     assert len(recorder.allocations) > 10, "the recorder saw no allocations: it is not recording"
     assert largest.numel < R * T * V / 8, f"fused path allocated {largest}"

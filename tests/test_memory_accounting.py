@@ -77,7 +77,9 @@ def test_fitted_formula_matches_the_analytic_one_at_full_shape(model, loss):
         assert a.fit.max_error < 64, a.fit.points
         assert a.fitted_bytes == pytest.approx(a.analytic_bytes, rel=0.01), a.implementation
         if a.implementation.startswith("fused-"):
-            assert abs(a.fit.coefficients["N·V"]) < 0.05 and abs(a.fit.coefficients["V·D"]) < 0.05
+            assert abs(a.fit.coefficients["N·V"]) < 0.05, a.implementation  # never tokens x vocabulary
+        if a.implementation == "fused-vchunk":
+            assert abs(a.fit.coefficients["V·D"]) < 0.05  # the atomic backward's fp32 d_weight is V·D
 
 
 def test_memory_command_prints_each_implementation_measured_and_analytic():
@@ -98,4 +100,5 @@ def test_memory_command_prints_each_implementation_measured_and_analytic():
     # 12 bytes per logit against 14 bytes per hidden unit plus a 256 MiB-bounded workspace.
     assert totals["reference"] > 20 * totals["fused-vchunk"]
     formulas = re.findall(r"^  measured fit  (.*?)\s+\(largest error", out, re.MULTILINE)
-    assert len(formulas) == 2 and "N·V" not in formulas[0] and formulas[1].startswith("12.0·N·V"), formulas
+    assert len(formulas) == 3 and all("N·V" not in f for f in formulas[:2]), formulas
+    assert formulas[2].startswith("12.0·N·V"), formulas

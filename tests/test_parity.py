@@ -157,3 +157,23 @@ def test_no_valid_token_at_all(device):
     loss.backward()
     assert loss.item() == 0.0
     assert (x["hidden"].grad == 0).all() and (x["weight"].grad == 0).all() and (x["bias"].grad == 0).all()
+
+
+@pytest.mark.parametrize("shape", list(SHAPES.values())[:3], ids=list(SHAPES)[:3])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
+def test_fused_backward(shape, dtype, softcap, device):
+    # Strategy (a): the atomic, fully fused backward (backward="fused"), against the same reference.
+    x = make_inputs(*shape, dtype=dtype, device=device, seed=89)
+    _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=softcap,
+                                     sft_weight=0.2, backward="fused"), x, dtype)
+
+
+@pytest.mark.parametrize("needs", ["hidden", "weight"])
+def test_fused_backward_partial_gradients(needs, device):
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=97, bias=False)
+    other = "weight" if needs == "hidden" else "hidden"
+    x[other].requires_grad_(False)
+    _check(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], shift=True, backward="fused"),
+           x, torch.float32, grads=(needs,))
+    assert x[other].grad is None
