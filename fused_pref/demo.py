@@ -128,14 +128,12 @@ def _human(n: float) -> str:
 def _llama3_8b_lines(tokens=16384) -> list[str]:
     """The same comparison at Llama-3-8B's head, from the memory accounting of ``python -m fused_pref
     memory`` (fitted to measurements at scaled shapes; analytic formula beside it)."""
-    try:
-        from .accounting import account
-        from .workload import MODELS
-    except ImportError:   # the accounting is not in this build
-        return ["  Llama-3-8B: no memory accounting in this build (fused_pref.accounting)."]
+    from .accounting import account
+    from .workload import MODELS
+
     head = MODELS["llama3-8b"]
     by_name = {a.implementation: a for a in account("llama3-8b", tokens, "simpo")}
-    fused = next(a for name, a in by_name.items() if name.startswith("fused-"))
+    fused = by_name["fused-vchunk"]  # the default backward
     reference = by_name["reference"]
     saved = reference.fitted_bytes - fused.fitted_bytes
     return [f"  {head.name} head (D {head.hidden}, V {head.vocab}), {tokens} tokens, bf16: reference "
