@@ -19,6 +19,7 @@ import torch
 
 import fused_pref
 
+from .accounting import human_bytes
 from .memory import LiveBytesRecorder
 
 # The model: Llama's architecture, small enough for the Triton interpreter on two CPU cores.
@@ -118,13 +119,6 @@ def loss_memory(model, batch) -> dict:
     return peaks
 
 
-def _human(n: float) -> str:
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
-
-
 def _llama3_8b_lines(tokens=16384) -> list[str]:
     """The same comparison at Llama-3-8B's head, from the memory accounting of ``python -m fused_pref
     memory`` (fitted to measurements at scaled shapes; analytic formula beside it)."""
@@ -137,9 +131,9 @@ def _llama3_8b_lines(tokens=16384) -> list[str]:
     reference = by_name["reference"]
     saved = reference.fitted_bytes - fused.fitted_bytes
     return [f"  {head.name} head (D {head.hidden}, V {head.vocab}), {tokens} tokens, bf16: reference "
-            f"{_human(reference.fitted_bytes)}, fused {_human(fused.fitted_bytes)}: saves {_human(saved)} "
-            f"({reference.fitted_bytes / fused.fitted_bytes:.0f}x less); analytic {_human(reference.analytic_bytes)} "
-            f"vs {_human(fused.analytic_bytes)} (`python -m fused_pref memory` details both)"]
+            f"{human_bytes(reference.fitted_bytes)}, fused {human_bytes(fused.fitted_bytes)}: saves {human_bytes(saved)} "
+            f"({reference.fitted_bytes / fused.fitted_bytes:.0f}x less); analytic {human_bytes(reference.analytic_bytes)} "
+            f"vs {human_bytes(fused.analytic_bytes)} (`python -m fused_pref memory` details both)"]
 
 
 def _sparkline(values, lo, hi) -> str:
@@ -201,8 +195,8 @@ def run_demo(steps=30, pairs=8, *, seed=0, device=None, out=print) -> DemoResult
     N, dtype = batch[0].numel(), str(fused_model.dtype).replace("torch.", "")
     fused_bytes, reference_bytes = result.memory["fused"], result.memory["reference"]
     out("Loss memory, peak bytes beyond the inputs (hidden states, lm_head) and their gradients:")
-    out(f"  this demo ({N} tokens, D {HIDDEN}, V {VOCAB}, {dtype}), measured: reference {_human(reference_bytes)}, "
-        f"fused {_human(fused_bytes)}: saves {_human(reference_bytes - fused_bytes)} "
+    out(f"  this demo ({N} tokens, D {HIDDEN}, V {VOCAB}, {dtype}), measured: reference {human_bytes(reference_bytes)}, "
+        f"fused {human_bytes(fused_bytes)}: saves {human_bytes(reference_bytes - fused_bytes)} "
         f"({reference_bytes / max(fused_bytes, 1):.1f}x less)")
     for line in _llama3_8b_lines():
         out(line)

@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows, workspace_dtype
+from .tiles import (TileConfig, dot_flags, load_labels, logits_tile, logp_grad_tile, tiles_for, valid_rows,
+                    workspace_dtype)
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -61,11 +62,7 @@ def linear_grad_kernel(
         stride_h_d, stride_w_v, stride_w_d, softcap,
         HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
-    if HAS_SOFTCAP:
-        # z = c * tanh(u / c), so dz/du = 1 - (z / c)^2.
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
+    dz = logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP)
     col_mask = offs_v < v_chunk_end
     dz_offset = offs_p.to(tl.int64)[:, None] * stride_dz_p + (offs_v - v_chunk_start)[None, :]
     tl.store(dz_ptr + dz_offset, dz.to(dz_ptr.dtype.element_ty), mask=p_mask[:, None] & col_mask[None, :])

@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_acc, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
+from .tiles import TileConfig, dot_acc, dot_flags, load_labels, logits_tile, logp_grad_tile, tiles_for, valid_rows
 
 
 @triton.jit
@@ -50,10 +50,7 @@ def linear_grad_fused_kernel(
         stride_h_d, stride_w_v, stride_w_d, softcap,
         HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
-    if HAS_SOFTCAP:
-        capped = z / softcap
-        dz = dz * (1.0 - capped * capped)
+    dz = logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP)
     dz = tl.where(p_mask[:, None] & v_mask[None, :], dz * g[:, None], 0.0)
     if NEED_B:
         tl.atomic_add(db_ptr + offs_v, tl.sum(dz, axis=0), mask=v_mask)

@@ -134,3 +134,14 @@ def logits_tile(
     if HAS_SOFTCAP:
         acc = softcap * tanh(acc / softcap)
     return acc, offs_v, v_mask
+
+
+@triton.jit
+def logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP: tl.constexpr):
+    """d logp / d (pre-softcap logit) for a tile: ``onehot(label) - softmax(z)``, times
+    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2)."""
+    dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+    if HAS_SOFTCAP:
+        capped = z / softcap
+        dz = dz * (1.0 - capped * capped)
+    return dz
