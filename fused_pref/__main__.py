@@ -22,12 +22,16 @@ from pathlib import Path
 
 import torch
 
+from .kernels import interpreter_problem
 from .workload import LOSSES, MODELS, TOKENS_PER_STEP
 
 
 def _reexec_with_interpreter(wanted: bool, argv):
     """Triton reads TRITON_INTERPRET when kernels are defined, which ``python -m fused_pref`` has
     already done by the time this runs; so re-execute with the variable as the command needs it."""
+    if wanted and (problem := interpreter_problem()):
+        raise SystemExit(f"fused_pref {argv[0]}: this command runs the kernels through Triton's interpreter, but "
+                         f"{problem}")
     current = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     if current == wanted:
         return

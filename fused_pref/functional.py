@@ -28,7 +28,7 @@ from . import reference
 from . import validation as check
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
-from .kernels import KERNELS_INTERPRETED
+from .kernels import KERNELS_INTERPRETED, interpreter_problem
 from .outputs import PreferenceOutput, preference_output
 from .segments import sequence_sums, shift_labels
 
@@ -41,14 +41,16 @@ def _use_triton(device: torch.device, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     runnable = device.type == "cuda" or (device.type == "cpu" and KERNELS_INTERPRETED)
+    if device.type == "cpu" and KERNELS_INTERPRETED and backend != "reference" and (problem := interpreter_problem()):
+        raise RuntimeError(f"fused_pref: TRITON_INTERPRET is set, but {problem}")
     if backend == "triton" and not runnable:
         raise ValueError(f"backend='triton' cannot run on {device} tensors: use CUDA tensors, or set "
                          "TRITON_INTERPRET=1 before importing fused_pref to run the kernels on the CPU")
     if backend == "auto" and not runnable and not _warned_cpu_fallback:
         _warned_cpu_fallback = True
-        warnings.warn(f"fused_pref: no Triton backend for {device} tensors (no CUDA and "
-                      "TRITON_INTERPRET is not set); using the PyTorch reference, which materializes "
-                      "the logits", stacklevel=3)
+        warnings.warn(f"fused_pref: no Triton backend for {device} tensors (only CUDA tensors, or CPU tensors "
+                      "with TRITON_INTERPRET=1 set before import); using the PyTorch reference, which "
+                      "materializes the logits", stacklevel=3)
     return backend == "triton" or (backend == "auto" and runnable)
 
 

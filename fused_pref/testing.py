@@ -9,6 +9,12 @@ import torch
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 
 
+def kernel_device() -> str:
+    """Where parity checks run the kernels: ``"cuda"`` when a GPU is visible, else ``"cpu"`` (through
+    Triton's interpreter, which must be enabled with ``TRITON_INTERPRET=1`` before import)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """``||out - ref|| / ||ref||`` in fp64; ``inf`` when ``out`` holds a NaN or an inf."""
     out, ref = out.detach().double().cpu(), ref.detach().double().cpu()

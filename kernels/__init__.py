@@ -9,11 +9,12 @@ one helper in ``tiles.py`` so forward and backward round identically.
 from .linear_grad import linear_grad_chunk
 from .linear_lse import linear_lse_forward
 from .pref_head import preference_head_forward
-from .tiles import KERNELS_INTERPRETED, TileConfig
+from .tiles import KERNELS_INTERPRETED, TileConfig, interpreter_problem
 
 __all__ = [
     "KERNELS_INTERPRETED",
     "TileConfig",
+    "interpreter_problem",
     "linear_grad_chunk",
     "linear_lse_forward",
     "preference_head_forward",

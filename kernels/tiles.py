@@ -7,6 +7,7 @@ passes (Cut Cross-Entropy saw skewed gradients when the two used different MMA s
 
 import os
 from dataclasses import dataclass
+from importlib import metadata
 
 import torch
 import triton
@@ -15,6 +16,28 @@ import triton.language as tl
 # Triton turns @triton.jit functions into interpreter functions when this is set at definition
 # time, so it is read once here, at import, exactly as Triton reads it.
 KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split(".")[:2]
+    return int(major), int(minor)
+
+
+def interpreter_problem(triton_version: str = triton.__version__, numpy_version: str | None = None) -> str | None:
+    """Why Triton's interpreter cannot run these kernels with these versions, or None.
+
+    Before 3.7 the interpreter turns a runtime loop bound into a Python int with ``int()`` on a
+    one-element array, which NumPy 2.4 made a TypeError: every kernel fails at its first loop."""
+    if numpy_version is None:
+        try:
+            numpy_version = metadata.version("numpy")
+        except metadata.PackageNotFoundError:
+            return "Triton's interpreter needs NumPy, which is not installed"
+    if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
+        return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (before Triton 3.7 "
+                "it converts loop bounds with int() on one-element arrays, an error since NumPy 2.4): "
+                "install triton>=3.7 or numpy<2.4")
+    return None
 
 
 @dataclass(frozen=True)

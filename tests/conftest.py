@@ -1,7 +1,10 @@
-"""Runs the real Triton kernels on CPU tensors when there is no GPU.
+"""Runs the real Triton kernels on the GPU when one is visible, else on CPU tensors through Triton's
+interpreter.
 
 TRITON_INTERPRET must be set before any @triton.jit function is defined, i.e. before fused_pref is
-imported, so it is set here, at conftest import, ahead of every test module.
+imported, so it is set here, at conftest import, ahead of every test module.  Tests run their kernels
+on ``DEVICE`` (the ``device`` fixture); those marked ``cpu_interpreter`` measure something only the
+interpreter shows (the CPU memory accounting) and are skipped where CUDA is visible.
 """
 
 import os
@@ -13,7 +16,25 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from fused_pref.kernels import interpreter_problem  # noqa: E402
+from fused_pref.testing import kernel_device  # noqa: E402
+
+DEVICE = kernel_device()
+
+
+def pytest_sessionstart(session):
+    if DEVICE == "cpu" and (problem := interpreter_problem()):
+        pytest.exit(f"the tests run the kernels through Triton's interpreter, but {problem}", returncode=4)
+
+
+def pytest_collection_modifyitems(config, items):
+    if DEVICE != "cuda":
+        return
+    skip = pytest.mark.skip(reason="runs the kernels on CPU tensors through Triton's interpreter, and CUDA is "
+                                   "visible (CUDA_VISIBLE_DEVICES= pytest runs it)")
+    for item in items:
+        if "cpu_interpreter" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture

@@ -118,3 +118,19 @@ def test_wheel_contents(tmp_path):
                               capture_output=True, text=True, timeout=300)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.strip() == str(site / "fused_pref" / "kernels")
+
+
+@pytest.mark.parametrize("triton_version, numpy_version, runs", [
+    ("3.6.0", "2.4.6", False),   # the interpreter's int() on a one-element array: an error since NumPy 2.4
+    ("3.2.0", "2.5.2", False),
+    ("3.6.0", "2.3.5", True),
+    ("3.7.1", "2.4.6", True),    # fixed in Triton 3.7
+    ("3.9.0", "2.5.2", True),
+])
+def test_interpreter_problem_names_the_versions_and_the_way_out(triton_version, numpy_version, runs):
+    problem = fused_pref.kernels.interpreter_problem(triton_version, numpy_version)
+    if runs:
+        assert problem is None
+    else:
+        assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
+        assert "install triton>=3.7 or numpy<2.4" in problem
