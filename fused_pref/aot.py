@@ -2,7 +2,7 @@
 
 The interpreter accepts code that the GPU compiler rejects, so each kernel is also compiled for
 sm_80 and sm_90 at its shipped configuration and the register / spill figures are read from
-``ptxas -v`` (Triton's wheel carries a ptxas new enough for its own PTX as ``ptxas-blackwell``).
+``ptxas -v`` of the ptxas Triton itself uses for that architecture.
 
 Triton specializes every launch on its arguments: an integer equal to 1 becomes a constant and an
 integer or pointer that is a multiple of 16 gets a divisibility hint, which is what lets loads be
@@ -13,6 +13,7 @@ Must run in a process without ``TRITON_INTERPRET`` (``python -m fused_pref kerne
 itself without it).
 """
 
+import inspect
 import os
 import re
 import subprocess
@@ -104,8 +105,13 @@ def shipped_specs(dtypes=tuple(TORCH_DTYPES)):
     yield from _head_specs()
 
 
-def _ptxas() -> Path:
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas-blackwell"
+def _ptxas(arch: int) -> str:
+    """The ptxas Triton itself assembles ``sm_<arch>`` with: which binary of its wheel that is, and
+    how it says so, changed between releases (3.4 and 3.5 take no arch, 3.3 returns a tuple)."""
+    from triton.backends.nvidia import compiler as nvidia
+
+    tool = nvidia.get_ptxas(arch) if inspect.signature(nvidia.get_ptxas).parameters else nvidia.get_ptxas()
+    return tool[0] if isinstance(tool, tuple) else tool.path
 
 
 def _ptxas_figures(ptx: str, arch: int):
@@ -113,7 +119,7 @@ def _ptxas_figures(ptx: str, arch: int):
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "k.ptx"
         src.write_text(ptx)
-        out = subprocess.run([str(_ptxas()), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+        out = subprocess.run([_ptxas(arch), "-v", f"--gpu-name={gpu}", str(src), "-o", str(Path(tmp) / "k.cubin")],
                              capture_output=True, text=True, check=True)
     log = out.stdout + out.stderr
     registers = int(re.search(r"Used (\d+) registers", log).group(1))
