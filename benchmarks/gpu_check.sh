@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
 # The GPU protocol, one command on a lent H100/H200, from the repository root or anywhere:
 #
-#     benchmarks/gpu_check.sh OUT_DIR [python -m fused_pref bench options]
+#     benchmarks/gpu_check.sh OUT_DIR [--no-tests | --no-bench] [python -m fused_pref bench options]
 #
 # 1. prints the GPU, driver, CUDA, torch and triton versions;
-# 2. runs the test suite on the GPU (parity against the fp64 reference on CUDA tensors); a failure
-#    is reported in the exit status but does not stop step 3;
+# 2. runs the test suite on the GPU (every test's kernels on CUDA tensors against the fp64
+#    reference; the tests that only the CPU interpreter can run skip themselves), in parallel
+#    processes when pytest-xdist is installed, since most of its time is Triton compiling each
+#    kernel variant; a failure is reported in the exit status but does not stop step 3;
 # 3. runs the benchmark at every model and tokens per step (`--all-shapes`; further options, e.g.
 #    `--impl fused-vchunk --impl reference`, `--model llama3-8b` or `--loss simpo`, narrow it to
 #    fit a time budget; see benchmarks/NOTES.md for an estimate),
 #    writing OUT_DIR/<gpu>-<date>.json and its PNG, rewritten after every case.
-# Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy the JSON into
-# benchmarks/results/ and run `python -m fused_pref bench --readme`.
+# `--no-tests` / `--no-bench` leave out step 2 / step 3, to split the protocol over two calls that
+# each fit a time limit.  Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy
+# the JSON into benchmarks/results/ and run `python -m fused_pref bench --readme`.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: $0 OUT_DIR [python -m fused_pref bench options]" >&2
+    echo "usage: $0 OUT_DIR [--no-tests | --no-bench] [python -m fused_pref bench options]" >&2
     exit 2
 fi
 out="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
+run_tests=1 run_bench=1
+case "${1:-}" in
+    --no-tests) run_tests=0; shift ;;
+    --no-bench) run_bench=0; shift ;;
+esac
 cd "$(dirname "$0")/.."
+
+export PYTHONUNBUFFERED=1
+# cuBLAS is deterministic only with a fixed workspace; the determinism tests turn on
+# torch.use_deterministic_algorithms, which refuses cuBLAS products without this.
+export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 # The package must import from this checkout (kernels/ installs as fused_pref.kernels); the lent
@@ -34,6 +47,14 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device v
 
 # A failing test does not cancel the benchmark (the lent time is scarce); it fails the script.
 tests=0
-pytest tests -q 2>&1 | tee "$out/pytest.log" || tests=$?
-python -m fused_pref bench --all-shapes --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+if [[ $run_tests == 1 ]]; then
+    parallel=()
+    if python -c "import xdist" 2>/dev/null; then
+        parallel=(-n 8)
+    fi
+    pytest tests -q "${parallel[@]}" 2>&1 | tee "$out/pytest.log" || tests=$?
+fi
+if [[ $run_bench == 1 ]]; then
+    python -m fused_pref bench --all-shapes --out "$out" "$@" 2>&1 | tee "$out/bench.log"
+fi
 exit "$tests"

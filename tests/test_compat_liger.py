@@ -156,7 +156,7 @@ def test_dpo_reference_without_bias_means_no_bias(device):
     loss, aux = _run(compat.LigerFusedLinearDPOLoss(beta=0.3), x, ref_input=ref_hidden, ref_weight=x["weight"].detach())
     zeros = torch.zeros(SHAPE[3], dtype=torch.float64)
     ref = fused_pref.reference.dpo_loss(rx["hidden"], rx["weight"], rx["labels"], rx["bias"],
-                                        ref_hidden=ref_hidden.double(), ref_weight=rx["weight"].detach(),
+                                        ref_hidden=ref_hidden.cpu().double(), ref_weight=rx["weight"].detach(),
                                         ref_bias=zeros, beta=0.3)
     ref.loss.backward()
     _check_against(aux, loss, _grads(x), ref, _grads(rx), nll=torch.zeros(()))

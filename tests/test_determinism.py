@@ -9,7 +9,8 @@ split-vocabulary forward combines its partials with torch in a fixed order, and 
 sums difference an fp64 prefix sum.  Under the interpreter programs run one after another, so a
 race cannot show on CPU: ``test_only_the_fused_backward_uses_atomics`` guards the structural
 half, and these runs the rest (no state carried between calls, no read of uninitialised memory:
-under deterministic algorithms torch fills fresh tensors with NaN).
+under deterministic algorithms torch fills fresh tensors with NaN).  Where CUDA is visible the runs
+are on the GPU, where a race would also show.
 """
 
 import inspect
@@ -25,7 +26,7 @@ from fused_pref.testing import make_inputs
 
 def _simpo_packed_shift(x):
     R, T, D = x["hidden"].shape
-    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32)
+    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
     return fused_pref.simpo_loss(x["hidden"].reshape(R * T, D), x["weight"], x["labels"].reshape(-1), x["bias"],
                                  shift=True, cu_seqlens=cu, **_deterministic(fused_pref.simpo_loss))
 
@@ -53,14 +54,14 @@ CASES = {
 }
 
 
-def _step(call, dtype, shape):
-    """Forward and backward on fresh inputs: every output and gradient, as a flat tuple."""
-    x = make_inputs(*shape, dtype=dtype, seed=3, confident=0.0)
+def _step(call, dtype, shape, device):
+    """Forward and backward on fresh inputs on ``device``: every output and gradient, as a flat tuple."""
+    x = make_inputs(*shape, dtype=dtype, seed=3, confident=0.0, device=device)
     out = call(x)
     tensors = [out] if isinstance(out, torch.Tensor) else [out.loss, out.chosen_logps, out.rejected_logps,
                                                            out.chosen_rewards, out.rejected_rewards]
     value = tensors[0]
-    weights = torch.linspace(-1, 1, value.numel()).reshape(value.shape).to(value.dtype)
+    weights = torch.linspace(-1, 1, value.numel()).reshape(value.shape).to(device=value.device, dtype=value.dtype)
     (value * weights).sum().backward()
     return tuple(tensors) + tuple(x[k].grad for k in ("hidden", "weight", "bias"))
 
@@ -91,14 +92,14 @@ def deterministic_algorithms():
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_runs_are_bitwise_identical(case, request):
-    first, second = _step(*case), _step(*case)
+def test_runs_are_bitwise_identical(case, device, request):
+    first, second = _step(*case, device), _step(*case, device)
     _assert_bitwise_equal(first, second)
     request.getfixturevalue("deterministic_algorithms")
     # Under torch.use_deterministic_algorithms(True): no op of ours is refused, no result depends
     # on uninitialised (now NaN-filled) memory, and no bit changes (every path already is
     # deterministic, so the mode selects nothing different).
-    _assert_bitwise_equal(_step(*case), first)
+    _assert_bitwise_equal(_step(*case, device), first)
 
 
 def test_the_fixture_restores_the_previous_settings(deterministic_algorithms):

@@ -14,8 +14,11 @@ import torch.distributed as dist
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+# The ranks are CPU processes on gloo running the kernels through the interpreter: a single lent GPU
+# cannot host several NCCL ranks.
+pytestmark = [pytest.mark.cpu_interpreter,
+              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                 reason="torch.distributed with gloo is not available")]
 
 
 @pytest.mark.parametrize("world, checks", [

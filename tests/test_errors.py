@@ -3,6 +3,8 @@ in the fused path and in ``fused_pref.reference`` alike; and no public function 
 
 Awkward small shapes throughout: R=4 sequences (B=2 pairs), T=7, D=40, V=101.  Almost every case
 fails in validation before a kernel runs; the few that run the kernels (interpreter on CPU) are tiny.
+Every tensor is on the kernels' device, where a user's would be: on a GPU machine, CPU tensors would
+only reach the reference fallback.
 """
 
 import math
@@ -13,6 +15,10 @@ import torch
 
 import fused_pref
 import fused_pref.reference
+from fused_pref.testing import kernel_device
+
+DEVICE = kernel_device()
+ON = str(torch.empty(0, device=DEVICE).device)   # as the messages name it: "cpu", "cuda:0"
 
 R, T, D, V = 4, 7, 40, 101
 PROMPT = 2                      # leading positions of each sequence carry ignore_index
@@ -29,7 +35,8 @@ def make_inputs(r=R, dtype=torch.float32, seed=0):
     bias = torch.randn(V, generator=g).mul_(0.1).to(dtype)
     labels = torch.randint(0, V, (r, T), generator=g)
     labels[:, :PROMPT] = -100
-    return dict(hidden=hidden, weight=weight, labels=labels, bias=bias)
+    # Drawn on the CPU, whatever the device, so that every machine sees the same values.
+    return {k: v.to(DEVICE) for k, v in dict(hidden=hidden, weight=weight, labels=labels, bias=bias).items()}
 
 
 def call(module, name, **overrides):
@@ -40,7 +47,7 @@ def call(module, name, **overrides):
     args = make_inputs()
     kwargs = {}
     if name == "dpo_loss" and not {"ref_logps", "ref_hidden"} & overrides.keys():
-        kwargs["ref_logps"] = torch.zeros(args["hidden"].shape[0])
+        kwargs["ref_logps"] = torch.zeros(args["hidden"].shape[0], device=DEVICE)
     for key, value in overrides.items():
         (args if key in args else kwargs)[key] = value
     fn = getattr(module, name)
@@ -140,21 +147,21 @@ def test_int32_labels_accepted(module, name):
 def test_weight_shape(module, name, shape):
     with pytest.raises(ValueError, match=rf"^weight must be \[V, D\] with D = hidden\.shape\[-1\] = {D}, "
                             rf"got shape {re.escape(str(shape))}"):
-        call(module, name, weight=torch.randn(shape))
+        call(module, name, weight=torch.randn(shape, device=DEVICE))
 
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_empty_vocabulary(module, name):
     with pytest.raises(ValueError, match=r"^weight must have at least one vocabulary row"):
-        call(module, name, weight=torch.randn(0, D), bias=torch.randn(0))
+        call(module, name, weight=torch.randn(0, D, device=DEVICE), bias=torch.randn(0, device=DEVICE))
 
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("shape", [(R, T - 1), (R * T,), (R, T, 1), (T, R)], ids=["T-1", "flat", "3d", "swapped"])
 def test_labels_shape(module, name, shape):
-    labels = torch.zeros(shape, dtype=torch.long)
+    labels = torch.zeros(shape, dtype=torch.long, device=DEVICE)
     with pytest.raises(ValueError, match=rf"^labels must have shape hidden\.shape\[:-1\] = \({R}, {T}\), "
                             rf"got {re.escape(str(shape))}"):
         call(module, name, labels=labels)
@@ -173,7 +180,8 @@ def test_token_level_accepts_2d_hidden(module, name):
 def test_hidden_rank(module, name):
     # Sequence-level functions need [R, T, D]; the token-level ones also take [N, D], never 1-d or 4-d.
     token_level = name in ("linear_logprobs", "linear_cross_entropy")
-    bad = [torch.randn(D), torch.randn(1, R, T, D)] + ([] if token_level else [torch.randn(R * T, D)])
+    bad = [torch.randn(D, device=DEVICE), torch.randn(1, R, T, D, device=DEVICE)]
+    bad += [] if token_level else [torch.randn(R * T, D, device=DEVICE)]
     wanted = r"\[N, D\] or \[R, T, D\]" if token_level else r"\[R, T, D\] \(or \[N, D\] with cu_seqlens\)"
     for hidden in bad:
         with pytest.raises(ValueError, match=rf"^hidden must be {wanted}, got shape"):
@@ -185,7 +193,7 @@ def test_hidden_rank(module, name):
 @pytest.mark.parametrize("shape", [(V + 1,), (V - 1,), (1, V), ()], ids=["V+1", "V-1", "1xV", "scalar"])
 def test_bias_shape(module, name, shape):
     with pytest.raises(ValueError, match=rf"^bias must be \[V\] = \[{V}\], got shape {re.escape(str(shape))}"):
-        call(module, name, bias=torch.randn(shape))
+        call(module, name, bias=torch.randn(shape, device=DEVICE))
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -193,7 +201,7 @@ def test_bias_shape(module, name, shape):
 @pytest.mark.parametrize("arg", ["weight", "labels", "bias"])
 def test_mixed_devices(module, name, arg):
     # "meta" stands in for a second device on a CPU-only machine: the check only compares devices.
-    with pytest.raises(ValueError, match=r"must be on one device, got \['cpu', 'meta'\]"):
+    with pytest.raises(ValueError, match=rf"must be on one device, got \['{ON}', 'meta'\]"):
         call(module, name, **{arg: make_inputs()[arg].to("meta")})
 
 
@@ -202,7 +210,7 @@ def test_mixed_devices(module, name, arg):
 @pytest.mark.parametrize("r", [0, 1, 3, 5])
 def test_odd_number_of_sequences(module, name, r):
     args = make_inputs(r=r)
-    extra = {"ref_logps": torch.zeros(r)} if name == "dpo_loss" else {}
+    extra = {"ref_logps": torch.zeros(r, device=DEVICE)} if name == "dpo_loss" else {}
     with pytest.raises(ValueError, match=rf"^hidden must hold 2B sequences \(B >= 1\), chosen first then "
                             rf"rejected; got {r} sequences$"):
         call(module, name, **args, **extra)
@@ -369,7 +377,7 @@ def test_bad_backend(name, backend):
 def test_dpo_needs_exactly_one_reference(module, given):
     refs = {"ref_logps": None, "ref_hidden": None}
     if given == "both":
-        refs = {"ref_logps": torch.zeros(R), "ref_hidden": make_inputs(seed=1)["hidden"]}
+        refs = {"ref_logps": torch.zeros(R, device=DEVICE), "ref_hidden": make_inputs(seed=1)["hidden"]}
     with pytest.raises(ValueError, match=r"^dpo_loss needs exactly one of ref_logps \(\[2B\].*\) or ref_hidden"):
         call(module, "dpo_loss", **refs)
 
@@ -380,11 +388,12 @@ def test_dpo_needs_exactly_one_reference(module, given):
 def test_dpo_ref_logps_shape(module, shape):
     pattern = rf"^ref_logps must be \[2B\] = \[{R}\], got shape {re.escape(str(shape))}$"
     with pytest.raises(ValueError, match=pattern):
-        call(module, "dpo_loss", ref_logps=torch.zeros(shape))
+        call(module, "dpo_loss", ref_logps=torch.zeros(shape, device=DEVICE))
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("ref_logps", [torch.zeros(R, dtype=torch.long), [0.0] * R], ids=["int64", "list"])
+@pytest.mark.parametrize("ref_logps", [torch.zeros(R, dtype=torch.long, device=DEVICE), [0.0] * R],
+                         ids=["int64", "list"])
 def test_dpo_ref_logps_type(module, ref_logps):
     with pytest.raises(TypeError, match=r"^ref_logps must be a floating-point torch\.Tensor"):
         call(module, "dpo_loss", ref_logps=ref_logps)
@@ -392,17 +401,17 @@ def test_dpo_ref_logps_type(module, ref_logps):
 
 @pytest.mark.parametrize("module", MODULES)
 def test_dpo_ref_logps_device(module):
-    with pytest.raises(ValueError, match=r"^ref_logps is on meta, hidden on cpu"):
+    with pytest.raises(ValueError, match=rf"^ref_logps is on meta, hidden on {ON}"):
         call(module, "dpo_loss", ref_logps=torch.zeros(R, device="meta"))
 
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("arg", ["ref_weight", "ref_bias"])
 def test_dpo_ref_weight_with_ref_logps(module, arg):
-    value = torch.randn(V, D) if arg == "ref_weight" else torch.randn(V)
+    value = torch.randn(V, D, device=DEVICE) if arg == "ref_weight" else torch.randn(V, device=DEVICE)
     pattern = r"^ref_weight and ref_bias are only used with ref_hidden, not with ref_logps"
     with pytest.raises(ValueError, match=pattern):
-        call(module, "dpo_loss", ref_logps=torch.zeros(R), **{arg: value})
+        call(module, "dpo_loss", ref_logps=torch.zeros(R, device=DEVICE), **{arg: value})
 
 
 @pytest.mark.parametrize("module", MODULES)
@@ -416,28 +425,29 @@ def test_dpo_unknown_loss_type(module, loss_type):
 REF_HIDDEN_CASES = [
     pytest.param({"ref_hidden": [[0.0]]}, TypeError, r"^ref_hidden must be a torch\.Tensor, got list",
                  id="ref_hidden-list"),
-    pytest.param({"ref_hidden": torch.randn(R, T, D), "ref_weight": "w"}, TypeError,
+    pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE), "ref_weight": "w"}, TypeError,
                  r"^ref_weight must be a torch\.Tensor, got str", id="ref_weight-str"),
-    pytest.param({"ref_hidden": torch.randn(R, T, D).half()}, TypeError,
+    pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE).half()}, TypeError,
                  r"^ref_weight dtype torch\.float32 must match ref_hidden dtype torch\.float16",
                  id="ref_hidden-fp16-vs-weight"),
-    pytest.param({"ref_hidden": torch.randn(R, T, D), "ref_weight": torch.randn(V, D),
-                  "ref_bias": torch.randn(V).half()},
+    pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE), "ref_weight": torch.randn(V, D, device=DEVICE),
+                  "ref_bias": torch.randn(V, device=DEVICE).half()},
                  TypeError, r"^ref_bias dtype torch\.float16 must match ref_hidden dtype", id="ref_bias-fp16"),
-    pytest.param({"ref_hidden": torch.randn(R, T - 1, D)}, ValueError,
+    pytest.param({"ref_hidden": torch.randn(R, T - 1, D, device=DEVICE)}, ValueError,
                  rf"^labels must have shape ref_hidden\.shape\[:-1\] = \({R}, {T - 1}\)", id="ref_hidden-T-1"),
-    pytest.param({"ref_hidden": torch.randn(R * T, D)}, ValueError,
+    pytest.param({"ref_hidden": torch.randn(R * T, D, device=DEVICE)}, ValueError,
                  r"^ref_hidden must be \[R, T, D\]", id="ref_hidden-2d"),
-    pytest.param({"ref_hidden": torch.randn(R, T, D + 3)}, ValueError,
+    pytest.param({"ref_hidden": torch.randn(R, T, D + 3, device=DEVICE)}, ValueError,
                  rf"^ref_weight must be \[V, D\] with D = ref_hidden\.shape\[-1\] = {D + 3}", id="ref_hidden-D+3"),
-    pytest.param({"ref_hidden": torch.randn(R, T, 24), "ref_weight": torch.randn(V, 24),
-                  "ref_bias": torch.randn(V + 1)},
+    pytest.param({"ref_hidden": torch.randn(R, T, 24, device=DEVICE), "ref_weight": torch.randn(V, 24, device=DEVICE),
+                  "ref_bias": torch.randn(V + 1, device=DEVICE)},
                  ValueError, rf"^ref_bias must be \[V\] = \[{V}\]", id="ref_bias-V+1"),
-    pytest.param({"ref_hidden": torch.randn(R, T, 24), "ref_weight": torch.randn(V - 10, 24)}, ValueError,
+    pytest.param({"ref_hidden": torch.randn(R, T, 24, device=DEVICE),
+                  "ref_weight": torch.randn(V - 10, 24, device=DEVICE)}, ValueError,
                  rf"^ref_weight must have the vocabulary size of weight, V = {V}, got shape \({V - 10}, 24\)",
                  id="ref_weight-smaller-V"),
     pytest.param({"ref_hidden": torch.randn(R, T, D, device="meta")}, ValueError,
-                 r"^ref_hidden, ref_weight, labels and ref_bias must be on one device, got \['cpu', 'meta'\]",
+                 rf"^ref_hidden, ref_weight, labels and ref_bias must be on one device, got \['{ON}', 'meta'\]",
                  id="ref_hidden-meta"),
 ]
 
@@ -455,14 +465,14 @@ def test_dpo_ref_hidden_float64(module):
     pattern = (r"^ref_hidden must have dtype in" if module is fused_pref else
                r"^ref_weight dtype torch\.float32 must match ref_hidden dtype torch\.float64")
     with pytest.raises(TypeError, match=pattern):
-        call(module, "dpo_loss", ref_hidden=torch.randn(R, T, D).double())
+        call(module, "dpo_loss", ref_hidden=torch.randn(R, T, D, device=DEVICE).double())
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_dpo_ref_hidden_with_own_head_accepted(module):
     # A reference model with another hidden size but the same vocabulary is legitimate.
-    out = call(module, "dpo_loss", ref_hidden=torch.randn(R, T, 24), ref_weight=torch.randn(V, 24),
-               ref_bias=torch.randn(V))
+    out = call(module, "dpo_loss", ref_hidden=torch.randn(R, T, 24, device=DEVICE),
+               ref_weight=torch.randn(V, 24, device=DEVICE), ref_bias=torch.randn(V, device=DEVICE))
     assert torch.isfinite(out.loss)
 
 
@@ -477,8 +487,8 @@ def test_inputs_not_modified(module, name, layout):
         # The usual h[:, :-1] / labels[:, 1:] views: a kernel writing through strides would hit
         # the parent tensors, which are watched too.
         g = torch.Generator().manual_seed(3)
-        args["hidden_parent"] = (torch.randn(R, T + 1, D, generator=g) / math.sqrt(D)).requires_grad_()
-        args["labels_parent"] = torch.cat([torch.zeros(R, 1, dtype=torch.long), args["labels"]], dim=1)
+        args["hidden_parent"] = (torch.randn(R, T + 1, D, generator=g) / math.sqrt(D)).to(DEVICE).requires_grad_()
+        args["labels_parent"] = torch.cat([torch.zeros(R, 1, dtype=torch.long, device=DEVICE), args["labels"]], dim=1)
         hidden, labels = args["hidden_parent"][:, :-1], args["labels_parent"][:, 1:]
         leaves = {"hidden": args["hidden_parent"]}
     else:
@@ -528,9 +538,11 @@ def _packed(cu):
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("cu, cls, pattern", [
     pytest.param([0, 7, 14, 21, 28], TypeError, r"^cu_seqlens must be an int32 or int64 torch\.Tensor", id="list"),
-    pytest.param(torch.tensor([0.0, 28.0]), TypeError, r"^cu_seqlens must be an int32 or int64", id="float"),
-    pytest.param(torch.tensor([0]), ValueError, r"^cu_seqlens must be \[R \+ 1\] with R >= 1", id="one-entry"),
-    pytest.param(torch.tensor([[0, 28]]), ValueError, r"^cu_seqlens must be \[R \+ 1\]", id="2d"),
+    pytest.param(torch.tensor([0.0, 28.0], device=DEVICE), TypeError, r"^cu_seqlens must be an int32 or int64",
+                 id="float"),
+    pytest.param(torch.tensor([0], device=DEVICE), ValueError, r"^cu_seqlens must be \[R \+ 1\] with R >= 1",
+                 id="one-entry"),
+    pytest.param(torch.tensor([[0, 28]], device=DEVICE), ValueError, r"^cu_seqlens must be \[R \+ 1\]", id="2d"),
 ])
 def test_bad_cu_seqlens_type_and_shape(module, name, cu, cls, pattern):
     with pytest.raises(cls, match=pattern):
@@ -543,20 +555,20 @@ def test_bad_cu_seqlens_type_and_shape(module, name, cu, cls, pattern):
                          ids=["not-from-0", "not-to-N", "decreasing"])
 def test_bad_cu_seqlens_values(module, name, cu):
     with pytest.raises(ValueError, match=r"^cu_seqlens must start at 0, end at N = 28 and never decrease"):
-        call(module, name, **_packed(torch.tensor(cu, dtype=torch.int32)))
+        call(module, name, **_packed(torch.tensor(cu, dtype=torch.int32, device=DEVICE)))
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_cu_seqlens_needs_packed_hidden(module):
     with pytest.raises(ValueError, match=r"^hidden must be \[N, D\] \(packed, with cu_seqlens\), got shape \(4, 7, 40\)"):
-        call(module, "linear_logprobs", cu_seqlens=torch.tensor([0, 28], dtype=torch.int32))
+        call(module, "linear_logprobs", cu_seqlens=torch.tensor([0, 28], dtype=torch.int32, device=DEVICE))
 
 
 @pytest.mark.parametrize("module", MODULES)
 def test_packed_pairs_counted_from_cu_seqlens(module):
     with pytest.raises(ValueError, match=r"^hidden must hold 2B sequences \(B >= 1\), chosen first then rejected; "
                                          r"got 3 sequences$"):
-        call(module, "simpo_loss", **_packed(torch.tensor([0, 7, 14, 28], dtype=torch.int32)))
+        call(module, "simpo_loss", **_packed(torch.tensor([0, 7, 14, 28], dtype=torch.int32, device=DEVICE)))
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -1,6 +1,6 @@
 """fused_pref.integrations.hf on tiny random transformers models built from their config classes
-(no download): our losses on the decoder's hidden states equal the same losses computed from the
-model's own logits, values and every parameter's gradient."""
+(no download), on the kernels' device: our losses on the decoder's hidden states equal the same
+losses computed from the model's own logits, values and every parameter's gradient."""
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ MODELS = {
 }
 
 
-def make_model(name, seed=0):
+def make_model(name, device, seed=0):
     config_cls, model_cls, overrides = MODELS[name]
     if name == "gpt2":
         config = transformers.GPT2Config(vocab_size=V, n_embd=D, n_layer=2, n_head=2, n_positions=64,
@@ -42,10 +42,10 @@ def make_model(name, seed=0):
         model.get_output_embeddings().weight.mul_(8.0)
         if model.get_output_embeddings().bias is not None:
             model.get_output_embeddings().bias.normal_(0, 0.5)
-    return model
+    return model.to(device)   # built on the CPU, so that every device starts from the same weights
 
 
-def make_batch(pairs=2, seed=0):
+def make_batch(device, pairs=2, seed=0):
     """``2 * pairs`` right-padded sequences, chosen first: a shared prompt, a completion, padding;
     labels are the input ids with -100 on prompt and padding (Hugging Face alignment)."""
     gen = torch.Generator().manual_seed(seed)
@@ -58,7 +58,7 @@ def make_batch(pairs=2, seed=0):
         attention_mask[r, length:] = 0
         labels[r, :prompt] = -100
         labels[r, length:] = -100
-    return input_ids, attention_mask, labels
+    return input_ids.to(device), attention_mask.to(device), labels.to(device)
 
 
 def logits_logps(model, input_ids, attention_mask, labels):
@@ -83,8 +83,8 @@ def assert_close_grads(ours, theirs, rtol=2e-4):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_output_head_reads_the_config(name):
-    model = make_model(name)
+def test_output_head_reads_the_config(name, device):
+    model = make_model(name, device)
     head = fph.output_head(model)
     assert head.weight is model.get_output_embeddings().weight
     assert (head.bias is not None) == (name == "phi")
@@ -92,14 +92,14 @@ def test_output_head_reads_the_config(name):
     assert head.logit_scale == {"cohere": 0.25, "granite": 0.25}.get(name, 1.0)
     tied = name in ("gemma2", "gpt2", "cohere")   # these configs tie the embeddings by default
     assert (head.weight is model.get_input_embeddings().weight) == tied
-    hidden = fph.hidden_states(model, *make_batch()[:2])
+    hidden = fph.hidden_states(model, *make_batch(device)[:2])
     assert hidden.shape == (4, T, D)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_cross_entropy_and_gradients_equal_the_models_own_loss(name):
-    model = make_model(name)
-    input_ids, attention_mask, labels = make_batch(seed=1)
+def test_cross_entropy_and_gradients_equal_the_models_own_loss(name, device):
+    model = make_model(name, device)
+    input_ids, attention_mask, labels = make_batch(device, seed=1)
     theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     theirs.backward()
     their_grads = grads(model)
@@ -110,9 +110,9 @@ def test_cross_entropy_and_gradients_equal_the_models_own_loss(name):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-def test_simpo_equals_simpo_on_the_models_logits(name):
-    model = make_model(name)
-    input_ids, attention_mask, labels = make_batch(seed=2)
+def test_simpo_equals_simpo_on_the_models_logits(name, device):
+    model = make_model(name, device)
+    input_ids, attention_mask, labels = make_batch(device, seed=2)
     beta, gamma = 2.0, 0.5
     _, mean = logits_logps(model, input_ids, attention_mask, labels)
     theirs = -torch.nn.functional.logsigmoid(beta * (mean[:2] - mean[2:]) - gamma).mean()
@@ -126,9 +126,9 @@ def test_simpo_equals_simpo_on_the_models_logits(name):
 
 
 @pytest.mark.parametrize("name", ["llama", "gemma2", "cohere"])
-def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name):
-    model, ref_model = make_model(name, seed=0), make_model(name, seed=1)
-    input_ids, attention_mask, labels = make_batch(seed=3)
+def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name, device):
+    model, ref_model = make_model(name, device, seed=0), make_model(name, device, seed=1)
+    input_ids, attention_mask, labels = make_batch(device, seed=3)
     beta = 0.1
     policy, _ = logits_logps(model, input_ids, attention_mask, labels)
     with torch.no_grad():
@@ -147,9 +147,9 @@ def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name):
     assert same.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
-def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original():
-    model = make_model("gemma2")
-    input_ids, attention_mask, labels = make_batch(seed=4)
+def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original(device):
+    model = make_model("gemma2", device)
+    input_ids, attention_mask, labels = make_batch(device, seed=4)
     fph.add_fused_forward(model)
     fph.add_fused_forward(model)    # a second patch changes nothing
     out = model(input_ids, attention_mask=attention_mask,
@@ -160,19 +160,19 @@ def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original():
     assert plain.logits.shape == (4, T, V)
 
 
-def test_softcap_and_shift_come_from_the_model():
-    model = make_model("llama")
-    input_ids, attention_mask, labels = make_batch()
+def test_softcap_and_shift_come_from_the_model(device):
+    model = make_model("llama", device)
+    input_ids, attention_mask, labels = make_batch(device)
     with pytest.raises(TypeError, match="softcap comes from the model"):
         fph.simpo_loss(model, input_ids, labels, attention_mask, softcap=30.0)
     with pytest.raises(ValueError, match="exactly one of ref_model and ref_logps"):
         fph.dpo_loss(model, input_ids, labels, attention_mask)
 
 
-def test_head_follows_autocast_like_nn_linear():
-    model = make_model("phi")
-    hidden = torch.randn(2, 5, D)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def test_head_follows_autocast_like_nn_linear(device):
+    model = make_model("phi", device)
+    hidden = torch.randn(2, 5, D, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         h, w, b = fph.output_head(model).inputs(hidden)
         expected = model.get_output_embeddings()(hidden).dtype
     assert h.dtype == w.dtype == b.dtype == expected == torch.bfloat16

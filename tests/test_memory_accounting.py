@@ -50,6 +50,7 @@ def _peak(implementation, loss, T, D, V, R=4):
     return peak_extra(step, make_batch(R, T, D, V, seed=V, reference_model=loss == "dpo"))
 
 
+@pytest.mark.cpu_interpreter  # the accounting runs the kernels on CPU tensors
 @pytest.mark.parametrize("loss", ["simpo", "cross_entropy"])
 def test_fused_peak_grows_with_the_workspace_not_with_tokens_times_vocabulary(loss):
     # Same tokens and hidden size, 4x the vocabulary: the reference's extra grows by its fp32
@@ -71,6 +72,7 @@ def test_fused_peak_grows_with_the_workspace_not_with_tokens_times_vocabulary(lo
     assert reference[1] - reference[0] >= 12 * N * (V2 - V1)
 
 
+@pytest.mark.cpu_interpreter
 @pytest.mark.parametrize("model,loss", [("llama3-8b", "dpo"), ("gemma2-2b", "cross_entropy"), ("gemma2-2b", "dpo")])
 def test_fitted_formula_matches_the_analytic_one_at_full_shape(model, loss):
     for a in account(model, 16384, loss):
@@ -82,6 +84,7 @@ def test_fitted_formula_matches_the_analytic_one_at_full_shape(model, loss):
             assert abs(a.fit.coefficients["V·D"]) < 0.05  # the atomic backward's fp32 d_weight is V·D
 
 
+@pytest.mark.cpu_interpreter
 def test_memory_command_prints_each_implementation_measured_and_analytic():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-m", "fused_pref", "memory", "--model", "llama3-8b", "--tokens", "16384"],

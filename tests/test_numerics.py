@@ -25,16 +25,17 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PAIR_LOSSES = ["simpo_loss", "cpo_loss", "orpo_loss"] + [f"dpo_loss-{t}" for t in DPO_LOSS_TYPES]
 
 
-def scaled_inputs(dtype, max_logit, *, seed=0, confident=0.25, bias=True):
+def scaled_inputs(dtype, max_logit, device, *, seed=0, confident=0.25, bias=True):
     """``make_inputs`` rescaled so that ``max |hidden @ weight.T + bias|`` is ``max_logit``: hidden and
-    weight each take the square root of the factor, so both stay representable in fp16."""
+    weight each take the square root of the factor, so both stay representable in fp16.  The factor
+    is found in fp64 on the CPU, then the inputs move to ``device``."""
     x = make_inputs(R, T, D, V, seed=seed, confident=confident, bias=bias)
     h, w = x["hidden"].detach().double(), x["weight"].detach().double()
     b = x["bias"].detach().double() if bias else torch.zeros(V, dtype=torch.float64)
     factor = max_logit / (h @ w.T + b).abs().max().item()
-    leaf = lambda t: t.to(dtype).requires_grad_()  # noqa: E731
+    leaf = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
     return {"hidden": leaf(h * math.sqrt(factor)), "weight": leaf(w * math.sqrt(factor)),
-            "bias": leaf(b * factor) if bias else None, "labels": x["labels"]}
+            "bias": leaf(b * factor) if bias else None, "labels": x["labels"].to(device)}
 
 
 def call(module, name, x, **kwargs):
@@ -42,7 +43,7 @@ def call(module, name, x, **kwargs):
     if name.startswith("dpo_loss-"):
         name, kwargs["loss_type"] = "dpo_loss", name.split("-", 1)[1]
         sequences = x["hidden"].shape[0] if kwargs.get("cu_seqlens") is None else kwargs["cu_seqlens"].numel() - 1
-        kwargs.setdefault("ref_logps", torch.zeros(sequences, dtype=x["hidden"].dtype))
+        kwargs.setdefault("ref_logps", torch.zeros(sequences, dtype=x["hidden"].dtype, device=x["hidden"].device))
     if module is fused_pref:
         kwargs["backend"] = "triton"
     return getattr(module, name)(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs)
@@ -53,15 +54,16 @@ def value(out):
 
 
 def assert_matches_reference(name, x, dtype, **kwargs):
-    """Value and every gradient of ``name`` on ``x``: fused against the fp64 reference."""
+    """Value and every gradient of ``name`` on ``x``: fused against the fp64 reference (on the CPU)."""
     rx = as_reference(x)
-    ref_kwargs = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+    ref_kwargs = {k: v.cpu().double() if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in kwargs.items()}
     out, ref = value(call(fused_pref, name, x, **kwargs)), value(call(fused_pref.reference, name, rx, **ref_kwargs))
     assert torch.isfinite(out).all(), f"value: {out}"
     error = relative_error(out, ref)
     assert error <= TOLERANCE[dtype], f"value: relative error {error:.2e} ({out} vs {ref})"
     upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * upstream.float()).sum().backward()
+    (out * upstream.float().to(out.device)).sum().backward()
     (ref * upstream).sum().backward()
     for key in ("hidden", "weight", "bias"):
         if x[key] is not None:
@@ -86,18 +88,18 @@ LARGE_LOGIT_CALLS = {
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("name", LARGE_LOGIT_CALLS)
-def test_large_logits(name, dtype):
+def test_large_logits(name, dtype, device):
     # |z| up to 1e4: the online max/sum-exp never overflows; bf16/fp16 inputs accumulate in fp32.
     # ORPO without confident tokens: its log(1 - e^S) is ill-conditioned as S -> 0 (TRL's too).
-    x = scaled_inputs(dtype, 1e4, seed=3, confident=0.0 if name == "orpo_loss" else 0.25)
+    x = scaled_inputs(dtype, 1e4, device, seed=3, confident=0.0 if name == "orpo_loss" else 0.25)
     assert_matches_reference(name.split("-mean")[0], x, dtype, **LARGE_LOGIT_CALLS[name])
 
 
 @pytest.mark.parametrize("name", ["linear_logprobs", "linear_cross_entropy"])
-def test_fp16_logits_beyond_fp16_range(name):
+def test_fp16_logits_beyond_fp16_range(name, device):
     # Logits of 1e5 exceed fp16's largest finite value (65504): an fp16 matmul gives inf, and
     # inf - inf = NaN in its log_softmax.  Ours accumulates in fp32, so lse and logp stay exact.
-    x = scaled_inputs(torch.float16, 1e5, seed=5)
+    x = scaled_inputs(torch.float16, 1e5, device, seed=5)
     naive = x["hidden"].detach() @ x["weight"].detach().T
     assert torch.isinf(naive).any(), "precondition: the fp16 logits overflow"
     assert_matches_reference(name, x, torch.float16, **({"reduction": "sum"} if name != "linear_logprobs" else {}))
@@ -105,10 +107,10 @@ def test_fp16_logits_beyond_fp16_range(name):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("name", ["linear_logprobs", "linear_cross_entropy", "simpo_loss", "dpo_loss-sigmoid"])
-def test_tiny_logits(name, dtype):
+def test_tiny_logits(name, dtype, device):
     # |z| ~ 1e-6: the softmax is uniform to 1e-6 and every logp is -log(V) + O(1e-6).  (fp16 is
     # not drawn here: its inputs at this scale are subnormal; see the README on fp16.)
-    x = scaled_inputs(dtype, 1e-6, seed=7)
+    x = scaled_inputs(dtype, 1e-6, device, seed=7)
     assert_matches_reference(name, x, dtype)
 
 
@@ -138,11 +140,11 @@ def _huge_margin_kwargs(name, x, sign):
 
 @pytest.mark.parametrize("sign", [1, -1], ids=["plus", "minus"])
 @pytest.mark.parametrize("name", [n for n in PAIR_LOSSES if n != "orpo_loss"])
-def test_huge_margins(name, sign):
+def test_huge_margins(name, sign, device):
     # Log-sigmoid as min(x, 0) - log1p(e^-|x|) (and the sigmoid through e^-|x|) is finite and
     # accurate for |x| up to fp32's range, both ways.  ORPO is not here: its head input, the log
     # odds ratio of two mean log-probs, cannot reach 1e4 at these logits (test_large_logits has it).
-    x = make_inputs(R, T, D, V, seed=11)
+    x = make_inputs(R, T, D, V, seed=11, device=device)
     kwargs = _huge_margin_kwargs(name, x, sign)
     if name == "dpo_loss-discopop":
         # TRL's formula, and so the reference, overflow here even in fp64: exp(-x) * sigmoid(x / tau)
@@ -187,23 +189,23 @@ POISONED = [(name, poison) for name in TOKEN_LEVEL + PAIR_LOSSES for poison in P
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy sees inf - inf
 @pytest.mark.parametrize("name, poison", POISONED, ids=[f"{n}-{p}" for n, p in POISONED])
-def test_nan_and_inf_reach_the_loss(name, poison):
-    x = make_inputs(R, T, D, V, seed=13)
+def test_nan_and_inf_reach_the_loss(name, poison, device):
+    x = make_inputs(R, T, D, V, seed=13, device=device)
     _poison(x, *POISONS[poison])
     out = value(call(fused_pref, name, x))
     ref = value(call(fused_pref.reference, name, as_reference(x)))
     # linear_logprobs: the poisoned token's entry (hidden), or every valid entry (weight, bias).
     assert torch.isnan(out).any(), f"{poison} gave {out}, the reference {ref}"
-    assert torch.equal(torch.isnan(out), torch.isnan(ref)), "NaN exactly where the reference has it"
+    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref)), "NaN exactly where the reference has it"
     out.sum().backward()
     assert torch.isnan(x["hidden"].grad).any() or torch.isnan(x["weight"].grad).any(), "gradients never silently 0"
 
 
 @pytest.mark.parametrize("name", ["linear_cross_entropy", "simpo_loss", "dpo_loss-sigmoid"])
-def test_nan_in_ignored_rows_is_never_read(name):
+def test_nan_in_ignored_rows_is_never_read(name, device):
     # Rows of ignored tokens (prompt, padding) are never loaded, so garbage there changes nothing,
     # bit for bit; the reference agrees in value (its backward would spread that NaN, ours gives 0).
-    x, clean = make_inputs(R, T, D, V, seed=17), make_inputs(R, T, D, V, seed=17)
+    x, clean = make_inputs(R, T, D, V, seed=17, device=device), make_inputs(R, T, D, V, seed=17, device=device)
     with torch.no_grad():
         x["hidden"][x["labels"] == -100] = math.nan
     out, out_clean = value(call(fused_pref, name, x)), value(call(fused_pref, name, clean))
@@ -231,17 +233,17 @@ MEAN_CALLS = {
 
 
 def _packed(x):
-    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32)
+    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
     return {**x, "hidden": x["hidden"].detach().reshape(R * T, D).requires_grad_(),
             "labels": x["labels"].reshape(-1)}, cu
 
 
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
 @pytest.mark.parametrize("case", MEAN_CALLS)
-def test_empty_sequence_under_a_mean_names_it(case, module):
+def test_empty_sequence_under_a_mean_names_it(case, module, device):
     name, kwargs = MEAN_CALLS[case]
     kwargs = dict(kwargs)
-    x = make_inputs(R, T, D, V, seed=19)
+    x = make_inputs(R, T, D, V, seed=19, device=device)
     x["labels"][3] = -100
     if kwargs.pop("packed", False):
         x, kwargs["cu_seqlens"] = _packed(x)
@@ -250,10 +252,10 @@ def test_empty_sequence_under_a_mean_names_it(case, module):
 
 
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
-def test_sequence_emptied_by_the_shift_names_it(module):
+def test_sequence_emptied_by_the_shift_names_it(module, device):
     # Under shift=True the last position predicts nothing: a sequence whose only valid label is
     # at position 0 has no target at all.
-    x = make_inputs(R, T, D, V, seed=23)
+    x = make_inputs(R, T, D, V, seed=23, device=device)
     x["labels"][1] = -100
     x["labels"][1, 0] = 5
     with pytest.raises(ValueError, match=r"^sequence 1 has no valid label"):
@@ -261,14 +263,14 @@ def test_sequence_emptied_by_the_shift_names_it(module):
 
 
 @pytest.mark.parametrize("name", ["cpo_loss", "dpo_loss-sigmoid", "sequence_logprobs"])
-def test_empty_sequence_under_a_sum_is_zero(name):
+def test_empty_sequence_under_a_sum_is_zero(name, device):
     # Packed: sequence 0 has no token at all (cu_seqlens repeats 0), sequence 2 only ignored ones.
-    x = make_inputs(R, T, D, V, seed=29)
+    x = make_inputs(R, T, D, V, seed=29, device=device)
     x["labels"][2] = -100
     packed, cu = _packed(x)
     cu[1] = 0
     out = call(fused_pref, name, packed, cu_seqlens=cu)
-    ref = call(fused_pref.reference, name, as_reference(packed), cu_seqlens=cu)
+    ref = call(fused_pref.reference, name, as_reference(packed), cu_seqlens=cu.cpu())
     logps, ref_logps = (out, ref) if name == "sequence_logprobs" else (
         torch.cat([o.chosen_logps, o.rejected_logps]) for o in (out, ref))
     assert logps[0].item() == 0.0 and logps[2].item() == 0.0
@@ -277,9 +279,9 @@ def test_empty_sequence_under_a_sum_is_zero(name):
 
 
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
-def test_empty_sequence_under_a_mean_without_validation_is_zero_not_nan(module):
+def test_empty_sequence_under_a_mean_without_validation_is_zero_not_nan(module, device):
     # validate=False promises no host sync, hence no check: the empty sequence's mean is 0.
-    x = make_inputs(R, T, D, V, seed=31)
+    x = make_inputs(R, T, D, V, seed=31, device=device)
     x["labels"][3] = -100
     out = call(module, "sequence_logprobs", x, reduction="mean", validate=False)
     assert out[3].item() == 0.0 and torch.isfinite(out).all()
@@ -291,35 +293,37 @@ BF16_SHAPES = {"R4-T23-D97-V1003": (4, 23, 97, 1003), "R2-T64-D256-V1500": (2, 6
                "R6-T101-D33-V2053": (6, 101, 33, 2053)}
 
 
-def _ce_grads(fn, x, dtype):
-    """(loss, d_hidden, d_weight, d_bias) of ``fn(h, w, b)`` on copies of ``x`` in ``dtype``."""
-    h, w, b = (x[k].detach().to(dtype).requires_grad_() for k in ("hidden", "weight", "bias"))
+def _ce_grads(fn, x, dtype, device):
+    """(loss, d_hidden, d_weight, d_bias) of ``fn(h, w, b)`` on copies of ``x`` in ``dtype`` on ``device``."""
+    h, w, b = (x[k].detach().to(device=device, dtype=dtype).requires_grad_() for k in ("hidden", "weight", "bias"))
     loss = fn(h, w, b)
     loss.backward()
     return loss, h.grad, w.grad, b.grad
 
 
-def bf16_gradient_errors(shape, seed=1):
-    """Relative errors against fp64 of cross-entropy's (value, d_hidden, d_weight, d_bias) with bf16
-    inputs, for: ours; the reference (logits materialized in fp32); PyTorch's bf16 path
-    (``F.cross_entropy(h @ w.T + b)``: logits and their gradient in bf16, as a bf16 model has them)."""
+def bf16_gradient_errors(shape, device, seed=1):
+    """Relative errors against fp64 (on the CPU) of cross-entropy's (value, d_hidden, d_weight, d_bias)
+    with bf16 inputs, each path run on ``device``: ours; the reference (logits materialized in fp32);
+    PyTorch's bf16 path (``F.cross_entropy(h @ w.T + b)``: logits and their gradient in bf16, as a bf16
+    model has them)."""
     R_, T_, D_, V_ = shape
     x = make_inputs(R_, T_, D_, V_, dtype=torch.bfloat16, seed=seed)
     x = {**x, "hidden": x["hidden"].detach().reshape(-1, D_), "labels": x["labels"].reshape(-1)}
-    labels = x["labels"]
-    exact = _ce_grads(lambda h, w, b: fused_pref.reference.linear_cross_entropy(h, w, labels, b), x, torch.float64)
+    exact = _ce_grads(lambda h, w, b: fused_pref.reference.linear_cross_entropy(h, w, x["labels"], b), x,
+                      torch.float64, "cpu")
+    labels = x["labels"].to(device)
     paths = {
         "fused": lambda h, w, b: fused_pref.linear_cross_entropy(h, w, labels, b, backend="triton"),
         "reference": lambda h, w, b: fused_pref.reference.linear_cross_entropy(h, w, labels, b),
         "torch_bf16": lambda h, w, b: F.cross_entropy(h @ w.T + b, labels),
     }
-    return {path: [relative_error(a, e) for a, e in zip(_ce_grads(fn, x, torch.bfloat16), exact)]
+    return {path: [relative_error(a, e) for a, e in zip(_ce_grads(fn, x, torch.bfloat16, device), exact)]
             for path, fn in paths.items()}
 
 
 @pytest.mark.parametrize("shape", BF16_SHAPES.values(), ids=BF16_SHAPES.keys())
-def test_bf16_gradients_no_worse_than_torch_bf16(shape):
-    errors = bf16_gradient_errors(shape)
+def test_bf16_gradients_no_worse_than_torch_bf16(shape, device):
+    errors = bf16_gradient_errors(shape, device)
     print(shape, {path: [f"{e:.2e}" for e in errs] for path, errs in errors.items()})
     for i, what in enumerate(["value", "d_hidden", "d_weight", "d_bias"]):
         ours, torch_bf16 = errors["fused"][i], errors["torch_bf16"][i]

@@ -1,6 +1,6 @@
 """fused_pref.integrations.trl: a few steps of TRL training on a tiny random Llama and synthetic
-preference pairs, on the CPU (our kernels through the interpreter), give the losses and metrics of
-TRL's own trainers from the same seed."""
+preference pairs, on the kernels' device (the GPU, or the CPU with our kernels through the
+interpreter), give the losses and metrics of TRL's own trainers from the same seed."""
 
 import copy
 
@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
 from fused_pref.integrations.trl import FusedCPOTrainer, FusedDPOTrainer  # noqa: E402
+from fused_pref.testing import kernel_device  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
 V, STEPS = 67, 3
@@ -58,9 +59,11 @@ def tiny_llama(seed=0):
 
 
 # bf16=False: TRL's configs default to bf16 autocast, under which both paths run the head in bf16
-# and agree only to bf16's resolution; fp32 compares the math at fp32's.
-COMMON = dict(bf16=False, per_device_train_batch_size=4, max_steps=STEPS, logging_steps=1, learning_rate=1e-2, use_cpu=True,
-              report_to="none", save_strategy="no", disable_tqdm=True, seed=0, dataloader_num_workers=0)
+# and agree only to bf16's resolution; fp32 compares the math at fp32's.  use_cpu only without a GPU:
+# with one, it would keep the model on the CPU, where our loss falls back to the reference.
+COMMON = dict(bf16=False, per_device_train_batch_size=4, max_steps=STEPS, logging_steps=1, learning_rate=1e-2,
+              use_cpu=kernel_device() == "cpu", report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
+              dataloader_num_workers=0)
 
 
 def run(trainer_cls, config, model, **kwargs):
