@@ -99,9 +99,23 @@ def _bench_readme(args) -> int:
     return 0
 
 
+def _bench_merge(args) -> int:
+    from .report import merge_results, plot, results_path, write_results
+
+    merged = merge_results([json.loads(Path(f).read_text()) for f in args.merge])
+    path = results_path(args.out, merged["gpu"], merged["date"])
+    write_results(path, merged)
+    print(f"merged {len(args.merge)} runs, {len(merged['rows'])} rows, into {path}")
+    if not args.no_plot:
+        print(plot(merged, path.with_suffix(".png")))
+    return 0
+
+
 def _bench(args) -> int:
     if args.readme:
         return _bench_readme(args)
+    if args.merge:
+        return _bench_merge(args)
     models = args.model or (list(MODELS) if args.all_shapes else ["llama3-8b"])
     tokens = args.tokens or (list(TOKENS_PER_STEP) if args.all_shapes else [16384])
     losses = args.loss or list(LOSSES)
@@ -169,6 +183,9 @@ def main(argv=None) -> int:
     bench.add_argument("--results", type=Path, default=Path("benchmarks/results"),
                        help="where --readme looks for results files")
     bench.add_argument("--readme-path", type=Path, default=Path("README.md"))
+    bench.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                       help="only merge results files of runs on one GPU (a benchmark split over several calls) "
+                            "into one, written to --out")
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)

@@ -44,6 +44,31 @@ def _key(row):
     return row["model"], row["tokens"], row["loss"], row["mode"]
 
 
+ENVIRONMENT = ("gpu", "driver", "cuda", "torch", "triton", "fused_pref")
+
+
+def merge_results(runs: list[dict]) -> dict:
+    """One results file from several runs on the same GPU and software (a benchmark split over calls
+    that each fit a time limit): rows in run order, a later run's row replacing an earlier one of
+    the same case, implementation and mode; the newest ``created``; ratios recomputed."""
+    if not runs:
+        raise ValueError("no results to merge")
+    for run in runs[1:]:
+        differing = [k for k in ENVIRONMENT if run.get(k) != runs[0].get(k)]
+        if differing:
+            raise ValueError(f"results from different environments cannot be merged: {differing} differ")
+    rows = {}
+    for run in runs:
+        for row in run["rows"]:
+            rows.pop((*_key(row), row["impl"]), None)
+            rows[(*_key(row), row["impl"])] = row
+    newest = max(runs, key=lambda run: run["created"])
+    notes = list(dict.fromkeys(note for run in runs for note in run.get("notes", [])))
+    merged = {**newest, "rows": list(rows.values()), "notes": notes}
+    merged["ratios"] = ratios(merged["rows"])
+    return merged
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """For every fused row and every other implementation measured on the same case and mode: the
     peer's time and peak memory over the fused path's (above 1: the fused path is faster, smaller)."""

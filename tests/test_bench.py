@@ -15,6 +15,7 @@ import torch
 from fused_pref import benchmark, report
 from fused_pref.__main__ import main
 from fused_pref.peers import implementations
+from fused_pref.testing import kernel_device
 from fused_pref.workload import MODELS, HeadShape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,7 @@ def _cpu_env():
     return env
 
 
+@pytest.mark.cpu_interpreter  # hides CUDA; the accounting runs through the interpreter
 def test_bench_without_cuda_says_so_and_runs_the_memory_accounting(tmp_path):
     done = subprocess.run([sys.executable, "-m", "fused_pref", "bench", "--loss", "simpo", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env=_cpu_env())
@@ -102,11 +104,11 @@ def test_repository_readme_has_the_generated_section():
 
 def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     # The GPU figures are faked; everything around them runs: implementations, fresh batches
-    # (on the CPU, through the interpreter), rows, notes, ratios, the file and the table.
+    # (on the kernels' device), rows, notes, ratios, the file and the table.
     monkeypatch.setitem(MODELS, "tiny", HeadShape("Tiny", hidden=40, vocab=257))
     monkeypatch.setattr(benchmark, "SEQUENCE_LENGTH", 8)
     monkeypatch.setattr(benchmark, "sequences_for", lambda tokens: 2)
-    monkeypatch.setattr(benchmark, "DEVICE", "cpu")
+    monkeypatch.setattr(benchmark, "DEVICE", kernel_device())
     monkeypatch.setattr(benchmark, "environment", lambda: {"gpu": "Fake GPU 1", "driver": "1", "cuda": "12",
                                                            "torch": "t", "triton": "tr", "fused_pref": "0"})
     fake = {"fused-vchunk": (10.0, 1.0), "reference": (30.0, 8.0)}
@@ -170,3 +172,19 @@ def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=_cpu_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "skipped" in done.stdout and "passed" not in done.stdout and "error" not in done.stdout.lower()
+
+
+def test_runs_split_over_calls_merge_into_one_results_file():
+    first = _results("NVIDIA H200", "2026-11-26T08:00:00", [
+        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 180.0, 2.0),
+        _row("llama3-8b", 16384, "simpo", "reference", 990.0, 27.6)])
+    second = _results("NVIDIA H200", "2026-11-26T09:00:00", [
+        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 170.0, 2.0),   # a rerun replaces the first figure
+        _row("mistral-7b", 16384, "simpo", "fused-vchunk", 60.0, 1.0)], notes=["liger skipped"])
+    merged = report.merge_results([first, second])
+    assert [(r["model"], r["impl"], r["ms"]) for r in merged["rows"]] == [
+        ("llama3-8b", "reference", 990.0), ("llama3-8b", "fused-vchunk", 170.0), ("mistral-7b", "fused-vchunk", 60.0)]
+    assert merged["created"] == "2026-11-26T09:00:00" and merged["notes"] == ["liger skipped"]
+    assert [(r["peer"], r["speed"]) for r in merged["ratios"]] == [("reference", 990.0 / 170.0)]
+    with pytest.raises(ValueError, match=r"different environments.*\['gpu'\]"):
+        report.merge_results([first, _results("NVIDIA H100", "2026-11-26T10:00:00", [])])
