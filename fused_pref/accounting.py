@@ -182,10 +182,14 @@ class Accounting:
 
     @property
     def analytic_bytes(self) -> float:
-        m = monomials(self.N, self.D, self.V)
-        workspace = WORKSPACES.get(self.implementation)
-        return sum(t.bytes_per * m[t.monomial] for t in self.analytic) + (
-            workspace.gpu_bytes(self.N, self.V) if workspace else 0)
+        return analytic_bytes(self.implementation, self.analytic, self.N, self.D, self.V)
+
+
+def analytic_bytes(implementation: str, terms: list[Term], N: int, D: int, V: int) -> float:
+    """The analytic peak extra bytes of ``implementation`` at a full shape, workspace included."""
+    m = monomials(N, D, V)
+    workspace = WORKSPACES.get(implementation)
+    return sum(t.bytes_per * m[t.monomial] for t in terms) + (workspace.gpu_bytes(N, V) if workspace else 0)
 
 
 def account(model: str, tokens: int, loss: str, fits: dict | None = None) -> list[Accounting]:

@@ -37,3 +37,16 @@ def test_demo_command():
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Loss curves match" in done.stdout
+
+
+def test_demo_without_the_interpreter_gives_the_analytic_llama_figures(monkeypatch):
+    # On a GPU the accounting cannot measure (it runs the kernels on CPU tensors): the analytic
+    # formula stands alone, and it is the one the fitted accounting carries beside its fit.
+    import fused_pref.demo as demo
+    from fused_pref.accounting import account, human_bytes
+
+    analytic = {a.implementation: a.analytic_bytes for a in account("llama3-8b", 16384, "simpo")}
+    monkeypatch.setattr(demo, "KERNELS_INTERPRETED", False)
+    [line] = demo._llama3_8b_lines()
+    assert (f"analytic: reference {human_bytes(analytic['reference'])}, fused {human_bytes(analytic['fused-vchunk'])}"
+            in line), line
