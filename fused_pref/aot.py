@@ -65,8 +65,16 @@ def _linear_specs(dtype):
             "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64", "stride_w_d": "i32",
             "softcap": "fp32",
         }
-        lse_const = {**base, "LOGIT_SUM": True}
+        # The tiles sum logits only under a softcap (linear_lse.py); that is the larger variant there.
+        lse_const = {**base, "LOGIT_SUM": has_softcap}
         yield ("linear_lse", variant, linear_lse.linear_lse_kernel, lse_sig, lse_const, options)
+        sum_sig = {"h_ptr": f"*{dtype}", "w_sum_ptr": "*fp64", "b_sum_ptr": "*fp64", "rows_ptr": "*i32",
+                   "n_valid_ptr": "*i32", "out_ptr": "*fp32", "D": "i32", "T": "i32",
+                   "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32"}
+        sum_const = {"HAS_BIAS": has_bias, "BLOCK_N": linear_lse.LOGIT_SUM_BLOCK_N,
+                     "BLOCK_D": linear_lse.LOGIT_SUM_BLOCK_D}
+        yield ("logit_sum", f"{dtype}{'+bias' if has_bias else ''}", linear_lse.logit_sum_kernel, sum_sig, sum_const,
+               {"num_warps": 4})
         grad_sig = {
             "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
             "rows_ptr": "*i32", "n_valid_ptr": "*i32", "lse_ptr": "*fp32", "dz_ptr": f"*{dtype}",

@@ -4,6 +4,11 @@ Each program owns BLOCK_N valid rows and one contiguous vocabulary range (the vo
 across programs when there are too few row tiles to fill the GPU).  It walks its range in
 BLOCK_V tiles with an online max / sum-exp, so no [N, V] tensor is ever stored.  The target logit is
 picked from the same tiles as the lse, with the same rounding, so ``logp = target - lse <= 0``.
+
+The sum of a token's logits (for the preference losses' ``logits/*`` metrics) is linear without a
+softcap, ``h . sum_v w_v + sum_v b_v``: ``logit_sum_kernel`` computes it as one dot product per
+token.  As a third row reduction per logits tile it cost the forward 40% on an H200
+(benchmarks/NOTES.md), so the tiles sum logits only under a softcap (``LOGIT_SUM``).
 """
 
 import torch
@@ -70,6 +75,53 @@ def linear_lse_kernel(
         tl.store(logit_sum_ptr + out, logit_sum, mask=p_mask)
 
 
+@triton.jit
+def logit_sum_kernel(
+    h_ptr, w_sum_ptr, b_sum_ptr, rows_ptr, n_valid_ptr, out_ptr,
+    D, T,
+    stride_h_r, stride_h_t, stride_h_d,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """``out[row] = h[row] . w_sum + b_sum`` for BLOCK_N valid rows, accumulated in fp64: ``w_sum`` is
+    a column sum over the whole vocabulary, so its terms are large and the dot product cancels."""
+    n_valid = tl.load(n_valid_ptr)
+    p0 = tl.program_id(0) * BLOCK_N
+    if p0 >= n_valid:
+        return
+    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float64)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = tl.load(h_ptr + h_offset[:, None] + offs_d[None, :] * stride_h_d,
+                    mask=p_mask[:, None] & d_mask[None, :], other=0.0)
+        w_sum = tl.load(w_sum_ptr + offs_d, mask=d_mask, other=0.0)
+        acc += tl.sum(h.to(tl.float64) * w_sum[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_sum_ptr)
+    tl.store(out_ptr + row, acc.to(tl.float32), mask=p_mask)
+
+
+LOGIT_SUM_BLOCK_N, LOGIT_SUM_BLOCK_D = 32, 64
+
+
+def linear_logit_sums(hidden, weight, bias, rows, n_valid) -> torch.Tensor:
+    """Per-token sum of ``hidden @ weight.T + bias`` over the vocabulary, fp32 ``[R*T]``, undefined at
+    rows not among the first ``n_valid`` of ``rows`` (as ``linear_lse_forward``'s outputs)."""
+    R, T, D = hidden.shape
+    out = torch.empty(R * T, device=hidden.device, dtype=torch.float32)
+    w_sum = weight.sum(dim=0, dtype=torch.float64)
+    b_sum = w_sum if bias is None else bias.sum(dtype=torch.float64).reshape(1)
+    if rows.numel() > 0:
+        logit_sum_kernel[(triton.cdiv(rows.numel(), LOGIT_SUM_BLOCK_N),)](
+            hidden, w_sum, b_sum, rows, n_valid, out, D, T,
+            hidden.stride(0), hidden.stride(1), hidden.stride(2),
+            HAS_BIAS=bias is not None, BLOCK_N=LOGIT_SUM_BLOCK_N, BLOCK_D=LOGIT_SUM_BLOCK_D, num_warps=4,
+        )
+    return out
+
+
 def _programs_wanted(device: torch.device) -> int:
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
@@ -89,7 +141,8 @@ def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig):
 
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None,
                        logit_sum=False, tiles: TileConfig | None = None):
-    """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary.
+    """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary (in
+    the logits tiles under a softcap, else by ``linear_logit_sums``).
 
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``rows`` the int32 valid-first row index (its length bounds the
@@ -100,16 +153,17 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     N, V = R * T, weight.shape[0]
     tiles = tiles or tiles_for(hidden.dtype)
     splits, v_per_split = vocab_splits(rows.numel(), V, hidden.device, tiles)
-    partial = torch.empty((4 if logit_sum else 3, splits, N), device=hidden.device, dtype=torch.float32)
+    tile_sum = logit_sum and softcap is not None
+    partial = torch.empty((4 if tile_sum else 3, splits, N), device=hidden.device, dtype=torch.float32)
     if rows.numel() > 0:
         grid = (triton.cdiv(rows.numel(), tiles.block_n), splits)
         linear_lse_kernel[grid](
             hidden, weight, bias, labels, rows, n_valid,
-            partial[0], partial[1], partial[2], partial[3] if logit_sum else partial[0],
+            partial[0], partial[1], partial[2], partial[3] if tile_sum else partial[0],
             N, V, D, T, v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
             1.0 if softcap is None else float(softcap),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, LOGIT_SUM=logit_sum,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, LOGIT_SUM=tile_sum,
             **dot_flags(hidden.dtype),
             BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
@@ -120,7 +174,11 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     else:
         top = run_max.max(dim=0).values
         lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    return lse, target.sum(dim=0), partial[3].sum(dim=0) if logit_sum else None
+    if tile_sum:
+        sums = partial[3].sum(dim=0)
+    else:
+        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid) if logit_sum else None
+    return lse, target.sum(dim=0), sums
 
 
-__all__ = ["linear_lse_forward", "linear_lse_kernel", "vocab_splits"]
+__all__ = ["linear_logit_sums", "linear_lse_forward", "linear_lse_kernel", "logit_sum_kernel", "vocab_splits"]
