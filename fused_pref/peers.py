@@ -7,8 +7,10 @@ extras, imported only when asked for; one that is missing, or that has no equiva
 raises ``Unavailable`` with the note the benchmark prints.
 
 The peers' calls follow their sources (Liger-Kernel ``src/liger_kernel/chunked_loss/*_loss.py`` and
-``transformers/fused_linear_cross_entropy.py``; ml-cross-entropy ``linear_cross_entropy.py``); not
-run here, since both need a GPU.
+``transformers/fused_linear_cross_entropy.py``; ml-cross-entropy ``linear_cross_entropy.py``).
+``tests/test_bench.py`` checks that each installed peer computes the same loss and gradients as the
+fused path (Liger-Kernel and the compiled reference run on the CPU too; Cut Cross-Entropy's kernels
+need a GPU).
 """
 
 import torch

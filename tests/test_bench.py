@@ -16,7 +16,8 @@ from fused_pref import benchmark, report
 from fused_pref.__main__ import main
 from fused_pref.peers import implementations
 from fused_pref.testing import kernel_device
-from fused_pref.workload import MODELS, HeadShape
+from fused_pref.testing import relative_error
+from fused_pref.workload import LOSSES, MODELS, HeadShape, make_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -188,3 +189,23 @@ def test_runs_split_over_calls_merge_into_one_results_file():
     assert [(r["peer"], r["speed"]) for r in merged["ratios"]] == [("reference", 990.0 / 170.0)]
     with pytest.raises(ValueError, match=r"different environments.*\['gpu'\]"):
         report.merge_results([first, _results("NVIDIA H100", "2026-11-26T10:00:00", [])])
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
+    # The benchmark must time the same work: each installed peer's loss and gradients equal the fused
+    # path's on one batch.  (Cut Cross-Entropy's kernels do not run under the interpreter.)
+    peers = ["reference-compile", "liger"] + (["cce"] if device == "cuda" else [])
+    funcs, notes = implementations(loss, None, ["fused-vchunk", *peers])
+    if "liger" not in funcs:
+        assert any(n.startswith("liger skipped") for n in notes), notes
+    results = {}
+    for name, fn in funcs.items():
+        batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, seed=1, reference_model=loss == "dpo")
+        value = fn(*batch.inputs())
+        value.backward()
+        results[name] = [value.detach(), *(t.grad for t in batch.grads)]
+    assert "reference-compile" in results
+    for name, got in results.items():
+        for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
+            assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))
