@@ -112,7 +112,7 @@ def linear_logit_sums(hidden, weight, bias, rows, n_valid) -> torch.Tensor:
     R, T, D = hidden.shape
     out = torch.empty(R * T, device=hidden.device, dtype=torch.float32)
     w_sum = weight.sum(dim=0, dtype=torch.float64)
-    b_sum = w_sum if bias is None else bias.sum(dtype=torch.float64).reshape(1)
+    b_sum = w_sum if bias is None else bias.sum(dtype=torch.float64).reshape(1)  # unread without a bias
     if rows.numel() > 0:
         logit_sum_kernel[(triton.cdiv(rows.numel(), LOGIT_SUM_BLOCK_N),)](
             hidden, w_sum, b_sum, rows, n_valid, out, D, T,
