@@ -13,7 +13,8 @@
 #    fit a time budget; see benchmarks/NOTES.md for an estimate),
 #    writing OUT_DIR/<gpu>-<date>.json and its PNG, rewritten after every case.
 # `--no-tests` / `--no-bench` leave out step 2 / step 3, to split the protocol over two calls that
-# each fit a time limit.  Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy
+# each fit a time limit.  Wheels in ./.whl (benchmarks/peer_wheels.sh) are installed first, so the
+# optional peers (Liger-Kernel, Cut Cross-Entropy) take part.  Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy
 # the JSON into benchmarks/results/ and run `python -m fused_pref bench --readme`.
 set -euo pipefail
 
@@ -31,6 +32,11 @@ esac
 cd "$(dirname "$0")/.."
 
 export PYTHONUNBUFFERED=1
+# Peers carried as wheels (benchmarks/peer_wheels.sh): the lent machine has no package index.
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 # cuBLAS is deterministic only with a fixed workspace; the determinism tests turn on
 # torch.use_deterministic_algorithms, which refuses cuBLAS products without this.
 export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
