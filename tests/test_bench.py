@@ -209,3 +209,12 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     for name, got in results.items():
         for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
             assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))
+
+
+@pytest.mark.parametrize("script", ["gpu_check.sh", "peer_wheels.sh"])
+def test_gpu_protocol_scripts_parse_and_ask_for_their_folder(script):
+    # They run where a mistake costs lent GPU time: at least the syntax and the usage line hold.
+    path = REPO / "benchmarks" / script
+    assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode == 0
+    done = subprocess.run(["bash", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.startswith(f"usage: {path}"), done.stderr
