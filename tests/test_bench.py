@@ -191,6 +191,12 @@ def test_runs_split_over_calls_merge_into_one_results_file():
         report.merge_results([first, _results("NVIDIA H100", "2026-11-26T10:00:00", [])])
 
 
+# Cut Cross-Entropy's backward kernel multiplies with tl.dot at Triton's default precision, TF32 for
+# fp32 inputs (its forward honours torch's "highest"): gradients ~3e-4 off, not 1e-5.  A wrong term
+# would still be orders of magnitude beyond this.
+PEER_GRADIENT_TOLERANCE = {"cce": 2e-3}
+
+
 @pytest.mark.parametrize("loss", LOSSES)
 def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     # The benchmark must time the same work: each installed peer's loss and gradients equal the fused
@@ -208,7 +214,8 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     assert "reference-compile" in results
     for name, got in results.items():
         for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
-            assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))
+            tolerance = PEER_GRADIENT_TOLERANCE.get(name, 1e-5) if what != "loss" else 1e-5
+            assert relative_error(a, b) < tolerance, (name, what, relative_error(a, b))
 
 
 @pytest.mark.parametrize("script", ["gpu_check.sh", "peer_wheels.sh"])
