@@ -94,6 +94,10 @@ def _linear_specs(dtype):
         fused_const = {**base, "NEED_H": True, "NEED_W": True, "NEED_B": has_bias}
         yield ("linear_grad_fused", variant, linear_grad_fused.linear_grad_fused_kernel, fused_sig, fused_const,
                options)
+    column_sig = {"w_ptr": f"*{dtype}", "out_ptr": "*fp64", "V": "i32", "D": "i32", "v_per_split": "i32",
+                  "stride_w_v": "i64", "stride_w_d": "i32"}
+    yield ("column_sum", dtype, linear_lse.column_sum_kernel, column_sig,
+           {"BLOCK_V": linear_lse.COLUMN_SUM_BLOCK_V, "BLOCK_D": linear_lse.COLUMN_SUM_BLOCK_D}, {"num_warps": 4})
 
 
 def _head_specs():

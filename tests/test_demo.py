@@ -40,12 +40,13 @@ def test_demo_command():
 
 
 def test_demo_without_the_interpreter_gives_the_analytic_llama_figures(monkeypatch):
-    # On a GPU the accounting cannot measure (it runs the kernels on CPU tensors): the analytic
-    # formula stands alone, and it is the one the fitted accounting carries beside its fit.
+    # On a GPU the accounting cannot measure in-process (it runs the kernels on CPU tensors, which
+    # needs the interpreter): the analytic formula stands alone.
     import fused_pref.demo as demo
-    from fused_pref.accounting import account, human_bytes
+    from fused_pref.accounting import analytic_bytes, analytic_terms, human_bytes
 
-    analytic = {a.implementation: a.analytic_bytes for a in account("llama3-8b", 16384, "simpo")}
+    analytic = {name: analytic_bytes(name, analytic_terms(name, "simpo", None), 16384, 4096, 128256)
+                for name in ("reference", "fused-vchunk")}
     monkeypatch.setattr(demo, "KERNELS_INTERPRETED", False)
     [line] = demo._llama3_8b_lines()
     assert (f"analytic: reference {human_bytes(analytic['reference'])}, fused {human_bytes(analytic['fused-vchunk'])}"

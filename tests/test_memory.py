@@ -1,7 +1,9 @@
-"""No tensor of N x V elements, at any dtype, in the fused forward + backward (DESIGN.md section 4)."""
+"""No tensor of N x V elements, at any dtype, in the fused forward + backward (DESIGN.md section 4),
+and no temporary inside a PyTorch op larger than a gradient."""
 
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fused_pref
 from fused_pref.memory import AllocationRecorder
@@ -13,17 +15,21 @@ from fused_pref.testing import make_inputs
 R, T, D, V = 8, 65, 48, 4099
 
 
+def _forward_backward(module, loss_name, x, **options):
+    if loss_name == "simpo":
+        loss = module.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], **options).loss
+    elif loss_name == "dpo":
+        loss = module.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
+                               ref_hidden=x["hidden"].detach().flip(0), **options).loss
+    else:
+        loss = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], **options)
+    loss.backward()
+
+
 def _step(module, loss_name, device, **options):
     x = make_inputs(R, T, D, V, device=device, dtype=torch.float32)
     with AllocationRecorder() as recorder:
-        if loss_name == "simpo":
-            loss = module.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], **options).loss
-        elif loss_name == "dpo":
-            loss = module.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                   ref_hidden=x["hidden"].detach().flip(0), **options).loss
-        else:
-            loss = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], **options)
-        loss.backward()
+        _forward_backward(module, loss_name, x, **options)
     return recorder
 
 
@@ -41,3 +47,21 @@ def test_the_check_catches_the_reference(loss_name, device):
     # The same measurement on the materializing reference must see the logits.
     largest = _step(fused_pref.reference, loss_name, device).largest()
     assert largest.numel >= R * T * V, f"reference's largest allocation was {largest}"
+
+
+@pytest.mark.parametrize("backward", ["chunked", "fused"])
+@pytest.mark.parametrize("loss_name", ["simpo", "dpo", "cross_entropy"])
+def test_no_temporary_inside_an_op_outgrows_a_gradient(loss_name, backward, device):
+    # The recorders above see each op's outputs, not the buffers an op allocates inside itself
+    # (torch's weight.sum(dtype=float64) once copied a bf16 weight to fp64 whole: 4.2 GB at
+    # Llama-3-8B, found by an H200's peak memory).  The profiler sees every allocation.  In bf16 a
+    # weight-sized temporary in fp64, or anything [N, V], exceeds the largest gradient buffer
+    # (d_weight, accumulated in fp32 by the fused backward).
+    x = make_inputs(R, T, D, V, device=device, dtype=torch.bfloat16)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities, profile_memory=True) as profiler:
+        _forward_backward(fused_pref, loss_name, x, backward=backward)
+    usage = "self_device_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
+    sizes = [getattr(event, usage) for event in profiler.events()]
+    assert max(sizes) >= V * D * 2, "the profiler did not see d_weight: it is not recording allocations"
+    assert max(sizes) <= V * D * 4, f"an allocation of {max(sizes)} bytes (d_weight in fp32: {V * D * 4})"
