@@ -15,7 +15,7 @@ need a GPU).
 
 import torch
 
-from .workload import library_implementations, loss_fn
+from .workload import FUSED_STRATEGIES, library_implementations, loss_fn
 
 
 class Unavailable(Exception):
@@ -85,6 +85,8 @@ def cut_cross_entropy(loss: str, softcap=None):
 
 
 _PEER_FACTORIES = {"reference-compile": compiled_reference, "liger": liger, "cce": cut_cross_entropy}
+# Every name ``implementations`` knows, in the order it runs them.
+IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_STRATEGIES), "reference", *_PEER_FACTORIES)
 
 
 def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str]]:

@@ -85,11 +85,13 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def _impls(rows):
-    names = []
-    for r in rows:
-        if r["impl"] not in names:
-            names.append(r["impl"])
-    return names
+    """The implementations in ``rows`` in the order ``bench`` runs them (the default backward
+    strategy first: it is the baseline of every ratio), whatever order a merge left the rows in."""
+    from .peers import IMPLEMENTATION_ORDER
+
+    seen = list(dict.fromkeys(r["impl"] for r in rows))
+    rank = {name: i for i, name in enumerate(IMPLEMENTATION_ORDER)}
+    return sorted(seen, key=lambda name: (rank.get(name, len(rank)), seen.index(name)))
 
 
 def _cell(row) -> str:
@@ -120,8 +122,9 @@ def format_table(results: dict) -> str:
              f"{'TFLOP/s':>8} {'x time':>7} {'x mem':>7}"]
     for mode in ("fwd", "fwd+bwd"):
         for (loss, model, tokens), by_impl in _by_case(rows, mode).items():
-            fused = next((r for name, r in by_impl.items() if name.startswith("fused-") and "ms" in r), None)
-            for name, r in by_impl.items():
+            ordered = {name: by_impl[name] for name in _impls(by_impl.values())}
+            fused = next((r for name, r in ordered.items() if name.startswith("fused-") and "ms" in r), None)
+            for name, r in ordered.items():
                 head = f"{loss:<14} {model:<11} {tokens:>6} {mode:<8} {name:<18}"
                 if "error" in r:
                     lines.append(f"{head} {r['error'][:60]}")
