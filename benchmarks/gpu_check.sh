@@ -15,7 +15,7 @@
 # `--no-tests` / `--no-bench` leave out step 2 / step 3, to split the protocol over two calls that
 # each fit a time limit.  Wheels in ./.whl (benchmarks/peer_wheels.sh) are installed first, so the
 # optional peers (Liger-Kernel, Cut Cross-Entropy) take part.  Logs go to OUT_DIR/pytest.log and OUT_DIR/bench.log.  To publish: copy
-# the JSON into benchmarks/results/ and run `python -m fused_pref bench --readme`.
+# the JSON into benchmarks/results/ and run `python benchmarks/publish.py readme`.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then

@@ -13,7 +13,7 @@ import sys
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = (
-        "from fused_pref.aot import build_all, format_table\n"
+        "from fused_pref.tools.aot import build_all, format_table\n"
         "builds = build_all()\n"
         "print(format_table(builds))\n"
         "print('KERNELS', sorted({b.kernel for b in builds}), 'ARCHS', sorted({b.arch for b in builds}),\n"

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from fused_pref.demo import run_demo  # noqa: E402
+from fused_pref.tools.demo import run_demo  # noqa: E402
 
 STEP_LINE = re.compile(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$")
 
@@ -42,8 +42,8 @@ def test_demo_command():
 def test_demo_without_the_interpreter_gives_the_analytic_llama_figures(monkeypatch):
     # On a GPU the accounting cannot measure in-process (it runs the kernels on CPU tensors, which
     # needs the interpreter): the analytic formula stands alone.
-    import fused_pref.demo as demo
-    from fused_pref.accounting import analytic_bytes, analytic_terms, human_bytes
+    import fused_pref.tools.demo as demo
+    from fused_pref.tools.accounting import analytic_bytes, analytic_terms, human_bytes
 
     analytic = {name: analytic_bytes(name, analytic_terms(name, "simpo", None), 16384, 4096, 128256)
                 for name in ("reference", "fused-vchunk")}

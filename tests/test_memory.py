@@ -6,7 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_pref
-from fused_pref.memory import AllocationRecorder
+from fused_pref.tools.memory import AllocationRecorder
 from fused_pref.testing import make_inputs
 
 # The bound counts every allocation, the gradients too, so d_weight [V, D] must stay under it:

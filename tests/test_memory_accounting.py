@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from fused_pref.accounting import WORKSPACES, account, peak_extra
-from fused_pref.memory import AllocationRecorder, LiveBytesRecorder
-from fused_pref.workload import library_implementations, make_batch
+from fused_pref.tools.accounting import WORKSPACES, account, peak_extra
+from fused_pref.tools.memory import AllocationRecorder, LiveBytesRecorder
+from fused_pref.tools.workload import library_implementations, make_batch
 
 
 def test_live_bytes_recorder_follows_each_storage_to_its_release():

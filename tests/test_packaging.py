@@ -2,6 +2,7 @@
 top-level ``kernels`` package, which belongs to another PyPI project that transformers probes for.
 """
 
+import ast
 import importlib
 import json
 import os
@@ -134,3 +135,35 @@ def test_interpreter_problem_names_the_versions_and_the_way_out(triton_version, 
     else:
         assert f"Triton {triton_version}" in problem and f"NumPy {numpy_version}" in problem
         assert "install triton>=3.7 or numpy<2.4" in problem
+
+
+# The tools side of the package: it imports the library like any user, and the library never imports it.
+TOOLS_SIDE = ("tools", "testing.py", "__main__.py")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Absolute names of the modules ``path`` (a module of fused_pref) imports, relative imports resolved."""
+    package = ["fused_pref", *path.relative_to(REPO / "fused_pref").parent.parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_the_library_never_imports_its_tools():
+    library = [p for p in (REPO / "fused_pref").rglob("*.py")
+               if p.relative_to(REPO / "fused_pref").parts[0] not in TOOLS_SIDE]
+    assert len(library) > 10, library
+    for path in library:
+        wrong = sorted(name for name in _imported_modules(path)
+                       if name.startswith(("fused_pref.tools", "fused_pref.testing", "fused_pref.__main__")))
+        assert not wrong, f"{path.relative_to(REPO)} imports the tools: {wrong}"
+    # The resolver itself: the tools' own imports of the library and of each other are seen.
+    assert {"fused_pref.kernels.interpreter_problem", "fused_pref.tools.workload"} <= _imported_modules(
+        REPO / "fused_pref" / "tools" / "cli.py")

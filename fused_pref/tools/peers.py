@@ -15,6 +15,8 @@ need a GPU).
 
 import torch
 
+import fused_pref
+
 from .workload import FUSED_STRATEGIES, library_implementations, loss_fn
 
 
@@ -31,8 +33,6 @@ def _first(out):
 
 
 def compiled_reference(loss: str, softcap=None):
-    import fused_pref
-
     # A fresh, static-shape compile per case: dynamo caches by code object, and its recompile limit
     # (8) would otherwise send later shapes back to eager without a word.
     torch._dynamo.reset()

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from fused_pref import __version__
 from .peers import implementations
-from .report import format_table, plot, ratios, results_path, write_results
+from .results import format_table, plot, ratios, results_path, write_results
 from .workload import MODELS, SEQUENCE_LENGTH, floor_flops, make_batch, sequences_for
 
 MODES = ("fwd", "fwd+bwd")

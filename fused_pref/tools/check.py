@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import functional, reference
-from .preference import DPO_LOSS_TYPES
-from .testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref import functional, reference
+from fused_pref.preference import DPO_LOSS_TYPES
+from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
 
 # V not a multiple of any block, D not a power of two and larger than BLOCK_D, odd T.
 SHAPE = dict(R=4, T=23, D=97, V=1003)

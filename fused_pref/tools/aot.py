@@ -45,8 +45,8 @@ class KernelBuild:
 
 def _linear_specs(dtype):
     """(kernel, variant name, fn, signature, constexprs, options) for the two logits kernels."""
-    from .kernels import linear_grad, linear_grad_fused, linear_lse
-    from .kernels.tiles import tiles_for
+    from fused_pref.kernels import linear_grad, linear_grad_fused, linear_lse
+    from fused_pref.kernels.tiles import tiles_for
 
     tiles = tiles_for(TORCH_DTYPES[dtype])
     tile_constexprs = {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d}
@@ -101,7 +101,7 @@ def _linear_specs(dtype):
 
 
 def _head_specs():
-    from .kernels import pref_head
+    from fused_pref.kernels import pref_head
 
     sig = {"chosen_ptr": "*fp32", "rejected_ptr": "*fp32", "ref_chosen_ptr": "*fp32", "ref_rejected_ptr": "*fp32",
            "loss_ptr": "*fp32", "d_chosen_ptr": "*fp32", "d_rejected_ptr": "*fp32", "B": "i32",

@@ -1,5 +1,6 @@
-"""Everything derived from a benchmark results file: its name, the speed and memory ratios against
-each peer, the console table, the PNG plot and README.md's generated performance section.
+"""What ``bench`` makes of its measurements: the results file and its name, the speed and memory
+ratios against each peer, the console table and the PNG plot.  (Publishing a results file in this
+repository's README is ``benchmarks/publish.py``, which is not part of the package.)
 
 A results file is JSON with the environment (``gpu``, ``driver``, ``cuda``, ``torch``, ``triton``),
 ``date`` and ``created``, and ``rows``: one per (model, tokens, loss, impl, mode) with ``ms``,
@@ -10,10 +11,7 @@ import json
 import re
 from pathlib import Path
 
-README_START, README_END = "<!-- perf:start -->", "<!-- perf:end -->"
-NO_RESULTS = ("No GPU numbers are published yet: no benchmark has run on a GPU.  `benchmarks/gpu_check.sh` "
-              "measures them on one and `python -m fused_pref bench --readme` writes them here; until then, "
-              "`python -m fused_pref memory` predicts the memory on any machine.")
+from .peers import IMPLEMENTATION_ORDER
 
 
 def results_path(out_dir, gpu: str, date: str) -> Path:
@@ -27,46 +25,8 @@ def write_results(path: Path, results: dict):
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
-def newest_results(results_dir) -> Path | None:
-    """The results file in ``results_dir`` created last (by its ``created`` field), or None."""
-    found = []
-    for path in Path(results_dir).glob("*.json"):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict) and "created" in data and "rows" in data:
-            found.append((data["created"], path.name, path))
-    return max(found)[2] if found else None
-
-
-def _key(row):
+def case_key(row):
     return row["model"], row["tokens"], row["loss"], row["mode"]
-
-
-ENVIRONMENT = ("gpu", "driver", "cuda", "torch", "triton", "fused_pref")
-
-
-def merge_results(runs: list[dict]) -> dict:
-    """One results file from several runs on the same GPU and software (a benchmark split over calls
-    that each fit a time limit): rows in run order, a later run's row replacing an earlier one of
-    the same case, implementation and mode; the newest ``created``; ratios recomputed."""
-    if not runs:
-        raise ValueError("no results to merge")
-    for run in runs[1:]:
-        differing = [k for k in ENVIRONMENT if run.get(k) != runs[0].get(k)]
-        if differing:
-            raise ValueError(f"results from different environments cannot be merged: {differing} differ")
-    rows = {}
-    for run in runs:
-        for row in run["rows"]:
-            rows.pop((*_key(row), row["impl"]), None)
-            rows[(*_key(row), row["impl"])] = row
-    newest = max(runs, key=lambda run: run["created"])
-    notes = list(dict.fromkeys(note for run in runs for note in run.get("notes", [])))
-    merged = {**newest, "rows": list(rows.values()), "notes": notes}
-    merged["ratios"] = ratios(merged["rows"])
-    return merged
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -76,7 +36,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     out = []
     for fused in (r for r in ok if r["impl"].startswith("fused-")):
         for peer in ok:
-            if _key(peer) == _key(fused) and peer["impl"] != fused["impl"]:
+            if case_key(peer) == case_key(fused) and peer["impl"] != fused["impl"]:
                 out.append({"model": fused["model"], "tokens": fused["tokens"], "loss": fused["loss"],
                             "mode": fused["mode"], "fused": fused["impl"], "peer": peer["impl"],
                             "speed": peer["ms"] / fused["ms"],
@@ -84,17 +44,15 @@ def ratios(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _impls(rows):
+def ordered_implementations(rows):
     """The implementations in ``rows`` in the order ``bench`` runs them (the default backward
     strategy first: it is the baseline of every ratio), whatever order a merge left the rows in."""
-    from .peers import IMPLEMENTATION_ORDER
-
     seen = list(dict.fromkeys(r["impl"] for r in rows))
     rank = {name: i for i, name in enumerate(IMPLEMENTATION_ORDER)}
     return sorted(seen, key=lambda name: (rank.get(name, len(rank)), seen.index(name)))
 
 
-def _cell(row) -> str:
+def format_cell(row) -> str:
     if row is None:
         return "-"
     if "error" in row:
@@ -102,7 +60,7 @@ def _cell(row) -> str:
     return f"{row['ms']:.1f} ms, {row['peak_gb']:.2f} GB"
 
 
-def _by_case(rows, mode):
+def rows_by_case(rows, mode):
     grouped = {}
     for r in rows:
         if r["mode"] == mode:
@@ -121,8 +79,8 @@ def format_table(results: dict) -> str:
              f"{'loss':<14} {'model':<11} {'tokens':>6} {'mode':<8} {'impl':<18} {'ms':>9} {'GB':>8} "
              f"{'TFLOP/s':>8} {'x time':>7} {'x mem':>7}"]
     for mode in ("fwd", "fwd+bwd"):
-        for (loss, model, tokens), by_impl in _by_case(rows, mode).items():
-            ordered = {name: by_impl[name] for name in _impls(by_impl.values())}
+        for (loss, model, tokens), by_impl in rows_by_case(rows, mode).items():
+            ordered = {name: by_impl[name] for name in ordered_implementations(by_impl.values())}
             fused = next((r for name, r in ordered.items() if name.startswith("fused-") and "ms" in r), None)
             for name, r in ordered.items():
                 head = f"{loss:<14} {model:<11} {tokens:>6} {mode:<8} {name:<18}"
@@ -133,55 +91,6 @@ def format_table(results: dict) -> str:
                        if fused and fused["peak_gb"] > 0 else "")
                 lines.append(f"{head} {r['ms']:>9.2f} {r['peak_gb']:>8.2f} {r['tflops']:>8.1f} {rel}")
     return "\n".join(lines)
-
-
-def readme_section(results: dict | None, source: str = "") -> str:
-    """README.md's performance text: the forward+backward table of ``results``, or, with none, the
-    statement that no GPU numbers are published yet."""
-    if results is None:
-        return NO_RESULTS
-    rows = results["rows"]
-    impls = _impls(rows)
-    fused_names = [n for n in impls if n.startswith("fused-")]
-    lines = [f"Measured on **{results['gpu']}** (driver {results['driver']}, CUDA {results['cuda']}, torch "
-             f"{results['torch']}, triton {results['triton']}) on {results['date']}: {results['dtype']}, "
-             f"forward+backward, sequences of {results.get('sequence_length', 1024)} tokens with a quarter of "
-             "prompt.  Each cell: median time (`triton.testing.do_bench`) and peak memory "
-             "(growth of `torch.cuda.max_memory_allocated`, gradients included); for a peer, its time and "
-             f"memory over `{fused_names[0] if fused_names else 'fused'}`'s in brackets.  "
-             "TFLOP/s divides the FLOP floor (8·N·D·V over the N valid tokens, 10·N·D·V for DPO) by the "
-             f"fused path's time.  Generated from `{source}` by "
-             "`python -m fused_pref bench --readme`.",
-             "",
-             "| loss | model | tokens | " + " | ".join(impls) + " | fused TFLOP/s |",
-             "| --- | --- | ---: | " + " | ".join("---" for _ in impls) + " | ---: |"]
-    losses = list(dict.fromkeys(r["loss"] for r in rows))
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    cases = sorted(_by_case(rows, "fwd+bwd").items(),
-                   key=lambda item: (losses.index(item[0][0]), models.index(item[0][1]), item[0][2]))
-    for (loss, model, tokens), by_impl in cases:
-        fused = next((by_impl[n] for n in fused_names if n in by_impl and "ms" in by_impl[n]), None)
-        cells = []
-        for name in impls:
-            r = by_impl.get(name)
-            cell = _cell(r)
-            if fused is not None and r is not None and "ms" in r and not name.startswith("fused-"):
-                cell += f" ({r['ms'] / fused['ms']:.1f}x, {r['peak_gb'] / max(fused['peak_gb'], 1e-9):.1f}x)"
-            cells.append(cell)
-        tflops = f"{fused['tflops']:.0f}" if fused else "-"
-        lines.append(f"| {loss} | {model} | {tokens} | " + " | ".join(cells) + f" | {tflops} |")
-    for note in results.get("notes", []):
-        lines.append(f"\nNote: {note}.")
-    return "\n".join(lines)
-
-
-def update_readme(readme: Path, section: str):
-    """Replace the text between README_START and README_END in ``readme`` with ``section``."""
-    text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} markers")
-    readme.write_text(text[: start + len(README_START)] + "\n" + section + "\n" + text[end:])
 
 
 def plot(results: dict, png: Path) -> str:
@@ -201,7 +110,7 @@ def plot(results: dict, png: Path) -> str:
         return "no plot: no forward+backward rows"
     fig, axes = plt.subplots(2 * len(losses), len(models), figsize=(4 * len(models), 2.8 * 2 * len(losses)),
                              squeeze=False)
-    impls = _impls(rows)
+    impls = ordered_implementations(rows)
     tokens = sorted({r["tokens"] for r in rows})
     for i, loss in enumerate(losses):
         for j, model in enumerate(models):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .kernels.linear_grad import vocab_chunk_size
-from .kernels.tiles import tiles_for
+from fused_pref.kernels.linear_grad import vocab_chunk_size
+from fused_pref.kernels.tiles import tiles_for
 from .memory import LiveBytesRecorder, Peak
 from .workload import MODELS, library_implementations, make_batch
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+import fused_pref
+
 
 @dataclass(frozen=True)
 class HeadShape:
@@ -115,8 +117,6 @@ def loss_fn(module, loss: str, *, softcap=None, **options):
 def library_implementations(loss: str, softcap=None) -> dict:
     """This library's implementations of ``loss`` by name, as ``loss_fn`` functions: the fused path
     once per backward strategy, then the reference."""
-    import fused_pref
-
     impls = {f"fused-{name}": loss_fn(fused_pref, loss, softcap=softcap, **options)
              for name, options in FUSED_STRATEGIES.items()}
     impls["reference"] = loss_fn(fused_pref.reference, loss, softcap=softcap)

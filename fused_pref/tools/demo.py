@@ -8,7 +8,7 @@ machine without a GPU), one with ``fused_pref.reference.simpo_loss`` on the same
 logits materialized).  Each step prints both losses and the fused run's reward accuracy; the end
 compares the two loss curves, the held-out reward accuracy, and the memory the loss takes beyond
 its inputs and gradients: measured here at the demo's size, and at Llama-3-8B's head from
-``fused_pref.accounting`` (measured at scaled shapes and extrapolated, beside its analytic formula).
+``fused_pref.tools.accounting`` (measured at scaled shapes and extrapolated, beside its analytic formula).
 """
 
 import copy
@@ -20,7 +20,7 @@ import torch
 import fused_pref
 
 from .accounting import human_bytes
-from .kernels import KERNELS_INTERPRETED
+from fused_pref.kernels import KERNELS_INTERPRETED
 from .memory import LiveBytesRecorder
 
 # The model: Llama's architecture, small enough for the Triton interpreter on two CPU cores.
@@ -90,7 +90,7 @@ def tiny_llama(seed=0):
 
 def _simpo(module, model, batch):
     """SimPO of ``module`` (``fused_pref`` or ``fused_pref.reference``) on the model's hidden states."""
-    from .integrations import hf
+    from fused_pref.integrations import hf
 
     input_ids, attention_mask, labels = batch
     hidden = hf.hidden_states(model, input_ids, attention_mask)
@@ -105,7 +105,7 @@ def heldout_accuracy(model, module, batch) -> float:
 def loss_memory(model, batch) -> dict:
     """Peak bytes each path's SimPO forward+backward keeps live beyond its inputs (hidden states,
     lm_head weight) and their gradients, at the demo's shape, measured (``LiveBytesRecorder``)."""
-    from .integrations import hf
+    from fused_pref.integrations import hf
 
     input_ids, attention_mask, labels = batch
     with torch.no_grad():
@@ -166,7 +166,7 @@ def run_demo(steps=30, pairs=8, *, seed=0, device=None, out=print) -> DemoResult
     out(f"SimPO (beta {BETA}, gamma {GAMMA}) on a tiny Llama ({LAYERS} layers, hidden {HIDDEN}, vocab {VOCAB}, "
         f"{n_params / 1e3:.0f}k parameters), {pairs} pairs per step, AdamW lr {LEARNING_RATE}, on {device}.")
     out("Task: the prompt is an arithmetic progression of token ids; chosen continues it, rejected is random.")
-    out(f"Both models start from the same weights and see the same batches; 'reference' materializes the logits.\n")
+    out("Both models start from the same weights and see the same batches; 'reference' materializes the logits.\n")
     out(f"{'step':>4}  {'loss fused':>10}  {'loss reference':>14}  {'reward acc':>10}  {'margin':>7}")
     for step in range(1, steps + 1):
         batch = tuple(t.to(device) for t in make_pairs(pairs, generator=generator))

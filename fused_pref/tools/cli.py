@@ -1,0 +1,159 @@
+"""The command line, ``python -m fused_pref check | kernels | demo | memory | bench``.
+
+``check``   fused vs reference errors for every public function (the real Triton kernels: through
+            the interpreter when there is no GPU).
+``kernels`` compiles every kernel ahead of time for sm_80 and sm_90 and prints registers, spills and
+            shared memory; exits non-zero on any spill.
+``demo``    trains a tiny Llama-style model with SimPO, fused and reference side by side, and shows
+            the loss curves match and the loss memory saved (``fused_pref/tools/demo.py``).
+``memory``  peak bytes of live tensors beyond inputs and gradients, per implementation, at a model's
+            full shape: measured on the CPU at scaled shapes, fitted, beside the analytic formula.
+``bench``   on a GPU, times and peak memory of the fused path, the reference, torch.compile of it and
+            the installed peers, written to ``benchmarks/results/<gpu>-<date>.json`` and a PNG; on a
+            machine without CUDA, says so and runs the memory accounting instead.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fused_pref.kernels import interpreter_problem
+
+from .workload import LOSSES, MODELS, TOKENS_PER_STEP
+
+
+def _reexec_with_interpreter(wanted: bool, argv):
+    """Triton reads TRITON_INTERPRET when kernels are defined, which ``python -m fused_pref`` has
+    already done by the time this runs; so re-execute with the variable as the command needs it."""
+    if wanted and (problem := interpreter_problem()):
+        raise SystemExit(f"fused_pref {argv[0]}: this command runs the kernels through Triton's interpreter, but "
+                         f"{problem}")
+    current = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if current == wanted:
+        return
+    env = dict(os.environ)
+    if wanted:
+        env["TRITON_INTERPRET"] = "1"
+    else:
+        env.pop("TRITON_INTERPRET", None)
+    os.execve(sys.executable, [sys.executable, "-m", "fused_pref", *argv], env)
+
+
+def _check(args) -> int:
+    from .check import format_rows, run_check
+
+    cuda = torch.cuda.is_available()
+    _reexec_with_interpreter(not cuda, args.argv)
+    device = "cuda" if cuda else "cpu"
+    torch.set_float32_matmul_precision("highest")
+    where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
+    print(f"fused_pref check on {where}: fused vs fp64 reference, ||out - ref|| / ||ref||", flush=True)
+    rows = run_check(device)
+    print(format_rows(rows))
+    failed = [r for r in rows if not r.ok]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+def _kernels(args) -> int:
+    _reexec_with_interpreter(False, args.argv)
+    from .aot import build_all, format_table
+
+    builds = build_all()
+    print(format_table(builds))
+    spilled = [b for b in builds if b.spill_stores or b.spill_loads]
+    if spilled:
+        print(f"{len(spilled)} builds spill registers")
+    return 1 if spilled else 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    cuda = torch.cuda.is_available()
+    _reexec_with_interpreter(not cuda, args.argv)
+    result = run_demo(steps=args.steps, pairs=args.pairs, seed=args.seed)
+    return 0 if result.curves_match else 1
+
+
+def _memory(args) -> int:
+    from .accounting import account, format_report
+
+    # The accounting runs the real kernels on CPU tensors, so through the interpreter, GPU or not.
+    _reexec_with_interpreter(True, args.argv)
+    print(format_report(args.model, args.tokens, args.loss, account(args.model, args.tokens, args.loss)))
+    return 0
+
+
+def _bench(args) -> int:
+    models = args.model or (list(MODELS) if args.all_shapes else ["llama3-8b"])
+    tokens = args.tokens or (list(TOKENS_PER_STEP) if args.all_shapes else [16384])
+    losses = args.loss or list(LOSSES)
+    cuda = torch.cuda.is_available()
+    _reexec_with_interpreter(not cuda, args.argv)
+    if not cuda:
+        print("No CUDA device on this machine: the GPU benchmark (times, peak CUDA memory, peers) is skipped.\n"
+              "Running the part a CPU can measure instead: the memory accounting of `python -m fused_pref "
+              "memory`, at scaled-down shapes, extrapolated to each full shape.\n", flush=True)
+        from .accounting import account, format_summary
+
+        fits = {}  # a fit depends on the loss and the softcap only: measured once, used at every shape
+        print(format_summary({(m, t, loss): account(m, t, loss, fits)
+                              for m in models for t in tokens for loss in losses}))
+        return 0
+    from .benchmark import cases, run
+
+    run(cases(models, tokens, losses), args.out, args.impl, make_plot=not args.no_plot)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {value}")
+    return value
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("check", help="fused vs reference errors of every public function").set_defaults(run=_check)
+    commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
+        run=_kernels)
+
+    demo = commands.add_parser("demo", help="train a tiny Llama with SimPO, fused against the reference")
+    demo.add_argument("--steps", type=int, default=30)
+    demo.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    memory = commands.add_parser("memory", help="peak extra memory of each implementation at a model's shape")
+    memory.add_argument("--model", choices=MODELS, default="llama3-8b")
+    memory.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per step (default 16384)")
+    memory.add_argument("--loss", choices=LOSSES, default="simpo")
+    memory.set_defaults(run=_memory)
+
+    bench = commands.add_parser("bench", help="GPU times and peak memory against the reference and the peers")
+    bench.add_argument("--model", choices=MODELS, action="append", help="repeatable (default llama3-8b)")
+    bench.add_argument("--tokens", type=int, choices=TOKENS_PER_STEP, action="append",
+                       help="tokens per step, repeatable (default 16384)")
+    bench.add_argument("--loss", choices=LOSSES, action="append", help="repeatable (default all)")
+    bench.add_argument("--all-shapes", action="store_true",
+                       help="every model at every tokens per step (--model / --tokens still narrow it)")
+    bench.add_argument("--impl", action="append",
+                       help="only these implementations, repeatable: fused-<strategy>, reference, "
+                            "reference-compile, liger, cce (default all)")
+    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                       help="directory of the results file and plot (default benchmarks/results)")
+    bench.add_argument("--no-plot", action="store_true", help="write no PNG")
+    bench.set_defaults(run=_bench)
+
+    args = parser.parse_args(argv)
+    args.argv = argv
+    return args.run(args)
+
