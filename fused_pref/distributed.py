@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import validation
+
 
 @dataclass(frozen=True)
 class VocabShard:
@@ -21,33 +23,24 @@ class VocabShard:
     total: torch.Tensor  # the whole vocabulary, a 0-d device tensor (reading it is a host sync)
 
 
-def resolve_shard(weight, process_group, vocab_start, *, validate) -> VocabShard | None:
+def resolve_shard(weight, options) -> VocabShard | None:
     """This rank's shard, from one all-reduce of every rank's (vocab_start, rows) and one host read.
 
     Without ``vocab_start`` the shards are taken in rank order (rank r starts after the rows of
     ranks 0..r-1: ``rank * V_local`` for equal shards, and right for torch.chunk and
     torch.tensor_split alike).  With ``validate``, the shards must tile ``[0, V)``."""
-    if process_group is None:
-        if vocab_start is not None:
-            raise ValueError("vocab_start is only meaningful with a process_group")
+    group, vocab_start = options.process_group, options.vocab_start
+    if group is None:
         return None
-    if vocab_start is not None and (not isinstance(vocab_start, int) or isinstance(vocab_start, bool)
-                                    or vocab_start < 0):
-        raise ValueError(f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
-    rank = dist.get_rank(process_group)
-    spans = _shard_spans(weight.device, process_group, -1 if vocab_start is None else vocab_start, weight.shape[0])
+    rank = dist.get_rank(group)
+    spans = _shard_spans(weight.device, group, -1 if vocab_start is None else vocab_start, weight.shape[0])
     table = spans.tolist()
     for r, (start, _) in enumerate(table):
         if start < 0:
             table[r][0] = sum(rows for _, rows in table[:r])
-    if validate:
-        expected = 0
-        for start, rows in sorted(table):
-            if start != expected:
-                raise ValueError(f"the ranks' vocabulary shards must tile [0, V) without gaps or overlaps; "
-                                 f"got (vocab_start, rows) per rank = {table}")
-            expected = start + rows
-    return VocabShard(process_group, table[rank][0], weight.shape[0], spans[:, 1].sum())
+    if options.validate:
+        validation.check_shards(table)
+    return VocabShard(group, table[rank][0], weight.shape[0], spans[:, 1].sum())
 
 
 def _shard_spans(device, group, start, size):

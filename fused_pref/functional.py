@@ -1,6 +1,10 @@
 """The public functions.  Each validates its inputs, picks the path (Triton or reference) and, on the
 Triton path, never materializes the ``[tokens, vocab]`` logits, forward or backward.
 
+Every function also takes the keywords of :class:`fused_pref.options.Options` (``ignore_index``,
+``softcap``, ``shift``, ``cu_seqlens``, ``process_group``, ``vocab_start``, ``backward``,
+``deterministic``, ``workspace_bytes``, ``validate``, ``backend``), checked once into one object.
+
 Device policy (``backend="auto"``): CUDA tensors take the Triton kernels; CPU tensors take them when
 ``TRITON_INTERPRET=1`` was set before ``fused_pref`` was imported (Triton's interpreter), otherwise
 the reference path, with a one-time warning.  ``backend="triton"`` or ``"reference"`` forces a path.
@@ -18,40 +22,30 @@ shard of the vocabulary, starting at ``vocab_start`` (default ``rank * weight.sh
 ``d_hidden``, and its own shard's ``d_weight`` / ``d_bias``.  See :mod:`fused_pref.distributed`.
 """
 
-import warnings
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
 
 import torch
 
-from . import preference as pref
-from . import reference
-from . import validation as check
+from . import preference, reference, validation
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
-from .kernels import KERNELS_INTERPRETED, interpreter_problem
+from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, preference_output
 from .segments import sequence_sums, shift_labels
 
-BACKENDS = ("auto", "triton", "reference")
-_warned_cpu_fallback = False
 
-
-def _use_triton(device: torch.device, backend: str) -> bool:
-    global _warned_cpu_fallback
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    runnable = device.type == "cuda" or (device.type == "cpu" and KERNELS_INTERPRETED)
-    if device.type == "cpu" and KERNELS_INTERPRETED and backend != "reference" and (problem := interpreter_problem()):
-        raise RuntimeError(f"fused_pref: TRITON_INTERPRET is set, but {problem}")
-    if backend == "triton" and not runnable:
-        raise ValueError(f"backend='triton' cannot run on {device} tensors: use CUDA tensors, or set "
-                         "TRITON_INTERPRET=1 before importing fused_pref to run the kernels on the CPU")
-    if backend == "auto" and not runnable and not _warned_cpu_fallback:
-        _warned_cpu_fallback = True
-        warnings.warn(f"fused_pref: no Triton backend for {device} tensors (only CUDA tensors, or CPU tensors "
-                      "with TRITON_INTERPRET=1 set before import); using the PyTorch reference, which "
-                      "materializes the logits", stacklevel=3)
-    return backend == "triton" or (backend == "auto" and runnable)
+def _public(twin):
+    """The Triton path ``impl`` as a public function: the options as keywords (``takes_options``), and
+    the reference ``twin`` (same signature) run instead where the device policy says so."""
+    def decorate(impl):
+        @functools.wraps(impl)
+        def dispatch(*args, options: Options, **kwargs):
+            hidden = args[0] if args else kwargs.get("hidden")
+            path = impl if use_triton(hidden, options) else twin.with_options
+            return path(*args, **kwargs, options=options)
+        return takes_options(dispatch)
+    return decorate
 
 
 @dataclass
@@ -61,15 +55,16 @@ class _Tokens:
     logit_sum: torch.Tensor     # fp32 per-token sum of logits over the vocabulary (or empty)
     vocab_size: object          # int, or a 0-d tensor for a sharded vocabulary
 
-def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, process_group,
-                    vocab_start, backward, deterministic, validate, mean_over_sequences=False,
+
+def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
                     logit_sum=False) -> _Tokens:
-    shard = resolve_shard(weight, process_group, vocab_start, validate=validate)
-    if shift:
-        labels = shift_labels(labels, ignore_index, cu_seqlens)
-    vocab_size = weight.shape[0] if shard is None or not validate else int(shard.total)
-    checked = check.check_labels(labels, vocab_size, ignore_index=ignore_index, validate=validate,
-                                 mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens)
+    shard = resolve_shard(weight, options)
+    if options.shift:
+        labels = shift_labels(labels, options.ignore_index, options.cu_seqlens)
+    vocab_size = weight.shape[0] if shard is None or not options.validate else int(shard.total)
+    checked = validation.check_labels(labels, vocab_size, ignore_index=options.ignore_index,
+                                      validate=options.validate, mean_over_sequences=mean_over_sequences,
+                                      cu_seqlens=options.cu_seqlens)
     hidden3 = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
     # A vocabulary shard sees labels relative to its first row; labels it does not own fall
     # outside [0, V_local) and match no column of its kernels.
@@ -81,35 +76,16 @@ def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shif
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    params = LogprobParams(softcap=None if softcap is None else float(softcap), logit_sum=logit_sum, shard=shard,
-                           strategy=check.check_backward(backward, deterministic))
+    params = LogprobParams(softcap=options.softcap, logit_sum=logit_sum, shard=shard, strategy=options.strategy(),
+                           workspace_bytes=options.workspace_bytes)
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
     return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,
                    weight.shape[0] if shard is None else shard.total)
 
 
-def _options(*, ignore_index, softcap, shift, cu_seqlens, process_group, vocab_start, backward, deterministic,
-             validate):
-    """The keyword arguments every public function shares, passed on as one dict."""
-    return dict(ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                process_group=process_group, vocab_start=vocab_start, backward=backward,
-                deterministic=deterministic, validate=validate)
-
-
-def _checked_options(hidden, weight, labels, bias, *, sequence_level=False, pairs=False, reduction=None, kind=None,
-                     **options):
-    """Validate what needs no data read and return the shared options (plus the sequence count)."""
-    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=options["cu_seqlens"],
-                                     sequence_level=sequence_level, pairs=pairs, softcap=options["softcap"],
-                                     ignore_index=options["ignore_index"], reduction=reduction, kind=kind,
-                                     backward=options["backward"], deterministic=options["deterministic"])
-    return _options(**options), num_sequences
-
-
-def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
-                    validate=True, backend="auto"):
+@_public(reference.linear_logprobs)
+def linear_logprobs(hidden, weight, labels, bias=None, *, options):
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
     ``hidden`` ``[N, D]`` or ``[R, T, D]`` (fp32, bf16 or fp16; strided views are read in place),
@@ -126,13 +102,8 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, sof
 
     >>> logp = fused_pref.linear_logprobs(h, lm_head.weight, labels)   # [B, T]
     """
-    options, _ = _checked_options(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                  shift=shift, cu_seqlens=cu_seqlens, process_group=process_group,
-                                  vocab_start=vocab_start, backward=backward, deterministic=deterministic,
-                                  validate=validate)
-    if not _use_triton(hidden.device, backend):
-        return reference.linear_logprobs(hidden, weight, labels, bias, **options)
-    return _token_logprobs(hidden, weight, labels, bias, **options).logp
+    validation.check_call(hidden, weight, labels, bias, options)
+    return _token_logprobs(hidden, weight, labels, bias, options).logp
 
 
 def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
@@ -144,9 +115,8 @@ def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
     return logps, sums, counts
 
 
-def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-                      deterministic=None, validate=True, backend="auto"):
+@_public(reference.sequence_logprobs)
+def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", options):
     """Per-sequence log-probabilities ``[R]`` (fp32) of ``labels``.
 
     ``hidden`` ``[R, T, D]`` with ``labels`` ``[R, T]``, or packed ``[N, D]`` / ``[N]`` with
@@ -156,19 +126,14 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ign
 
     >>> logps = fused_pref.sequence_logprobs(h, lm_head.weight, labels, reduction="mean")   # [R]
     """
-    options, _ = _checked_options(hidden, weight, labels, bias, sequence_level=True, reduction=reduction,
-                                  kind="sequence", ignore_index=ignore_index, softcap=softcap, shift=shift,
-                                  cu_seqlens=cu_seqlens, process_group=process_group, vocab_start=vocab_start,
-                                  backward=backward, deterministic=deterministic, validate=validate)
-    if not _use_triton(hidden.device, backend):
-        return reference.sequence_logprobs(hidden, weight, labels, bias, reduction=reduction, **options)
-    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=reduction == "mean", **options)
-    return _sequence_logps(tokens, reduction, cu_seqlens)[0]
+    validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, reduction=reduction,
+                          kind="sequence")
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=reduction == "mean")
+    return _sequence_logps(tokens, reduction, options.cu_seqlens)[0]
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-                         deterministic=None, validate=True, backend="auto"):
+@_public(reference.linear_cross_entropy)
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", options):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
@@ -178,20 +143,15 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
-    options, _ = _checked_options(hidden, weight, labels, bias, reduction=reduction, kind="cross_entropy",
-                                  ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                                  process_group=process_group, vocab_start=vocab_start, backward=backward,
-                                  deterministic=deterministic, validate=validate)
-    if not _use_triton(hidden.device, backend):
-        return reference.linear_cross_entropy(hidden, weight, labels, bias, reduction=reduction, **options)
-    tokens = _token_logprobs(hidden, weight, labels, bias, **options)
+    validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    tokens = _token_logprobs(hidden, weight, labels, bias, options)
     if reduction == "none":
         return -tokens.logp
     total = -tokens.logp.sum()
     return total / tokens.valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, cu_seqlens) -> PreferenceOutput:
+def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens) -> PreferenceOutput:
     logps, sums, counts = _sequence_logps(tokens, spec.reduction, cu_seqlens)
     B = logps.shape[0] // 2
     chosen, rejected = logps[:B], logps[B:]
@@ -211,24 +171,22 @@ def _preference(tokens: _Tokens, spec: pref.PreferenceSpec, ref_logps, cu_seqlen
         nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
         loss = loss + spec.sft_weight * nll
     margin = logps.detach() - (0.0 if ref_logps is None else ref_logps)
-    extra = pref.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
+    extra = preference.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
     return preference_output(loss, logps, spec.beta * margin, sequence_sums(tokens.logit_sum, cu_seqlens), counts,
                              tokens.vocab_size, nll_loss=nll, extra=extra)
 
 
-def _reference_free(name, spec, hidden, weight, labels, bias, backend, hyper, **options):
-    """The body of every reference-free preference loss: validate, pick the path, run the head."""
-    options, _ = _checked_options(hidden, weight, labels, bias, sequence_level=True, pairs=True, **options)
-    if not _use_triton(hidden.device, backend):
-        return getattr(reference, name)(hidden, weight, labels, bias, **hyper, **options)
-    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True, **options)
-    return _preference(tokens, spec, None, options["cu_seqlens"])
+def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bias, options) -> PreferenceOutput:
+    """The body of every reference-free preference loss on the Triton path."""
+    validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
+                             logit_sum=True)
+    return _preference(tokens, spec, None, options.cu_seqlens)
 
 
+@_public(reference.simpo_loss)
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
-               backward="auto", deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
+               options) -> PreferenceOutput:
     """SimPO (Meng et al., 2024): reference-free, length-normalised preference loss.
 
     ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` (or packed, with ``cu_seqlens`` ``[2B+1]``)
@@ -245,17 +203,13 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     >>> out = fused_pref.simpo_loss(h, lm_head.weight, labels, beta=2.5, gamma=1.4)
     >>> out.loss.backward()
     """
-    spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    hyper = dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free("simpo_loss", spec, hidden, weight, labels, bias, backend, hyper,
-                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                           process_group=process_group, vocab_start=vocab_start, backward=backward,
-                           deterministic=deterministic, validate=validate)
+    spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, options)
 
 
-def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0, ignore_index=-100,
-             softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-             deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
+@_public(reference.cpo_loss)
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
+             options) -> PreferenceOutput:
     """CPO (Xu et al., 2024) as TRL's CPOTrainer with ``loss_type="sigmoid"``: reference-free, summed.
 
     Layout as :func:`simpo_loss`.  With ``S`` the summed token log-probs::
@@ -268,17 +222,12 @@ def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0
 
     >>> out = fused_pref.cpo_loss(h, lm_head.weight, labels)
     """
-    spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    hyper = dict(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free("cpo_loss", spec, hidden, weight, labels, bias, backend, hyper,
-                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                           process_group=process_group, vocab_start=vocab_start, backward=backward,
-                           deterministic=deterministic, validate=validate)
+    spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, options)
 
 
-def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
-              validate=True, backend="auto") -> PreferenceOutput:
+@_public(reference.orpo_loss)
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, options) -> PreferenceOutput:
     """ORPO (Hong et al., 2024) as TRL's ORPOTrainer: NLL plus an odds-ratio term, no reference model.
 
     Layout as :func:`simpo_loss`.  With ``S`` the mean token log-prob of a sequence::
@@ -291,18 +240,13 @@ def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100,
 
     >>> out = fused_pref.orpo_loss(h, lm_head.weight, labels)
     """
-    spec = pref.orpo_spec(beta=beta)
-    return _reference_free("orpo_loss", spec, hidden, weight, labels, bias, backend, dict(beta=beta),
-                           ignore_index=ignore_index, softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                           process_group=process_group, vocab_start=vocab_start, backward=backward,
-                           deterministic=deterministic, validate=validate)
+    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options)
 
 
+@_public(reference.dpo_loss)
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-             vocab_start=None, backward="auto", deterministic=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             discopop_tau=0.05, options) -> PreferenceOutput:
     """DPO (Rafailov et al., 2023) and its variants, each as TRL's DPOTrainer defines it.
 
     Layout as :func:`simpo_loss`.  The reference model enters either as ``ref_logps`` ``[2B]``
@@ -335,24 +279,17 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
 
     >>> out = fused_pref.dpo_loss(h, lm_head.weight, labels, ref_hidden=h_ref, loss_type="ipo")
     """
-    spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                         length_normalize=length_normalize, discopop_tau=discopop_tau)
-    options, num_sequences = _checked_options(
-        hidden, weight, labels, bias, sequence_level=True, pairs=True, ignore_index=ignore_index, softcap=softcap,
-        shift=shift, cu_seqlens=cu_seqlens, process_group=process_group, vocab_start=vocab_start,
-        backward=backward, deterministic=deterministic, validate=validate)
-    ref_weight, ref_bias = check.check_dpo_reference(
+    spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                               sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
+    num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
-    if not _use_triton(hidden.device, backend):
-        return reference.dpo_loss(hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
-                                  ref_weight=ref_weight, ref_bias=ref_bias, beta=beta, loss_type=loss_type,
-                                  label_smoothing=label_smoothing, sft_weight=sft_weight,
-                                  length_normalize=length_normalize, discopop_tau=discopop_tau, **options)
-    tokens = _token_logprobs(hidden, weight, labels, bias, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True, **options)
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
+                             logit_sum=True)
     if ref_logps is None:
         with torch.no_grad():
-            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, **{**options, "validate": False})
-            ref_logps = _sequence_logps(ref_tokens, spec.reduction, cu_seqlens)[0]
-    return _preference(tokens, spec, ref_logps.detach().float(), cu_seqlens)
+            # validate=False: the policy's labels, just checked, are the reference model's too.
+            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
+            ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
+    return _preference(tokens, spec, ref_logps.detach().float(), options.cu_seqlens)

@@ -1,81 +1,87 @@
-"""``nn.Module`` wrappers: hyper-parameters in ``__init__``, the batch in ``forward``.
+"""``nn.Module`` wrappers: hyper-parameters and options in ``__init__``, the batch in ``forward``.
 
 Each module calls the function of the same name in :mod:`fused_pref.functional`, whose docstring
-gives the math and the arguments.  Per-batch tensors (``cu_seqlens``, DPO's reference inputs) are
-``forward`` arguments.
+gives the math and the arguments.  The constructor takes the loss's hyper-parameters and every
+option of :class:`fused_pref.options.Options` but the per-batch ``cu_seqlens``, which ``forward``
+takes (as it takes DPO's reference inputs).
 """
+
+import dataclasses
+import inspect
 
 import torch
 
 from . import functional
+from .options import PER_BATCH, Options, option_parameters
 
 
 class _FusedLoss(torch.nn.Module):
     function = None  # the functional.* callable the module wraps
 
-    def __init__(self, *, ignore_index, softcap, shift, process_group, vocab_start, backward, deterministic,
-                 validate, backend, **hyper):
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # The constructor's ``**options`` as the keywords they are, in its signature.
+        init = inspect.signature(cls.__init__)
+        own = [p for p in init.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        cls.__init__.__signature__ = init.replace(parameters=own + option_parameters(exclude=PER_BATCH))
+
+    def __init__(self, hyper: dict, options: dict):
         super().__init__()
-        self.options = dict(**hyper, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                            process_group=process_group, vocab_start=vocab_start, backward=backward,
-                            deterministic=deterministic, validate=validate, backend=backend)
+        given = set(options) & set(PER_BATCH)
+        if given:
+            raise TypeError(f"{type(self).__name__} takes {sorted(given)} in forward, not in its constructor")
+        self.hyper = hyper
+        self.options = Options(**options)
+
+    def _call(self, hidden, weight, labels, bias, cu_seqlens, **batch):
+        options = dataclasses.replace(self.options, cu_seqlens=cu_seqlens)
+        return type(self).function.with_options(hidden, weight, labels, bias, **self.hyper, **batch, options=options)
 
     def forward(self, hidden, weight, labels, bias=None, *, cu_seqlens=None):
-        return type(self).function(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, **self.options)
+        return self._call(hidden, weight, labels, bias, cu_seqlens)
 
     def extra_repr(self):
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        defaults = Options()
+        options = {f.name: getattr(self.options, f.name) for f in dataclasses.fields(Options)
+                   if f.name not in PER_BATCH and getattr(self.options, f.name) != getattr(defaults, f.name)}
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.hyper, **options}.items())
 
 
 class FusedSimPOLoss(_FusedLoss):
     """:func:`fused_pref.simpo_loss` as a module; ``forward`` returns a ``PreferenceOutput``."""
 
-    function = staticmethod(functional.simpo_loss)
+    function = functional.simpo_loss
 
-    def __init__(self, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0, *, ignore_index=-100,
-                 softcap=None, shift=False, process_group=None, vocab_start=None, backward="auto",
-                 deterministic=None, validate=True, backend="auto"):
-        super().__init__(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                         ignore_index=ignore_index, softcap=softcap, shift=shift, process_group=process_group,
-                         vocab_start=vocab_start, backward=backward, deterministic=deterministic,
-                         validate=validate, backend=backend)
+    def __init__(self, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0, **options):
+        super().__init__(dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight),
+                         options)
 
 
 class FusedCPOLoss(_FusedLoss):
     """:func:`fused_pref.cpo_loss` as a module; ``forward`` returns a ``PreferenceOutput``."""
 
-    function = staticmethod(functional.cpo_loss)
+    function = functional.cpo_loss
 
-    def __init__(self, beta=0.1, label_smoothing=0.0, sft_weight=1.0, *, ignore_index=-100, softcap=None,
-                 shift=False, process_group=None, vocab_start=None, backward="auto", deterministic=None,
-                 validate=True, backend="auto"):
-        super().__init__(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight, ignore_index=ignore_index,
-                         softcap=softcap, shift=shift, process_group=process_group, vocab_start=vocab_start,
-                         backward=backward, deterministic=deterministic, validate=validate, backend=backend)
+    def __init__(self, beta=0.1, label_smoothing=0.0, sft_weight=1.0, **options):
+        super().__init__(dict(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight), options)
 
 
 class FusedORPOLoss(_FusedLoss):
     """:func:`fused_pref.orpo_loss` as a module; ``forward`` returns a ``PreferenceOutput``."""
 
-    function = staticmethod(functional.orpo_loss)
+    function = functional.orpo_loss
 
-    def __init__(self, beta=0.1, *, ignore_index=-100, softcap=None, shift=False, process_group=None,
-                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
-        super().__init__(beta=beta, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                         process_group=process_group, vocab_start=vocab_start, backward=backward,
-                         deterministic=deterministic, validate=validate, backend=backend)
+    def __init__(self, beta=0.1, **options):
+        super().__init__(dict(beta=beta), options)
 
 
 class FusedLinearCrossEntropyLoss(_FusedLoss):
     """:func:`fused_pref.linear_cross_entropy` as a module; ``forward`` returns the loss tensor."""
 
-    function = staticmethod(functional.linear_cross_entropy)
+    function = functional.linear_cross_entropy
 
-    def __init__(self, reduction="mean", *, ignore_index=-100, softcap=None, shift=False, process_group=None,
-                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
-        super().__init__(reduction=reduction, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                         process_group=process_group, vocab_start=vocab_start, backward=backward,
-                         deterministic=deterministic, validate=validate, backend=backend)
+    def __init__(self, reduction="mean", **options):
+        super().__init__(dict(reduction=reduction), options)
 
 
 class FusedDPOLoss(_FusedLoss):
@@ -83,17 +89,14 @@ class FusedDPOLoss(_FusedLoss):
     ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, cu_seqlens=None)`` returns a
     ``PreferenceOutput``."""
 
-    function = staticmethod(functional.dpo_loss)
+    function = functional.dpo_loss
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-                 discopop_tau=0.05, *, ignore_index=-100, softcap=None, shift=False, process_group=None,
-                 vocab_start=None, backward="auto", deterministic=None, validate=True, backend="auto"):
-        super().__init__(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                         length_normalize=length_normalize, discopop_tau=discopop_tau, ignore_index=ignore_index,
-                         softcap=softcap, shift=shift, process_group=process_group, vocab_start=vocab_start,
-                         backward=backward, deterministic=deterministic, validate=validate, backend=backend)
+                 discopop_tau=0.05, **options):
+        super().__init__(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              length_normalize=length_normalize, discopop_tau=discopop_tau), options)
 
     def forward(self, hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, cu_seqlens=None):
-        return functional.dpo_loss(hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden,
-                                   ref_weight=ref_weight, ref_bias=ref_bias, cu_seqlens=cu_seqlens, **self.options)
+        return self._call(hidden, weight, labels, bias, cu_seqlens, ref_logps=ref_logps, ref_hidden=ref_hidden,
+                          ref_weight=ref_weight, ref_bias=ref_bias)

@@ -6,12 +6,11 @@ model enters, and an optional NLL term on the chosen tokens.  ``PreferenceSpec``
 that; ``dpo_spec`` & co. build it from the public arguments and validate them.
 """
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from . import validation as check
+from . import validation
 
 # TRL DPOTrainer's loss types.  "bco_pair" is TRL 1.x's stateless form; TRL 0.x subtracted a
 # running mean of the rewards across steps, trainer state that a loss function cannot hold.
@@ -33,36 +32,28 @@ class PreferenceSpec:
 
 
 def simpo_spec(*, beta, gamma, label_smoothing, sft_weight):
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma, sft_weight=sft_weight)
+    validation.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma, sft_weight=sft_weight)
     return PreferenceSpec("sigmoid", "mean", beta, gamma, label_smoothing, sft_weight=sft_weight)
 
 
 def cpo_spec(*, beta, label_smoothing, sft_weight):
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    validation.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
     return PreferenceSpec("sigmoid", "sum", beta, 0.0, label_smoothing, sft_weight=sft_weight)
 
 
 def orpo_spec(*, beta):
-    check.check_hyper(beta=beta, label_smoothing=0.0)
+    validation.check_hyper(beta=beta, label_smoothing=0.0)
     # ORPO's loss is NLL(chosen) - beta * mean log s(log-odds): the NLL always has weight 1.
     return PreferenceSpec("odds_ratio", "mean", beta, sft_weight=1.0)
 
 
 def dpo_spec(*, loss_type, beta, label_smoothing, sft_weight, length_normalize, discopop_tau):
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {DPO_LOSS_TYPES}, got {loss_type!r}")
-    check.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    if loss_type == "robust" and label_smoothing >= 0.5:
-        raise ValueError(f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by "
-                         f"1 - 2 * label_smoothing), got {label_smoothing!r}")
-    if not (isinstance(discopop_tau, (int, float)) and not isinstance(discopop_tau, bool)
-            and 0 < discopop_tau < math.inf):
-        raise ValueError(f"discopop_tau must be a positive number, got {discopop_tau!r}")
+    validation.check_hyper(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    validation.check_dpo_hyper(loss_type=loss_type, label_smoothing=label_smoothing, length_normalize=length_normalize,
+                               discopop_tau=discopop_tau, loss_types=DPO_LOSS_TYPES)
     if length_normalize is None:
         # TRL averages the log-probs over completion tokens for IPO only.
         length_normalize = loss_type == "ipo"
-    if not isinstance(length_normalize, bool):
-        raise TypeError(f"length_normalize must be a bool or None, got {type(length_normalize).__name__}")
     if loss_type == "exo_pair" and label_smoothing == 0:
         label_smoothing = 1e-3  # TRL's substitute: log(eps) would be -inf
     sort = loss_type if loss_type in ("aot", "aot_pair") else None

@@ -3,19 +3,20 @@ fp64 inputs), ``log_softmax``, ``gather``, masked sums, and each loss written as
 
 Slow and memory-hungry by design, and part of the library: it shares each signature with
 ``fused_pref.functional`` so users can check parity in their own CI.  Shifted and packed layouts
-are computed the obvious way, by slicing each sequence.  ``backend`` is accepted for signature
-parity and ignored (this module always computes in PyTorch), and so are ``backward`` and
-``deterministic`` once validated (its backward is PyTorch's autograd).
+are computed the obvious way, by slicing each sequence.  Every option is accepted and checked as
+the fused path checks it; ``backend`` is then ignored (this module always computes in PyTorch), and
+so are ``backward``, ``deterministic`` and ``workspace_bytes`` (its backward is PyTorch's autograd).
 """
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from . import preference as pref
-from . import validation as check
+from . import preference, validation
 from .distributed import gather_shards, resolve_shard
+from .options import Options, takes_options
 from .outputs import PreferenceOutput, preference_output
 
 
@@ -29,10 +30,10 @@ def _logits(hidden, weight, bias, softcap):
     return z
 
 
-def _whole_vocabulary(weight, bias, process_group, vocab_start, validate):
+def _whole_vocabulary(weight, bias, options):
     """The whole lm_head: under vocabulary parallelism, every rank's shard gathered in vocabulary
     order (each rank's gradient is its own rows of the replicated gradient)."""
-    shard = resolve_shard(weight, process_group, vocab_start, validate=validate)
+    shard = resolve_shard(weight, options)
     if shard is None:
         return weight, bias
     return gather_shards(weight, shard), gather_shards(bias, shard)
@@ -49,22 +50,29 @@ def _spans(labels, cu_seqlens):
     return list(zip(cu[:-1], cu[1:]))
 
 
-def _token_logprobs(hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    mean_over_sequences=False):
+def _checked(hidden, weight, labels, bias, options, **call):
+    """The reference's own checks (fp64 allowed) and the whole vocabulary's ``(weight, bias)``."""
+    options.strategy()  # refused exactly where the fused path refuses it
+    validation.check_call(hidden, weight, labels, bias, options, dtypes=validation.REFERENCE_DTYPES, **call)
+    return _whole_vocabulary(weight, bias, options)
+
+
+def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequences=False):
     """Per-token (logp, valid, sum of logits over the vocabulary), each of the shape of ``labels``:
     with ``shift``, entry t of a sequence is hidden[t]'s prediction of labels[t + 1]."""
+    ignore_index, cu_seqlens = options.ignore_index, options.cu_seqlens
     D = hidden.shape[-1]
     flat_h, flat_labels = hidden.reshape(-1, D), labels.reshape(-1)
     targets = torch.full_like(flat_labels, ignore_index)
     for start, end in _spans(labels, cu_seqlens):
-        if shift and end - start > 1:
+        if options.shift and end - start > 1:
             targets[start:end - 1] = flat_labels[start + 1:end]
-        elif not shift:
+        elif not options.shift:
             targets[start:end] = flat_labels[start:end]
     targets = targets.view(labels.shape)
-    valid = check.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=validate,
-                               mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
-    z = _logits(flat_h, weight, bias, softcap).view(*labels.shape, weight.shape[0])
+    valid = validation.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=options.validate,
+                                    mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
+    z = _logits(flat_h, weight, bias, options.softcap).view(*labels.shape, weight.shape[0])
     picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
 
@@ -74,57 +82,43 @@ def _per_sequence(values, labels, cu_seqlens):
     return torch.stack([flat[start:end].sum() for start, end in _spans(labels, cu_seqlens)])
 
 
-def linear_logprobs(hidden, weight, labels, bias=None, *, ignore_index=-100, softcap=None, shift=False,
-                    cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
-                    validate=True, backend="auto"):
+@takes_options
+def linear_logprobs(hidden, weight, labels, bias=None, *, options):
     """Reference of :func:`fused_pref.linear_logprobs`."""
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
-                     backward=backward, deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
-    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
-    return _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                           cu_seqlens=cu_seqlens, validate=validate)[0]
+    weight, bias = _checked(hidden, weight, labels, bias, options)
+    return _token_logprobs(hidden, weight, labels, bias, options)[0]
 
 
-def _sequence_logps(hidden, weight, labels, bias, *, reduction, ignore_index, softcap, shift, cu_seqlens, validate):
+def _sequence_logps(hidden, weight, labels, bias, options, reduction):
     """Per-sequence (log-probs under ``reduction``, summed log-probs, valid counts, sums of logits)."""
-    logp, valid, logit_sums = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index,
-                                              softcap=softcap, shift=shift, cu_seqlens=cu_seqlens,
-                                              validate=validate, mean_over_sequences=reduction == "mean")
-    sums = _per_sequence(logp, labels, cu_seqlens)
-    counts = _per_sequence(valid.long(), labels, cu_seqlens)
+    logp, valid, logit_sums = _token_logprobs(hidden, weight, labels, bias, options,
+                                              mean_over_sequences=reduction == "mean")
+    sums = _per_sequence(logp, labels, options.cu_seqlens)
+    counts = _per_sequence(valid.long(), labels, options.cu_seqlens)
     logps = sums / counts.clamp(min=1) if reduction == "mean" else sums
-    return logps, sums, counts, _per_sequence(logit_sums, labels, cu_seqlens)
+    return logps, sums, counts, _per_sequence(logit_sums, labels, options.cu_seqlens)
 
 
-def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", ignore_index=-100, softcap=None,
-                      shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-                      deterministic=None, validate=True, backend="auto"):
+@takes_options
+def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", options):
     """Reference of :func:`fused_pref.sequence_logprobs`."""
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, softcap=softcap,
-                     ignore_index=ignore_index, reduction=reduction, kind="sequence", backward=backward,
-                     deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
-    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
-    return _sequence_logps(hidden, weight, labels, bias, reduction=reduction, ignore_index=ignore_index,
-                           softcap=softcap, shift=shift, cu_seqlens=cu_seqlens, validate=validate)[0]
+    weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, reduction=reduction,
+                            kind="sequence")
+    return _sequence_logps(hidden, weight, labels, bias, options, reduction)[0]
 
 
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ignore_index=-100, softcap=None,
-                         shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-                         deterministic=None, validate=True, backend="auto"):
+@takes_options
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, softcap=softcap, ignore_index=ignore_index,
-                     reduction=reduction, kind="cross_entropy", backward=backward, deterministic=deterministic,
-                     dtypes=check.REFERENCE_DTYPES)
-    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
-    logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                                     shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+    weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, options)
     if reduction == "none":
         return -logp
     total = -logp.sum()
     return total / valid.sum().clamp(min=1) if reduction == "mean" else total
 
 
-def _pair_losses(spec: pref.PreferenceSpec, chosen, rejected, ref_chosen, ref_rejected):
+def _pair_losses(spec: preference.PreferenceSpec, chosen, rejected, ref_chosen, ref_rejected):
     """TRL's per-pair losses, term for term (DPOTrainer.dpo_loss, CPOTrainer, ORPOTrainer)."""
     beta, eps = spec.beta, spec.label_smoothing
     logsig = F.logsigmoid
@@ -178,73 +172,57 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) ->
         nll = -sums[:B].sum() / counts[:B].sum().clamp(min=1)
         loss = loss + spec.sft_weight * nll
     rewards = spec.beta * (logps - (0.0 if ref_logps is None else ref_logps))
-    extra = pref.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
+    extra = preference.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
     return preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, nll_loss=nll, extra=extra)
 
 
-def _reference_free(spec, hidden, weight, labels, bias, *, ignore_index, softcap, shift, cu_seqlens, validate,
-                    process_group, vocab_start, backward, deterministic):
-    check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True, pairs=True,
-                     softcap=softcap, ignore_index=ignore_index, backward=backward, deterministic=deterministic,
-                     dtypes=check.REFERENCE_DTYPES)
-    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
-    logps, sums, counts, logit_sums = _sequence_logps(
-        hidden, weight, labels, bias, reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap,
-        shift=shift, cu_seqlens=cu_seqlens, validate=validate)
+def _reference_free(spec, hidden, weight, labels, bias, options: Options) -> PreferenceOutput:
+    weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
     return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0])
 
 
+@takes_options
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None,
-               backward="auto", deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
+               options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
-    spec = pref.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
+    spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, options)
 
 
-def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0, ignore_index=-100,
-             softcap=None, shift=False, cu_seqlens=None, process_group=None, vocab_start=None, backward="auto",
-             deterministic=None, validate=True, backend="auto") -> PreferenceOutput:
+@takes_options
+def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
+             options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.cpo_loss`."""
-    spec = pref.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
+    spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    return _reference_free(spec, hidden, weight, labels, bias, options)
 
 
-def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, ignore_index=-100, softcap=None, shift=False,
-              cu_seqlens=None, process_group=None, vocab_start=None, backward="auto", deterministic=None,
-              validate=True, backend="auto") -> PreferenceOutput:
+@takes_options
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.orpo_loss`."""
-    spec = pref.orpo_spec(beta=beta)
-    return _reference_free(spec, hidden, weight, labels, bias, ignore_index=ignore_index, softcap=softcap,
-                           shift=shift, cu_seqlens=cu_seqlens, validate=validate, process_group=process_group,
-                           vocab_start=vocab_start, backward=backward, deterministic=deterministic)
+    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options)
 
 
+@takes_options
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, ignore_index=-100, softcap=None, shift=False, cu_seqlens=None, process_group=None,
-             vocab_start=None, backward="auto", deterministic=None, validate=True,
-             backend="auto") -> PreferenceOutput:
+             discopop_tau=0.05, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
-    spec = pref.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                         length_normalize=length_normalize, discopop_tau=discopop_tau)
-    num_sequences = check.check_call(hidden, weight, labels, bias, cu_seqlens=cu_seqlens, sequence_level=True,
-                                     pairs=True, softcap=softcap, ignore_index=ignore_index,
-                                     backward=backward, deterministic=deterministic, dtypes=check.REFERENCE_DTYPES)
-    ref_weight, ref_bias = check.check_dpo_reference(
+    spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
+                               sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
+    whole_weight, whole_bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
+    ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=check.REFERENCE_DTYPES)
-    weight, bias = _whole_vocabulary(weight, bias, process_group, vocab_start, validate)
+        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES)
     if ref_weight is not None:
-        ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, process_group, vocab_start, validate)
-    options = dict(reduction=spec.reduction, ignore_index=ignore_index, softcap=softcap, shift=shift,
-                   cu_seqlens=cu_seqlens)
-    logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, validate=validate, **options)
+        ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
+    logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
+                                                      spec.reduction)
     if ref_logps is None:
         with torch.no_grad():
-            ref_logps = _sequence_logps(ref_hidden, ref_weight, labels, ref_bias, validate=False, **options)[0]
-    return _preference(spec, logps, sums, counts, logit_sums, ref_logps.detach().to(logps.dtype), weight.shape[0])
+            ref_logps = _sequence_logps(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False),
+                                        spec.reduction)[0]
+    return _preference(spec, logps, sums, counts, logit_sums, ref_logps.detach().to(logps.dtype),
+                       whole_weight.shape[0])

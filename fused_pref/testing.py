@@ -5,6 +5,11 @@ import math
 
 import torch
 
+# Every public function of fused_pref (and fused_pref.reference), by name.
+TOKEN_FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy")
+PAIR_FUNCTIONS = ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss")
+FUNCTIONS = TOKEN_FUNCTIONS + PAIR_FUNCTIONS
+
 # ||out - ref|| / ||ref|| against an fp64 reference, per input dtype (DESIGN.md section 5).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 

@@ -1,8 +1,10 @@
-"""Input checks shared by the fused path and the reference: raised once, at the public boundary.
+"""Every user error of the library, raised from here: the options (``Options``), the tensors, the
+loss hyper-parameters, the vocabulary shards and the choice of path.  The fused path and the
+reference share these checks, so both refuse the same input with the same message.
 
 Shape, dtype and device checks are free.  The checks that read tensor values (label range, empty
-sequences under a mean) cost one host synchronisation, done together here, and are skipped with
-``validate=False``.
+sequences under a mean, the shards' layout) cost one host synchronisation, done together, and are
+skipped with ``validate=False``.
 """
 
 import math
@@ -32,7 +34,7 @@ def _fail(cls, message):
     raise cls(message)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     # bool is an int to Python, but beta=True is a bug, not a hyper-parameter.
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -82,14 +84,38 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
                           f"got {sorted(map(str, devices))}")
 
 
-def check_options(*, softcap=None, reduction=None, kind=None, ignore_index=-100):
+def _check_flag(name, value):
+    if not isinstance(value, bool):
+        _fail(TypeError, f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_options(options):
+    """The values of an ``Options``, checked when it is made (no tensor is read)."""
     # Finite too: softcap=inf gives inf * tanh(z / inf) = NaN (and NaN fails the comparison).
-    if softcap is not None and not (_is_number(softcap) and 0 < softcap < math.inf):
+    softcap = options.softcap
+    if softcap is not None and not (is_number(softcap) and 0 < softcap < math.inf):
         _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
-    if kind is not None and reduction not in REDUCTIONS[kind]:
+    if not isinstance(options.ignore_index, int) or isinstance(options.ignore_index, bool):
+        _fail(TypeError, f"ignore_index must be an int, got {type(options.ignore_index).__name__}")
+    _check_flag("shift", options.shift)
+    _check_flag("validate", options.validate)
+    if options.backend not in BACKENDS:
+        _fail(ValueError, f"backend must be one of {BACKENDS}, got {options.backend!r}")
+    check_backward(options.backward, options.deterministic, resolve=False)
+    workspace = options.workspace_bytes
+    if not isinstance(workspace, int) or isinstance(workspace, bool) or workspace <= 0:
+        _fail(ValueError, f"workspace_bytes must be a positive int, got {workspace!r}")
+    vocab_start = options.vocab_start
+    if options.process_group is None and vocab_start is not None:
+        _fail(ValueError, "vocab_start is only meaningful with a process_group")
+    if vocab_start is not None and (not isinstance(vocab_start, int) or isinstance(vocab_start, bool)
+                                    or vocab_start < 0):
+        _fail(ValueError, f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
+
+
+def check_reduction(reduction, kind):
+    if reduction not in REDUCTIONS[kind]:
         _fail(ValueError, f"reduction must be one of {REDUCTIONS[kind]}, got {reduction!r}")
-    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
-        _fail(TypeError, f"ignore_index must be an int, got {type(ignore_index).__name__}")
 
 
 def check_cu_seqlens(cu_seqlens, hidden):
@@ -105,22 +131,44 @@ def check_cu_seqlens(cu_seqlens, hidden):
 
 
 BACKWARD_STRATEGIES = ("auto", "chunked", "fused")
+BACKENDS = ("auto", "triton", "reference")
 
 
-def check_backward(backward, deterministic) -> str:
+def check_backward(backward, deterministic, *, resolve=True) -> str:
     """The backward strategy to run: "chunked" (V-chunked, deterministic, the default) or "fused"
-    (atomics, run-to-run differences in the last bits; never under determinism)."""
+    (atomics, run-to-run differences in the last bits; never under determinism).  ``resolve``:
+    ``deterministic=None`` follows ``torch.use_deterministic_algorithms`` as it is now."""
     if backward not in BACKWARD_STRATEGIES:
         _fail(ValueError, f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
-    if deterministic is None:
+    if deterministic is None and resolve:
         deterministic = torch.are_deterministic_algorithms_enabled()
     if backward == "fused" and deterministic:
         _fail(ValueError, "backward='fused' accumulates with atomics, so its last bits vary from run to run; "
                           "it cannot run under deterministic=True or torch.use_deterministic_algorithms(True) "
                           "(use backward='auto' or 'chunked')")
     return "fused" if backward == "fused" else "chunked"
+
+
+def check_interpreter(problem):
+    if problem:
+        _fail(RuntimeError, f"fused_pref: TRITON_INTERPRET is set, but {problem}")
+
+
+def check_backend_runs(backend, runnable, device):
+    if backend == "triton" and not runnable:
+        _fail(ValueError, f"backend='triton' cannot run on {device} tensors: use CUDA tensors, or set "
+                          "TRITON_INTERPRET=1 before importing fused_pref to run the kernels on the CPU")
+
+
+def check_reference_backward(backward, backend, device):
+    """The reference path has PyTorch's own backward: a strategy that only the kernels have is refused."""
+    if backward == "fused":
+        why = "backend='reference'" if backend == "reference" else f"no Triton backend runs on {device} tensors"
+        _fail(ValueError, f"backward='fused' selects the atomic Triton backward, but this call takes the PyTorch "
+                          f"reference ({why}); use backward='auto', or CUDA tensors (or TRITON_INTERPRET=1 set "
+                          "before importing fused_pref) for the kernels")
 
 
 def check_pairs(num_sequences):
@@ -131,13 +179,13 @@ def check_pairs(num_sequences):
 
 def check_hyper(*, beta, label_smoothing, gamma=0.0, sft_weight=0.0):
     # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.
-    if not _is_number(beta) or not 0 < beta < math.inf:
+    if not is_number(beta) or not 0 < beta < math.inf:
         _fail(ValueError, f"beta must be a positive number, got {beta!r}")
-    if not _is_number(gamma) or not math.isfinite(gamma):
+    if not is_number(gamma) or not math.isfinite(gamma):
         _fail(ValueError, f"gamma must be a finite number, got {gamma!r}")
-    if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 0.5:
+    if not is_number(label_smoothing) or not 0.0 <= label_smoothing <= 0.5:
         _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")
-    if not _is_number(sft_weight) or not 0.0 <= sft_weight < math.inf:
+    if not is_number(sft_weight) or not 0.0 <= sft_weight < math.inf:
         _fail(ValueError, f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
 
 
@@ -205,16 +253,38 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
     return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
 
-def check_call(hidden, weight, labels, bias, *, cu_seqlens=None, sequence_level=False, pairs=False,
-               softcap=None, ignore_index=-100, reduction=None, kind=None, backward="auto", deterministic=None,
-               dtypes=FUSED_DTYPES) -> int:
-    """Every free check of a public function's common arguments; returns the number of sequences."""
-    check_backward(backward, deterministic)
+def check_dpo_hyper(*, loss_type, label_smoothing, length_normalize, discopop_tau, loss_types):
+    if loss_type not in loss_types:
+        _fail(ValueError, f"loss_type must be one of {loss_types}, got {loss_type!r}")
+    if loss_type == "robust" and label_smoothing >= 0.5:
+        _fail(ValueError, f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by "
+                          f"1 - 2 * label_smoothing), got {label_smoothing!r}")
+    if not (is_number(discopop_tau) and 0 < discopop_tau < math.inf):
+        _fail(ValueError, f"discopop_tau must be a positive number, got {discopop_tau!r}")
+    if length_normalize is not None and not isinstance(length_normalize, bool):
+        _fail(TypeError, f"length_normalize must be a bool or None, got {type(length_normalize).__name__}")
+
+
+def check_shards(table):
+    """Every rank's ``(vocab_start, rows)`` must tile ``[0, V)`` without gaps or overlaps."""
+    expected = 0
+    for start, rows in sorted(table):
+        if start != expected:
+            _fail(ValueError, f"the ranks' vocabulary shards must tile [0, V) without gaps or overlaps; "
+                              f"got (vocab_start, rows) per rank = {table}")
+        expected = start + rows
+
+
+def check_call(hidden, weight, labels, bias, options, *, sequence_level=False, pairs=False, reduction=None,
+               kind=None, dtypes=FUSED_DTYPES) -> int:
+    """Every free check of a public function's tensors (the options were checked when made);
+    returns the number of sequences."""
     check_tensors(hidden, weight, labels, bias, dtypes=dtypes, sequence_level=sequence_level,
-                  packed=cu_seqlens is not None)
-    check_cu_seqlens(cu_seqlens, hidden)
-    check_options(softcap=softcap, reduction=reduction, kind=kind, ignore_index=ignore_index)
-    num_sequences = labels.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+                  packed=options.cu_seqlens is not None)
+    check_cu_seqlens(options.cu_seqlens, hidden)
+    if kind is not None:
+        check_reduction(reduction, kind)
+    num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     if pairs:
         check_pairs(num_sequences)
     return num_sequences

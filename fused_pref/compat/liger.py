@@ -77,8 +77,8 @@ import math
 
 import torch
 
-from .. import functional
-from .. import validation as check
+from .. import functional, validation
+from ..options import Options
 
 __all__ = [
     "LigerFusedLinearCPOLoss",
@@ -91,10 +91,6 @@ __all__ = [
 # Liger v0.8.2's DPO loss types.  "ipo" is refused by Liger itself (it wants per-sample lengths).
 LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
                         "apo_zero", "apo_down", "discopop")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _check_flag(name, value):
@@ -111,7 +107,7 @@ def _check_chunk_size(chunk_size, *, allow_none=False):
 
 def _check_alpha(alpha, compute_nll_loss):
     _check_flag("compute_nll_loss", compute_nll_loss)
-    if not _is_number(alpha) or not 0.0 <= alpha < math.inf:
+    if not validation.is_number(alpha) or not 0.0 <= alpha < math.inf:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if not compute_nll_loss and alpha != 1.0:
         raise ValueError(f"alpha={alpha!r} weighs the NLL term, which compute_nll_loss=False leaves out "
@@ -154,6 +150,7 @@ class _LigerPreferenceLoss(torch.nn.Module):
         super().__init__()
         _check_flag("compiled", compiled)
         _check_chunk_size(chunk_size)
+        Options(ignore_index=ignore_index, validate=validate, backend=backend)
         self.ignore_index, self.beta = ignore_index, beta
         self.compiled, self.chunk_size = compiled, chunk_size     # no-ops: see the module docstring
         self.validate, self.backend = validate, backend
@@ -195,7 +192,7 @@ class LigerFusedLinearSimPOLoss(_LigerPreferenceLoss):
         super().__init__(ignore_index=ignore_index, beta=beta, compiled=compiled, chunk_size=chunk_size,
                          validate=validate, backend=backend)
         _check_alpha(alpha, compute_nll_loss)
-        check.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
+        validation.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma)
         self.alpha, self.label_smoothing, self.gamma = alpha, label_smoothing, gamma
         self.compute_nll_loss = compute_nll_loss
 
@@ -221,7 +218,7 @@ class LigerFusedLinearCPOLoss(_LigerPreferenceLoss):
                          validate=validate, backend=backend)
         _check_alpha(alpha, compute_nll_loss)
         _check_flag("average_log_prob", average_log_prob)
-        check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+        validation.check_hyper(beta=beta, label_smoothing=label_smoothing)
         self.alpha, self.label_smoothing, self.compute_nll_loss = alpha, label_smoothing, compute_nll_loss
         self.average_log_prob = average_log_prob
 
@@ -254,7 +251,7 @@ class LigerFusedLinearORPOLoss(_LigerPreferenceLoss):
         if not compute_nll_loss:
             raise NotImplementedError("compute_nll_loss=False (ORPO without its NLL term) is not supported: "
                                       "fused_pref.orpo_loss always adds the NLL of the chosen tokens")
-        check.check_hyper(beta=beta, label_smoothing=0.0)
+        validation.check_hyper(beta=beta, label_smoothing=0.0)
         self.compute_nll_loss = compute_nll_loss
 
     def forward(self, lin_weight, _input, target, bias=None, nll_target=None):
@@ -288,7 +285,7 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
         if loss_type not in LIGER_DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of Liger's {LIGER_DPO_LOSS_TYPES}, got {loss_type!r} "
                              "(fused_pref.dpo_loss has ipo, aot and aot_pair too)")
-        check.check_hyper(beta=beta, label_smoothing=label_smoothing)
+        validation.check_hyper(beta=beta, label_smoothing=label_smoothing)
         if loss_type == "exo_pair" and not label_smoothing > 0:
             raise ValueError("loss_type='exo_pair' needs label_smoothing > 0, as in Liger (log(eps) is -inf at 0)")
         if loss_type == "robust" and not label_smoothing < 0.5:
@@ -297,7 +294,7 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
             raise ValueError(f"label_smoothing={label_smoothing!r} has no effect on loss_type={loss_type!r} in "
                              "Liger (only robust and exo_pair use it); leave it at 0.0, or use "
                              "fused_pref.dpo_loss(label_smoothing=...) for cDPO's smoothed sigmoid")
-        if not (_is_number(discopop_tau) and 0 < discopop_tau < math.inf):
+        if not (validation.is_number(discopop_tau) and 0 < discopop_tau < math.inf):
             raise ValueError(f"discopop_tau must be a positive number, got {discopop_tau!r}")
         if loss_type != "discopop" and discopop_tau != 0.05:
             raise ValueError(f"discopop_tau={discopop_tau!r} only affects loss_type='discopop'; leave it at 0.05")
@@ -344,9 +341,10 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                  return_token_accuracy=False, return_predicted_tokens=False, chunk_size=None, *, validate=True,
                  backend="auto"):
         super().__init__()
-        if not _is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        if not validation.is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}")
-        check.check_options(softcap=softcap, reduction=reduction, kind="cross_entropy", ignore_index=ignore_index)
+        Options(ignore_index=ignore_index, softcap=softcap, validate=validate, backend=backend)
+        validation.check_reduction(reduction, "cross_entropy")
         _check_chunk_size(chunk_size, allow_none=True)
         unsupported = (  # (name, value, whether it changes the result, what it would need)
             ("ce_weight", ce_weight, ce_weight is not None, "per-class weights"),

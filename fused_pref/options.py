@@ -1,0 +1,134 @@
+"""The keyword arguments every public function shares: how the batch is laid out and how the kernels
+run (not a loss's hyper-parameters, which each function names itself).
+
+They are checked once, when :class:`Options` is made, and travel as that one frozen object through
+``fused_pref.functional``, ``fused_pref.reference`` and the modules; the kernels see them only as
+the launch arguments ``fused_pref/ops.py`` flattens them into.  Every public function takes each
+field as a keyword (``@takes_options`` puts them in its signature, defaults included), so adding an
+option is a field here, its check in ``validation.check_options``, the code that reads it, and a
+line in the README.
+"""
+
+import dataclasses
+import functools
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from . import validation
+from .kernels import KERNELS_INTERPRETED, interpreter_problem
+from .kernels.linear_grad import WORKSPACE_BYTES
+
+
+@dataclass(frozen=True)
+class Options:
+    """``ignore_index``: the label of tokens that carry no target.  ``softcap``: Gemma-2's
+    ``z = softcap * tanh(z / softcap)`` on the logits, or None.  ``shift``: labels aligned with the
+    input ids, as Hugging Face models take them (``hidden[t]`` predicts ``labels[t + 1]``).
+    ``cu_seqlens``: ``[R + 1]`` sequence boundaries of a packed batch.  ``process_group`` and
+    ``vocab_start``: vocabulary parallelism (``fused_pref.distributed``).  ``backward``: ``"auto"``
+    / ``"chunked"`` (exact, deterministic) or ``"fused"`` (atomics).  ``deterministic``: refuse the
+    run-to-run varying backward; None follows ``torch.use_deterministic_algorithms``.
+    ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
+    never exceeds 1/16 of the logits, nor goes below one 128-column block).  ``validate``: the value
+    checks that need a host sync (label range, empty sequences, ``cu_seqlens``).  ``backend``:
+    ``"auto"``, ``"triton"`` or ``"reference"`` (see :func:`use_triton`)."""
+
+    ignore_index: int = -100
+    softcap: float | None = None
+    shift: bool = False
+    cu_seqlens: torch.Tensor | None = None
+    process_group: object = None
+    vocab_start: int | None = None
+    backward: str = "auto"
+    deterministic: bool | None = None
+    workspace_bytes: int = WORKSPACE_BYTES
+    validate: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        validation.check_options(self)
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", float(self.softcap))
+
+    def strategy(self) -> str:
+        """The backward to run, resolved now (``deterministic=None`` reads torch's global switch)."""
+        return validation.check_backward(self.backward, self.deterministic)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(Options))
+# Per-batch tensors: a module takes them in ``forward``, not in its constructor.
+PER_BATCH = ("cu_seqlens",)
+
+
+def option_parameters(exclude=()) -> list[inspect.Parameter]:
+    """The options as keyword-only parameters with their defaults, for a signature."""
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+            for f in dataclasses.fields(Options) if f.name not in exclude]
+
+
+def takes_options(impl):
+    """``impl(hidden, ..., *, <its own keywords>, options)`` as a public function that takes every
+    option as a keyword instead of ``options``: its signature lists them with their defaults, and
+    ``.with_options(..., options=...)`` calls ``impl`` with an :class:`Options` already made."""
+    signature = inspect.signature(impl)
+    own = [p for name, p in signature.parameters.items() if name != "options"]
+    assert len(own) < len(signature.parameters), f"{impl.__name__} takes no options"
+
+    @functools.wraps(impl)
+    def public(*args, **kwargs):
+        options = Options(**{name: kwargs.pop(name) for name in FIELDS if name in kwargs})
+        return impl(*args, **kwargs, options=options)
+
+    public.__signature__ = signature.replace(parameters=own + option_parameters())
+    public.with_options = impl
+    return public
+
+
+def use_triton(hidden, options: Options) -> bool:
+    """The device policy: CUDA tensors take the Triton kernels; CPU tensors take them under Triton's
+    interpreter (``TRITON_INTERPRET=1`` set before import), otherwise the reference, with a
+    one-time warning.  ``backend="triton"`` or ``"reference"`` forces a path."""
+    if not isinstance(hidden, torch.Tensor):
+        return True  # the fused path's checks name the argument
+    device, backend = hidden.device, options.backend
+    interpreted = device.type == "cpu" and KERNELS_INTERPRETED
+    runnable = device.type == "cuda" or interpreted
+    if interpreted and backend != "reference":
+        validation.check_interpreter(interpreter_problem())
+    validation.check_backend_runs(backend, runnable, device)
+    triton = backend == "triton" or (backend == "auto" and runnable)
+    if not triton:
+        validation.check_reference_backward(options.backward, backend, device)
+    if backend == "auto" and not runnable:
+        _warn_cpu_fallback(device)
+    return triton
+
+
+_warned_cpu_fallback = False
+
+
+def _warn_cpu_fallback(device):
+    global _warned_cpu_fallback
+    if _warned_cpu_fallback:
+        return
+    _warned_cpu_fallback = True
+    warnings.warn(f"fused_pref: no Triton backend for {device} tensors (only CUDA tensors, or CPU tensors with "
+                  "TRITON_INTERPRET=1 set before import); using the PyTorch reference, which materializes the "
+                  "logits", stacklevel=_caller_stacklevel())
+
+
+# Frames of this package and of torch (nn.Module's __call__) between the user's line and the warning.
+_SKIPPED = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (validation, torch))
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that names the user's line: the first frame outside this package and torch,
+    however many of our wrappers, modules and integrations the call went through."""
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_SKIPPED):
+        frame, level = frame.f_back, level + 1
+    return level

@@ -1,0 +1,144 @@
+"""The options every public function shares (``fused_pref.options.Options``): one signature for the fused
+path, the reference and the modules; checked once, when made, with the same message everywhere; the
+workspace bound they carry to the backward; the device policy's errors and warning."""
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fused_pref
+from fused_pref.options import PER_BATCH, Options
+from fused_pref.testing import FUNCTIONS, make_inputs, relative_error
+from fused_pref.tools.memory import AllocationRecorder
+
+OPTION_NAMES = [f.name for f in dataclasses.fields(Options)]
+MODULES = {"simpo_loss": fused_pref.FusedSimPOLoss, "cpo_loss": fused_pref.FusedCPOLoss,
+           "orpo_loss": fused_pref.FusedORPOLoss, "dpo_loss": fused_pref.FusedDPOLoss,
+           "linear_cross_entropy": fused_pref.FusedLinearCrossEntropyLoss}
+
+
+@pytest.mark.parametrize("name", FUNCTIONS)
+def test_fused_and_reference_share_one_signature_with_every_option(name):
+    fused, reference = inspect.signature(getattr(fused_pref, name)), inspect.signature(getattr(fused_pref.reference, name))
+    assert fused == reference
+    options = {p.name: p for p in fused.parameters.values() if p.name in OPTION_NAMES}
+    assert list(options) == OPTION_NAMES
+    for field in dataclasses.fields(Options):
+        assert options[field.name].kind is inspect.Parameter.KEYWORD_ONLY
+        assert options[field.name].default == field.default, field.name
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_take_every_option_but_the_per_batch_ones(name):
+    parameters = inspect.signature(MODULES[name]).parameters
+    assert [p for p in parameters if p in OPTION_NAMES] == [n for n in OPTION_NAMES if n not in PER_BATCH]
+    own = [p for p in parameters if p not in OPTION_NAMES]
+    function = [p for p in inspect.signature(getattr(fused_pref, name)).parameters
+                if p not in OPTION_NAMES and p not in ("hidden", "weight", "labels", "bias")
+                and not p.startswith("ref_")]
+    assert own == function, "the module's hyper-parameters are its function's"
+    with pytest.raises(TypeError, match=r"takes \['cu_seqlens'\] in forward, not in its constructor"):
+        MODULES[name](cu_seqlens=torch.tensor([0, 4]))
+
+
+BAD_OPTIONS = [
+    pytest.param({"shift": 1}, TypeError, r"^shift must be a bool, got int", id="shift-int"),
+    pytest.param({"validate": "no"}, TypeError, r"^validate must be a bool, got str", id="validate-str"),
+    pytest.param({"workspace_bytes": 0}, ValueError, r"^workspace_bytes must be a positive int, got 0", id="ws-0"),
+    pytest.param({"workspace_bytes": 1e6}, ValueError, r"^workspace_bytes must be a positive int, got 1000000.0",
+                 id="ws-float"),
+    pytest.param({"backend": "cuda"}, ValueError, r"^backend must be one of \('auto', 'triton', 'reference'\)",
+                 id="backend"),
+    pytest.param({"softcap": 0.0}, ValueError, r"^softcap must be a positive number or None, got 0.0", id="softcap-0"),
+    pytest.param({"vocab_start": 3}, ValueError, r"^vocab_start is only meaningful with a process_group$",
+                 id="vocab_start"),
+]
+
+
+@pytest.mark.parametrize("kwargs, cls, pattern", BAD_OPTIONS)
+def test_options_are_checked_once_with_one_message_everywhere(kwargs, cls, pattern, device):
+    x = make_inputs(2, 5, 8, 11, device=device)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    for module in (fused_pref, fused_pref.reference):
+        with pytest.raises(cls, match=pattern):
+            module.linear_cross_entropy(*args, **kwargs)
+    with pytest.raises(cls, match=pattern):
+        fused_pref.FusedLinearCrossEntropyLoss(**kwargs)      # at construction, not at the first batch
+    with pytest.raises(cls, match=pattern):
+        Options(**kwargs)
+
+
+def test_unknown_keyword_names_the_function():
+    x = make_inputs(2, 5, 8, 11)
+    with pytest.raises(TypeError, match=r"^simpo_loss\(\) got an unexpected keyword argument 'softcapp'"):
+        fused_pref.simpo_loss(x["hidden"], x["weight"], x["labels"], softcapp=30.0)
+
+
+def _workspace_columns(x, **options):
+    """Columns of the chunked backward's ``dz`` workspace, ``[valid tokens, C]``, in one step."""
+    with AllocationRecorder() as recorder:
+        fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], **options).backward()
+    n_valid, D = int((x["labels"] != -100).sum()), x["hidden"].shape[-1]
+    columns = {a.shape[1] for a in recorder.allocations if len(a.shape) == 2 and a.shape[0] == n_valid
+               and a.shape[1] != D}
+    assert len(columns) == 1, columns
+    return columns.pop(), n_valid
+
+
+@pytest.mark.parametrize("budget_columns", [0, 200])
+def test_workspace_bytes_bounds_the_backward_workspace(budget_columns, device):
+    # V = 4099: by default a chunk is V/16 = 256 columns.  A budget below that shrinks it, down to one
+    # 128-column block at the least; the gradients do not change beyond summation order.
+    x = make_inputs(2, 35, 40, 4099, device=device, bias=False)
+    default, n_valid = _workspace_columns(x)
+    default_grads = [t.grad.clone() for t in (x["hidden"], x["weight"])]
+    for t in (x["hidden"], x["weight"]):
+        t.grad = None
+    workspace_bytes = max(1, budget_columns * n_valid * 4)
+    columns, _ = _workspace_columns(x, workspace_bytes=workspace_bytes)
+    assert default == 256 and columns == 128
+    assert columns * n_valid * 4 <= max(workspace_bytes, 128 * n_valid * 4)
+    for ours, theirs in zip((x["hidden"].grad, x["weight"].grad), default_grads):
+        assert relative_error(ours, theirs) < 1e-6
+
+
+def test_backend_reference_refuses_the_atomic_backward(device):
+    x = make_inputs(2, 5, 8, 11, device=device)
+    with pytest.raises(ValueError, match=r"^backward='fused' selects the atomic Triton backward, but this call takes "
+                                         r"the PyTorch reference \(backend='reference'\)"):
+        fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], backend="reference", backward="fused")
+
+
+def _run_without_interpreter(code):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_fallback_warning_names_the_callers_line_and_refuses_the_atomic_backward():
+    # A module call goes through nn.Module.__call__, the module, the public wrapper and the device
+    # policy: the warning must still point at the line that called the loss.
+    done = _run_without_interpreter(
+        "import warnings, fused_pref as fp\n"
+        "from fused_pref.testing import make_inputs\n"
+        "x = make_inputs(2, 7, 40, 257)\n"
+        "loss = fp.FusedSimPOLoss()\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    loss(x['hidden'], x['weight'], x['labels'])\n"
+        "print([(w.filename, w.lineno) for w in seen])\n"
+        "try:\n"
+        "    fp.simpo_loss(x['hidden'], x['weight'], x['labels'], backward='fused')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[('<string>', 7)]", lines[0]
+    assert lines[1].startswith("backward='fused' selects the atomic Triton backward, but this call takes the "
+                               "PyTorch reference (no Triton backend runs on cpu tensors)"), lines[1]
