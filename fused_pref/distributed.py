@@ -18,35 +18,38 @@ from . import validation
 @dataclass(frozen=True)
 class VocabShard:
     group: object        # the torch.distributed process group
-    start: int           # first vocabulary id of this rank's shard
+    start: object        # first vocabulary id of this rank's shard: an int, or a 0-d device tensor
     size: int            # rows of this rank's weight
     total: torch.Tensor  # the whole vocabulary, a 0-d device tensor (reading it is a host sync)
 
 
 def resolve_shard(weight, options) -> VocabShard | None:
-    """This rank's shard, from one all-reduce of every rank's (vocab_start, rows) and one host read.
+    """This rank's shard, from one all-reduce of every rank's (vocab_start, rows).
 
     Without ``vocab_start`` the shards are taken in rank order (rank r starts after the rows of
     ranks 0..r-1: ``rank * V_local`` for equal shards, and right for torch.chunk and
-    torch.tensor_split alike).  With ``validate``, the shards must tile ``[0, V)``."""
-    group, vocab_start = options.process_group, options.vocab_start
+    torch.tensor_split alike), computed on the device.  Only ``validate`` reads the table back to
+    check that the shards tile ``[0, V)``: that is the one host synchronisation."""
+    group = options.process_group
     if group is None:
         return None
-    rank = dist.get_rank(group)
-    spans = _shard_spans(weight.device, group, -1 if vocab_start is None else vocab_start, weight.shape[0])
-    table = spans.tolist()
-    for r, (start, _) in enumerate(table):
-        if start < 0:
-            table[r][0] = sum(rows for _, rows in table[:r])
+    vocab_start = -1 if options.vocab_start is None else options.vocab_start
+    spans = _shard_spans(weight.device, group, vocab_start, weight.shape[0])
+    rows = spans[:, 1]
+    starts = torch.where(spans[:, 0] < 0, rows.cumsum(0) - rows, spans[:, 0])
+    start = starts[dist.get_rank(group)]
     if options.validate:
+        table = torch.stack([starts, rows], dim=1).tolist()
         validation.check_shards(table)
-    return VocabShard(group, table[rank][0], weight.shape[0], spans[:, 1].sum())
+        start = table[dist.get_rank(group)][0]
+    return VocabShard(group, start, weight.shape[0], rows.sum())
 
 
 def _shard_spans(device, group, start, size):
-    """[world, 2] (vocab_start, rows) of every rank, by one all-reduce."""
+    """[world, 2] (vocab_start, rows) of every rank, by one all-reduce; ``start`` may be a 0-d tensor."""
     spans = torch.zeros(dist.get_world_size(group), 2, dtype=torch.int64, device=device)
-    spans[dist.get_rank(group)] = torch.tensor([start, size])
+    spans[dist.get_rank(group), 0] = start
+    spans[dist.get_rank(group), 1] = size
     dist.all_reduce(spans, group=group)
     return spans
 
@@ -80,7 +83,8 @@ class _GatherShards(torch.autograd.Function):
         gathered = [torch.empty_like(padded) for _ in range(world)]
         dist.all_gather(gathered, padded.contiguous(), group=shard.group)
         order = sorted(range(world), key=lambda r: int(spans[r, 0]))
-        ctx.start, ctx.size = shard.start, shard.size
+        # The reference path, which reads sizes back to the host anyway (it materializes the logits).
+        ctx.start, ctx.size = int(shard.start), shard.size
         return torch.cat([gathered[r][: int(spans[r, 1])] for r in order])
 
     @staticmethod

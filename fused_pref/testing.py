@@ -1,14 +1,34 @@
-"""Inputs and error measures for parity checks: used by the tests, ``python -m fused_pref check``
-and the benchmarks, and public so users can check parity in their own CI the same way."""
+"""The parity harness: inputs, the error measure, the table of cases and the one comparison that the
+tests, ``python -m fused_pref check`` and your own CI share.
 
+``compare(fn, inputs)`` runs ``fn(fused_pref, inputs)`` and ``fn(fused_pref.reference, ...)`` on
+fp64 CPU copies of the same inputs, backpropagates a fixed random weighting of the output through
+both, and gives ``||out - ref|| / ||ref||`` for the value, a preference loss's per-sequence log-probs
+and rewards, and every input's gradient.  The fused call runs with fresh buffers NaN-filled
+(:func:`nan_filled`), so an element a kernel forgot to write fails instead of passing by luck::
+
+    from fused_pref.testing import TOLERANCE, compare, make_inputs
+    x = make_inputs(4, 23, 97, 1003, dtype=torch.bfloat16, device="cuda")
+    compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]), x).check(torch.bfloat16)
+"""
+
+import collections
+import contextlib
 import math
+import traceback
+from dataclasses import dataclass, field
 
 import torch
+
+import fused_pref
+from fused_pref.preference import DPO_LOSS_TYPES
 
 # Every public function of fused_pref (and fused_pref.reference), by name.
 TOKEN_FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy")
 PAIR_FUNCTIONS = ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss")
 FUNCTIONS = TOKEN_FUNCTIONS + PAIR_FUNCTIONS
+# What ``call`` takes: every function, DPO once per loss type ("dpo_loss-ipo").
+CALLS = TOKEN_FUNCTIONS + PAIR_FUNCTIONS[:-1] + tuple(f"dpo_loss-{t}" for t in DPO_LOSS_TYPES)
 
 # ||out - ref|| / ||ref|| against an fp64 reference, per input dtype (DESIGN.md section 5).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -66,13 +86,209 @@ def make_inputs(R, T, D, V, *, dtype=torch.float32, device="cpu", bias=True, see
     return {"hidden": leaf(hidden), "weight": leaf(weight), "bias": leaf(b), "labels": labels.to(device)}
 
 
+def _as_reference(value):
+    """An fp64 CPU copy of a floating tensor (a leaf where the original needs a gradient); other
+    tensors moved to the CPU; anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+        return value.detach().cpu().double().requires_grad_(value.requires_grad)
+    return value.cpu() if isinstance(value, torch.Tensor) else value
+
+
 def as_reference(inputs: dict) -> dict:
     """fp64 CPU leaf copies of floating inputs (labels unchanged) for the reference computation."""
-    out = {}
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
-            value = value.detach().cpu().double().requires_grad_(value.requires_grad)
-        elif isinstance(value, torch.Tensor):
-            value = value.cpu()
-        out[key] = value
-    return out
+    return {key: _as_reference(value) for key, value in inputs.items()}
+
+
+def call(module, name, inputs, **kwargs):
+    """``module.<function>(hidden, weight, labels, bias, **kwargs)`` for a name of ``CALLS``:
+    ``"dpo_loss-<loss_type>"`` selects the loss type, and gives DPO zero reference log-probs unless
+    ``kwargs`` give a reference.  Tensor arguments follow the module: fp64 CPU copies for
+    ``fused_pref.reference``."""
+    if name.startswith("dpo_loss-"):
+        name, kwargs["loss_type"] = "dpo_loss", name.split("-", 1)[1]
+        if not {"ref_logps", "ref_hidden"} & kwargs.keys():
+            cu_seqlens = kwargs.get("cu_seqlens")
+            sequences = inputs["hidden"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+            kwargs["ref_logps"] = torch.zeros(sequences, device=inputs["hidden"].device)
+    if module is fused_pref.reference:
+        kwargs = {key: _as_reference(value) for key, value in kwargs.items()}
+    return getattr(module, name)(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["bias"], **kwargs)
+
+
+def value_of(out) -> torch.Tensor:
+    """The differentiable output: a preference loss's ``loss``, else the tensor itself."""
+    return out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
+
+
+@contextlib.contextmanager
+def nan_filled(warn_only=True):
+    """Fresh buffers (``torch.empty`` and the like) filled with NaN, through
+    ``torch.use_deterministic_algorithms(True, warn_only=warn_only)`` with
+    ``fill_uninitialized_memory``; the previous settings are restored on exit, error or not.
+    ``warn_only`` (the default): an op without a deterministic implementation (a cuBLAS product
+    without ``CUBLAS_WORKSPACE_CONFIG``) warns instead of failing, since NaN-filling is the point
+    here; ``False`` refuses it, as the determinism tests want.  Determinism is on meanwhile, so
+    ``deterministic=None`` refuses ``backward="fused"``: pass ``deterministic=False`` to compare it."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=previous_warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@dataclass
+class Comparison:
+    """What :func:`compare` found: both outputs, and the relative error of each compared quantity."""
+
+    fused: object
+    reference: object
+    errors: dict[str, float] = field(default_factory=dict)
+    dtypes: dict[str, tuple] = field(default_factory=dict)   # gradient name -> (its dtype, its input's)
+
+    def failures(self, dtype) -> list[str]:
+        """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs, fp32 whatever the
+        inputs, at the fp32 tolerance), each gradient not in its input's dtype, and each of a
+        preference loss's ``metrics()`` but the accuracy off the reference's by more than 1e-3
+        relative (1e-4 absolute)."""
+        out = []
+        value = value_of(self.fused)
+        if value.dtype != torch.float32:
+            out.append(f"value: dtype {value.dtype}, not float32")
+        for name, error in self.errors.items():
+            tolerance = TOLERANCE[torch.float32 if name in ("logps", "rewards") else dtype]
+            if not error <= tolerance:
+                out.append(f"{name}: relative error {error:.2e} > {tolerance:.0e}")
+        out += [f"{name} came back in {got}, not the input dtype {want}" for name, (got, want) in self.dtypes.items()
+                if got != want]
+        if isinstance(self.fused, fused_pref.PreferenceOutput):
+            ours, theirs = self.fused.metrics(), self.reference.metrics()
+            if ours.keys() != theirs.keys():
+                out.append(f"metrics {sorted(ours)} differ from the reference's {sorted(theirs)}")
+            # Means of quantities checked above, and the logits means.  Not the accuracy: a step
+            # function of the reward margin, which rounding flips wherever a pair is a near tie.
+            out += [f"metrics[{key!r}]: {ours[key]} vs {theirs[key]}" for key in ours.keys() & theirs.keys()
+                    if key != "rewards/accuracies"
+                    and not math.isclose(ours[key], theirs[key], rel_tol=1e-3, abs_tol=1e-4)]
+        return out
+
+    def check(self, dtype) -> "Comparison":
+        failures = self.failures(dtype)
+        assert not failures, "; ".join(failures)
+        return self
+
+
+def _per_sequence(out, kind):
+    return torch.cat([getattr(out, f"chosen_{kind}").reshape(-1), getattr(out, f"rejected_{kind}").reshape(-1)])
+
+
+def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> Comparison:
+    """``fn(module, inputs)`` on ``fused_pref`` (with :func:`nan_filled` fresh buffers, forward and
+    backward) and on ``fused_pref.reference`` with :func:`as_reference` copies of ``inputs``.
+
+    Errors: ``"value"``; for a preference loss ``"logps"`` and ``"rewards"`` (chosen and rejected
+    as one vector each: a sequence of only confident tokens has logp ~ -1e-6, whose own relative
+    error means little); ``"d_<name>"`` for each of ``grads`` that is in ``inputs`` and needs a
+    gradient.  Both values are weighted by one fixed random tensor before the backward, so every
+    entry of a vector output reaches the gradients."""
+    ref_inputs = as_reference(inputs)
+    reference = fn(fused_pref.reference, ref_inputs)
+    ref_value = value_of(reference)
+    weights = torch.randn(ref_value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (ref_value * weights).sum().backward()
+    with nan_filled():
+        fused = fn(fused_pref, inputs)
+        value = value_of(fused)
+        (value * weights.to(value.device, value.dtype)).sum().backward()
+    result = Comparison(fused, reference, {"value": relative_error(value, ref_value)})
+    if isinstance(fused, fused_pref.PreferenceOutput):
+        for kind in ("logps", "rewards"):
+            result.errors[kind] = relative_error(_per_sequence(fused, kind), _per_sequence(reference, kind))
+    for name in grads:
+        tensor = inputs.get(name)
+        if tensor is None or not tensor.requires_grad:
+            continue
+        grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+        result.errors[f"d_{name}"] = relative_error(grad, ref_inputs[name].grad)
+        result.dtypes[f"d_{name}"] = (grad.dtype, tensor.dtype)
+    return result
+
+
+@dataclass(frozen=True)
+class Case:
+    """One call of the shared table: a name of ``CALLS``, its keyword arguments, the layout of the
+    batch (``"padded"`` ``[R, T, D]``; ``"packed"`` ``[N, D]`` with ``cu_seqlens`` at every T;
+    ``"flat"`` ``[N, D]`` without) and ``make_inputs`` overrides."""
+
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    layout: str = "padded"
+    inputs: dict = field(default_factory=dict)
+
+    def __call__(self, module, x):
+        kwargs = dict(self.kwargs)
+        if self.layout != "padded":
+            R, T, _ = x["hidden"].shape
+            x = {**x, "hidden": x["hidden"].flatten(0, 1), "labels": x["labels"].flatten()}
+            if self.layout == "packed":
+                kwargs["cu_seqlens"] = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
+        if self.name.startswith("dpo_loss-"):
+            # The reference model through the library's own forward: the hidden states reversed.
+            kwargs["ref_hidden"] = x["hidden"].detach().flip(0)
+        return call(module, self.name, x, **kwargs)
+
+
+# Every public function, every DPO loss type, each layout and the softcap, the shift and the NLL
+# term at least once: ``python -m fused_pref check`` runs this table, and so do the parity tests.
+CASES = {
+    "linear_logprobs": Case("linear_logprobs"),
+    "sequence_logprobs[mean]": Case("sequence_logprobs", {"reduction": "mean"}),
+    "linear_cross_entropy[flat,softcap]": Case("linear_cross_entropy", {"softcap": 30.0}, layout="flat"),
+    "simpo_loss": Case("simpo_loss"),
+    "simpo_loss[packed,shift,sft]": Case("simpo_loss", {"shift": True, "sft_weight": 0.5}, layout="packed"),
+    "cpo_loss": Case("cpo_loss"),
+    # ORPO's log(1 - e^S) is ill-conditioned as S -> 0 (TRL's too): no near-certain tokens here.
+    "orpo_loss": Case("orpo_loss", inputs={"confident": 0.0}),
+    **{f"dpo_loss[{t}]": Case(f"dpo_loss-{t}", {"label_smoothing": 0.1}) for t in DPO_LOSS_TYPES},
+}
+# V not a multiple of any block, D not a power of two and larger than BLOCK_D, odd T.
+CASE_SHAPE = (4, 23, 97, 1003)
+
+
+def run_case(case: Case, dtype, device, *, seed=0) -> Comparison:
+    """``case`` on fresh ``make_inputs`` at ``CASE_SHAPE``, compared (see :func:`compare`)."""
+    inputs = make_inputs(*CASE_SHAPE, dtype=dtype, device=device, seed=seed, **case.inputs)
+    return compare(case, inputs, seed=seed)
+
+
+# Tensor methods that read a value into Python: on a GPU, each waits for the device.
+_HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+
+
+@contextlib.contextmanager
+def count_host_reads():
+    """Count the reads of tensor values into Python made inside (``.item()``, ``.tolist()``, and
+    ``bool``, ``int``, ``float`` or an index of a tensor): on a GPU each is a host synchronisation,
+    which a training step with ``validate=False`` must never make.  Yields a ``Counter`` of
+    ``"<method> at <file>:<line>"``; ``torch.Tensor`` is patched meanwhile, in this process."""
+    counts = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in _HOST_READS}
+
+    def counting(name):
+        def read(self, *args, **kwargs):
+            caller = traceback.extract_stack(limit=2)[0]
+            counts[f"{name} at {caller.filename}:{caller.lineno}"] += 1
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    for name in _HOST_READS:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 import fused_pref  # noqa: E402
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error  # noqa: E402
+from fused_pref.testing import TOLERANCE, as_reference, count_host_reads, make_inputs, relative_error  # noqa: E402
 
 SHAPE = (4, 23, 97, 1003)  # V = 1003 is divisible by neither 2 nor 3
 
@@ -63,6 +63,10 @@ def vocab_parallel(split):
             _close(inputs["hidden"].grad, ref["hidden"].grad, f"{tag} d_hidden")
             _close(inputs["weight"].grad, ref["weight"].grad[start:start + sizes[rank]], f"{tag} d_weight shard")
             _close(inputs["bias"].grad, ref["bias"].grad[start:start + sizes[rank]], f"{tag} d_bias shard")
+        # validate=False promises no host synchronisation, with a sharded vocabulary too.
+        with count_host_reads() as reads:
+            loss(fused_pref, local, validate=False, **kwargs).backward()
+        assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
 
 
 class TinyLM(torch.nn.Module):

@@ -13,7 +13,6 @@ under deterministic algorithms torch fills fresh tensors with NaN).  Where CUDA 
 are on the GPU, where a race would also show.
 """
 
-import inspect
 import pathlib
 import re
 
@@ -21,24 +20,20 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.testing import make_inputs
+from fused_pref.testing import make_inputs, nan_filled
 
 
 def _simpo_packed_shift(x):
     R, T, D = x["hidden"].shape
     cu = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
     return fused_pref.simpo_loss(x["hidden"].reshape(R * T, D), x["weight"], x["labels"].reshape(-1), x["bias"],
-                                 shift=True, cu_seqlens=cu, **_deterministic(fused_pref.simpo_loss))
-
-
-def _deterministic(fn):
-    return {"deterministic": True} if "deterministic" in inspect.signature(fn).parameters else {}
+                                 shift=True, cu_seqlens=cu, deterministic=True)
 
 
 def _call(name, **kwargs):
     def call(x):
-        fn = getattr(fused_pref, name)
-        return fn(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs, **_deterministic(fn))
+        return getattr(fused_pref, name)(x["hidden"], x["weight"], x["labels"], x["bias"], deterministic=True,
+                                         **kwargs)
     return call
 
 
@@ -75,40 +70,40 @@ def _assert_bitwise_equal(a, b):
             f"output {i} differs between runs"
 
 
-@pytest.fixture
-def deterministic_algorithms():
-    """``torch.use_deterministic_algorithms(True)`` with NaN-filled fresh tensors, then the previous
-    settings restored."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    fill = torch.utils.deterministic.fill_uninitialized_memory
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = fill
-
-
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_runs_are_bitwise_identical(case, device, request):
+def test_runs_are_bitwise_identical(case, device):
     first, second = _step(*case, device), _step(*case, device)
     _assert_bitwise_equal(first, second)
-    request.getfixturevalue("deterministic_algorithms")
-    # Under torch.use_deterministic_algorithms(True): no op of ours is refused, no result depends
-    # on uninitialised (now NaN-filled) memory, and no bit changes (every path already is
+    # Under torch.use_deterministic_algorithms(True), strictly: no op of ours is refused, no result
+    # depends on uninitialised (now NaN-filled) memory, and no bit changes (every path already is
     # deterministic, so the mode selects nothing different).
-    _assert_bitwise_equal(_step(*case, device), first)
+    with nan_filled(warn_only=False):
+        _assert_bitwise_equal(_step(*case, device), first)
 
 
-def test_the_fixture_restores_the_previous_settings(deterministic_algorithms):
-    assert torch.are_deterministic_algorithms_enabled()
+def _settings():
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.utils.deterministic.fill_uninitialized_memory)
 
 
-def test_deterministic_algorithms_are_off_again():
-    # Runs after the fixture above (file order): the global switch must not leak into other tests.
-    assert not torch.are_deterministic_algorithms_enabled()
+@pytest.mark.parametrize("before", [(False, False, False), (True, True, False), (True, False, True)],
+                         ids=["off", "on-warn-only-unfilled", "on-filled"])
+def test_nan_filled_sets_and_restores_the_global_settings(before):
+    # Every comparison of the parity harness runs inside it, so a leak would change every later test.
+    saved = _settings()
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+    torch.utils.deterministic.fill_uninitialized_memory = before[2]
+    try:
+        for warn_only in (True, False):
+            with pytest.raises(KeyError):                      # restored on the way out of an error too
+                with nan_filled(warn_only=warn_only):
+                    assert _settings() == (True, warn_only, True)
+                    assert torch.empty(5).isnan().all() and torch.empty(2, 3, dtype=torch.bfloat16).isnan().all()
+                    raise KeyError
+            assert _settings() == before
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
 def test_only_the_fused_backward_uses_atomics():

@@ -15,7 +15,7 @@ import torch
 
 import fused_pref
 import fused_pref.reference
-from fused_pref.testing import kernel_device
+from fused_pref.testing import FUNCTIONS, PAIR_FUNCTIONS, kernel_device
 
 DEVICE = kernel_device()
 ON = str(torch.empty(0, device=DEVICE).device)   # as the messages name it: "cpu", "cuda:0"
@@ -23,8 +23,7 @@ ON = str(torch.empty(0, device=DEVICE).device)   # as the messages name it: "cpu
 R, T, D, V = 4, 7, 40, 101
 PROMPT = 2                      # leading positions of each sequence carry ignore_index
 
-FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy", "simpo_loss", "dpo_loss")
-PAIR_FUNCTIONS = ("simpo_loss", "dpo_loss")
+SMOOTHED = [name for name in PAIR_FUNCTIONS if name != "orpo_loss"]    # the losses with label_smoothing
 MODULES = [pytest.param(fused_pref, id="fused"), pytest.param(fused_pref.reference, id="reference")]
 
 
@@ -347,7 +346,7 @@ def test_bad_simpo_gamma(module, gamma):
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("eps", [-0.1, 0.51, 1.0, math.nan], ids=["negative", "0.51", "1", "nan"])
 def test_bad_label_smoothing(module, name, eps):
     with pytest.raises(ValueError, match=rf"^label_smoothing must be in \[0, 0\.5\], got {re.escape(repr(eps))}$"):
@@ -355,19 +354,20 @@ def test_bad_label_smoothing(module, name, eps):
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("name", PAIR_FUNCTIONS)
+@pytest.mark.parametrize("name", SMOOTHED)
 @pytest.mark.parametrize("eps", [0.0, 0.5], ids=["0", "0.5"])
 def test_label_smoothing_bounds_accepted(module, name, eps):
     assert torch.isfinite(call(module, name, label_smoothing=eps).loss)
 
 
+@pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("backend", ["cuda", "torch", "Triton", None], ids=["cuda", "torch", "Triton", "None"])
-def test_bad_backend(name, backend):
-    # The reference accepts ``backend`` for signature parity and ignores it, so only the fused path checks.
+def test_bad_backend(module, name, backend):
+    # The reference ignores ``backend`` (it always computes in PyTorch) but checks it like every option.
     with pytest.raises(ValueError, match=rf"^backend must be one of \('auto', 'triton', 'reference'\), "
                             rf"got {re.escape(repr(backend))}$"):
-        call(fused_pref, name, backend=backend)
+        call(module, name, backend=backend)
 
 
 # ---- DPO reference model -------------------------------------------------------------------------

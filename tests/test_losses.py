@@ -1,53 +1,20 @@
-"""The preference-loss family and the layouts, fused against the fp64 reference: every DPO
-loss_type, CPO, ORPO, the NLL term, length normalisation; packed batches equal padded ones; the
-Hugging Face shift equals explicit slicing."""
+"""The preference-loss family and the layouts beyond the shared table of cases (``test_parity``):
+the NLL term, length normalisation, IPO's averaging, CPO's NLL against cross-entropy, ORPO's
+metrics; packed batches equal padded ones; the Hugging Face shift equals explicit slicing.  Every
+comparison with the fp64 reference goes through ``fused_pref.testing.compare``."""
 
 import pytest
 import torch
 
 import fused_pref
-from fused_pref.preference import DPO_LOSS_TYPES
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref.testing import call, compare, make_inputs, relative_error
 
 SHAPE = (4, 23, 97, 1003)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _compare(call, x, dtype, *, seed=0):
-    """Value, every gradient and the metrics of ``call`` on the fused module against the fp64 reference."""
-    rx = as_reference(x)
-    out, ref = call(fused_pref, x), call(fused_pref.reference, rx)
-    assert relative_error(out.loss, ref.loss) <= TOLERANCE[dtype], (out.loss, ref.loss)
-    out.loss.backward()
-    ref.loss.backward()
-    for name in ("hidden", "weight", "bias"):
-        error = relative_error(x[name].grad, rx[name].grad)
-        assert error <= TOLERANCE[dtype], f"d_{name}: {error:.2e}"
-    ours, theirs = out.metrics(), ref.metrics()
-    assert ours.keys() == theirs.keys()
-    for key in ours:
-        assert ours[key] == pytest.approx(theirs[key], rel=1e-3, abs=1e-4), key
-    return out, ref
-
-
 def _dpo(loss_type, **kwargs):
-    def call(m, x):
-        return m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], ref_hidden=x["hidden"].detach().flip(0),
-                          loss_type=loss_type, **kwargs)
-    return call
-
-
-@pytest.mark.parametrize("loss_type", DPO_LOSS_TYPES)
-def test_every_dpo_loss_type(loss_type, device):
-    x = make_inputs(*SHAPE, device=device, seed=31)
-    beta = 0.05 if loss_type in ("ipo", "sppo_hard") else 0.1
-    _compare(_dpo(loss_type, beta=beta, label_smoothing=0.1 if loss_type != "hinge" else 0.0), x, torch.float32)
-
-
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "aot", "discopop"])
-def test_dpo_loss_types_bf16(loss_type, device):
-    x = make_inputs(*SHAPE, dtype=torch.bfloat16, device=device, seed=37)
-    _compare(_dpo(loss_type), x, torch.bfloat16)
+    return lambda m, x: call(m, f"dpo_loss-{loss_type}", x, **kwargs)
 
 
 def test_ipo_averages_log_probs_as_trl(device):
@@ -60,21 +27,22 @@ def test_ipo_averages_log_probs_as_trl(device):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_dpo_sft_weight_and_length_normalize(dtype, device):
     x = make_inputs(*SHAPE, dtype=dtype, device=device, seed=43)
-    out, _ = _compare(_dpo("sigmoid", sft_weight=0.5, length_normalize=True), x, dtype)
+    out = compare(_dpo("sigmoid", sft_weight=0.5, length_normalize=True), x).check(dtype).fused
     assert out.nll_loss is not None and "nll_loss" in out.metrics()
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_simpo_with_sft_weight(dtype, device):
     x = make_inputs(*SHAPE, dtype=dtype, device=device, seed=47)
-    _compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.3), x, dtype)
+    compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.3),
+            x).check(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_cpo(dtype, device):
     x = make_inputs(*SHAPE, dtype=dtype, device=device, seed=53)
-    out, _ = _compare(lambda m, x: m.cpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                              label_smoothing=0.05), x, dtype)
+    out = compare(lambda m, x: m.cpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.05),
+                  x).check(dtype).fused
     # CPO is DPO's sigmoid loss without a reference model, plus the chosen NLL.
     nll = fused_pref.linear_cross_entropy(x["hidden"][:2], x["weight"], x["labels"][:2], x["bias"])
     assert out.nll_loss.item() == pytest.approx(nll.item(), rel=1e-5)
@@ -84,7 +52,8 @@ def test_cpo(dtype, device):
 def test_orpo(dtype, device):
     # No confident tokens: ORPO's log(1 - e^S) is ill-conditioned as S -> 0, in TRL as here.
     x = make_inputs(*SHAPE, dtype=dtype, device=device, seed=59, confident=0.0)
-    out, _ = _compare(lambda m, x: m.orpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], beta=0.2), x, dtype)
+    out = compare(lambda m, x: m.orpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], beta=0.2),
+                  x).check(dtype).fused
     assert {"nll_loss", "log_odds_ratio", "log_odds_chosen"} <= out.metrics().keys()
 
 
@@ -132,7 +101,7 @@ def test_packed_parity(dtype, device):
         return m.dpo_loss(inputs["hidden"], inputs["weight"], inputs["labels"], inputs["bias"],
                           ref_hidden=inputs["hidden"].detach() * 0.5, shift=True, cu_seqlens=cu_seqlens,
                           loss_type="robust", label_smoothing=0.2)
-    _compare(call, packed, dtype)
+    compare(call, packed).check(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())

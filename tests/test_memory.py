@@ -6,6 +6,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_pref
+from fused_pref.compat import liger
 from fused_pref.tools.memory import AllocationRecorder
 from fused_pref.testing import make_inputs
 
@@ -16,7 +17,13 @@ R, T, D, V = 8, 65, 48, 4099
 
 
 def _forward_backward(module, loss_name, x, **options):
-    if loss_name == "simpo":
+    if loss_name.startswith("liger-"):
+        # The Liger-compatible classes (fused_pref.compat.liger), weight first.
+        cls = {"liger-simpo": liger.LigerFusedLinearSimPOLoss, "liger-dpo": liger.LigerFusedLinearDPOLoss}[loss_name]
+        extra = {"ref_input": x["hidden"].detach().flip(0), "ref_weight": x["weight"].detach()} if "dpo" in loss_name \
+            else {}
+        loss, _ = cls(**options)(x["weight"], x["hidden"], x["labels"], x["bias"], **extra)
+    elif loss_name == "simpo":
         loss = module.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], **options).loss
     elif loss_name == "dpo":
         loss = module.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
@@ -49,8 +56,10 @@ def test_the_check_catches_the_reference(loss_name, device):
     assert largest.numel >= R * T * V, f"reference's largest allocation was {largest}"
 
 
-@pytest.mark.parametrize("backward", ["chunked", "fused"])
-@pytest.mark.parametrize("loss_name", ["simpo", "dpo", "cross_entropy"])
+@pytest.mark.parametrize("loss_name, backward", [
+    *[(loss, backward) for loss in ("simpo", "dpo", "cross_entropy") for backward in ("chunked", "fused")],
+    ("liger-simpo", None), ("liger-dpo", None),
+])
 def test_no_temporary_inside_an_op_outgrows_a_gradient(loss_name, backward, device):
     # The recorders above see each op's outputs, not the buffers an op allocates inside itself
     # (torch's weight.sum(dtype=float64) once copied a bf16 weight to fp64 whole: 4.2 GB at
@@ -59,13 +68,14 @@ def test_no_temporary_inside_an_op_outgrows_a_gradient(loss_name, backward, devi
     # and accumulated in fp32 by the fused one.  So a copy of the weight in a wider dtype, or
     # anything [N, V], fails.
     x = make_inputs(R, T, D, V, device=device, dtype=torch.bfloat16)
+    options = {} if backward is None else {"backward": backward}
     if device == "cuda":
         # cuBLAS takes its workspace from the caching allocator on a stream's first product.
-        _forward_backward(fused_pref, loss_name, x, backward=backward)
+        _forward_backward(fused_pref, loss_name, x, **options)
         x = make_inputs(R, T, D, V, device=device, dtype=torch.bfloat16)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities, profile_memory=True) as profiler:
-        _forward_backward(fused_pref, loss_name, x, backward=backward)
+        _forward_backward(fused_pref, loss_name, x, **options)
     usage = "self_device_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
     largest = max(getattr(event, usage) for event in profiler.events())
     d_weight = V * D * (4 if backward == "fused" else 2)

@@ -14,9 +14,9 @@ import triton.language as tl
 
 import fused_pref
 import fused_pref.reference
-from fused_pref.preference import DPO_LOSS_TYPES
 from fused_pref.kernels import tiles
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref.testing import (CALLS, TOKEN_FUNCTIONS, TOLERANCE, as_reference, call, compare, make_inputs,
+                                relative_error, value_of)
 
 # Under the interpreter the backward kernel's padding rows (past the valid count, never stored)
 # compute exp(bias - 0), which numpy reports as an overflow when the bias is ~1e4; on a GPU it is
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in (exp|cas
 
 R, T, D, V = 4, 13, 40, 300          # D > BLOCK_D, V not a multiple of BLOCK_V: awkward but fast
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-PAIR_LOSSES = ["simpo_loss", "cpo_loss", "orpo_loss"] + [f"dpo_loss-{t}" for t in DPO_LOSS_TYPES]
+PAIR_LOSSES = [name for name in CALLS if name not in TOKEN_FUNCTIONS]
 
 
 def scaled_inputs(dtype, max_logit, device, *, seed=0, confident=0.25, bias=True):
@@ -41,37 +41,9 @@ def scaled_inputs(dtype, max_logit, device, *, seed=0, confident=0.25, bias=True
             "bias": leaf(b * factor) if bias else None, "labels": x["labels"].to(device)}
 
 
-def call(module, name, x, **kwargs):
-    """``module.<name>`` on the inputs ``x``; ``"dpo_loss-<type>"`` selects a DPO loss type."""
-    if name.startswith("dpo_loss-"):
-        name, kwargs["loss_type"] = "dpo_loss", name.split("-", 1)[1]
-        sequences = x["hidden"].shape[0] if kwargs.get("cu_seqlens") is None else kwargs["cu_seqlens"].numel() - 1
-        kwargs.setdefault("ref_logps", torch.zeros(sequences, dtype=x["hidden"].dtype, device=x["hidden"].device))
-    if module is fused_pref:
-        kwargs["backend"] = "triton"
-    return getattr(module, name)(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs)
-
-
-def value(out):
-    return out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
-
-
 def assert_matches_reference(name, x, dtype, **kwargs):
     """Value and every gradient of ``name`` on ``x``: fused against the fp64 reference (on the CPU)."""
-    rx = as_reference(x)
-    ref_kwargs = {k: v.cpu().double() if torch.is_tensor(v) and v.is_floating_point() else v
-                  for k, v in kwargs.items()}
-    out, ref = value(call(fused_pref, name, x, **kwargs)), value(call(fused_pref.reference, name, rx, **ref_kwargs))
-    assert torch.isfinite(out).all(), f"value: {out}"
-    error = relative_error(out, ref)
-    assert error <= TOLERANCE[dtype], f"value: relative error {error:.2e} ({out} vs {ref})"
-    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    (out * upstream.float().to(out.device)).sum().backward()
-    (ref * upstream).sum().backward()
-    for key in ("hidden", "weight", "bias"):
-        if x[key] is not None:
-            error = relative_error(x[key].grad, rx[key].grad)
-            assert error <= TOLERANCE[dtype], f"d_{key}: relative error {error:.2e}"
+    compare(lambda m, x: call(m, name, x, **kwargs), x, seed=1).check(dtype)
 
 
 # ---- logits of extreme size ----------------------------------------------------------------------
@@ -167,7 +139,6 @@ POISONS = {
     "weight-nan": ("weight", math.nan), "weight-inf": ("weight", math.inf),
     "bias-nan": ("bias", math.nan), "bias-inf": ("bias", math.inf),
 }
-TOKEN_LEVEL = ["linear_logprobs", "sequence_logprobs", "linear_cross_entropy"]
 
 
 def _poison(x, where, bad):
@@ -186,7 +157,7 @@ def _poison(x, where, bad):
 
 # Every poison for the functions with their own code paths; two for each DPO loss type (the
 # log-probs are shared, the heads differ).
-POISONED = [(name, poison) for name in TOKEN_LEVEL + PAIR_LOSSES for poison in POISONS
+POISONED = [(name, poison) for name in CALLS for poison in POISONS
             if not name.startswith("dpo_loss-") or poison in ("hidden-nan", "weight-inf")]
 
 
@@ -195,8 +166,8 @@ POISONED = [(name, poison) for name in TOKEN_LEVEL + PAIR_LOSSES for poison in P
 def test_nan_and_inf_reach_the_loss(name, poison, device):
     x = make_inputs(R, T, D, V, seed=13, device=device)
     _poison(x, *POISONS[poison])
-    out = value(call(fused_pref, name, x))
-    ref = value(call(fused_pref.reference, name, as_reference(x)))
+    out = value_of(call(fused_pref, name, x))
+    ref = value_of(call(fused_pref.reference, name, as_reference(x)))
     # linear_logprobs: the poisoned token's entry (hidden), or every valid entry (weight, bias).
     assert torch.isnan(out).any(), f"{poison} gave {out}, the reference {ref}"
     assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref)), "NaN exactly where the reference has it"
@@ -211,9 +182,9 @@ def test_nan_in_ignored_rows_is_never_read(name, device):
     x, clean = make_inputs(R, T, D, V, seed=17, device=device), make_inputs(R, T, D, V, seed=17, device=device)
     with torch.no_grad():
         x["hidden"][x["labels"] == -100] = math.nan
-    out, out_clean = value(call(fused_pref, name, x)), value(call(fused_pref, name, clean))
+    out, out_clean = value_of(call(fused_pref, name, x)), value_of(call(fused_pref, name, clean))
     assert torch.equal(out, out_clean)
-    assert relative_error(out, value(call(fused_pref.reference, name, as_reference(x)))) <= TOLERANCE[torch.float32]
+    assert relative_error(out, value_of(call(fused_pref.reference, name, as_reference(x)))) <= TOLERANCE[torch.float32]
     out.backward()
     out_clean.backward()
     for key in ("hidden", "weight", "bias"):
@@ -278,7 +249,7 @@ def test_empty_sequence_under_a_sum_is_zero(name, device):
         torch.cat([o.chosen_logps, o.rejected_logps]) for o in (out, ref))
     assert logps[0].item() == 0.0 and logps[2].item() == 0.0
     assert relative_error(logps, ref_logps) <= TOLERANCE[torch.float32]
-    assert relative_error(value(out), value(ref)) <= TOLERANCE[torch.float32]
+    assert relative_error(value_of(out), value_of(ref)) <= TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])

@@ -13,7 +13,7 @@ import torch
 
 import fused_pref
 from fused_pref.options import PER_BATCH, Options
-from fused_pref.testing import FUNCTIONS, make_inputs, relative_error
+from fused_pref.testing import CASES, FUNCTIONS, count_host_reads, make_inputs, relative_error, value_of
 from fused_pref.tools.memory import AllocationRecorder
 
 OPTION_NAMES = [f.name for f in dataclasses.fields(Options)]
@@ -142,3 +142,25 @@ def test_cpu_fallback_warning_names_the_callers_line_and_refuses_the_atomic_back
     assert lines[0] == "[('<string>', 7)]", lines[0]
     assert lines[1].startswith("backward='fused' selects the atomic Triton backward, but this call takes the "
                                "PyTorch reference (no Triton backend runs on cpu tensors)"), lines[1]
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_validate_false_reads_nothing_back_to_the_host(case, device):
+    # The only host synchronisations are validation's (DESIGN.md section 4): without it a step runs
+    # ahead of the device.  On a GPU, CUDA's own sync detector checks what Python cannot see.
+    x = make_inputs(4, 7, 40, 101, device=device)
+    quiet = dataclasses.replace(case, kwargs={**case.kwargs, "validate": False})
+    value_of(quiet(fused_pref, x)).sum().backward()   # compile and warm up first
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with count_host_reads() as reads:
+            value_of(quiet(fused_pref, x)).sum().backward()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    assert not reads, reads
+    with count_host_reads() as reads:                  # the counter counts: validation reads
+        value_of(case(fused_pref, x)).sum().backward()
+    assert reads

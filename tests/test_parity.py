@@ -1,6 +1,8 @@
-"""Every public function, value and all gradients, fused (Triton) against the fp64 reference.
+"""Every public function, value and all gradients, fused (Triton) against the fp64 reference, through the
+one harness (``fused_pref.testing.compare``: fresh buffers NaN-filled, so an unwritten element fails).
 
-Shapes are small but awkward: V not a multiple of any block (1003, 257, 2053), D not a power of two
+The shared table ``fused_pref.testing.CASES`` (what ``python -m fused_pref check`` runs) in fp32 and
+bf16, then what the table does not vary.  Shapes are small but awkward: V not a multiple of any block (1003, 257, 2053), D not a power of two
 and larger than BLOCK_D (97, 497), odd T, ragged prompts and padding, an ignored run inside a
 completion; bias and softcap on and off; both the split-vocabulary forward (few rows) and the
 unsplit one (many rows); a multi-chunk backward (always: a chunk is at most V/16).
@@ -10,7 +12,8 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref import testing
+from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
 
 SHAPES = {
     "R4-T23-D97-V1003": (4, 23, 97, 1003),
@@ -21,31 +24,10 @@ SHAPES = {
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def _weights_like(ref, seed):
-    return torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def _assert_close(out, ref, dtype, what):
-    error = relative_error(out, ref)
-    assert error <= TOLERANCE[dtype], f"{what}: relative error {error:.3e} > {TOLERANCE[dtype]:.0e}"
-
-
-def _check(call, x, dtype, *, seed=0, grads=("hidden", "weight", "bias")):
-    """Run ``call`` on the fused module and on the fp64 reference; compare value and gradients."""
-    rx = as_reference(x)
-    out, ref = call(fused_pref, x), call(fused_pref.reference, rx)
-    out_t, ref_t = (out.loss, ref.loss) if hasattr(out, "loss") else (out, ref)
-    assert out_t.dtype == torch.float32
-    _assert_close(out_t, ref_t, dtype, "value")
-    weights = _weights_like(ref_t, seed)
-    (out_t * weights.to(out_t.device, out_t.dtype)).sum().backward()
-    (ref_t * weights).sum().backward()
-    for name in grads:
-        if x.get(name) is None:
-            continue
-        assert x[name].grad.dtype == x[name].dtype, f"d_{name} must come back in the input dtype"
-        _assert_close(x[name].grad, rx[name].grad, dtype, f"d_{name}")
-    return out, ref
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_every_case(case, dtype, device):
+    run_case(case, dtype, device, seed=list(CASES.values()).index(case)).check(dtype)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
@@ -54,13 +36,11 @@ def _check(call, x, dtype, *, seed=0, grads=("hidden", "weight", "bias")):
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 def test_simpo(shape, dtype, softcap, bias, device):
     x = make_inputs(*shape, dtype=dtype, device=device, bias=bias, seed=hash((shape, bias)) % 1000)
-    out, ref = _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                                beta=2.5, gamma=0.5, softcap=softcap), x, dtype)
-    # Per-sequence fields are compared as one vector: a sequence of only confident tokens has
-    # logp ~ -1e-6, where fp32's absolute rounding of 40-sized logits is a large relative error.
-    for kind in ("logps", "rewards", "logits_mean"):
-        pick = lambda o: torch.cat([getattr(o, f"chosen_{kind}").reshape(-1), getattr(o, f"rejected_{kind}").reshape(-1)])  # noqa: E731
-        _assert_close(pick(out), pick(ref), torch.float32, kind)
+    comparison = compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], beta=2.5,
+                                                   gamma=0.5, softcap=softcap), x).check(dtype)
+    out, ref = comparison.fused, comparison.reference
+    means = [torch.stack([o.chosen_logits_mean, o.rejected_logits_mean]) for o in (out, ref)]
+    assert relative_error(*means) <= 1e-5, "logits_mean"
     assert out.metrics().keys() == ref.metrics().keys()
 
 
@@ -78,21 +58,9 @@ def test_dpo(shape, dtype, ref_source, device):
     }[ref_source]
 
     def call(m, x):
-        args = {k: (v.cpu().double() if m is fused_pref.reference and torch.is_tensor(v) else v)
-                for k, v in ref_args.items()}
-        return m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], beta=0.2, label_smoothing=0.1, **args)
+        return testing.call(m, "dpo_loss-sigmoid", x, beta=0.2, label_smoothing=0.1, **ref_args)
 
-    out, ref = _check(call, x, dtype)
-    _assert_close(torch.cat([out.chosen_rewards, out.rejected_rewards]),
-                  torch.cat([ref.chosen_rewards, ref.rejected_rewards]), torch.float32, "rewards")
-
-
-@pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_sequence_logprobs(reduction, dtype, device):
-    x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=11)
-    _check(lambda m, x: m.sequence_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], reduction=reduction),
-           x, dtype)
+    compare(call, x).check(dtype)   # rewards included
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -106,7 +74,7 @@ def test_linear_cross_entropy(reduction, dtype, layout, device):
         h, lab = (x["hidden"].flatten(0, 1), x["labels"].flatten()) if flat else (x["hidden"], x["labels"])
         return m.linear_cross_entropy(h, x["weight"], lab, x["bias"], reduction=reduction, softcap=15.0)
 
-    _check(call, x, dtype)
+    compare(call, x).check(dtype)
 
 
 def test_cross_entropy_matches_torch(device):
@@ -114,7 +82,7 @@ def test_cross_entropy_matches_torch(device):
     h, lab = x["hidden"].flatten(0, 1), x["labels"].flatten()
     ours = fused_pref.linear_cross_entropy(h, x["weight"], lab, x["bias"])
     theirs = torch.nn.functional.cross_entropy(h @ x["weight"].T + x["bias"], lab)
-    _assert_close(ours, theirs, torch.float32, "vs F.cross_entropy")
+    assert relative_error(ours, theirs) <= 1e-5
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
@@ -123,8 +91,8 @@ def test_linear_logprobs_strided_hidden(dtype, device):
     x = make_inputs(4, 24, 97, 1003, dtype=dtype, device=device, seed=13)
     labels = x["labels"][:, 1:]
     x["labels"] = labels
-    out, _ = _check(lambda m, x: m.linear_logprobs(x["hidden"][:, :-1], x["weight"], x["labels"], x["bias"]),
-                    x, dtype)
+    out = compare(lambda m, x: m.linear_logprobs(x["hidden"][:, :-1], x["weight"], x["labels"], x["bias"]),
+                  x).check(dtype).fused
     assert out.shape == labels.shape
     assert (out[labels == -100] == 0).all()
     assert (out <= 0).all(), "logp = target - lse must never be positive"
@@ -132,21 +100,22 @@ def test_linear_logprobs_strided_hidden(dtype, device):
 
 def test_fp16(device):
     x = make_inputs(4, 23, 97, 1003, dtype=torch.float16, device=device, seed=17)
-    _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]), x, torch.float16)
+    compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]), x).check(torch.float16)
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_validate_false_matches(dtype, device):
     # Without validation the row count is not known on the host: kernels bound it on the device.
     x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=19)
-    _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], validate=False), x, dtype)
+    compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], validate=False),
+            x).check(dtype)
 
 
 def test_only_some_inputs_need_grad(device):
     x = make_inputs(4, 23, 97, 1003, device=device, seed=23)
     x["weight"].requires_grad_(False)
-    _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"].detach(), x["labels"], x["bias"]), x,
-           torch.float32, grads=("hidden", "bias"))
+    comparison = compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]), x)
+    assert set(comparison.check(torch.float32).errors) == {"value", "logps", "rewards", "d_hidden", "d_bias"}
     assert x["weight"].grad is None
 
 
@@ -163,10 +132,11 @@ def test_no_valid_token_at_all(device):
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 @pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
 def test_fused_backward(shape, dtype, softcap, device):
-    # Strategy (a): the atomic, fully fused backward (backward="fused"), against the same reference.
+    # Strategy (a): the atomic, fully fused backward (backward="fused"), against the same reference;
+    # deterministic=False, since the harness runs with determinism on (to NaN-fill fresh buffers).
     x = make_inputs(*shape, dtype=dtype, device=device, seed=89)
-    _check(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=softcap,
-                                     sft_weight=0.2, backward="fused"), x, dtype)
+    compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=softcap,
+                                      sft_weight=0.2, backward="fused", deterministic=False), x).check(dtype)
 
 
 @pytest.mark.parametrize("needs", ["hidden", "weight"])
@@ -174,6 +144,7 @@ def test_fused_backward_partial_gradients(needs, device):
     x = make_inputs(4, 23, 97, 1003, device=device, seed=97, bias=False)
     other = "weight" if needs == "hidden" else "hidden"
     x[other].requires_grad_(False)
-    _check(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], shift=True, backward="fused"),
-           x, torch.float32, grads=(needs,))
+    comparison = compare(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], shift=True,
+                                                             backward="fused", deterministic=False), x)
+    assert set(comparison.check(torch.float32).errors) == {"value", f"d_{needs}"}
     assert x[other].grad is None

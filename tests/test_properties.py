@@ -30,7 +30,8 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 import fused_pref
 import fused_pref.reference
 from fused_pref.preference import DPO_LOSS_TYPES
-from fused_pref.testing import TOLERANCE, kernel_device, relative_error
+from fused_pref.testing import (PAIR_FUNCTIONS, TOKEN_FUNCTIONS, TOLERANCE, compare, kernel_device, relative_error,
+                                value_of)
 
 EXAMPLES = int(os.environ.get("FUSED_PREF_EXAMPLES", "5"))     # per function / DPO loss type
 PROPERTIES = settings(
@@ -43,8 +44,6 @@ PROPERTIES = settings(
 
 MAX_TOKENS = 100                   # N = rows of hidden; the interpreter is slow
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-TOKEN_FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy")
-PAIR_FUNCTIONS = ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss")
 MASKS = ("ragged", "random", "alternating", "one_valid", "all_valid")
 VIEWS = ("contiguous", "sliced", "transposed", "every_other_d")
 
@@ -286,14 +285,10 @@ def run(module, case, x):
     return getattr(module, case.name)(x["view"](x["base"]), x["weight"], x["labels"], x["bias"], **kwargs)
 
 
-def _value(out):
-    return out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
-
-
 def _outputs(module, case, x):
     """Value, per-sequence log-probs (preference losses) and the gradients of ``run``, as a dict."""
     out = run(module, case, x)
-    value = _value(out)
+    value = value_of(out)
     results = {"value": value.detach()}
     if isinstance(out, fused_pref.PreferenceOutput):
         results["logps"] = torch.cat([out.chosen_logps, out.rejected_logps])
@@ -317,8 +312,9 @@ def widened(x, dtype=torch.float64):
 
 
 def check_case(case) -> bool:
-    """Fused against the fp64 reference on ``case``: value, per-sequence log-probs and every
-    gradient within TOLERANCE.  False (nothing compared) when the draw is ill-conditioned."""
+    """Fused against the fp64 reference on ``case`` (``fused_pref.testing.compare``): value,
+    per-sequence log-probs and rewards, every gradient and the metrics within tolerance.  False
+    (nothing compared) when the draw is ill-conditioned."""
     x = leaves(build(case), case.dtype, kernel_device())
     ref = _outputs(fused_pref.reference, case, widened(x))
     # Conditioning: the reference itself, run in fp32 on the same inputs, must be well within the
@@ -336,14 +332,8 @@ def check_case(case) -> bool:
     if any(relative_error(ref[key].to(case.dtype), ref[key]) > TOLERANCE[case.dtype] / 4
            for key in ref if key.startswith("d_")):
         return False
-    out = _outputs(fused_pref, case, x)
-    assert out["value"].dtype == torch.float32
-    tol = TOLERANCE[case.dtype]
-    for key in ref:
-        if key.startswith("d_"):
-            assert out[key].dtype == case.dtype, f"{key} must come back in the input dtype"
-        error = relative_error(out[key], ref[key])
-        assert error <= tol, f"{key}: relative error {error:.2e} > {tol:.0e}"
+    compare(lambda module, inputs: run(module, case, inputs), x, grads=("base", "weight", "bias"),
+            seed=case.seed).check(case.dtype)
     return True
 
 

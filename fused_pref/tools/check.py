@@ -1,86 +1,39 @@
-"""``python -m fused_pref check``: every public function, fused against the fp64 reference.
+"""``python -m fused_pref check``: every case of ``fused_pref.testing.CASES`` (every public function and
+DPO loss type), fused against the fp64 reference, in fp32 and bf16.
 
-Runs the real Triton kernels (through the interpreter on a CPU-only machine) on small, awkward
-shapes and reports ``||out - ref|| / ||ref||`` for the value and for each gradient.
+Runs the real Triton kernels (through the interpreter on a CPU-only machine) and prints a line per
+case as it finishes: ``||out - ref|| / ||ref||`` for the value and each gradient, and whether all are
+within tolerance; then one verdict line.
 """
 
-from dataclasses import dataclass
+import time
 
 import torch
 
-from fused_pref import functional, reference
-from fused_pref.preference import DPO_LOSS_TYPES
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref.testing import CASES, TOLERANCE, run_case
 
-# V not a multiple of any block, D not a power of two and larger than BLOCK_D, odd T.
-SHAPE = dict(R=4, T=23, D=97, V=1003)
+DTYPES = (torch.float32, torch.bfloat16)
+OUTPUTS = ("value", "d_hidden", "d_weight", "d_bias")
 
 
-@dataclass(frozen=True)
-class CheckRow:
-    function: str
-    dtype: torch.dtype
-    output: str
-    error: float
-
-    @property
-    def ok(self) -> bool:
-        return self.error <= TOLERANCE[self.dtype]
+def header() -> str:
+    return f"{'case':<34} {'dtype':<9}" + "".join(f" {name:>9}" for name in OUTPUTS) + "  within tolerance"
 
 
-def _value(result):
-    return result.loss if hasattr(result, "loss") else result
-
-
-def _packed(x):
-    """The same batch packed: [R*T, D] hidden and cu_seqlens at every T."""
-    R, T, _ = x["hidden"].shape
-    cu = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
-    return x["hidden"].flatten(0, 1), x["labels"].flatten(), cu
-
-
-def _cases():
-    """(name, callable(module, inputs) -> result, make_inputs overrides) for every public function."""
-    def args(x):
-        return x["hidden"], x["weight"], x["labels"], x["bias"]
-
-    yield "linear_logprobs", lambda m, x: m.linear_logprobs(*args(x)), {}
-    yield "sequence_logprobs[mean]", lambda m, x: m.sequence_logprobs(*args(x), reduction="mean"), {}
-    yield "linear_cross_entropy", lambda m, x: m.linear_cross_entropy(
-        x["hidden"].flatten(0, 1), x["weight"], x["labels"].flatten(), x["bias"], softcap=30.0), {}
-    yield "simpo_loss", lambda m, x: m.simpo_loss(*args(x)), {}
-    yield "simpo_loss[packed,shift,sft]", lambda m, x: m.simpo_loss(
-        _packed(x)[0], x["weight"], _packed(x)[1], x["bias"], cu_seqlens=_packed(x)[2], shift=True,
-        sft_weight=0.5), {}
-    yield "cpo_loss", lambda m, x: m.cpo_loss(*args(x)), {}
-    # ORPO's log(1 - e^S) is ill-conditioned as S -> 0 (TRL's too): no near-certain tokens here.
-    yield "orpo_loss", lambda m, x: m.orpo_loss(*args(x)), {"confident": 0.0}
-    for loss_type in DPO_LOSS_TYPES:
-        yield f"dpo_loss[{loss_type}]", lambda m, x, t=loss_type: m.dpo_loss(
-            *args(x), ref_hidden=x["hidden"].detach().flip(0), loss_type=t, label_smoothing=0.1), {}
-
-
-def run_check(device, dtypes=(torch.float32, torch.bfloat16)) -> list[CheckRow]:
-    rows = []
+def run_check(device, dtypes=DTYPES, out=print) -> int:
+    """Print one line per (case, dtype) as it runs, then the verdict; return the number that failed."""
+    out(header())
+    failed, start = 0, time.perf_counter()
     for dtype in dtypes:
-        for seed, (name, call, overrides) in enumerate(_cases()):
-            inputs = make_inputs(**SHAPE, dtype=dtype, device=device, seed=seed, **overrides)
-            ref_inputs = as_reference(inputs)
-            out, ref = _value(call(functional, inputs)), _value(call(reference, ref_inputs))
-            # A fixed random weighting makes the gradient of a vector output non-trivial.
-            weights = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-            (out * weights.to(out.device, out.dtype)).sum().backward()
-            (ref * weights).sum().backward()
-            rows.append(CheckRow(name, dtype, "value", relative_error(out, ref)))
-            for arg in ("hidden", "weight", "bias"):
-                rows.append(CheckRow(name, dtype, f"d_{arg}", relative_error(inputs[arg].grad, ref_inputs[arg].grad)))
-    return rows
-
-
-def format_rows(rows) -> str:
-    lines = [f"{'function':<30} {'dtype':<9} {'output':<9} {'rel. error':>11} {'tolerance':>10}  ok"]
-    for r in rows:
-        dtype = str(r.dtype).removeprefix("torch.")
-        lines.append(f"{r.function:<30} {dtype:<9} {r.output:<9} {r.error:>11.2e} {TOLERANCE[r.dtype]:>10.0e}  "
-                     f"{'yes' if r.ok else 'NO'}")
-    return "\n".join(lines)
+        for seed, (name, case) in enumerate(CASES.items()):
+            comparison = run_case(case, dtype, device, seed=seed)
+            problems = comparison.failures(dtype)
+            failed += bool(problems)
+            errors = "".join(f" {comparison.errors[name]:>9.1e}" for name in OUTPUTS)
+            verdict = "yes" if not problems else "NO: " + "; ".join(problems)
+            out(f"{name:<34} {str(dtype).removeprefix('torch.'):<9}{errors}  {verdict}")
+    total = len(dtypes) * len(CASES)
+    tolerances = ", ".join(f"{str(d).removeprefix('torch.')} {TOLERANCE[d]:.0e}" for d in dtypes)
+    out(f"{total - failed} of {total} cases within tolerance ({tolerances}; per-sequence log-probs and rewards at "
+        f"fp32's), {failed} failed, in {time.perf_counter() - start:.0f} s")
+    return failed
