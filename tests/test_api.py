@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.testing import CASES, as_reference, make_inputs, relative_error
+from fused_pref.testing import as_reference, make_inputs, relative_error
 from fused_pref.tools.memory import AllocationRecorder
 
 
@@ -102,13 +102,21 @@ def test_metrics_follow_trl_names(device):
 
 
 def test_check_command_passes():
-    # The README's first command, end to end (it re-executes itself under the interpreter on CPU).
-    done = subprocess.run([sys.executable, "-m", "fused_pref", "check"], capture_output=True, text=True, timeout=600,
+    # The README's first command, end to end (it re-executes itself under the interpreter on CPU); two
+    # cases of the table (tests/test_parity.py runs them all through the same harness).
+    chosen = ["simpo_loss[packed,shift,sft]", "dpo_loss[discopop]"]
+    done = subprocess.run([sys.executable, "-m", "fused_pref", "check", *(f"--case={c}" for c in chosen)],
+                          capture_output=True, text=True, timeout=600,
                           env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()
-    cases = [line for line in lines[2:-1] if line.split()[-1] == "yes"]
-    assert len(cases) == 2 * len(CASES), lines             # every case, in fp32 and bf16, a line each
-    assert {line.split()[0] for line in cases} == set(CASES)
-    assert re.fullmatch(rf"{2 * len(CASES)} of {2 * len(CASES)} cases within tolerance \(.*\), 0 failed, in \d+ s",
-                        lines[-1]), lines[-1]
+    assert lines[0].startswith("fused_pref check on ") and lines[1].split()[:3] == ["case", "dtype", "value"]
+    assert [line.split()[:2] for line in lines[2:-1]] == [[c, d] for d in ("float32", "bfloat16") for c in chosen]
+    assert all(line.endswith("  yes") for line in lines[2:-1]), lines
+    assert re.fullmatch(r"4 of 4 cases within tolerance \(.*\), 0 failed, in \d+ s", lines[-1]), lines[-1]
+
+
+def test_check_command_names_the_cases_it_knows():
+    done = subprocess.run([sys.executable, "-m", "fused_pref", "check", "--case", "simpo"], capture_output=True,
+                          text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 2 and "invalid choice: 'simpo'" in done.stderr and "dpo_loss[ipo]" in done.stderr

@@ -24,7 +24,8 @@ MODULES = {"simpo_loss": fused_pref.FusedSimPOLoss, "cpo_loss": fused_pref.Fused
 
 @pytest.mark.parametrize("name", FUNCTIONS)
 def test_fused_and_reference_share_one_signature_with_every_option(name):
-    fused, reference = inspect.signature(getattr(fused_pref, name)), inspect.signature(getattr(fused_pref.reference, name))
+    fused = inspect.signature(getattr(fused_pref, name))
+    reference = inspect.signature(getattr(fused_pref.reference, name))
     assert fused == reference
     options = {p.name: p for p in fused.parameters.values() if p.name in OPTION_NAMES}
     assert list(options) == OPTION_NAMES

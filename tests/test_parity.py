@@ -2,10 +2,11 @@
 one harness (``fused_pref.testing.compare``: fresh buffers NaN-filled, so an unwritten element fails).
 
 The shared table ``fused_pref.testing.CASES`` (what ``python -m fused_pref check`` runs) in fp32 and
-bf16, then what the table does not vary.  Shapes are small but awkward: V not a multiple of any block (1003, 257, 2053), D not a power of two
-and larger than BLOCK_D (97, 497), odd T, ragged prompts and padding, an ignored run inside a
-completion; bias and softcap on and off; both the split-vocabulary forward (few rows) and the
-unsplit one (many rows); a multi-chunk backward (always: a chunk is at most V/16).
+bf16, then what the table does not vary.  Shapes are small but awkward: V not a multiple of any
+block (1003, 257, 2053), D not a power of two and larger than BLOCK_D (97, 497), odd T, ragged
+prompts and padding, an ignored run inside a completion; bias and softcap on and off; both the
+split-vocabulary forward (few rows) and the unsplit one (many rows); a multi-chunk backward
+(always: a chunk is at most V/16).
 """
 
 import pytest

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from fused_pref.kernels import interpreter_problem
+from fused_pref.testing import CASES
 
 from .workload import LOSSES, MODELS, TOKENS_PER_STEP
 
@@ -51,7 +52,7 @@ def _check(args) -> int:
     torch.set_float32_matmul_precision("highest")
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (about a minute on two cores)"
     print(f"fused_pref check on {where}: fused vs fp64 reference, ||out - ref|| / ||ref||", flush=True)
-    return 1 if run_check(device, out=lambda line: print(line, flush=True)) else 0
+    return 1 if run_check(device, cases=args.case, out=lambda line: print(line, flush=True)) else 0
 
 
 def _kernels(args) -> int:
@@ -118,7 +119,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_pref", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("check", help="fused vs reference errors of every public function").set_defaults(run=_check)
+    check = commands.add_parser("check", help="fused vs reference errors of every public function")
+    check.add_argument("--case", action="append", choices=CASES, metavar="CASE",
+                       help=f"only this case, repeatable (default all: {', '.join(CASES)})")
+    check.set_defaults(run=_check)
     commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
         run=_kernels)
 

@@ -12,21 +12,24 @@ its inputs and gradients: measured here at the demo's size, and at Llama-3-8B's 
 """
 
 import copy
+import inspect
 import math
 from dataclasses import dataclass, field
 
 import torch
 
 import fused_pref
+from fused_pref.kernels import KERNELS_INTERPRETED
 
 from .accounting import human_bytes
-from fused_pref.kernels import KERNELS_INTERPRETED
 from .memory import LiveBytesRecorder
 
 # The model: Llama's architecture, small enough for the Triton interpreter on two CPU cores.
 VOCAB, HIDDEN, LAYERS, HEADS = 300, 64, 2, 4
 PAD, FIRST_TOKEN = 0, 3
-BETA, GAMMA, LEARNING_RATE = 2.0, 0.5, 3e-3
+# SimPO's own defaults (fused_pref.simpo_loss), so the demo shows what a plain call does.
+SIMPO = {name: inspect.signature(fused_pref.simpo_loss).parameters[name].default for name in ("beta", "gamma")}
+LEARNING_RATE = 3e-3
 # The loss curves match when every step's losses agree to this relative error: the two paths
 # sum in different orders in fp32, and a few dozen Adam steps amplify that a little.
 CURVE_RTOL = 1e-3
@@ -94,7 +97,7 @@ def _simpo(module, model, batch):
 
     input_ids, attention_mask, labels = batch
     hidden = hf.hidden_states(model, input_ids, attention_mask)
-    return hf.output_head(model).apply(module.simpo_loss, hidden, labels, beta=BETA, gamma=GAMMA)
+    return hf.output_head(model).apply(module.simpo_loss, hidden, labels, **SIMPO)
 
 
 def heldout_accuracy(model, module, batch) -> float:
@@ -115,7 +118,7 @@ def loss_memory(model, batch) -> dict:
         h = hidden.detach().clone().requires_grad_()
         w = model.get_output_embeddings().weight.detach().clone().requires_grad_()
         with LiveBytesRecorder() as recorder:
-            module.simpo_loss(h, w, labels, beta=BETA, gamma=GAMMA, shift=True).loss.backward()
+            module.simpo_loss(h, w, labels, **SIMPO, shift=True).loss.backward()
         peaks[name] = recorder.peak(exclude=[h.grad, w.grad]).nbytes
     return peaks
 
@@ -163,8 +166,9 @@ def run_demo(steps=30, pairs=8, *, seed=0, device=None, out=print) -> DemoResult
     result = DemoResult()
 
     n_params = sum(p.numel() for p in fused_model.parameters())
-    out(f"SimPO (beta {BETA}, gamma {GAMMA}) on a tiny Llama ({LAYERS} layers, hidden {HIDDEN}, vocab {VOCAB}, "
-        f"{n_params / 1e3:.0f}k parameters), {pairs} pairs per step, AdamW lr {LEARNING_RATE}, on {device}.")
+    out(f"SimPO (its defaults: beta {SIMPO['beta']}, gamma {SIMPO['gamma']}) on a tiny Llama ({LAYERS} layers, "
+        f"hidden {HIDDEN}, vocab {VOCAB}, {n_params / 1e3:.0f}k parameters), {pairs} pairs per step, AdamW lr "
+        f"{LEARNING_RATE}, on {device}.")
     out("Task: the prompt is an arithmetic progression of token ids; chosen continues it, rejected is random.")
     out("Both models start from the same weights and see the same batches; 'reference' materializes the logits.\n")
     out(f"{'step':>4}  {'loss fused':>10}  {'loss reference':>14}  {'reward acc':>10}  {'margin':>7}")
