@@ -84,9 +84,16 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
                           f"got {sorted(map(str, devices))}")
 
 
-def _check_flag(name, value):
+def check_flag(name, value):
     if not isinstance(value, bool):
         _fail(TypeError, f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_positive_int(name, value, *, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        _fail(ValueError, f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
 
 
 def check_options(options):
@@ -97,14 +104,12 @@ def check_options(options):
         _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
     if not isinstance(options.ignore_index, int) or isinstance(options.ignore_index, bool):
         _fail(TypeError, f"ignore_index must be an int, got {type(options.ignore_index).__name__}")
-    _check_flag("shift", options.shift)
-    _check_flag("validate", options.validate)
+    check_flag("shift", options.shift)
+    check_flag("validate", options.validate)
     if options.backend not in BACKENDS:
         _fail(ValueError, f"backend must be one of {BACKENDS}, got {options.backend!r}")
     check_backward(options.backward, options.deterministic, resolve=False)
-    workspace = options.workspace_bytes
-    if not isinstance(workspace, int) or isinstance(workspace, bool) or workspace <= 0:
-        _fail(ValueError, f"workspace_bytes must be a positive int, got {workspace!r}")
+    check_positive_int("workspace_bytes", options.workspace_bytes)
     vocab_start = options.vocab_start
     if options.process_group is None and vocab_start is not None:
         _fail(ValueError, "vocab_start is only meaningful with a process_group")

@@ -93,20 +93,8 @@ LIGER_DPO_LOSS_TYPES = ("sigmoid", "hinge", "exo_pair", "nca_pair", "robust", "b
                         "apo_zero", "apo_down", "discopop")
 
 
-def _check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-
-
-def _check_chunk_size(chunk_size, *, allow_none=False):
-    if chunk_size is None and allow_none:
-        return
-    if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int{' or None' if allow_none else ''}, got {chunk_size!r}")
-
-
 def _check_alpha(alpha, compute_nll_loss):
-    _check_flag("compute_nll_loss", compute_nll_loss)
+    validation.check_flag("compute_nll_loss", compute_nll_loss)
     if not validation.is_number(alpha) or not 0.0 <= alpha < math.inf:
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
     if not compute_nll_loss and alpha != 1.0:
@@ -156,8 +144,8 @@ class _LigerPreferenceLoss(torch.nn.Module):
 
     def __init__(self, *, ignore_index, beta, compiled, chunk_size, validate, backend):
         super().__init__()
-        _check_flag("compiled", compiled)
-        _check_chunk_size(chunk_size)
+        validation.check_flag("compiled", compiled)
+        validation.check_positive_int("chunk_size", chunk_size)
         Options(ignore_index=ignore_index, validate=validate, backend=backend)
         self.ignore_index, self.beta = ignore_index, beta
         self.compiled, self.chunk_size = compiled, chunk_size     # no-ops: see the module docstring
@@ -225,7 +213,7 @@ class LigerFusedLinearCPOLoss(_LigerPreferenceLoss):
         super().__init__(ignore_index=ignore_index, beta=beta, compiled=compiled, chunk_size=chunk_size,
                          validate=validate, backend=backend)
         _check_alpha(alpha, compute_nll_loss)
-        _check_flag("average_log_prob", average_log_prob)
+        validation.check_flag("average_log_prob", average_log_prob)
         validation.check_hyper(beta=beta, label_smoothing=label_smoothing)
         self.alpha, self.label_smoothing, self.compute_nll_loss = alpha, label_smoothing, compute_nll_loss
         self.average_log_prob = average_log_prob
@@ -255,7 +243,7 @@ class LigerFusedLinearORPOLoss(_LigerPreferenceLoss):
                  validate=True, backend="auto"):
         super().__init__(ignore_index=ignore_index, beta=beta, compiled=compiled, chunk_size=chunk_size,
                          validate=validate, backend=backend)
-        _check_flag("compute_nll_loss", compute_nll_loss)
+        validation.check_flag("compute_nll_loss", compute_nll_loss)
         if not compute_nll_loss:
             raise NotImplementedError("compute_nll_loss=False (ORPO without its NLL term) is not supported: "
                                       "fused_pref.orpo_loss always adds the NLL of the chosen tokens")
@@ -288,8 +276,8 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
         super().__init__(ignore_index=ignore_index, beta=beta, compiled=compiled, chunk_size=chunk_size,
                          validate=validate, backend=backend)
         _check_alpha(alpha, compute_nll_loss)
-        _check_flag("use_ref_model", use_ref_model)
-        _check_flag("average_log_prob", average_log_prob)
+        validation.check_flag("use_ref_model", use_ref_model)
+        validation.check_flag("average_log_prob", average_log_prob)
         if loss_type not in LIGER_DPO_LOSS_TYPES:
             raise ValueError(f"loss_type must be one of Liger's {LIGER_DPO_LOSS_TYPES}, got {loss_type!r} "
                              "(fused_pref.dpo_loss has ipo, aot and aot_pair too)")
@@ -353,7 +341,7 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
             raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}")
         Options(ignore_index=ignore_index, softcap=softcap, validate=validate, backend=backend)
         validation.check_reduction(reduction, "cross_entropy")
-        _check_chunk_size(chunk_size, allow_none=True)
+        validation.check_positive_int("chunk_size", chunk_size, allow_none=True)
         unsupported = (  # (name, value, whether it changes the result, what it would need)
             ("ce_weight", ce_weight, ce_weight is not None, "per-class weights"),
             ("lse_square_scale", lse_square_scale, lse_square_scale != 0.0, "z-loss term"),
