@@ -157,19 +157,23 @@ def preference_head_kernel(
         dx = -sigmoid(-x) * (1.0 - m) + log_sigmoid(x) * dm - exp_part + exp_part * (1.0 - m) / tau
         da = beta * dx
         db = -da
-    elif LOSS == 11:  # bco_pair
-        xa = beta * a
-        xb = beta * b
-        loss = -log_sigmoid(xa) - log_sigmoid(-xb)
-        da = -beta * sigmoid(-xa)
-        db = beta * sigmoid(xb)
-    else:  # odds_ratio
+    elif LOSS == 10:  # odds_ratio
         v = (c - r) - (log1m_exp(c) - log1m_exp(r))
         loss = -beta * log_sigmoid(v)
         dv = -beta * sigmoid(-v)
         # d v / d c = 1 / (1 - e^c) = -1 / expm1(c)
         da = -dv / expm1(c)
         db = dv / expm1(r)
+    elif LOSS == 11:  # bco_pair
+        xa = beta * a
+        xb = beta * b
+        loss = -log_sigmoid(xa) - log_sigmoid(-xb)
+        da = -beta * sigmoid(-xa)
+        db = beta * sigmoid(xb)
+    else:
+        # LOSS is a constexpr, so only the matching branch is compiled: an id with no branch stops
+        # the compile (and the interpreter) here rather than computing some other loss.
+        tl.static_assert(False, "preference_head_kernel: LOSS is not an id of pref_head.LOSS_IDS")
     tl.store(loss_ptr + offs, loss, mask=mask)
     tl.store(d_chosen_ptr + offs, da, mask=mask)
     tl.store(d_rejected_ptr + offs, db, mask=mask)
@@ -184,6 +188,8 @@ def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss,
 
     ``chosen``, ``rejected`` (and ``ref_chosen``, ``ref_rejected``, or both None) are fp32 ``[B]``.
     """
+    if loss not in LOSS_IDS:
+        raise ValueError(f"preference_head_forward: unknown loss {loss!r}; known losses: {', '.join(LOSS_IDS)}")
     B = chosen.numel()
     losses, d_chosen, d_rejected = (torch.empty(B, device=chosen.device, dtype=torch.float32) for _ in range(3))
     has_ref = ref_chosen is not None
