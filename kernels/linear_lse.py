@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
+from .tiles import (TileConfig, labelled_rows, logits_launch_args, logits_tile, row_tile_start, tiles_for,
+                    valid_rows)
 
 
 @triton.jit
@@ -35,17 +36,16 @@ def linear_lse_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    # The row index is ordered valid-first and the valid count lives on the device: tiles past it
-    # return at once, so ignored tokens cost nothing and the host never synchronises.
-    n_valid = tl.load(n_valid_ptr)
-    p0 = pid_n * BLOCK_N
+    """One program: BLOCK_N valid rows (program id 0) against vocabulary split ``pid_s`` (program
+    id 1).  Writes their running max, sum of exponentials, target logit (and, with ``LOGIT_SUM``,
+    sum of logits) at ``pid_s * N + row`` of each partial output; ``combine_vocab_splits`` merges
+    the splits."""
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
-    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = load_labels(labels_ptr, row, p_mask, V)
-
+    offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
+                                                         stride_h_r, stride_h_t, BLOCK_N)
+    pid_s = tl.program_id(1)
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -85,8 +85,7 @@ def logit_sum_kernel(
 ):
     """``out[row] = h[row] . w_sum + b_sum`` for BLOCK_N valid rows, accumulated in fp64: ``w_sum`` is
     a column sum over the whole vocabulary, so its terms are large and the dot product cancels."""
-    n_valid = tl.load(n_valid_ptr)
-    p0 = tl.program_id(0) * BLOCK_N
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
@@ -206,11 +205,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             partial[0], partial[1], partial[2], partial[3] if tile_sum else partial[0],
             N, V, D, T, v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            1.0 if softcap is None else float(softcap),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, LOGIT_SUM=tile_sum,
-            **dot_flags(hidden.dtype),
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            LOGIT_SUM=tile_sum, **logits_launch_args(hidden.dtype, bias, softcap, tiles),
         )
     run_max, run_sum, target = partial[0], partial[1], partial[2]
     if splits == 1:

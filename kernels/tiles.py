@@ -66,18 +66,48 @@ def tiles_for(dtype: torch.dtype) -> TileConfig:
     return SHIPPED_TILES[dtype]
 
 
-def dot_flags(dtype: torch.dtype) -> dict:
+def dot_flags(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED,
+              float32_matmul_precision: str | None = None) -> dict:
     """Constexprs for ``dot_acc``, derived in one place from the input dtype.
 
     ``DOT_IN_FP32``: the interpreter multiplies bf16 bit patterns as integers in ``tl.dot``
     (triton-lang/triton#11584), so under it bf16 operands are upcast; a bf16 x bf16 product is exact
     in fp32, so the math is unchanged.  On a GPU the dot stays bf16 on the tensor cores.
     ``DOT_PRECISION``: fp32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does.
+    ``interpreted`` and ``float32_matmul_precision`` default to this process's; the ahead-of-time
+    builds (``aot_logits_variants``) name a GPU's.
     """
-    ieee = dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    precision = float32_matmul_precision or torch.get_float32_matmul_precision()
+    ieee = dtype != torch.float32 or precision == "highest"
     return {
-        "DOT_IN_FP32": KERNELS_INTERPRETED and dtype == torch.bfloat16,
+        "DOT_IN_FP32": interpreted and dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if ieee else "tf32",
+    }
+
+
+def logits_constexprs(dtype: torch.dtype, tiles: TileConfig, *, has_bias: bool, has_softcap: bool,
+                      **dot) -> dict:
+    """The constexprs every logits-tile kernel (``linear_lse``, ``linear_grad``, ``linear_grad_fused``)
+    takes: the variant flags, ``dot_flags`` (``dot`` passes its keywords) and the block sizes."""
+    return {
+        "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap,
+        **dot_flags(dtype, **dot),
+        "BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d,
+    }
+
+
+def launch_options(tiles: TileConfig) -> dict:
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+
+
+def logits_launch_args(dtype: torch.dtype, bias, softcap, tiles: TileConfig) -> dict:
+    """The keyword arguments every logits-tile launch shares, derived here once (STYLE.md #2): the
+    ``softcap`` scalar, the constexprs of ``logits_constexprs`` and the launch options.  Without a
+    softcap the scalar is never read; 1.0 keeps it a valid divisor all the same."""
+    return {
+        "softcap": 1.0 if softcap is None else float(softcap),
+        **logits_constexprs(dtype, tiles, has_bias=bias is not None, has_softcap=softcap is not None),
+        **launch_options(tiles),
     }
 
 
@@ -111,6 +141,15 @@ def tanh(x):
 
 
 @triton.jit
+def row_tile_start(n_valid_ptr, BLOCK_N: tl.constexpr):
+    """``(p0, n_valid)``: where this program's BLOCK_N rows start in the valid-first row index, and
+    the number of valid rows, read on the device.  A program with ``p0 >= n_valid`` has no row to
+    compute and returns at once (the kernel itself returns: a helper cannot return for it), so
+    ignored tokens cost nothing and the host never synchronises."""
+    return tl.program_id(0) * BLOCK_N, tl.load(n_valid_ptr)
+
+
+@triton.jit
 def valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N: tl.constexpr):
     """Rows ``p0 .. p0+BLOCK_N`` of the valid-first row index: (token id, hidden offset, mask)."""
     offs_p = p0 + tl.arange(0, BLOCK_N)
@@ -127,6 +166,24 @@ def load_labels(labels_ptr, row, p_mask, V):
     -1, so it can never match a padded vocabulary column of the last tile."""
     label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
     return tl.where((label >= 0) & (label < V), label, -1)
+
+
+@triton.jit
+def labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T, stride_h_r, stride_h_t, BLOCK_N: tl.constexpr):
+    """``valid_rows`` and their labels (``load_labels``): what every logits-tile kernel starts with."""
+    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
+    return offs_p, row, p_mask, h_offset, load_labels(labels_ptr, row, p_mask, V)
+
+
+@triton.jit
+def labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T, stride_h_r, stride_h_t,
+                      BLOCK_N: tl.constexpr):
+    """``labelled_rows`` and the lse the forward stored for them: what both backward kernels start
+    with.  The lse is loaded here, before the logits loop: loaded after it (in ``logp_grad_tile``)
+    it cost the backward kernels up to 51 more registers (ptxas, sm_80: 193 -> 244)."""
+    offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
+                                                         stride_h_r, stride_h_t, BLOCK_N)
+    return offs_p, row, p_mask, h_offset, label, tl.load(lse_ptr + row, mask=p_mask, other=0.0)
 
 
 @triton.jit
@@ -168,7 +225,8 @@ def logits_tile(
 @triton.jit
 def logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP: tl.constexpr):
     """d logp / d (pre-softcap logit) for a tile: ``onehot(label) - softmax(z)``, times
-    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2)."""
+    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2).  The softmax
+    uses the rows' lse as the forward stored it (``lse_ptr[row]``), so it is not recomputed."""
     dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
     if HAS_SOFTCAP:
         capped = z / softcap
