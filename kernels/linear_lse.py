@@ -182,6 +182,27 @@ def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig):
     return triton.cdiv(V, v_per_split), v_per_split
 
 
+def combine_vocab_splits(partial: torch.Tensor):
+    """Per-token ``(lse, target, logit_sum)`` over the whole vocabulary from ``linear_lse_kernel``'s
+    per-split partials ``partial`` ``[3 or 4, S, N]``: running max ``m_s``, sum of exponentials
+    ``s_s`` (relative to ``m_s``), target logit and, with a fourth row, sum of logits, for each of
+    the ``S`` vocabulary splits.
+
+        lse = M + log(sum_s s_s * exp(m_s - M)),  M = max_s m_s
+
+    (the online-softmax merge: rescaling each split to the largest max cannot overflow).  Each
+    label lies in one split and the others add 0, so ``target`` (and ``logit_sum``) are sums over
+    splits.  ``logit_sum`` is None without a fourth row.  One split needs no rescaling.
+    """
+    run_max, run_sum, target = partial[0], partial[1], partial[2]
+    if run_max.shape[0] == 1:
+        lse = run_max[0] + torch.log(run_sum[0])
+    else:
+        top = run_max.max(dim=0).values
+        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
+    return lse, target.sum(dim=0), partial[3].sum(dim=0) if partial.shape[0] == 4 else None
+
+
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None,
                        logit_sum=False, tiles: TileConfig | None = None):
     """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary (in
@@ -207,18 +228,11 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
             LOGIT_SUM=tile_sum, **logits_launch_args(hidden.dtype, bias, softcap, tiles),
         )
-    run_max, run_sum, target = partial[0], partial[1], partial[2]
-    if splits == 1:
-        lse = run_max[0] + torch.log(run_sum[0])
-    else:
-        top = run_max.max(dim=0).values
-        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    if tile_sum:
-        sums = partial[3].sum(dim=0)
-    else:
-        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid) if logit_sum else None
-    return lse, target.sum(dim=0), sums
+    lse, target, sums = combine_vocab_splits(partial)
+    if logit_sum and not tile_sum:
+        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
+    return lse, target, sums
 
 
-__all__ = ["column_sum_kernel", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel", "logit_sum_kernel",
-           "vocab_splits", "vocabulary_column_sum"]
+__all__ = ["column_sum_kernel", "combine_vocab_splits", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel",
+           "logit_sum_kernel", "vocab_splits", "vocabulary_column_sum"]
