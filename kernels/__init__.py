@@ -11,6 +11,9 @@ Each module is one kernel stage with its launcher below it:
 - ``tiles``: what they share.  The logits tile ``softcap(h @ w.T + b)`` has one helper, so forward
   and backward round identically; ``KERNELS_INTERPRETED`` says whether Triton's interpreter runs
   the kernels, ``interpreter_problem`` why it cannot with the installed versions.
+
+Each stage module also states its ahead-of-time builds beside its launcher (``aot_specs``), which
+``python -m fused_pref kernels`` (``fused_pref/tools/aot.py``) compiles for sm_80 and sm_90.
 """
 
 from .linear_grad import WORKSPACE_BYTES, linear_grad_backward

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TileConfig, labelled_rows_lse, logits_launch_args, logits_tile, logp_grad_tile, row_tile_start,
-                    tiles_for, workspace_dtype)
+from .tiles import (AotSpec, TileConfig, aot_logits_variants, labelled_rows_lse, logits_input_pointers,
+                    logits_launch_args, logits_tile, logp_grad_tile, row_tile_start, tiles_for, workspace_dtype)
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -148,4 +148,13 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
-__all__ = ["linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "vocab_chunk_size"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
+    ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
+    pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
+                "dz_ptr": workspace_dtype(dtype, interpreted=False)}
+    return [AotSpec("linear_grad", variant, linear_grad_kernel, pointers, constexprs, options)
+            for variant, constexprs, options in aot_logits_variants(dtype)]
+
+
+__all__ = ["aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "vocab_chunk_size"]

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TileConfig, dot_acc, labelled_rows_lse, logits_launch_args, logits_tile, logp_grad_tile,
-                    row_tile_start, tiles_for)
+from .tiles import (AotSpec, TileConfig, aot_logits_variants, dot_acc, labelled_rows_lse, logits_input_pointers,
+                    logits_launch_args, logits_tile, logp_grad_tile, row_tile_start, tiles_for)
 
 
 @triton.jit
@@ -107,4 +107,14 @@ def linear_grad_fused_backward(grad_logp, hidden, weight, bias, labels, rows, n_
     return (d_hidden, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
 
-__all__ = ["linear_grad_fused_backward", "linear_grad_fused_kernel"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
+    ``aot_logits_variants``, every gradient wanted (``d_bias`` where there is a bias)."""
+    pointers = {**logits_input_pointers(dtype),
+                **dict.fromkeys(("lse_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr"), torch.float32)}
+    return [AotSpec("linear_grad_fused", variant, linear_grad_fused_kernel, pointers,
+                    {**constexprs, "NEED_H": True, "NEED_W": True, "NEED_B": constexprs["HAS_BIAS"]}, options)
+            for variant, constexprs, options in aot_logits_variants(dtype)]
+
+
+__all__ = ["aot_specs", "linear_grad_fused_backward", "linear_grad_fused_kernel"]

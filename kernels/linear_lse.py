@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TileConfig, labelled_rows, logits_launch_args, logits_tile, row_tile_start, tiles_for,
-                    valid_rows)
+from .tiles import (DTYPE_NAMES, AotSpec, TileConfig, aot_logits_variants, labelled_rows, logits_input_pointers,
+                    logits_launch_args, logits_tile, row_tile_start, tiles_for, valid_rows)
 
 
 @triton.jit
@@ -103,6 +103,7 @@ def logit_sum_kernel(
 
 
 LOGIT_SUM_BLOCK_N, LOGIT_SUM_BLOCK_D = 32, 64
+LOGIT_SUM_NUM_WARPS = 4
 
 
 @triton.jit
@@ -131,6 +132,7 @@ def column_sum_kernel(
 
 
 COLUMN_SUM_BLOCK_V, COLUMN_SUM_BLOCK_D = 32, 64
+COLUMN_SUM_NUM_WARPS = 4
 
 
 def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
@@ -144,7 +146,7 @@ def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
     partial = torch.empty((triton.cdiv(V, v_per_split), D), device=weight.device, dtype=torch.float64)
     column_sum_kernel[(d_blocks, partial.shape[0])](
         weight, partial, V, D, v_per_split, weight.stride(0), weight.stride(1),
-        BLOCK_V=COLUMN_SUM_BLOCK_V, BLOCK_D=COLUMN_SUM_BLOCK_D, num_warps=4,
+        BLOCK_V=COLUMN_SUM_BLOCK_V, BLOCK_D=COLUMN_SUM_BLOCK_D, num_warps=COLUMN_SUM_NUM_WARPS,
     )
     return partial.sum(dim=0)
 
@@ -160,7 +162,8 @@ def linear_logit_sums(hidden, weight, bias, rows, n_valid) -> torch.Tensor:
         logit_sum_kernel[(triton.cdiv(rows.numel(), LOGIT_SUM_BLOCK_N),)](
             hidden, w_sum, b_sum, rows, n_valid, out, D, T,
             hidden.stride(0), hidden.stride(1), hidden.stride(2),
-            HAS_BIAS=bias is not None, BLOCK_N=LOGIT_SUM_BLOCK_N, BLOCK_D=LOGIT_SUM_BLOCK_D, num_warps=4,
+            HAS_BIAS=bias is not None, BLOCK_N=LOGIT_SUM_BLOCK_N, BLOCK_D=LOGIT_SUM_BLOCK_D,
+            num_warps=LOGIT_SUM_NUM_WARPS,
         )
     return out
 
@@ -234,5 +237,29 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     return lse, target, sums
 
 
-__all__ = ["column_sum_kernel", "combine_vocab_splits", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel",
-           "logit_sum_kernel", "vocab_splits", "vocabulary_column_sum"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the logits kernel
+    in ``aot_logits_variants``, the logit-sum kernel with and without a bias, the column sum."""
+    partials = dict.fromkeys(("max_ptr", "sumexp_ptr", "target_ptr", "logit_sum_ptr"), torch.float32)
+    logit_sum_pointers = {"h_ptr": dtype, "w_sum_ptr": torch.float64, "b_sum_ptr": torch.float64,
+                          "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
+    specs = []
+    for variant, constexprs, options in aot_logits_variants(dtype):
+        has_bias = constexprs["HAS_BIAS"]
+        # The tiles sum logits only under a softcap (linear_lse_forward): that is the larger variant.
+        specs.append(AotSpec("linear_lse", variant, linear_lse_kernel,
+                             {**logits_input_pointers(dtype), **partials},
+                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"]}, options))
+        specs.append(AotSpec("logit_sum", DTYPE_NAMES[dtype] + ("+bias" if has_bias else ""), logit_sum_kernel,
+                             logit_sum_pointers,
+                             {"HAS_BIAS": has_bias, "BLOCK_N": LOGIT_SUM_BLOCK_N, "BLOCK_D": LOGIT_SUM_BLOCK_D},
+                             {"num_warps": LOGIT_SUM_NUM_WARPS}))
+    specs.append(AotSpec("column_sum", DTYPE_NAMES[dtype], column_sum_kernel,
+                         {"w_ptr": dtype, "out_ptr": torch.float64},
+                         {"BLOCK_V": COLUMN_SUM_BLOCK_V, "BLOCK_D": COLUMN_SUM_BLOCK_D},
+                         {"num_warps": COLUMN_SUM_NUM_WARPS}))
+    return specs
+
+
+__all__ = ["aot_specs", "column_sum_kernel", "combine_vocab_splits", "linear_logit_sums", "linear_lse_forward",
+           "linear_lse_kernel", "logit_sum_kernel", "vocab_splits", "vocabulary_column_sum"]

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import AotSpec
+
 LOSS_IDS = {
     "sigmoid": 0, "robust": 1, "exo_pair": 2, "hinge": 3, "ipo": 4, "sppo_hard": 5,
     "nca_pair": 6, "apo_zero": 7, "apo_down": 8, "discopop": 9, "odds_ratio": 10,
@@ -180,6 +182,7 @@ def preference_head_kernel(
 
 
 BLOCK_B = 128
+NUM_WARPS = 4
 
 
 def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss, beta, gamma=0.0,
@@ -199,9 +202,19 @@ def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss,
         B,
         float(beta), float(gamma), float(label_smoothing), float(tau),
         HAS_REF=has_ref, LOSS=LOSS_IDS[loss],
-        BLOCK_B=BLOCK_B,
+        BLOCK_B=BLOCK_B, num_warps=NUM_WARPS,
     )
     return losses, d_chosen, d_rejected
 
 
-__all__ = ["LOSS_IDS", "preference_head_forward", "preference_head_kernel", "BLOCK_B"]
+def aot_specs() -> list[AotSpec]:
+    """The head's ahead-of-time builds (``tiles.AotSpec``), fp32 whatever the model's dtype: every
+    loss, with a reference model except ORPO, which has none."""
+    pointers = dict.fromkeys(("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr", "loss_ptr",
+                              "d_chosen_ptr", "d_rejected_ptr"), torch.float32)
+    return [AotSpec("pref_head", loss, preference_head_kernel, pointers,
+                    {"HAS_REF": loss != "odds_ratio", "LOSS": loss_id, "BLOCK_B": BLOCK_B}, {"num_warps": NUM_WARPS})
+            for loss, loss_id in LOSS_IDS.items()]
+
+
+__all__ = ["LOSS_IDS", "aot_specs", "preference_head_forward", "preference_head_kernel", "BLOCK_B", "NUM_WARPS"]

@@ -111,13 +111,56 @@ def logits_launch_args(dtype: torch.dtype, bias, softcap, tiles: TileConfig) -> 
     }
 
 
-def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+def workspace_dtype(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED) -> torch.dtype:
     """The dtype the backward kernel stores its ``dz`` tile in: the input dtype, except bf16 under
     the interpreter, whose fp32 -> bf16 cast truncates (with or without ``fp_downcast_rounding``)
     where a GPU rounds to nearest even.  Truncation is biased, so it does not average out over a
     GEMM's sum: it doubled the bf16 gradient error on CPU.  There the kernel stores fp32 and torch
     rounds to bf16 (to nearest even), so CPU runs see the GPU's rounding."""
-    return torch.float32 if KERNELS_INTERPRETED and dtype == torch.bfloat16 else dtype
+    return torch.float32 if interpreted and dtype == torch.bfloat16 else dtype
+
+
+# ---- Ahead-of-time builds ------------------------------------------------------------------------
+# Each kernel module states its own builds beside its launcher (``aot_specs``), from the constants
+# and TileConfig the launcher uses; fused_pref/tools/aot.py collects them and compiles each for
+# sm_80 and sm_90 (python -m fused_pref kernels, tests/test_aot_compile.py).
+
+# The input dtypes the kernels ship configurations for, by the names Triton's signatures use.
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One ahead-of-time build of ``fn``: its ``constexprs`` (the variant), the element dtype of each
+    of its pointer (``*_ptr``) arguments, and the launch ``options``.  Every other argument is typed
+    by the AOT tool's naming rule (``fused_pref.tools.aot.signature``), which names any argument
+    that neither covers rather than compile from a stale signature."""
+
+    kernel: str
+    variant: str
+    fn: object
+    pointers: dict
+    constexprs: dict
+    options: dict
+
+
+def logits_input_pointers(dtype: torch.dtype) -> dict:
+    """Element dtypes of the inputs every logits-tile kernel takes, as the launchers pass them."""
+    return {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "labels_ptr": torch.int64,
+            "rows_ptr": torch.int32, "n_valid_ptr": torch.int32}
+
+
+def aot_logits_variants(dtype: torch.dtype):
+    """``(variant name, constexprs, options)`` of the logits-tile kernels' ahead-of-time builds at
+    ``dtype``'s shipped tiles: without bias and softcap, and with both (the most registers).  Built
+    for a GPU: no interpreter upcast, and fp32 dots in tf32 (torch's "high" matmul precision; at
+    "highest" the launcher asks for ieee dots, a variant not built here)."""
+    tiles = tiles_for(dtype)
+    for has_bias, has_softcap in ((False, False), (True, True)):
+        variant = DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
+        constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
+                                       interpreted=False, float32_matmul_precision="high")
+        yield variant, constexprs, launch_options(tiles)
 
 
 @triton.jit
