@@ -102,6 +102,13 @@ def logit_sum_kernel(
     tl.store(out_ptr + row, acc.to(tl.float32), mask=p_mask)
 
 
+# 32 rows x 64 columns per step, 4 warps: the fp64 product tile is 2048 values, 16 fp64 (32
+# registers) per thread; a row's 64 elements are 128 bytes in bf16 (one cache line); each fp64 block
+# of w_sum is loaded once per 32 rows.  It keeps the strided build (no unit-stride hint: an address
+# per element) clear of the 255-register limit, which doubling either side does not.  ptxas (python
+# -m fused_pref kernels): 168 registers strided and 48-56 aligned on sm_80, 128 and 48-55 on sm_90;
+# 64x64 or 32x128 take the strided build to 244-254 registers, 64x128 and 128x64 spill 444-1312
+# bytes.  Not timed on a GPU.
 LOGIT_SUM_BLOCK_N, LOGIT_SUM_BLOCK_D = 32, 64
 LOGIT_SUM_NUM_WARPS = 4
 
@@ -131,6 +138,11 @@ def column_sum_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * D + offs_d, tl.sum(acc, axis=0), mask=d_mask)
 
 
+# 32 vocabulary rows x 64 columns per step, 4 warps: the [32, 64] fp64 accumulator is 16 fp64 (32
+# registers) per thread, added to element-wise, reduced over rows once at the end; each row's 64
+# columns are 128 contiguous bytes in bf16 (one cache line).  The fp64 accumulator is what bounds
+# the tile: ptxas 48-72 registers (strided or aligned, sm_80 and sm_90); 64x64 doubles it to 96-128
+# registers, 64x128 and 128x64 take 165-255.  32x128 would also fit (79-96); not timed on a GPU.
 COLUMN_SUM_BLOCK_V, COLUMN_SUM_BLOCK_D = 32, 64
 COLUMN_SUM_NUM_WARPS = 4
 
