@@ -157,4 +157,17 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
             for variant, constexprs, options in aot_logits_variants(dtype)]
 
 
-__all__ = ["aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "vocab_chunk_size"]
+def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
+    """What ``linear_grad_backward`` holds at its peak (its last chunk) beyond its inputs, the
+    gradients it returns and the ``dz`` workspace, for inputs of ``itemsize`` bytes: ``(bytes per
+    unit, monomial, why)`` with N the rows of the row index and D the hidden size.  O(N) terms are
+    left out.  fused_pref/tools/accounting.py checks it against a measurement."""
+    return [
+        (4, "N·D", "fp32 d_hidden accumulator (dh_acc)"),
+        (itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),
+        (itemsize, "N·D", "gathered rows scaled by g (h_scaled), input dtype, scaled in place"),
+    ]
+
+
+__all__ = ["aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "peak_temporaries",
+           "vocab_chunk_size"]

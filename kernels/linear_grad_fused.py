@@ -117,4 +117,16 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
             for variant, constexprs, options in aot_logits_variants(dtype)]
 
 
-__all__ = ["aot_specs", "linear_grad_fused_backward", "linear_grad_fused_kernel"]
+def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
+    """What ``linear_grad_fused_backward`` holds at its peak (while ``d_hidden``'s accumulator is cast)
+    beyond its inputs and the gradients it returns, for inputs of ``itemsize`` bytes: ``(bytes per
+    unit, monomial, why)`` with N the rows of the row index, D the hidden size and V the vocabulary.
+    O(N) and O(V) terms are left out.  fused_pref/tools/accounting.py checks it against a measurement."""
+    return [
+        (4, "N·D", "fp32 d_hidden accumulator (dh)"),
+        (itemsize, "N·D", "dh cast to the input dtype, alive with dh"),
+        (4, "V·D", "fp32 d_weight accumulator (dw)"),
+    ]
+
+
+__all__ = ["aot_specs", "linear_grad_fused_backward", "linear_grad_fused_kernel", "peak_temporaries"]
