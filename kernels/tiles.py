@@ -1,8 +1,11 @@
-"""Shared tile math: the logits tile ``z = softcap(h @ w.T + b)`` and the launch-time flags.
+"""What the kernels share: the logits tile ``z = softcap(h @ w.T + b)``, the prologue every
+logits-tile kernel starts with, the launch-time flags derived in one place, and the pieces of the
+ahead-of-time build specs.
 
-Both the forward (``linear_lse``) and the backward (``linear_grad``) build their logits through
-``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same way in both
-passes (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes).
+The forward (``linear_lse``) and both backwards (``linear_grad``, ``linear_grad_fused``) build their
+logits through ``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same
+way in every pass (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes),
+and launch with ``logits_launch_args``, so their variant flags, dot flags and tiles cannot differ.
 """
 
 import os
@@ -268,8 +271,7 @@ def logits_tile(
 @triton.jit
 def logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP: tl.constexpr):
     """d logp / d (pre-softcap logit) for a tile: ``onehot(label) - softmax(z)``, times
-    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2).  The softmax
-    uses the rows' lse as the forward stored it (``lse_ptr[row]``), so it is not recomputed."""
+    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2)."""
     dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
     if HAS_SOFTCAP:
         capped = z / softcap
