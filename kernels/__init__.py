@@ -1,21 +1,33 @@
-"""Triton kernels of fused_pref, installed as ``fused_pref.kernels``.
+"""Triton kernels of fused_pref, installed as ``fused_pref.kernels``; the library imports them from here.
 
-One kernel family: ``linear_lse`` (forward: per-token log-sum-exp and target logit over the whole
-vocabulary), ``linear_grad`` (backward: the softmax-minus-onehot tile for one vocabulary chunk) and
-``pref_head`` (the per-pair log-sigmoid loss and its derivative).  Logit tiles are computed by the
-one helper in ``tiles.py`` so forward and backward round identically.
+Each module is one kernel stage with its launcher below it:
+
+- ``linear_lse``: the forward, per-token log-sum-exp and target logit over the whole vocabulary
+  (``linear_lse_forward``);
+- ``linear_grad``: the default backward, V-chunked, a ``dz`` workspace of at most
+  ``WORKSPACE_BYTES`` and two cuBLAS products per chunk (``linear_grad_backward``);
+- ``linear_grad_fused``: the fully fused backward with fp32 atomics (``linear_grad_fused_backward``);
+- ``pref_head``: the per-pair preference loss and its derivatives (``preference_head_forward``);
+- ``tiles``: what they share.  The logits tile ``softcap(h @ w.T + b)`` has one helper, so forward
+  and backward round identically; ``KERNELS_INTERPRETED`` says whether Triton's interpreter runs
+  the kernels, ``interpreter_problem`` why it cannot with the installed versions.
+
+Each stage module also states its ahead-of-time builds beside its launcher (``aot_specs``), which
+``python -m fused_pref kernels`` (``fused_pref/tools/aot.py``) compiles for sm_80 and sm_90.
 """
 
-from .linear_grad import linear_grad_chunk
+from .linear_grad import WORKSPACE_BYTES, linear_grad_backward
+from .linear_grad_fused import linear_grad_fused_backward
 from .linear_lse import linear_lse_forward
 from .pref_head import preference_head_forward
-from .tiles import KERNELS_INTERPRETED, TileConfig, interpreter_problem
+from .tiles import KERNELS_INTERPRETED, interpreter_problem
 
 __all__ = [
     "KERNELS_INTERPRETED",
-    "TileConfig",
+    "WORKSPACE_BYTES",
     "interpreter_problem",
-    "linear_grad_chunk",
+    "linear_grad_backward",
+    "linear_grad_fused_backward",
     "linear_lse_forward",
     "preference_head_forward",
 ]

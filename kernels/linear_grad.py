@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (TileConfig, dot_flags, load_labels, logits_tile, logp_grad_tile, tiles_for, valid_rows,
-                    workspace_dtype)
+from .tiles import (AotSpec, TileConfig, aot_logits_variants, labelled_rows_lse, logits_input_pointers,
+                    logits_launch_args, logits_tile, logp_grad_tile, row_tile_start, tiles_for, workspace_dtype)
 
 # The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
 # replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
@@ -46,17 +46,15 @@ def linear_grad_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    p0 = pid_n * BLOCK_N
+    """One program: ``dz'`` of BLOCK_N valid rows (program id 0) against BLOCK_V entries of the
+    vocabulary chunk ``v_chunk_start .. v_chunk_end`` (program id 1), stored in ``dz`` at (the row's
+    position in the row index, the entry's column in the chunk)."""
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
-    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = load_labels(labels_ptr, row, p_mask, V)
-    lse = tl.load(lse_ptr + row, mask=p_mask, other=0.0)
-
-    v0 = v_chunk_start + pid_v * BLOCK_V
+    offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
+                                                                  stride_h_r, stride_h_t, BLOCK_N)
+    v0 = v_chunk_start + tl.program_id(1) * BLOCK_V
     z, offs_v, v_mask = logits_tile(
         h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
         stride_h_d, stride_w_v, stride_w_d, softcap,
@@ -86,11 +84,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
         V, D, T, v_start, v_start + dz.shape[1],
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
-        1.0 if softcap is None else float(softcap),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        **dot_flags(hidden.dtype),
-        BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        **logits_launch_args(hidden.dtype, bias, softcap, tiles),
     )
 
 
@@ -154,4 +148,26 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
-__all__ = ["linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "vocab_chunk_size"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
+    ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
+    pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
+                "dz_ptr": workspace_dtype(dtype, interpreted=False)}
+    return [AotSpec("linear_grad", variant, linear_grad_kernel, pointers, constexprs, options)
+            for variant, constexprs, options in aot_logits_variants(dtype)]
+
+
+def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
+    """What ``linear_grad_backward`` holds at its peak (its last chunk) beyond its inputs, the
+    gradients it returns and the ``dz`` workspace, for inputs of ``itemsize`` bytes: ``(bytes per
+    unit, monomial, why)`` with N the rows of the row index and D the hidden size.  O(N) terms are
+    left out.  fused_pref/tools/accounting.py checks it against a measurement."""
+    return [
+        (4, "N·D", "fp32 d_hidden accumulator (dh_acc)"),
+        (itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),
+        (itemsize, "N·D", "gathered rows scaled by g (h_scaled), input dtype, scaled in place"),
+    ]
+
+
+__all__ = ["aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "peak_temporaries",
+           "vocab_chunk_size"]

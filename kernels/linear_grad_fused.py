@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_acc, dot_flags, load_labels, logits_tile, logp_grad_tile, tiles_for, valid_rows
+from .tiles import (AotSpec, TileConfig, aot_logits_variants, dot_acc, labelled_rows_lse, logits_input_pointers,
+                    logits_launch_args, logits_tile, logp_grad_tile, row_tile_start, tiles_for)
 
 
 @triton.jit
@@ -34,19 +35,18 @@ def linear_grad_fused_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_v = tl.program_id(1)
-    n_valid = tl.load(n_valid_ptr)
-    p0 = pid_n * BLOCK_N
+    """One program: the (BLOCK_N valid rows x BLOCK_V vocabulary entries) tile at program ids
+    (0, 1).  Adds its ``g``-weighted ``dz`` products into the fp32 ``dh`` (rows in row-index order),
+    ``dw`` and ``db`` accumulators with atomics, D-block by D-block."""
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
-    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = load_labels(labels_ptr, row, p_mask, V)
-    lse = tl.load(lse_ptr + row, mask=p_mask, other=0.0)
+    offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
+                                                                  stride_h_r, stride_h_t, BLOCK_N)
     g = tl.load(g_ptr + offs_p, mask=p_mask, other=0.0)
 
     z, offs_v, v_mask = logits_tile(
-        h_ptr, w_ptr, b_ptr, h_offset, p_mask, pid_v * BLOCK_V, V, D,
+        h_ptr, w_ptr, b_ptr, h_offset, p_mask, tl.program_id(1) * BLOCK_V, V, D,
         stride_h_d, stride_w_v, stride_w_d, softcap,
         HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
@@ -97,12 +97,8 @@ def linear_grad_fused_backward(grad_logp, hidden, weight, bias, labels, rows, n_
             g if dh is None else dh, g if dw is None else dw, g if db is None else db,
             V, D, T,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            1.0 if softcap is None else float(softcap),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
             NEED_H=need_h, NEED_W=need_w, NEED_B=need_b,
-            **dot_flags(hidden.dtype),
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            **logits_launch_args(hidden.dtype, bias, softcap, tiles),
         )
     d_hidden = None
     if need_h:
@@ -111,4 +107,26 @@ def linear_grad_fused_backward(grad_logp, hidden, weight, bias, labels, rows, n_
     return (d_hidden, None if dw is None else dw.to(weight.dtype), None if db is None else db.to(bias.dtype))
 
 
-__all__ = ["linear_grad_fused_backward", "linear_grad_fused_kernel"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
+    ``aot_logits_variants``, every gradient wanted (``d_bias`` where there is a bias)."""
+    pointers = {**logits_input_pointers(dtype),
+                **dict.fromkeys(("lse_ptr", "g_ptr", "dh_ptr", "dw_ptr", "db_ptr"), torch.float32)}
+    return [AotSpec("linear_grad_fused", variant, linear_grad_fused_kernel, pointers,
+                    {**constexprs, "NEED_H": True, "NEED_W": True, "NEED_B": constexprs["HAS_BIAS"]}, options)
+            for variant, constexprs, options in aot_logits_variants(dtype)]
+
+
+def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
+    """What ``linear_grad_fused_backward`` holds at its peak (while ``d_hidden``'s accumulator is cast)
+    beyond its inputs and the gradients it returns, for inputs of ``itemsize`` bytes: ``(bytes per
+    unit, monomial, why)`` with N the rows of the row index, D the hidden size and V the vocabulary.
+    O(N) and O(V) terms are left out.  fused_pref/tools/accounting.py checks it against a measurement."""
+    return [
+        (4, "N·D", "fp32 d_hidden accumulator (dh)"),
+        (itemsize, "N·D", "dh cast to the input dtype, alive with dh"),
+        (4, "V·D", "fp32 d_weight accumulator (dw)"),
+    ]
+
+
+__all__ = ["aot_specs", "linear_grad_fused_backward", "linear_grad_fused_kernel", "peak_temporaries"]

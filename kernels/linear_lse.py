@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import TileConfig, dot_flags, load_labels, logits_tile, tiles_for, valid_rows
+from .tiles import (DTYPE_NAMES, AotSpec, TileConfig, aot_logits_variants, labelled_rows, logits_input_pointers,
+                    logits_launch_args, logits_tile, row_tile_start, tiles_for, valid_rows)
 
 
 @triton.jit
@@ -35,17 +36,16 @@ def linear_lse_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    # The row index is ordered valid-first and the valid count lives on the device: tiles past it
-    # return at once, so ignored tokens cost nothing and the host never synchronises.
-    n_valid = tl.load(n_valid_ptr)
-    p0 = pid_n * BLOCK_N
+    """One program: BLOCK_N valid rows (program id 0) against vocabulary split ``pid_s`` (program
+    id 1).  Writes their running max, sum of exponentials, target logit (and, with ``LOGIT_SUM``,
+    sum of logits) at ``pid_s * N + row`` of each partial output; ``combine_vocab_splits`` merges
+    the splits."""
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
-    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
-    label = load_labels(labels_ptr, row, p_mask, V)
-
+    offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
+                                                         stride_h_r, stride_h_t, BLOCK_N)
+    pid_s = tl.program_id(1)
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -85,8 +85,7 @@ def logit_sum_kernel(
 ):
     """``out[row] = h[row] . w_sum + b_sum`` for BLOCK_N valid rows, accumulated in fp64: ``w_sum`` is
     a column sum over the whole vocabulary, so its terms are large and the dot product cancels."""
-    n_valid = tl.load(n_valid_ptr)
-    p0 = tl.program_id(0) * BLOCK_N
+    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
@@ -103,7 +102,15 @@ def logit_sum_kernel(
     tl.store(out_ptr + row, acc.to(tl.float32), mask=p_mask)
 
 
+# 32 rows x 64 columns per step, 4 warps: the fp64 product tile is 2048 values, 16 fp64 (32
+# registers) per thread; a row's 64 elements are 128 bytes in bf16 (one cache line); each fp64 block
+# of w_sum is loaded once per 32 rows.  It keeps the strided build (no unit-stride hint: an address
+# per element) clear of the 255-register limit, which doubling either side does not.  ptxas (python
+# -m fused_pref kernels): 168 registers strided and 48-56 aligned on sm_80, 128 and 48-55 on sm_90;
+# 64x64 or 32x128 take the strided build to 244-254 registers, 64x128 and 128x64 spill 444-1312
+# bytes.  Not timed on a GPU.
 LOGIT_SUM_BLOCK_N, LOGIT_SUM_BLOCK_D = 32, 64
+LOGIT_SUM_NUM_WARPS = 4
 
 
 @triton.jit
@@ -131,7 +138,13 @@ def column_sum_kernel(
     tl.store(out_ptr + pid_s.to(tl.int64) * D + offs_d, tl.sum(acc, axis=0), mask=d_mask)
 
 
+# 32 vocabulary rows x 64 columns per step, 4 warps: the [32, 64] fp64 accumulator is 16 fp64 (32
+# registers) per thread, added to element-wise, reduced over rows once at the end; each row's 64
+# columns are 128 contiguous bytes in bf16 (one cache line).  The fp64 accumulator is what bounds
+# the tile: ptxas 48-72 registers (strided or aligned, sm_80 and sm_90); 64x64 doubles it to 96-128
+# registers, 64x128 and 128x64 take 165-255.  32x128 would also fit (79-96); not timed on a GPU.
 COLUMN_SUM_BLOCK_V, COLUMN_SUM_BLOCK_D = 32, 64
+COLUMN_SUM_NUM_WARPS = 4
 
 
 def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
@@ -145,7 +158,7 @@ def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
     partial = torch.empty((triton.cdiv(V, v_per_split), D), device=weight.device, dtype=torch.float64)
     column_sum_kernel[(d_blocks, partial.shape[0])](
         weight, partial, V, D, v_per_split, weight.stride(0), weight.stride(1),
-        BLOCK_V=COLUMN_SUM_BLOCK_V, BLOCK_D=COLUMN_SUM_BLOCK_D, num_warps=4,
+        BLOCK_V=COLUMN_SUM_BLOCK_V, BLOCK_D=COLUMN_SUM_BLOCK_D, num_warps=COLUMN_SUM_NUM_WARPS,
     )
     return partial.sum(dim=0)
 
@@ -161,7 +174,8 @@ def linear_logit_sums(hidden, weight, bias, rows, n_valid) -> torch.Tensor:
         logit_sum_kernel[(triton.cdiv(rows.numel(), LOGIT_SUM_BLOCK_N),)](
             hidden, w_sum, b_sum, rows, n_valid, out, D, T,
             hidden.stride(0), hidden.stride(1), hidden.stride(2),
-            HAS_BIAS=bias is not None, BLOCK_N=LOGIT_SUM_BLOCK_N, BLOCK_D=LOGIT_SUM_BLOCK_D, num_warps=4,
+            HAS_BIAS=bias is not None, BLOCK_N=LOGIT_SUM_BLOCK_N, BLOCK_D=LOGIT_SUM_BLOCK_D,
+            num_warps=LOGIT_SUM_NUM_WARPS,
         )
     return out
 
@@ -181,6 +195,27 @@ def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig):
     splits = min(v_tiles, max(1, triton.cdiv(_programs_wanted(device), row_tiles)))
     v_per_split = triton.cdiv(v_tiles, splits) * tiles.block_v
     return triton.cdiv(V, v_per_split), v_per_split
+
+
+def combine_vocab_splits(partial: torch.Tensor):
+    """Per-token ``(lse, target, logit_sum)`` over the whole vocabulary from ``linear_lse_kernel``'s
+    per-split partials ``partial`` ``[3 or 4, S, N]``: running max ``m_s``, sum of exponentials
+    ``s_s`` (relative to ``m_s``), target logit and, with a fourth row, sum of logits, for each of
+    the ``S`` vocabulary splits.
+
+        lse = M + log(sum_s s_s * exp(m_s - M)),  M = max_s m_s
+
+    (the online-softmax merge: rescaling each split to the largest max cannot overflow).  Each
+    label lies in one split and the others add 0, so ``target`` (and ``logit_sum``) are sums over
+    splits.  ``logit_sum`` is None without a fourth row.  One split needs no rescaling.
+    """
+    run_max, run_sum, target = partial[0], partial[1], partial[2]
+    if run_max.shape[0] == 1:
+        lse = run_max[0] + torch.log(run_sum[0])
+    else:
+        top = run_max.max(dim=0).values
+        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
+    return lse, target.sum(dim=0), partial[3].sum(dim=0) if partial.shape[0] == 4 else None
 
 
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None,
@@ -206,24 +241,37 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             partial[0], partial[1], partial[2], partial[3] if tile_sum else partial[0],
             N, V, D, T, v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            1.0 if softcap is None else float(softcap),
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, LOGIT_SUM=tile_sum,
-            **dot_flags(hidden.dtype),
-            BLOCK_N=tiles.block_n, BLOCK_V=tiles.block_v, BLOCK_D=tiles.block_d,
-            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+            LOGIT_SUM=tile_sum, **logits_launch_args(hidden.dtype, bias, softcap, tiles),
         )
-    run_max, run_sum, target = partial[0], partial[1], partial[2]
-    if splits == 1:
-        lse = run_max[0] + torch.log(run_sum[0])
-    else:
-        top = run_max.max(dim=0).values
-        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    if tile_sum:
-        sums = partial[3].sum(dim=0)
-    else:
-        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid) if logit_sum else None
-    return lse, target.sum(dim=0), sums
+    lse, target, sums = combine_vocab_splits(partial)
+    if logit_sum and not tile_sum:
+        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
+    return lse, target, sums
 
 
-__all__ = ["column_sum_kernel", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel", "logit_sum_kernel",
-           "vocab_splits", "vocabulary_column_sum"]
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the logits kernel
+    in ``aot_logits_variants``, the logit-sum kernel with and without a bias, the column sum."""
+    partials = dict.fromkeys(("max_ptr", "sumexp_ptr", "target_ptr", "logit_sum_ptr"), torch.float32)
+    logit_sum_pointers = {"h_ptr": dtype, "w_sum_ptr": torch.float64, "b_sum_ptr": torch.float64,
+                          "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
+    specs = []
+    for variant, constexprs, options in aot_logits_variants(dtype):
+        has_bias = constexprs["HAS_BIAS"]
+        # The tiles sum logits only under a softcap (linear_lse_forward): that is the larger variant.
+        specs.append(AotSpec("linear_lse", variant, linear_lse_kernel,
+                             {**logits_input_pointers(dtype), **partials},
+                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"]}, options))
+        specs.append(AotSpec("logit_sum", DTYPE_NAMES[dtype] + ("+bias" if has_bias else ""), logit_sum_kernel,
+                             logit_sum_pointers,
+                             {"HAS_BIAS": has_bias, "BLOCK_N": LOGIT_SUM_BLOCK_N, "BLOCK_D": LOGIT_SUM_BLOCK_D},
+                             {"num_warps": LOGIT_SUM_NUM_WARPS}))
+    specs.append(AotSpec("column_sum", DTYPE_NAMES[dtype], column_sum_kernel,
+                         {"w_ptr": dtype, "out_ptr": torch.float64},
+                         {"BLOCK_V": COLUMN_SUM_BLOCK_V, "BLOCK_D": COLUMN_SUM_BLOCK_D},
+                         {"num_warps": COLUMN_SUM_NUM_WARPS}))
+    return specs
+
+
+__all__ = ["aot_specs", "column_sum_kernel", "combine_vocab_splits", "linear_logit_sums", "linear_lse_forward",
+           "linear_lse_kernel", "logit_sum_kernel", "vocab_splits", "vocabulary_column_sum"]

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tiles import AotSpec
+
 LOSS_IDS = {
     "sigmoid": 0, "robust": 1, "exo_pair": 2, "hinge": 3, "ipo": 4, "sppo_hard": 5,
     "nca_pair": 6, "apo_zero": 7, "apo_down": 8, "discopop": 9, "odds_ratio": 10,
@@ -157,25 +159,30 @@ def preference_head_kernel(
         dx = -sigmoid(-x) * (1.0 - m) + log_sigmoid(x) * dm - exp_part + exp_part * (1.0 - m) / tau
         da = beta * dx
         db = -da
-    elif LOSS == 11:  # bco_pair
-        xa = beta * a
-        xb = beta * b
-        loss = -log_sigmoid(xa) - log_sigmoid(-xb)
-        da = -beta * sigmoid(-xa)
-        db = beta * sigmoid(xb)
-    else:  # odds_ratio
+    elif LOSS == 10:  # odds_ratio
         v = (c - r) - (log1m_exp(c) - log1m_exp(r))
         loss = -beta * log_sigmoid(v)
         dv = -beta * sigmoid(-v)
         # d v / d c = 1 / (1 - e^c) = -1 / expm1(c)
         da = -dv / expm1(c)
         db = dv / expm1(r)
+    elif LOSS == 11:  # bco_pair
+        xa = beta * a
+        xb = beta * b
+        loss = -log_sigmoid(xa) - log_sigmoid(-xb)
+        da = -beta * sigmoid(-xa)
+        db = beta * sigmoid(xb)
+    else:
+        # LOSS is a constexpr, so only the matching branch is compiled: an id with no branch stops
+        # the compile (and the interpreter) here rather than computing some other loss.
+        tl.static_assert(False, "preference_head_kernel: LOSS is not an id of pref_head.LOSS_IDS")
     tl.store(loss_ptr + offs, loss, mask=mask)
     tl.store(d_chosen_ptr + offs, da, mask=mask)
     tl.store(d_rejected_ptr + offs, db, mask=mask)
 
 
 BLOCK_B = 128
+NUM_WARPS = 4
 
 
 def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss, beta, gamma=0.0,
@@ -184,6 +191,8 @@ def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss,
 
     ``chosen``, ``rejected`` (and ``ref_chosen``, ``ref_rejected``, or both None) are fp32 ``[B]``.
     """
+    if loss not in LOSS_IDS:
+        raise ValueError(f"preference_head_forward: unknown loss {loss!r}; known losses: {', '.join(LOSS_IDS)}")
     B = chosen.numel()
     losses, d_chosen, d_rejected = (torch.empty(B, device=chosen.device, dtype=torch.float32) for _ in range(3))
     has_ref = ref_chosen is not None
@@ -193,9 +202,19 @@ def preference_head_forward(chosen, rejected, ref_chosen, ref_rejected, *, loss,
         B,
         float(beta), float(gamma), float(label_smoothing), float(tau),
         HAS_REF=has_ref, LOSS=LOSS_IDS[loss],
-        BLOCK_B=BLOCK_B,
+        BLOCK_B=BLOCK_B, num_warps=NUM_WARPS,
     )
     return losses, d_chosen, d_rejected
 
 
-__all__ = ["LOSS_IDS", "preference_head_forward", "preference_head_kernel", "BLOCK_B"]
+def aot_specs() -> list[AotSpec]:
+    """The head's ahead-of-time builds (``tiles.AotSpec``), fp32 whatever the model's dtype: every
+    loss, with a reference model except ORPO, which has none."""
+    pointers = dict.fromkeys(("chosen_ptr", "rejected_ptr", "ref_chosen_ptr", "ref_rejected_ptr", "loss_ptr",
+                              "d_chosen_ptr", "d_rejected_ptr"), torch.float32)
+    return [AotSpec("pref_head", loss, preference_head_kernel, pointers,
+                    {"HAS_REF": loss != "odds_ratio", "LOSS": loss_id, "BLOCK_B": BLOCK_B}, {"num_warps": NUM_WARPS})
+            for loss, loss_id in LOSS_IDS.items()]
+
+
+__all__ = ["LOSS_IDS", "aot_specs", "preference_head_forward", "preference_head_kernel", "BLOCK_B", "NUM_WARPS"]

@@ -1,8 +1,11 @@
-"""Shared tile math: the logits tile ``z = softcap(h @ w.T + b)`` and the launch-time flags.
+"""What the kernels share: the logits tile ``z = softcap(h @ w.T + b)``, the prologue every
+logits-tile kernel starts with, the launch-time flags derived in one place, and the pieces of the
+ahead-of-time build specs.
 
-Both the forward (``linear_lse``) and the backward (``linear_grad``) build their logits through
-``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same way in both
-passes (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes).
+The forward (``linear_lse``) and both backwards (``linear_grad``, ``linear_grad_fused``) build their
+logits through ``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same
+way in every pass (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes),
+and launch with ``logits_launch_args``, so their variant flags, dot flags and tiles cannot differ.
 """
 
 import os
@@ -66,28 +69,101 @@ def tiles_for(dtype: torch.dtype) -> TileConfig:
     return SHIPPED_TILES[dtype]
 
 
-def dot_flags(dtype: torch.dtype) -> dict:
+def dot_flags(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED,
+              float32_matmul_precision: str | None = None) -> dict:
     """Constexprs for ``dot_acc``, derived in one place from the input dtype.
 
     ``DOT_IN_FP32``: the interpreter multiplies bf16 bit patterns as integers in ``tl.dot``
     (triton-lang/triton#11584), so under it bf16 operands are upcast; a bf16 x bf16 product is exact
     in fp32, so the math is unchanged.  On a GPU the dot stays bf16 on the tensor cores.
     ``DOT_PRECISION``: fp32 inputs follow ``torch.get_float32_matmul_precision()`` as cuBLAS does.
+    ``interpreted`` and ``float32_matmul_precision`` default to this process's; the ahead-of-time
+    builds (``aot_logits_variants``) name a GPU's.
     """
-    ieee = dtype != torch.float32 or torch.get_float32_matmul_precision() == "highest"
+    precision = float32_matmul_precision or torch.get_float32_matmul_precision()
+    ieee = dtype != torch.float32 or precision == "highest"
     return {
-        "DOT_IN_FP32": KERNELS_INTERPRETED and dtype == torch.bfloat16,
+        "DOT_IN_FP32": interpreted and dtype == torch.bfloat16,
         "DOT_PRECISION": "ieee" if ieee else "tf32",
     }
 
 
-def workspace_dtype(dtype: torch.dtype) -> torch.dtype:
+def logits_constexprs(dtype: torch.dtype, tiles: TileConfig, *, has_bias: bool, has_softcap: bool,
+                      **dot) -> dict:
+    """The constexprs every logits-tile kernel (``linear_lse``, ``linear_grad``, ``linear_grad_fused``)
+    takes: the variant flags, ``dot_flags`` (``dot`` passes its keywords) and the block sizes."""
+    return {
+        "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap,
+        **dot_flags(dtype, **dot),
+        "BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d,
+    }
+
+
+def launch_options(tiles: TileConfig) -> dict:
+    return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
+
+
+def logits_launch_args(dtype: torch.dtype, bias, softcap, tiles: TileConfig) -> dict:
+    """The keyword arguments every logits-tile launch shares, derived here once (STYLE.md #2): the
+    ``softcap`` scalar, the constexprs of ``logits_constexprs`` and the launch options.  Without a
+    softcap the scalar is never read; 1.0 keeps it a valid divisor all the same."""
+    return {
+        "softcap": 1.0 if softcap is None else float(softcap),
+        **logits_constexprs(dtype, tiles, has_bias=bias is not None, has_softcap=softcap is not None),
+        **launch_options(tiles),
+    }
+
+
+def workspace_dtype(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED) -> torch.dtype:
     """The dtype the backward kernel stores its ``dz`` tile in: the input dtype, except bf16 under
     the interpreter, whose fp32 -> bf16 cast truncates (with or without ``fp_downcast_rounding``)
     where a GPU rounds to nearest even.  Truncation is biased, so it does not average out over a
     GEMM's sum: it doubled the bf16 gradient error on CPU.  There the kernel stores fp32 and torch
     rounds to bf16 (to nearest even), so CPU runs see the GPU's rounding."""
-    return torch.float32 if KERNELS_INTERPRETED and dtype == torch.bfloat16 else dtype
+    return torch.float32 if interpreted and dtype == torch.bfloat16 else dtype
+
+
+# ---- Ahead-of-time builds ------------------------------------------------------------------------
+# Each kernel module states its own builds beside its launcher (``aot_specs``), from the constants
+# and TileConfig the launcher uses; fused_pref/tools/aot.py collects them and compiles each for
+# sm_80 and sm_90 (python -m fused_pref kernels, tests/test_aot_compile.py).
+
+# The input dtypes the kernels ship configurations for, by the names Triton's signatures use.
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class AotSpec:
+    """One ahead-of-time build of ``fn``: its ``constexprs`` (the variant), the element dtype of each
+    of its pointer (``*_ptr``) arguments, and the launch ``options``.  Every other argument is typed
+    by the AOT tool's naming rule (``fused_pref.tools.aot.signature``), which names any argument
+    that neither covers rather than compile from a stale signature."""
+
+    kernel: str
+    variant: str
+    fn: object
+    pointers: dict
+    constexprs: dict
+    options: dict
+
+
+def logits_input_pointers(dtype: torch.dtype) -> dict:
+    """Element dtypes of the inputs every logits-tile kernel takes, as the launchers pass them."""
+    return {"h_ptr": dtype, "w_ptr": dtype, "b_ptr": dtype, "labels_ptr": torch.int64,
+            "rows_ptr": torch.int32, "n_valid_ptr": torch.int32}
+
+
+def aot_logits_variants(dtype: torch.dtype):
+    """``(variant name, constexprs, options)`` of the logits-tile kernels' ahead-of-time builds at
+    ``dtype``'s shipped tiles: without bias and softcap, and with both (the most registers).  Built
+    for a GPU: no interpreter upcast, and fp32 dots in tf32 (torch's "high" matmul precision; at
+    "highest" the launcher asks for ieee dots, a variant not built here)."""
+    tiles = tiles_for(dtype)
+    for has_bias, has_softcap in ((False, False), (True, True)):
+        variant = DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
+        constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
+                                       interpreted=False, float32_matmul_precision="high")
+        yield variant, constexprs, launch_options(tiles)
 
 
 @triton.jit
@@ -111,6 +187,15 @@ def tanh(x):
 
 
 @triton.jit
+def row_tile_start(n_valid_ptr, BLOCK_N: tl.constexpr):
+    """``(p0, n_valid)``: where this program's BLOCK_N rows start in the valid-first row index, and
+    the number of valid rows, read on the device.  A program with ``p0 >= n_valid`` has no row to
+    compute and returns at once (the kernel itself returns: a helper cannot return for it), so
+    ignored tokens cost nothing and the host never synchronises."""
+    return tl.program_id(0) * BLOCK_N, tl.load(n_valid_ptr)
+
+
+@triton.jit
 def valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N: tl.constexpr):
     """Rows ``p0 .. p0+BLOCK_N`` of the valid-first row index: (token id, hidden offset, mask)."""
     offs_p = p0 + tl.arange(0, BLOCK_N)
@@ -127,6 +212,24 @@ def load_labels(labels_ptr, row, p_mask, V):
     -1, so it can never match a padded vocabulary column of the last tile."""
     label = tl.load(labels_ptr + row, mask=p_mask, other=-1)
     return tl.where((label >= 0) & (label < V), label, -1)
+
+
+@triton.jit
+def labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T, stride_h_r, stride_h_t, BLOCK_N: tl.constexpr):
+    """``valid_rows`` and their labels (``load_labels``): what every logits-tile kernel starts with."""
+    offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
+    return offs_p, row, p_mask, h_offset, load_labels(labels_ptr, row, p_mask, V)
+
+
+@triton.jit
+def labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T, stride_h_r, stride_h_t,
+                      BLOCK_N: tl.constexpr):
+    """``labelled_rows`` and the lse the forward stored for them: what both backward kernels start
+    with.  The lse is loaded here, before the logits loop: loaded after it (in ``logp_grad_tile``)
+    it cost the backward kernels up to 51 more registers (ptxas, sm_80: 193 -> 244)."""
+    offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
+                                                         stride_h_r, stride_h_t, BLOCK_N)
+    return offs_p, row, p_mask, h_offset, label, tl.load(lse_ptr + row, mask=p_mask, other=0.0)
 
 
 @triton.jit

@@ -5,9 +5,18 @@ The interpreter accepts code the GPU compiler rejects, so this runs the real com
 subprocess without TRITON_INTERPRET (Triton reads it when kernels are defined).
 """
 
+import dataclasses
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from fused_pref.kernels.tiles import AotSpec
+from fused_pref.tools import aot
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
@@ -26,3 +35,64 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert lines[-2] == ("KERNELS ['column_sum', 'linear_grad', 'linear_grad_fused', 'linear_lse', 'logit_sum', "
                          "'pref_head'] ARCHS [80, 90] LAYOUTS ['aligned', 'strided']"), done.stdout
     assert lines[-1] == "SPILLS 0", done.stdout
+
+
+# ---- The signatures come from the kernels' own arguments ---------------------------------------
+# Each kernel module states its builds beside its launcher (``aot_specs``: constexprs, pointer dtypes,
+# launch options); the tool types every other argument by one naming rule.  These run in-process (the
+# kernels are interpreted here, but their argument names are the same) and compile nothing.
+
+@triton.jit
+def _toy_kernel(x_ptr, out_ptr, N, stride_x_n, stride_x_d, softcap, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs * stride_x_n, mask=offs < N, other=0.0)
+    tl.store(out_ptr + offs, x * softcap, mask=offs < N)
+
+
+@triton.jit
+def _toy_kernel_grown(x_ptr, out_ptr, extra_ptr, N, stride_x_n, stride_x_d, softcap, alpha, BLOCK: tl.constexpr,
+                      FLAG: tl.constexpr):
+    # _toy_kernel after an edit: a pointer, a float scalar and a constexpr its spec does not know.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs * stride_x_n, mask=offs < N, other=0.0) + tl.load(extra_ptr + offs, mask=offs < N)
+    tl.store(out_ptr + offs, x * softcap * alpha, mask=offs < N)
+
+
+TOY = {"kernel": "toy", "variant": "bf16", "pointers": {"x_ptr": torch.bfloat16, "out_ptr": torch.float32},
+       "constexprs": {"BLOCK": 128}, "options": {"num_warps": 4}}
+
+
+def test_the_naming_rule_types_every_runtime_argument_in_the_kernels_order():
+    assert aot.signature(AotSpec(fn=_toy_kernel, **TOY)) == {
+        "x_ptr": "*bf16", "out_ptr": "*fp32", "N": "i32", "stride_x_n": "i64", "stride_x_d": "i32", "softcap": "fp32"}
+
+
+def test_arguments_a_kernel_gained_but_its_spec_does_not_cover_are_named():
+    with pytest.raises(ValueError, match="_toy_kernel_grown") as raised:
+        aot.signature(AotSpec(fn=_toy_kernel_grown, **TOY))
+    message = str(raised.value)
+    for name in ("extra_ptr", "alpha", "FLAG"):
+        assert f"\n  {name}: " in message, message
+    for covered in ("x_ptr", "out_ptr", "softcap", "BLOCK"):
+        assert f"\n  {covered}: " not in message, message
+
+
+def test_names_a_spec_gives_that_the_kernel_does_not_take_are_named():
+    stale = {**TOY, "pointers": {**TOY["pointers"], "gone_ptr": torch.float32}, "constexprs": {"BLOCK": 128, "GONE": 1}}
+    with pytest.raises(ValueError) as raised:
+        aot.signature(AotSpec(fn=_toy_kernel, **stale))
+    assert "\n  gone_ptr: " in str(raised.value) and "\n  GONE: " in str(raised.value)
+
+
+def test_every_shipped_spec_covers_its_kernels_arguments():
+    specs = aot.shipped_specs()
+    assert {(s.kernel, s.variant.split("+")[0]) for s in specs if s.kernel != "pref_head"} == {
+        (k, d) for k in ("linear_lse", "logit_sum", "linear_grad", "linear_grad_fused", "column_sum")
+        for d in ("bf16", "fp16", "fp32")}
+    for spec in specs:
+        assert list(aot.signature(spec)) == [n for n in spec.fn.arg_names if n not in spec.constexprs]
+    # A real kernel whose spec has fallen behind (here: one that never learnt of lse_ptr) is caught by name.
+    grad = next(s for s in specs if s.kernel == "linear_grad")
+    behind = dataclasses.replace(grad, pointers={k: v for k, v in grad.pointers.items() if k != "lse_ptr"})
+    with pytest.raises(ValueError, match=r"linear_grad_kernel(.|\n)*\n  lse_ptr: a pointer whose element dtype"):
+        aot.signature(behind)

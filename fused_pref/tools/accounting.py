@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fused_pref.kernels import linear_grad, linear_grad_fused
 from fused_pref.kernels.linear_grad import vocab_chunk_size
 from fused_pref.kernels.tiles import tiles_for
 from .memory import LiveBytesRecorder, Peak
@@ -77,20 +78,17 @@ class Term:
     what: str = ""
 
 
+# Each backward strategy states its own peak temporaries beside the code that allocates them.
+BACKWARD_TEMPORARIES = {"fused-vchunk": linear_grad.peak_temporaries,
+                        "fused-atomic": linear_grad_fused.peak_temporaries}
+
+
 def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:
     """The dominant terms (bf16 inputs), read off the code; O(N) per-token state (tens of bytes
     per token) is left out."""
-    if implementation == "fused-vchunk":
-        # The V-chunked backward's [N, D] temporaries alive together in its last chunk
-        # (kernels/linear_grad.py): the fp32 d_hidden accumulator, that chunk's bf16 product and
-        # the gathered rows pre-scaled by g (scaled in place; freed before the final cast).
-        return [Term(8, "N·D", "backward: fp32 d_hidden accumulator (4), the chunk's bf16 product (2), "
-                               "gathered rows scaled by g (2)")]
-    if implementation == "fused-atomic":
-        # The atomic backward (kernels/linear_grad_fused.py): fp32 accumulators for d_hidden's valid
-        # rows and for d_weight, alive while d_hidden's accumulator is cast to bf16.
-        return [Term(6, "N·D", "backward: fp32 d_hidden accumulator (4) and its bf16 cast (2)"),
-                Term(4, "V·D", "backward: fp32 d_weight accumulator")]
+    if implementation in BACKWARD_TEMPORARIES:
+        return [Term(bytes_per, monomial, f"backward: {what}")
+                for bytes_per, monomial, what in BACKWARD_TEMPORARIES[implementation](DTYPE.itemsize)]
     assert implementation == "reference", f"no analytic formula for {implementation}"
     logits = [Term(4, "N·V", "fp32 log_softmax, saved for backward")]
     if loss == "dpo" and softcap is not None:

@@ -11,6 +11,12 @@ layouts: ``strided`` with no hint (the code any input can fall back to) and ``al
 hints that contiguous inputs whose sizes are multiples of 16 get (every benchmarked model head).
 Must run in a process without ``TRITON_INTERPRET`` (``python -m fused_pref kernels`` re-executes
 itself without it).
+
+What to build is stated by each kernel module beside its launcher (``aot_specs``: the constexpr
+values of each variant, the element dtypes of the pointer arguments and the launch options, from the
+constants and TileConfig the launcher itself uses).  The rest of each signature is derived here from
+the kernel's own argument names by one naming rule (``signature``), so an argument added to a kernel
+and not covered fails by name instead of compiling against a stale hand-copied signature.
 """
 
 import inspect
@@ -23,12 +29,27 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from fused_pref.kernels.tiles import DTYPE_NAMES, AotSpec
+
 ARCHS = (80, 90)
 LAYOUTS = ("strided", "aligned")
-TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}   # "bf16" -> torch.bfloat16, ...
+
+# The naming rule that types every runtime argument of every kernel (STYLE.md #3 names them so);
+# the kernels' own specs (``aot_specs`` beside each launcher) give only the pointers' element types.
+#   <name>_ptr      a pointer to the spec's dtype for it
+#   stride_*_d      i32: the innermost stride (1 for contiguous inputs)
+#   stride_*        i64: a row stride times a row index passes 2^31 (N*D, V*D elements)
+#   one capital     i32: a size (N, V, D, T, B)
+#   v_*             i32: a vocabulary position or count (v_per_split, v_chunk_start, v_chunk_end)
+#   FLOAT_SCALARS   fp32
+FLOAT_SCALARS = ("softcap", "beta", "gamma", "label_smoothing", "tau")
+POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
+                 torch.int32: "i32", torch.int64: "i64"}
 
 
 @dataclass(frozen=True)
@@ -43,78 +64,71 @@ class KernelBuild:
     shared_bytes: int
 
 
-def _linear_specs(dtype):
-    """(kernel, variant name, fn, signature, constexprs, options) for the two logits kernels."""
-    from fused_pref.kernels import linear_grad, linear_grad_fused, linear_lse
-    from fused_pref.kernels.tiles import tiles_for
+def shipped_specs(dtypes=tuple(TORCH_DTYPES)) -> list[AotSpec]:
+    """Every kernel module's ahead-of-time builds (its ``aot_specs``), for each input dtype named in
+    ``dtypes``, then the preference head's (fp32 whatever the inputs)."""
+    from fused_pref.kernels import linear_grad, linear_grad_fused, linear_lse, pref_head
 
-    tiles = tiles_for(TORCH_DTYPES[dtype])
-    tile_constexprs = {"BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d}
-    options = {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
-    precision = "tf32" if dtype == "fp32" else "ieee"
-    for flags in ((False, False), (True, True)):
-        has_bias, has_softcap = flags
-        variant = f"{dtype}{'+bias' if has_bias else ''}{'+softcap' if has_softcap else ''}"
-        base = {"HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "DOT_IN_FP32": False,
-                "DOT_PRECISION": precision, **tile_constexprs}
-        lse_sig = {
-            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
-            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "max_ptr": "*fp32", "sumexp_ptr": "*fp32",
-            "target_ptr": "*fp32", "logit_sum_ptr": "*fp32",
-            "N": "i32", "V": "i32", "D": "i32", "T": "i32", "v_per_split": "i32",
-            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64", "stride_w_d": "i32",
-            "softcap": "fp32",
-        }
-        # The tiles sum logits only under a softcap (linear_lse.py); that is the larger variant there.
-        lse_const = {**base, "LOGIT_SUM": has_softcap}
-        yield ("linear_lse", variant, linear_lse.linear_lse_kernel, lse_sig, lse_const, options)
-        sum_sig = {"h_ptr": f"*{dtype}", "w_sum_ptr": "*fp64", "b_sum_ptr": "*fp64", "rows_ptr": "*i32",
-                   "n_valid_ptr": "*i32", "out_ptr": "*fp32", "D": "i32", "T": "i32",
-                   "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32"}
-        sum_const = {"HAS_BIAS": has_bias, "BLOCK_N": linear_lse.LOGIT_SUM_BLOCK_N,
-                     "BLOCK_D": linear_lse.LOGIT_SUM_BLOCK_D}
-        yield ("logit_sum", f"{dtype}{'+bias' if has_bias else ''}", linear_lse.logit_sum_kernel, sum_sig, sum_const,
-               {"num_warps": 4})
-        grad_sig = {
-            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
-            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "lse_ptr": "*fp32", "dz_ptr": f"*{dtype}",
-            "V": "i32", "D": "i32", "T": "i32", "v_chunk_start": "i32", "v_chunk_end": "i32",
-            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64",
-            "stride_w_d": "i32", "stride_dz_p": "i64",
-            "softcap": "fp32",
-        }
-        yield ("linear_grad", variant, linear_grad.linear_grad_kernel, grad_sig, base, options)
-        fused_sig = {
-            "h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "labels_ptr": "*i64",
-            "rows_ptr": "*i32", "n_valid_ptr": "*i32", "lse_ptr": "*fp32", "g_ptr": "*fp32", "dh_ptr": "*fp32",
-            "dw_ptr": "*fp32", "db_ptr": "*fp32", "V": "i32", "D": "i32", "T": "i32",
-            "stride_h_r": "i64", "stride_h_t": "i64", "stride_h_d": "i32", "stride_w_v": "i64", "stride_w_d": "i32",
-            "softcap": "fp32",
-        }
-        fused_const = {**base, "NEED_H": True, "NEED_W": True, "NEED_B": has_bias}
-        yield ("linear_grad_fused", variant, linear_grad_fused.linear_grad_fused_kernel, fused_sig, fused_const,
-               options)
-    column_sig = {"w_ptr": f"*{dtype}", "out_ptr": "*fp64", "V": "i32", "D": "i32", "v_per_split": "i32",
-                  "stride_w_v": "i64", "stride_w_d": "i32"}
-    yield ("column_sum", dtype, linear_lse.column_sum_kernel, column_sig,
-           {"BLOCK_V": linear_lse.COLUMN_SUM_BLOCK_V, "BLOCK_D": linear_lse.COLUMN_SUM_BLOCK_D}, {"num_warps": 4})
+    specs = []
+    for name in dtypes:
+        for module in (linear_lse, linear_grad, linear_grad_fused):
+            specs += module.aot_specs(TORCH_DTYPES[name])
+    return specs + pref_head.aot_specs()
 
 
-def _head_specs():
-    from fused_pref.kernels import pref_head
-
-    sig = {"chosen_ptr": "*fp32", "rejected_ptr": "*fp32", "ref_chosen_ptr": "*fp32", "ref_rejected_ptr": "*fp32",
-           "loss_ptr": "*fp32", "d_chosen_ptr": "*fp32", "d_rejected_ptr": "*fp32", "B": "i32",
-           "beta": "fp32", "gamma": "fp32", "label_smoothing": "fp32", "tau": "fp32"}
-    for loss, loss_id in pref_head.LOSS_IDS.items():
-        yield ("pref_head", loss, pref_head.preference_head_kernel, sig,
-               {"HAS_REF": loss != "odds_ratio", "LOSS": loss_id, "BLOCK_B": pref_head.BLOCK_B}, {"num_warps": 4})
+def _is_constexpr(annotation) -> bool:
+    # tl.constexpr itself, or its name where annotations are strings (from __future__ import annotations).
+    return annotation is tl.constexpr or (isinstance(annotation, str) and annotation.split(".")[-1] == "constexpr")
 
 
-def shipped_specs(dtypes=tuple(TORCH_DTYPES)):
-    for dtype in dtypes:
-        yield from _linear_specs(dtype)
-    yield from _head_specs()
+def _argument_type(name: str, spec: AotSpec) -> tuple[str | None, str]:
+    """(Triton type of runtime argument ``name`` under the naming rule, or None; why not)."""
+    if name.endswith("_ptr"):
+        if name not in spec.pointers:
+            return None, "a pointer whose element dtype the spec does not give"
+        dtype = spec.pointers[name]
+        if dtype not in POINTER_TYPES:
+            return None, f"a pointer to {dtype}, which has no Triton type here (POINTER_TYPES)"
+        return f"*{POINTER_TYPES[dtype]}", ""
+    if name.startswith("stride_"):
+        return ("i32" if name.endswith("_d") else "i64"), ""
+    if name in FLOAT_SCALARS:
+        return "fp32", ""
+    if re.fullmatch(r"[A-Z]", name) or name.startswith("v_"):
+        return "i32", ""
+    return None, ("a scalar the naming rule (fused_pref.tools.aot) does not type (not *_ptr, stride_*, a one-letter "
+                  f"size, v_*, nor one of FLOAT_SCALARS {FLOAT_SCALARS})")
+
+
+def signature(spec: AotSpec) -> dict:
+    """The Triton signature of ``spec.fn``'s runtime arguments, in the kernel's order, from its own
+    ``arg_names`` by the naming rule above and the spec's pointer dtypes.  Raises ValueError naming
+    every argument that neither covers (a kernel argument added or renamed since its spec was
+    written), every constexpr the spec gives no value, and every name the spec gives that the kernel
+    does not take."""
+    fn = spec.fn
+    parameters = inspect.signature(fn.fn).parameters
+    constexprs = [name for name, p in parameters.items() if _is_constexpr(p.annotation)]
+    problems = []
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            if name not in spec.constexprs:
+                problems.append(f"{name}: a constexpr the spec gives no value")
+            continue
+        kind, why = _argument_type(name, spec)
+        if kind is None:
+            problems.append(f"{name}: {why}")
+        else:
+            sig[name] = kind
+    problems += [f"{name}: the spec gives it a dtype, but the kernel takes no such pointer"
+                 for name in spec.pointers if name not in fn.arg_names or not name.endswith("_ptr")]
+    problems += [f"{name}: the spec gives it a value, but the kernel has no such constexpr"
+                 for name in spec.constexprs if name not in constexprs]
+    if problems:
+        raise ValueError(f"AOT spec of {fn.__name__} ({spec.kernel} {spec.variant}, {fn.fn.__module__}.aot_specs) "
+                         "does not match the kernel's arguments:\n  " + "\n  ".join(problems))
+    return sig
 
 
 def _ptxas(arch: int) -> str:
@@ -162,14 +176,16 @@ def compile_kernel(fn, signature, constexprs, options, arch, layout="strided"):
 
 
 def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS) -> list[KernelBuild]:
+    # Every signature first: a stale spec fails at once, not after minutes of compiling the others.
+    specs = [(spec, signature(spec)) for spec in shipped_specs(dtypes)]
     builds = []
-    for kernel, variant, fn, signature, constexprs, options in shipped_specs(dtypes):
+    for spec, sig in specs:
         for layout in layouts:
             for arch in archs:
-                compiled = compile_kernel(fn, signature, constexprs, options, arch, layout)
+                compiled = compile_kernel(spec.fn, sig, spec.constexprs, spec.options, arch, layout)
                 registers, spill_stores, spill_loads = _ptxas_figures(compiled.asm["ptx"], arch)
-                builds.append(KernelBuild(kernel, variant, layout, arch, registers, spill_stores, spill_loads,
-                                          compiled.metadata.shared))
+                builds.append(KernelBuild(spec.kernel, spec.variant, layout, arch, registers, spill_stores,
+                                          spill_loads, compiled.metadata.shared))
     return builds
 
 
