@@ -6,7 +6,7 @@ import torch
 
 from . import ops
 from .distributed import VocabShard, all_reduce_sum, combine_partials
-from .kernels.linear_grad import WORKSPACE_BYTES
+from .kernels import WORKSPACE_BYTES
 
 
 @dataclass(frozen=True)

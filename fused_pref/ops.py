@@ -8,9 +8,7 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 
 import torch
 
-from .kernels import linear_lse_forward, preference_head_forward
-from .kernels.linear_grad import linear_grad_backward
-from .kernels.linear_grad_fused import linear_grad_fused_backward
+from .kernels import linear_grad_backward, linear_grad_fused_backward, linear_lse_forward, preference_head_forward
 
 
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())

@@ -19,8 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
-from .kernels import KERNELS_INTERPRETED, interpreter_problem
-from .kernels.linear_grad import WORKSPACE_BYTES
+from .kernels import KERNELS_INTERPRETED, WORKSPACE_BYTES, interpreter_problem
 
 
 @dataclass(frozen=True)

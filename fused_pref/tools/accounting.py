@@ -13,6 +13,7 @@ host sync, as in a training step), and ``N`` counts every token, since with ``va
 kernels' row index spans all of them.
 """
 
+import functools
 import gc
 import math
 from collections.abc import Callable
@@ -145,7 +146,10 @@ def peak_extra(step, batch) -> Peak:
     return recorder.peak(exclude=[t.grad for t in batch.grads])
 
 
+@functools.cache
 def fit_implementation(implementation: str, loss: str, softcap=None, design=DESIGN) -> Fit:
+    """Measured at the ``design`` shapes and fitted; once per process for each argument set (a fit
+    depends on the loss and the softcap, not on the model's sizes)."""
     step = library_implementations(loss, softcap)[implementation]
     workspace = WORKSPACES.get(implementation)
     points, rows, targets = [], [], []
@@ -190,20 +194,13 @@ def analytic_bytes(implementation: str, terms: list[Term], N: int, D: int, V: in
     return sum(t.bytes_per * m[t.monomial] for t in terms) + (workspace.gpu_bytes(N, V) if workspace else 0)
 
 
-def account(model: str, tokens: int, loss: str, fits: dict | None = None) -> list[Accounting]:
+def account(model: str, tokens: int, loss: str) -> list[Accounting]:
     """Accounting of every library implementation for ``loss`` at ``MODELS[model]`` with ``tokens``
-    tokens per step.  ``fits`` caches fits by (implementation, loss, softcap): they do not depend on
-    the model's sizes, only on the loss and the softcap."""
+    tokens per step."""
     head = MODELS[model]
-    fits = {} if fits is None else fits
-    out = []
-    for implementation in library_implementations(loss, head.softcap):
-        key = (implementation, loss, head.softcap)
-        if key not in fits:
-            fits[key] = fit_implementation(implementation, loss, head.softcap)
-        out.append(Accounting(fits[key], analytic_terms(implementation, loss, head.softcap),
-                              tokens, head.hidden, head.vocab))
-    return out
+    return [Accounting(fit_implementation(implementation, loss, head.softcap),
+                       analytic_terms(implementation, loss, head.softcap), tokens, head.hidden, head.vocab)
+            for implementation in library_implementations(loss, head.softcap)]
 
 
 def human_bytes(n: float) -> str:

@@ -175,24 +175,39 @@ def compile_kernel(fn, signature, constexprs, options, arch, layout="strided"):
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS) -> list[KernelBuild]:
+def iter_builds(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS):
+    """Compile every shipped kernel variant in each layout for each arch, yielding each build as it is done."""
     # Every signature first: a stale spec fails at once, not after minutes of compiling the others.
     specs = [(spec, signature(spec)) for spec in shipped_specs(dtypes)]
-    builds = []
     for spec, sig in specs:
         for layout in layouts:
             for arch in archs:
                 compiled = compile_kernel(spec.fn, sig, spec.constexprs, spec.options, arch, layout)
                 registers, spill_stores, spill_loads = _ptxas_figures(compiled.asm["ptx"], arch)
-                builds.append(KernelBuild(spec.kernel, spec.variant, layout, arch, registers, spill_stores,
-                                          spill_loads, compiled.metadata.shared))
-    return builds
+                yield KernelBuild(spec.kernel, spec.variant, layout, arch, registers, spill_stores, spill_loads,
+                                  compiled.metadata.shared)
+
+
+def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS) -> list[KernelBuild]:
+    return list(iter_builds(archs, dtypes, layouts))
+
+
+TABLE_HEADER = (f"{'kernel':<18} {'variant':<20} {'layout':<8} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} "
+                f"{'smem B':>8}")
+
+
+def format_row(b: KernelBuild) -> str:
+    return (f"{b.kernel:<18} {b.variant:<20} {b.layout:<8} sm_{b.arch:<3} {b.registers:>5} "
+            f"{b.spill_stores:>9} {b.spill_loads:>9} {b.shared_bytes:>8}")
 
 
 def format_table(builds) -> str:
-    lines = [f"{'kernel':<18} {'variant':<20} {'layout':<8} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} "
-             f"{'smem B':>8}"]
-    for b in builds:
-        lines.append(f"{b.kernel:<18} {b.variant:<20} {b.layout:<8} sm_{b.arch:<3} {b.registers:>5} "
-                     f"{b.spill_stores:>9} {b.spill_loads:>9} {b.shared_bytes:>8}")
-    return "\n".join(lines)
+    return "\n".join([TABLE_HEADER, *map(format_row, builds)])
+
+
+def verdict(builds, seconds: float) -> str:
+    """One line: how many builds, and whether any spills registers (and which)."""
+    spilled = [b for b in builds if b.spill_stores or b.spill_loads]
+    where = "; ".join(f"{b.kernel} {b.variant} {b.layout} sm_{b.arch}" for b in spilled)
+    said = f"{len(spilled)} spill registers: {where}" if spilled else "0 spill registers"
+    return f"{len(builds)} builds for {', '.join(f'sm_{a}' for a in ARCHS)} in {seconds:.0f} s: {said}"

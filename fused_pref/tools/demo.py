@@ -7,8 +7,9 @@ one with ``fused_pref.integrations.hf``'s SimPO (the Triton kernels; through the
 machine without a GPU), one with ``fused_pref.reference.simpo_loss`` on the same hidden states (the
 logits materialized).  Each step prints both losses and the fused run's reward accuracy; the end
 compares the two loss curves, the held-out reward accuracy, and the memory the loss takes beyond
-its inputs and gradients: measured here at the demo's size, and at Llama-3-8B's head from
-``fused_pref.tools.accounting`` (measured at scaled shapes and extrapolated, beside its analytic formula).
+its inputs and gradients: measured here at the demo's size, and at Llama-3-8B's head by the
+analytic formula of ``fused_pref.tools.accounting`` (which ``python -m fused_pref memory`` checks
+against a measurement).
 """
 
 import copy
@@ -19,9 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 import fused_pref
-from fused_pref.kernels import KERNELS_INTERPRETED
 
-from .accounting import human_bytes
+from .accounting import analytic_bytes, analytic_terms, human_bytes
 from .memory import LiveBytesRecorder
 
 # The model: Llama's architecture, small enough for the Triton interpreter on two CPU cores.
@@ -124,29 +124,17 @@ def loss_memory(model, batch) -> dict:
 
 
 def _llama3_8b_lines(tokens=16384) -> list[str]:
-    """The same comparison at Llama-3-8B's head, from the memory accounting of ``python -m fused_pref
-    memory``: fitted to measurements at scaled shapes, with the analytic formula beside it.  The
-    measurement runs the kernels on CPU tensors, so where they are not interpreted (on a GPU) only
-    the analytic formula is given (the H200 measured it to the digit, benchmarks/NOTES.md)."""
-    from .accounting import account, analytic_bytes, analytic_terms
+    """The same comparison at Llama-3-8B's head, by the analytic formula of ``python -m fused_pref
+    memory`` (which also measures it at scaled shapes; the H200 measured it to the digit,
+    benchmarks/NOTES.md)."""
     from .workload import MODELS
 
     head = MODELS["llama3-8b"]
-    where = f"  {head.name} head (D {head.hidden}, V {head.vocab}), {tokens} tokens, bf16"
-    if not KERNELS_INTERPRETED:
-        fused, reference = (analytic_bytes(name, analytic_terms(name, "simpo", head.softcap), tokens, head.hidden,
-                                           head.vocab) for name in ("fused-vchunk", "reference"))
-        return [f"{where}, analytic: reference {human_bytes(reference)}, fused {human_bytes(fused)}: saves "
-                f"{human_bytes(reference - fused)} ({reference / fused:.0f}x less) (`python -m fused_pref memory` "
-                "also measures it)"]
-    by_name = {a.implementation: a for a in account("llama3-8b", tokens, "simpo")}
-    fused = by_name["fused-vchunk"]  # the default backward
-    reference = by_name["reference"]
-    saved = reference.fitted_bytes - fused.fitted_bytes
-    return [f"{where}: reference "
-            f"{human_bytes(reference.fitted_bytes)}, fused {human_bytes(fused.fitted_bytes)}: saves {human_bytes(saved)} "
-            f"({reference.fitted_bytes / fused.fitted_bytes:.0f}x less); analytic {human_bytes(reference.analytic_bytes)} "
-            f"vs {human_bytes(fused.analytic_bytes)} (`python -m fused_pref memory` details both)"]
+    fused, reference = (analytic_bytes(name, analytic_terms(name, "simpo", head.softcap), tokens, head.hidden,
+                                       head.vocab) for name in ("fused-vchunk", "reference"))
+    return [f"  {head.name} head (D {head.hidden}, V {head.vocab}), {tokens} tokens, bf16, analytic: reference "
+            f"{human_bytes(reference)}, fused {human_bytes(fused)}: saves {human_bytes(reference - fused)} "
+            f"({reference / fused:.0f}x less) (`python -m fused_pref memory` also measures it)"]
 
 
 def _sparkline(values, lo, hi) -> str:
