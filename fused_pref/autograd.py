@@ -6,16 +6,18 @@ import torch
 
 from . import ops
 from .distributed import VocabShard, all_reduce_sum, combine_partials
-from .kernels import WORKSPACE_BYTES
+from .options import Options
 
 
 @dataclass(frozen=True)
 class LogprobParams:
-    softcap: float | None = None
-    logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
-    workspace_bytes: int = WORKSPACE_BYTES
+    """What a call fixes for its kernels: the options (``ops`` reads the ones a kernel takes), and
+    what this call resolved from them and from its loss."""
+
+    options: Options
+    strategy: str                         # the backward: "chunked" (kernels/linear_grad.py) or "fused"
     shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
-    strategy: str = "chunked"             # the backward: "chunked" (kernels/linear_grad.py) or "fused"
+    logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -29,8 +31,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, params: LogprobParams):
-        lse, target, logit_sum = ops.linear_lse(hidden, weight, bias, labels, rows, n_valid, params.softcap,
-                                                params.logit_sum)
+        lse, target, logit_sum = ops.forward(hidden, weight, bias, labels, rows, n_valid, params)
         if params.shard is not None:
             # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
@@ -47,8 +48,7 @@ class LinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logp, _grad_logit_sum):
         hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
-        grads = ops.linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, ctx.params.softcap,
-                                list(needs), ctx.params.workspace_bytes, ctx.params.strategy)
+        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, ctx.params)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and ctx.params.shard is not None:
             d_hidden = all_reduce_sum(d_hidden, ctx.params.shard)  # each rank saw only its vocabulary
@@ -64,9 +64,8 @@ class PreferenceHead(torch.autograd.Function):
         def fp32(t):
             return None if t is None else t.detach().float().contiguous()
 
-        losses, d_chosen, d_rejected = ops.preference_head(
-            fp32(chosen), fp32(rejected), fp32(ref_chosen), fp32(ref_rejected), spec.head, spec.beta, spec.gamma,
-            spec.label_smoothing, spec.tau)
+        losses, d_chosen, d_rejected = ops.head(fp32(chosen), fp32(rejected), fp32(ref_chosen), fp32(ref_rejected),
+                                                spec)
         ctx.save_for_backward(d_chosen, d_rejected)
         return losses
 

@@ -76,8 +76,7 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    params = LogprobParams(softcap=options.softcap, logit_sum=logit_sum, shard=shard, strategy=options.strategy(),
-                           workspace_bytes=options.workspace_bytes)
+    params = LogprobParams(options, options.strategy(), shard, logit_sum)
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
     return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,

@@ -1,5 +1,8 @@
 """The kernels as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` sees each launch
-as one opaque node with a known output shape instead of tracing into Triton's launcher.
+as one opaque node with a known output shape instead of tracing into Triton's launcher.  A custom
+op's schema takes tensors and scalars only: ``forward`` and ``backward`` are where a call's
+``LogprobParams`` (its ``Options`` included) are flattened into them, and ``head`` is for a
+``PreferenceSpec``: the one place that knows which option each kernel reads.
 
 ``torch.library.triton_op`` / ``wrap_triton`` would let Inductor see inside, but they need real
 device pointers and fail under the interpreter that CI runs on (DESIGN.md section 7); plain
@@ -61,3 +64,21 @@ def preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: to
 def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoothing, tau):
     out = chosen.new_empty(chosen.shape, dtype=torch.float32)
     return out, torch.empty_like(out), torch.empty_like(out)
+
+
+def forward(hidden, weight, bias, labels, rows, n_valid, params):
+    """``(lse, target, logit sums)`` per token: ``linear_lse`` with ``params`` flattened."""
+    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap, params.logit_sum)
+
+
+def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params):
+    """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
+    flattened."""
+    return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
+                       list(needs), params.options.workspace_bytes, params.strategy)
+
+
+def head(chosen, rejected, ref_chosen, ref_rejected, spec):
+    """Per-pair ``(losses, d_chosen, d_rejected)``: ``preference_head`` with ``spec`` flattened."""
+    return preference_head(chosen, rejected, ref_chosen, ref_rejected, spec.head, spec.beta, spec.gamma,
+                           spec.label_smoothing, spec.tau)
