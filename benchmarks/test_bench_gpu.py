@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.tools.workload import (FUSED_STRATEGIES, LOSSES, MODELS, SEQUENCE_LENGTH, TOKENS_PER_STEP, floor_flops,
-                                 loss_fn, make_batch, sequences_for)
+from fused_pref.tools.workload import (FUSED_STRATEGIES, LOSSES, MODELS, SEQUENCE_LENGTH, TOKENS_PER_STEP,
+                                       floor_flops, loss_fn, make_batch, sequences_for)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU microbenchmarks need CUDA")
 

@@ -20,7 +20,7 @@ class VocabShard:
     group: object        # the torch.distributed process group
     start: object        # first vocabulary id of this rank's shard: an int, or a 0-d device tensor
     size: int            # rows of this rank's weight
-    total: torch.Tensor  # the whole vocabulary, a 0-d device tensor (reading it is a host sync)
+    total: object        # the whole vocabulary: an int, or a 0-d device tensor (reading it is a host sync)
 
 
 def resolve_shard(weight, options) -> VocabShard | None:
@@ -37,12 +37,12 @@ def resolve_shard(weight, options) -> VocabShard | None:
     spans = _shard_spans(weight.device, group, vocab_start, weight.shape[0])
     rows = spans[:, 1]
     starts = torch.where(spans[:, 0] < 0, rows.cumsum(0) - rows, spans[:, 0])
-    start = starts[dist.get_rank(group)]
+    start, total = starts[dist.get_rank(group)], rows.sum()
     if options.validate:
         table = torch.stack([starts, rows], dim=1).tolist()
         validation.check_shards(table)
-        start = table[dist.get_rank(group)][0]
-    return VocabShard(group, start, weight.shape[0], rows.sum())
+        start, total = table[dist.get_rank(group)][0], sum(size for _, size in table)
+    return VocabShard(group, start, weight.shape[0], total)
 
 
 def _shard_spans(device, group, start, size):

@@ -42,8 +42,10 @@ def _public(twin):
         @functools.wraps(impl)
         def dispatch(*args, options: Options, **kwargs):
             hidden = args[0] if args else kwargs.get("hidden")
-            path = impl if use_triton(hidden, options) else twin.with_options
-            return path(*args, **kwargs, options=options)
+            if use_triton(hidden, options):
+                return impl(*args, **kwargs, options=options)
+            validation.check_dtype("hidden", hidden)  # the kernels' dtypes, whichever path runs
+            return twin.with_options(*args, **kwargs, options=options)
         return takes_options(dispatch)
     return decorate
 

@@ -22,7 +22,8 @@ from . import validation
 from .kernels import KERNELS_INTERPRETED, WORKSPACE_BYTES, interpreter_problem
 
 
-@dataclass(frozen=True)
+# eq=False: fields hold tensors and process groups, whose == is no verdict; options compare by identity.
+@dataclass(frozen=True, eq=False)
 class Options:
     """``ignore_index``: the label of tokens that carry no target.  ``softcap``: Gemma-2's
     ``z = softcap * tanh(z / softcap)`` on the logits, or None.  ``shift``: labels aligned with the

@@ -195,6 +195,8 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     error means little); ``"d_<name>"`` for each of ``grads`` that is in ``inputs`` and needs a
     gradient.  Both values are weighted by one fixed random tensor before the backward, so every
     entry of a vector output reaches the gradients."""
+    stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
+    assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
     ref_inputs = as_reference(inputs)
     reference = fn(fused_pref.reference, ref_inputs)
     ref_value = value_of(reference)

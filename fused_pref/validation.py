@@ -39,6 +39,11 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def check_dtype(name, tensor, dtypes=FUSED_DTYPES):
+    if isinstance(tensor, torch.Tensor) and tensor.dtype not in dtypes:
+        _fail(TypeError, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+
+
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, packed=False,
                   name="hidden"):
     """Types, shapes, dtypes and devices of the projection inputs.
@@ -51,8 +56,7 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
             _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         _fail(TypeError, f"{b_name} must be a torch.Tensor or None, got {type(bias).__name__}")
-    if hidden.dtype not in dtypes:
-        _fail(TypeError, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {hidden.dtype}")
+    check_dtype(name, hidden, dtypes)
     if weight.dtype != hidden.dtype:
         _fail(TypeError, f"{w_name} dtype {weight.dtype} must match {name} dtype {hidden.dtype}")
     if bias is not None and bias.dtype != hidden.dtype:

@@ -181,6 +181,8 @@ def preference_head_kernel(
     tl.store(d_rejected_ptr + offs, db, mask=mask)
 
 
+# O(B) work on a few floats per pair: one small block of pairs per program, and Triton's default 4
+# warps (a whole program is 128 lanes, one pair each) -- nothing here is worth tuning.
 BLOCK_B = 128
 NUM_WARPS = 4
 

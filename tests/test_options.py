@@ -91,18 +91,18 @@ def _workspace_columns(x, **options):
     return columns.pop(), n_valid
 
 
-@pytest.mark.parametrize("budget_columns", [0, 200])
-def test_workspace_bytes_bounds_the_backward_workspace(budget_columns, device):
-    # V = 4099: by default a chunk is V/16 = 256 columns.  A budget below that shrinks it, down to one
-    # 128-column block at the least; the gradients do not change beyond summation order.
-    x = make_inputs(2, 35, 40, 4099, device=device, bias=False)
+@pytest.mark.parametrize("budget_columns, columns", [(0, 128), (200, 128), (300, 256)])
+def test_workspace_bytes_bounds_the_backward_workspace(budget_columns, columns, device):
+    # V = 8209: by default a chunk is V/16 = 512 columns.  A budget below that shrinks it, to a
+    # multiple of the 128-column block, and down to one block at the least; the gradients do not
+    # change beyond summation order.
+    x = make_inputs(2, 35, 40, 8209, device=device, bias=False)
     default, n_valid = _workspace_columns(x)
     default_grads = [t.grad.clone() for t in (x["hidden"], x["weight"])]
     for t in (x["hidden"], x["weight"]):
         t.grad = None
     workspace_bytes = max(1, budget_columns * n_valid * 4)
-    columns, _ = _workspace_columns(x, workspace_bytes=workspace_bytes)
-    assert default == 256 and columns == 128
+    assert (default, _workspace_columns(x, workspace_bytes=workspace_bytes)[0]) == (512, columns)
     assert columns * n_valid * 4 <= max(workspace_bytes, 128 * n_valid * 4)
     for ours, theirs in zip((x["hidden"].grad, x["weight"].grad), default_grads):
         assert relative_error(ours, theirs) < 1e-6

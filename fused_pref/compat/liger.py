@@ -72,6 +72,7 @@ forms logits in the input dtype; the two agree to fp32 rounding for fp32 inputs.
 #   transformers/fused_linear_cross_entropy.py: the 2026 version with return_predicted_tokens and
 #     chunk_size (backend-selected Function, build_flce_apply_args).
 
+import dataclasses
 import inspect
 import math
 
@@ -146,13 +147,11 @@ class _LigerPreferenceLoss(torch.nn.Module):
         super().__init__()
         validation.check_flag("compiled", compiled)
         validation.check_positive_int("chunk_size", chunk_size)
-        Options(ignore_index=ignore_index, validate=validate, backend=backend)
+        # Checked once, here, and handed to every call as it is.
+        self.options = Options(ignore_index=ignore_index, validate=validate, backend=backend)
         self.ignore_index, self.beta = ignore_index, beta
         self.compiled, self.chunk_size = compiled, chunk_size     # no-ops: see the module docstring
         self.validate, self.backend = validate, backend
-
-    def _options(self):
-        return dict(ignore_index=self.ignore_index, validate=self.validate, backend=self.backend)
 
     def _aux(self, out, lin_weight, _input, target, bias, *, nll, reduction):
         """Liger's aux order.  ``nll``: whether Liger computes the NLL term (else it reports 0)."""
@@ -194,9 +193,10 @@ class LigerFusedLinearSimPOLoss(_LigerPreferenceLoss):
 
     def forward(self, lin_weight, _input, target, bias=None):
         _check_pairs(_input, target)
-        out = functional.simpo_loss(_input, lin_weight, target, bias, beta=self.beta, gamma=self.gamma,
-                                    label_smoothing=self.label_smoothing,
-                                    sft_weight=self.alpha if self.compute_nll_loss else 0.0, **self._options())
+        out = functional.simpo_loss.with_options(_input, lin_weight, target, bias, beta=self.beta, gamma=self.gamma,
+                                                 label_smoothing=self.label_smoothing,
+                                                 sft_weight=self.alpha if self.compute_nll_loss else 0.0,
+                                                 options=self.options)
         return out.loss, self._aux(out, lin_weight, _input, target, bias, nll=self.compute_nll_loss, reduction="mean")
 
 
@@ -220,12 +220,13 @@ class LigerFusedLinearCPOLoss(_LigerPreferenceLoss):
 
     def forward(self, lin_weight, _input, target, bias=None):
         _check_pairs(_input, target)
-        options = dict(beta=self.beta, label_smoothing=self.label_smoothing,
-                       sft_weight=self.alpha if self.compute_nll_loss else 0.0, **self._options())
+        hyper = dict(beta=self.beta, label_smoothing=self.label_smoothing,
+                     sft_weight=self.alpha if self.compute_nll_loss else 0.0)
         if self.average_log_prob:
-            out = functional.simpo_loss(_input, lin_weight, target, bias, gamma=0.0, **options)
+            out = functional.simpo_loss.with_options(_input, lin_weight, target, bias, gamma=0.0, **hyper,
+                                                     options=self.options)
         else:
-            out = functional.cpo_loss(_input, lin_weight, target, bias, **options)
+            out = functional.cpo_loss.with_options(_input, lin_weight, target, bias, **hyper, options=self.options)
         reduction = "mean" if self.average_log_prob else "sum"
         return out.loss, self._aux(out, lin_weight, _input, target, bias, nll=self.compute_nll_loss,
                                    reduction=reduction)
@@ -255,7 +256,7 @@ class LigerFusedLinearORPOLoss(_LigerPreferenceLoss):
             raise NotImplementedError("nll_target is not supported: fused_pref.orpo_loss takes the NLL of the "
                                       "chosen half of target itself")
         _check_pairs(_input, target)
-        out = functional.orpo_loss(_input, lin_weight, target, bias, beta=self.beta, **self._options())
+        out = functional.orpo_loss.with_options(_input, lin_weight, target, bias, beta=self.beta, options=self.options)
         aux = self._aux(out, lin_weight, _input, target, bias, nll=True, reduction="mean")
         return out.loss, (*aux, out.extra["log_odds_ratio"].mean(), out.extra["log_odds_chosen"].mean())
 
@@ -309,16 +310,16 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
                 raise ValueError(f"ref_input must be [2B, T, D_ref] with [2B, T] = {tuple(target.shape)}")
             with torch.no_grad():
                 # validate=False: the policy call below checks the same labels.
-                ref_logps = functional.sequence_logprobs(ref_input, ref_weight, target, ref_bias, reduction=reduction,
-                                                         ignore_index=self.ignore_index, validate=False,
-                                                         backend=self.backend)
+                ref_logps = functional.sequence_logprobs.with_options(
+                    ref_input, ref_weight, target, ref_bias, reduction=reduction,
+                    options=dataclasses.replace(self.options, validate=False))
         else:
             ref_logps = torch.zeros(target.shape[0], device=_input.device)
-        out = functional.dpo_loss(_input, lin_weight, target, bias, ref_logps=ref_logps, beta=self.beta,
-                                  loss_type=self.loss_type, label_smoothing=self.label_smoothing,
-                                  sft_weight=self.alpha if self.compute_nll_loss else 0.0,
-                                  length_normalize=self.average_log_prob, discopop_tau=self.discopop_tau,
-                                  **self._options())
+        out = functional.dpo_loss.with_options(_input, lin_weight, target, bias, ref_logps=ref_logps, beta=self.beta,
+                                               loss_type=self.loss_type, label_smoothing=self.label_smoothing,
+                                               sft_weight=self.alpha if self.compute_nll_loss else 0.0,
+                                               length_normalize=self.average_log_prob,
+                                               discopop_tau=self.discopop_tau, options=self.options)
         return out.loss, self._aux(out, lin_weight, _input, target, bias, nll=self.compute_nll_loss,
                                    reduction=reduction)
 
@@ -339,7 +340,7 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
         super().__init__()
         if not validation.is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}")
-        Options(ignore_index=ignore_index, softcap=softcap, validate=validate, backend=backend)
+        self.options = Options(ignore_index=ignore_index, softcap=softcap, validate=validate, backend=backend)
         validation.check_reduction(reduction, "cross_entropy")
         validation.check_positive_int("chunk_size", chunk_size, allow_none=True)
         unsupported = (  # (name, value, whether it changes the result, what it would need)
@@ -364,9 +365,8 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
         self.validate, self.backend = validate, backend
 
     def forward(self, lin_weight, _input, target, bias=None):
-        return functional.linear_cross_entropy(_input, lin_weight, target, bias, reduction=self.reduction,
-                                               ignore_index=self.ignore_index, softcap=self.softcap,
-                                               validate=self.validate, backend=self.backend)
+        return functional.linear_cross_entropy.with_options(_input, lin_weight, target, bias, reduction=self.reduction,
+                                                            options=self.options)
 
     def extra_repr(self):
         return _liger_repr(self)

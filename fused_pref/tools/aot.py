@@ -210,4 +210,5 @@ def verdict(builds, seconds: float) -> str:
     spilled = [b for b in builds if b.spill_stores or b.spill_loads]
     where = "; ".join(f"{b.kernel} {b.variant} {b.layout} sm_{b.arch}" for b in spilled)
     said = f"{len(spilled)} spill registers: {where}" if spilled else "0 spill registers"
-    return f"{len(builds)} builds for {', '.join(f'sm_{a}' for a in ARCHS)} in {seconds:.0f} s: {said}"
+    archs = ", ".join(f"sm_{a}" for a in sorted({b.arch for b in builds}))
+    return f"{len(builds)} builds for {archs} in {seconds:.0f} s: {said}"

@@ -28,10 +28,13 @@ def run_check(device, dtypes=DTYPES, cases=None, out=print) -> int:
     failed, start = 0, time.perf_counter()
     for dtype in dtypes:
         for name in names:
-            comparison = run_case(CASES[name], dtype, device, seed=list(CASES).index(name))
-            problems = comparison.failures(dtype)
+            try:
+                comparison = run_case(CASES[name], dtype, device, seed=list(CASES).index(name))
+                problems, errors = comparison.failures(dtype), comparison.errors
+            except Exception as error:  # one broken case is a failed line, not the end of the check
+                problems, errors = [f"{type(error).__name__}: {error}"], {}
             failed += bool(problems)
-            errors = "".join(f" {comparison.errors[name]:>9.1e}" for name in OUTPUTS)
+            errors = "".join(f" {errors[key]:>9.1e}" if key in errors else f" {'-':>9}" for key in OUTPUTS)
             verdict = "yes" if not problems else "NO: " + "; ".join(problems)
             out(f"{name:<34} {str(dtype).removeprefix('torch.'):<9}{errors}  {verdict}")
     total = len(dtypes) * len(names)
