@@ -35,6 +35,30 @@ def test_cpu_without_interpreter_falls_back_to_reference_with_one_warning():
     assert done.stdout.split() == ["1", "True", "True"]
 
 
+def test_cpu_fallback_warning_names_the_callers_line_and_refuses_the_atomic_backward():
+    # A module call goes through nn.Module.__call__, the module, the public wrapper and the device
+    # policy: the warning must still point at the line that called the loss.
+    done = _run_without_interpreter(
+        "import warnings, fused_pref as fp\n"
+        "from fused_pref.testing import make_inputs\n"
+        "x = make_inputs(2, 7, 40, 257)\n"
+        "loss = fp.FusedSimPOLoss()\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    loss(x['hidden'], x['weight'], x['labels'])\n"
+        "print([(w.filename, w.lineno) for w in seen])\n"
+        "try:\n"
+        "    fp.simpo_loss(x['hidden'], x['weight'], x['labels'], backward='fused')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "[('<string>', 7)]", lines[0]
+    assert lines[1].startswith("backward='fused' selects the atomic Triton backward, but this call takes the "
+                               "PyTorch reference (no Triton backend runs on cpu tensors)"), lines[1]
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error():
     done = _run_without_interpreter(
         "import fused_pref as fp\n"
