@@ -15,7 +15,7 @@ class LogprobParams:
     what this call resolved from them and from its loss."""
 
     options: Options
-    strategy: str                         # the backward: "chunked" (kernels/linear_grad.py) or "fused"
+    plan: str                             # the tile plan (kernels/tiles.py), the same forward and backward
     shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
     logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
 

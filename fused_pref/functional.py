@@ -30,6 +30,7 @@ import torch
 from . import preference, reference, validation
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
+from .kernels import active_plan
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, preference_output
 from .segments import sequence_sums, shift_labels
@@ -78,7 +79,7 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    params = LogprobParams(options, options.strategy(), shard, logit_sum)
+    params = LogprobParams(options, active_plan(), shard, logit_sum)
     logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
     shape = labels.shape
     return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,

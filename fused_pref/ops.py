@@ -11,20 +11,20 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 
 import torch
 
-from .kernels import linear_grad_backward, linear_grad_fused_backward, linear_lse_forward, preference_head_forward
+from .kernels import linear_grad_backward, linear_lse_forward, preference_head_forward
 
 
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
 def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None,
-               logit_sum: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               logit_sum: bool, workspace_bytes: int, plan: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lse, target, sums = linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, softcap=softcap,
-                                           logit_sum=logit_sum)
+                                           logit_sum=logit_sum, workspace_bytes=workspace_bytes, plan=plan)
     return lse, target, sums if logit_sum else lse.new_empty(0)
 
 
 @linear_lse.register_fake
-def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum):
+def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum, workspace_bytes, plan):
     n = hidden.shape[0] * hidden.shape[1]
     out = hidden.new_empty(n, dtype=torch.float32)
     return out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32)
@@ -33,19 +33,15 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum):
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
-                softcap: float | None, needs: list[bool], workspace_bytes: int, strategy: str) -> list[torch.Tensor]:
-    if strategy == "fused":
-        grads = linear_grad_fused_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse,
-                                           softcap=softcap, needs=tuple(needs))
-    else:
-        grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
-                                     needs=tuple(needs), workspace_bytes=workspace_bytes)
+                softcap: float | None, needs: list[bool], workspace_bytes: int, plan: str) -> list[torch.Tensor]:
+    grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
+                                 needs=tuple(needs), workspace_bytes=workspace_bytes, plan=plan)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return [g if g is not None else grad_logp.new_empty(0) for g in grads]
 
 
 @linear_grad.register_fake
-def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, needs, workspace_bytes, strategy):
+def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, needs, workspace_bytes, plan):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)
@@ -68,14 +64,15 @@ def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoot
 
 def forward(hidden, weight, bias, labels, rows, n_valid, params):
     """``(lse, target, logit sums)`` per token: ``linear_lse`` with ``params`` flattened."""
-    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap, params.logit_sum)
+    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap, params.logit_sum,
+                      params.options.workspace_bytes, params.plan)
 
 
 def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
     flattened."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
-                       list(needs), params.options.workspace_bytes, params.strategy)
+                       list(needs), params.options.workspace_bytes, params.plan)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):

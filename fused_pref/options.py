@@ -30,8 +30,8 @@ class Options:
     input ids, as Hugging Face models take them (``hidden[t]`` predicts ``labels[t + 1]``).
     ``cu_seqlens``: ``[R + 1]`` sequence boundaries of a packed batch.  ``process_group`` and
     ``vocab_start``: vocabulary parallelism (``fused_pref.distributed``).  ``backward``: ``"auto"``
-    / ``"chunked"`` (exact, deterministic) or ``"fused"`` (atomics).  ``deterministic``: refuse the
-    run-to-run varying backward; None follows ``torch.use_deterministic_algorithms``.
+    or ``"chunked"``, the same exact V-chunked backward (``"fused"``, the atomic one, was removed).
+    ``deterministic``: kept for the callers that pass it; every backward is deterministic.
     ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
     never exceeds 1/16 of the logits, nor goes below one 128-column block).  ``validate``: the value
     checks that need a host sync (label range, empty sequences, ``cu_seqlens``).  ``backend``:
@@ -53,10 +53,6 @@ class Options:
         validation.check_options(self)
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
-
-    def strategy(self) -> str:
-        """The backward to run, resolved now (``deterministic=None`` reads torch's global switch)."""
-        return validation.check_backward(self.backward, self.deterministic)
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Options))
@@ -101,8 +97,6 @@ def use_triton(hidden, options: Options) -> bool:
         validation.check_interpreter(interpreter_problem())
     validation.check_backend_runs(backend, runnable, device)
     triton = backend == "triton" or (backend == "auto" and runnable)
-    if not triton:
-        validation.check_reference_backward(options.backward, backend, device)
     if backend == "auto" and not runnable:
         _warn_cpu_fallback(device)
     return triton

@@ -52,7 +52,6 @@ def _spans(labels, cu_seqlens):
 
 def _checked(hidden, weight, labels, bias, options, **call):
     """The reference's own checks (fp64 allowed) and the whole vocabulary's ``(weight, bias)``."""
-    options.strategy()  # refused exactly where the fused path refuses it
     validation.check_call(hidden, weight, labels, bias, options, dtypes=validation.REFERENCE_DTYPES, **call)
     return _whole_vocabulary(weight, bias, options)
 

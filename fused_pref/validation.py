@@ -112,7 +112,7 @@ def check_options(options):
     check_flag("validate", options.validate)
     if options.backend not in BACKENDS:
         _fail(ValueError, f"backend must be one of {BACKENDS}, got {options.backend!r}")
-    check_backward(options.backward, options.deterministic, resolve=False)
+    check_backward(options.backward, options.deterministic)
     check_positive_int("workspace_bytes", options.workspace_bytes)
     vocab_start = options.vocab_start
     if options.process_group is None and vocab_start is not None:
@@ -139,25 +139,21 @@ def check_cu_seqlens(cu_seqlens, hidden):
         _fail(ValueError, f"cu_seqlens is on {cu_seqlens.device}, hidden on {hidden.device}")
 
 
-BACKWARD_STRATEGIES = ("auto", "chunked", "fused")
+BACKWARD_STRATEGIES = ("auto", "chunked")
 BACKENDS = ("auto", "triton", "reference")
 
 
-def check_backward(backward, deterministic, *, resolve=True) -> str:
-    """The backward strategy to run: "chunked" (V-chunked, deterministic, the default) or "fused"
-    (atomics, run-to-run differences in the last bits; never under determinism).  ``resolve``:
-    ``deterministic=None`` follows ``torch.use_deterministic_algorithms`` as it is now."""
+def check_backward(backward, deterministic):
+    """``backward`` names a strategy there is; ``deterministic`` is a bool or None.  Every strategy
+    is deterministic, so ``deterministic`` refuses none."""
+    if backward == "fused":
+        _fail(ValueError, "backward='fused' (the atomic backward) was removed: it ran 4.3x slower than the "
+                          "default on an H200 and its last bits varied from run to run; use backward='auto' "
+                          "(or 'chunked', the same)")
     if backward not in BACKWARD_STRATEGIES:
         _fail(ValueError, f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
-    if deterministic is None and resolve:
-        deterministic = torch.are_deterministic_algorithms_enabled()
-    if backward == "fused" and deterministic:
-        _fail(ValueError, "backward='fused' accumulates with atomics, so its last bits vary from run to run; "
-                          "it cannot run under deterministic=True or torch.use_deterministic_algorithms(True) "
-                          "(use backward='auto' or 'chunked')")
-    return "fused" if backward == "fused" else "chunked"
 
 
 def check_interpreter(problem):
@@ -169,15 +165,6 @@ def check_backend_runs(backend, runnable, device):
     if backend == "triton" and not runnable:
         _fail(ValueError, f"backend='triton' cannot run on {device} tensors: use CUDA tensors, or set "
                           "TRITON_INTERPRET=1 before importing fused_pref to run the kernels on the CPU")
-
-
-def check_reference_backward(backward, backend, device):
-    """The reference path has PyTorch's own backward: a strategy that only the kernels have is refused."""
-    if backward == "fused":
-        why = "backend='reference'" if backend == "reference" else f"no Triton backend runs on {device} tensors"
-        _fail(ValueError, f"backward='fused' selects the atomic Triton backward, but this call takes the PyTorch "
-                          f"reference ({why}); use backward='auto', or CUDA tensors (or TRITON_INTERPRET=1 set "
-                          "before importing fused_pref) for the kernels")
 
 
 def check_pairs(num_sequences):

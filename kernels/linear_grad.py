@@ -8,9 +8,9 @@ workspace ``[n_rows, V_chunk]`` in the input dtype; two cuBLAS products through 
     d_hidden += dz' @ W[chunk]              (fp32 accumulator, rows scaled by g afterwards)
     d_weight[chunk] = dz'.T @ (g * H)       d_bias[chunk] = dz'.T @ g
 
-Why (b) and not (a), the fully fused kernel with atomics: (a) is only fast when gradient filtering
-skips most tiles (Cut Cross-Entropy measured 362 ms unfiltered against 209 ms for plain PyTorch),
-and its atomics make results run-to-run different.  (b) is exact, deterministic, spends the two
+Why (b) and not (a), the fully fused kernel with atomics: (a) ran 4.3x slower on an H200 (no
+gradient filtering; benchmarks/NOTES.md), and its atomics made results run-to-run different, so it
+was removed.  (b) is exact, deterministic, spends the two
 D-wide products in cuBLAS, and its extra traffic (3 x N x V_chunk elements per chunk) is small next
 to those products.  The per-row weight ``g = dLoss/dlogp`` is applied outside the workspace, so the
 workspace holds values in [-1, 1]: a fp16 workspace cannot underflow on a small ``g``.
@@ -20,13 +20,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (AotSpec, TileConfig, aot_logits_variants, labelled_rows_lse, logits_input_pointers,
-                    logits_launch_args, logits_tile, logp_grad_tile, row_tile_start, tiles_for, workspace_dtype)
+from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aligned_launch, aot_logits_variants, group_rows, grouped_tile,
+                    labelled_rows_lse, logits_input_pointers, logits_launch_args, logits_tile, logp_grad_tile,
+                    row_tile_start, tiles_for, workspace_dtype)
 
-# The workspace never holds more than this many bytes, nor more than 1/16 of the logits it
-# replaces: at 16k tokens and bf16 that is 8k vocabulary columns per chunk, GEMMs of
-# 16k x 8k x D, large enough for cuBLAS to run near peak.
-WORKSPACE_BYTES = 256 * 2**20
+# The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
+# more than 1/16 of the logits it replaces: at 16k tokens and bf16 that is 8k vocabulary columns
+# per chunk, GEMMs of 16k x 8k x D, large enough for cuBLAS to run near peak.
 MAX_CHUNK_FRACTION = 16
 
 
@@ -35,7 +35,7 @@ def linear_grad_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
     # sizes
-    V, D, T, v_chunk_start, v_chunk_end,
+    V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
     # strides
     stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_dz_p,
     # scalars
@@ -46,15 +46,16 @@ def linear_grad_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program: ``dz'`` of BLOCK_N valid rows (program id 0) against BLOCK_V entries of the
-    vocabulary chunk ``v_chunk_start .. v_chunk_end`` (program id 1), stored in ``dz`` at (the row's
-    position in the row index, the entry's column in the chunk)."""
-    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
+    """One program: ``dz'`` of BLOCK_N valid rows against BLOCK_V entries of the vocabulary chunk
+    ``v_chunk_start .. v_chunk_end`` (``tiles.grouped_tile`` orders them), stored in ``dz`` at (the
+    row's position in the row index, the entry's column in the chunk)."""
+    row_tile, vocab_tile = grouped_tile(n_row_tiles, n_vocab_tiles, n_group_rows)
+    p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
                                                                   stride_h_r, stride_h_t, BLOCK_N)
-    v0 = v_chunk_start + tl.program_id(1) * BLOCK_V
+    v0 = v_chunk_start + vocab_tile * BLOCK_V
     z, offs_v, v_mask = logits_tile(
         h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
         stride_h_d, stride_w_v, stride_w_d, softcap,
@@ -67,7 +68,7 @@ def linear_grad_kernel(
 
 
 def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
-                      softcap=None, tiles: TileConfig | None = None):
+                      softcap=None, plan: str = DEFAULT_PLAN):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
@@ -77,11 +78,11 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
         return
     V, D = weight.shape
     T = hidden.shape[1]
-    tiles = tiles or tiles_for(hidden.dtype)
-    grid = (triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v))
-    linear_grad_kernel[grid](
+    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
+    row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
+    linear_grad_kernel[(row_tiles * vocab_tiles,)](
         hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz,
-        V, D, T, v_start, v_start + dz.shape[1],
+        V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
         **logits_launch_args(hidden.dtype, bias, softcap, tiles),
@@ -99,16 +100,17 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
 
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
                          softcap=None, needs=(True, True, True), workspace_bytes=WORKSPACE_BYTES,
-                         tiles: TileConfig | None = None):
+                         plan: str = DEFAULT_PLAN):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
     (hidden, weight, bias) want a gradient; the others come back as None.  Gradients are returned
-    in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.
+    in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.  ``plan`` must be the forward's
+    (``tiles.PLANS``), so the logits are rounded as they were there.
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
-    tiles = tiles or tiles_for(hidden.dtype)
+    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     n_rows = rows.numel()
     rows_long = rows.long()
     g = grad_logp.float()[rows_long]
@@ -133,7 +135,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
-                          softcap=softcap, tiles=tiles)
+                          softcap=softcap, plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
             # Accumulated without a name that outlives the chunk, so two chunk products never coexist.
@@ -153,8 +155,8 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
     pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
                 "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    return [AotSpec("linear_grad", variant, linear_grad_kernel, pointers, constexprs, options)
-            for variant, constexprs, options in aot_logits_variants(dtype)]
+    return [AotSpec("linear_grad", variant, linear_grad_kernel, pointers, constexprs, options, layouts)
+            for variant, constexprs, options, layouts in aot_logits_variants(dtype)]
 
 
 def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
@@ -169,5 +171,5 @@ def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
     ]
 
 
-__all__ = ["aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "peak_temporaries",
+__all__ = ["MAX_CHUNK_FRACTION", "aot_specs", "linear_grad_backward", "linear_grad_chunk", "linear_grad_kernel", "peak_temporaries",
            "vocab_chunk_size"]

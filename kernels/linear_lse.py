@@ -1,33 +1,41 @@
 """Forward: per-token log-sum-exp over the vocabulary, the target logit and the sum of logits.
 
-Each program owns BLOCK_N valid rows and one contiguous vocabulary range (the vocabulary is split
-across programs when there are too few row tiles to fill the GPU).  It walks its range in
-BLOCK_V tiles with an online max / sum-exp, so no [N, V] tensor is ever stored.  The target logit is
-picked from the same tiles as the lse, with the same rounding, so ``logp = target - lse <= 0``.
+The grid is (row tile x vocabulary split), in grouped order (``tiles.grouped_tile``).  A program
+owns BLOCK_N valid rows and one vocabulary split of one or more BLOCK_V tiles; each tile is a full
+reduction over D, after which its max and sum of exponentials are taken once (``tiles.TileConfig``
+says how many tiles a split holds).  The program writes one partial log-sum-exp per row; the
+partials of a row's splits are merged after by ``merge_splits_kernel`` in a fixed order, so the
+result does not depend on which program finished first, and no [N, V] tensor is ever stored.  The
+partials' buffer is bounded by ``workspace_bytes``: past that, rows go through in several launches.
+
+The target logit is picked from the same tiles as the lse, with the same rounding, so ``logp =
+target - lse <= 0``; the one split holding a row's label stores it.
 
 The sum of a token's logits (for the preference losses' ``logits/*`` metrics) is linear without a
 softcap, ``h . sum_v w_v + sum_v b_v``: ``logit_sum_kernel`` computes it as one dot product per
 token.  As a third row reduction per logits tile it cost the forward 40% on an H200
-(benchmarks/NOTES.md), so the tiles sum logits only under a softcap (``LOGIT_SUM``).
+(benchmarks/NOTES.md), so the tiles sum logits only under a softcap (``LOGIT_SUM``), as one more
+partial per split.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import (DTYPE_NAMES, AotSpec, TileConfig, aot_logits_variants, labelled_rows, logits_input_pointers,
-                    logits_launch_args, logits_tile, row_tile_start, tiles_for, valid_rows)
+from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, WORKSPACE_BYTES, AotSpec, TileConfig, aligned_launch, aot_logits_variants,
+                    group_rows, grouped_tile, labelled_rows, logits_input_pointers, logits_launch_args, logits_tile,
+                    row_tile_start, tiles_for, valid_rows)
 
 
 @triton.jit
 def linear_lse_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr,
-    max_ptr, sumexp_ptr, target_ptr, logit_sum_ptr,
+    lse_part_ptr, sum_part_ptr, target_ptr,
     # sizes
-    N, V, D, T, v_per_split,
+    V, D, T, p_start, n_row_tiles, n_splits, n_group_rows, v_per_split,
     # strides
-    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d,
+    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_part_s,
     # scalars
     softcap,
     # variants
@@ -36,21 +44,22 @@ def linear_lse_kernel(
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program: BLOCK_N valid rows (program id 0) against vocabulary split ``pid_s`` (program
-    id 1).  Writes their running max, sum of exponentials, target logit (and, with ``LOGIT_SUM``,
-    sum of logits) at ``pid_s * N + row`` of each partial output; ``combine_vocab_splits`` merges
-    the splits."""
-    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
+    """One program: BLOCK_N valid rows from position ``p_start`` of the row index against one
+    vocabulary split.  Writes their partial log-sum-exp (and, with ``LOGIT_SUM``, sum of logits) at
+    ``[split, position - p_start]`` of the partials, and the target logit of the rows whose label
+    lies in the split."""
+    row_tile, split = grouped_tile(n_row_tiles, n_splits, n_group_rows)
+    p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
+    p0 += p_start
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
                                                          stride_h_r, stride_h_t, BLOCK_N)
-    pid_s = tl.program_id(1)
     run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    v_start = pid_s * v_per_split
+    v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
         z, offs_v, v_mask = logits_tile(
@@ -67,12 +76,47 @@ def linear_lse_kernel(
         if LOGIT_SUM:
             logit_sum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
 
-    out = pid_s.to(tl.int64) * N + row
-    tl.store(max_ptr + out, run_max, mask=p_mask)
-    tl.store(sumexp_ptr + out, run_sum, mask=p_mask)
-    tl.store(target_ptr + out, target, mask=p_mask)
+    part = split.to(tl.int64) * stride_part_s + (offs_p - p_start)
+    tl.store(lse_part_ptr + part, run_max + tl.log(run_sum), mask=p_mask)
     if LOGIT_SUM:
-        tl.store(logit_sum_ptr + out, logit_sum, mask=p_mask)
+        tl.store(sum_part_ptr + part, logit_sum, mask=p_mask)
+    # Exactly one split holds a label in [0, V); a label outside it (validate=False) keeps the zero
+    # the launcher filled in.
+    tl.store(target_ptr + row, target, mask=p_mask & (label >= v_start) & (label < v_end))
+
+
+@triton.jit
+def merge_splits_kernel(
+    lse_part_ptr, sum_part_ptr, rows_ptr, n_valid_ptr, lse_ptr, logit_sum_ptr,
+    p_start, n_positions, n_splits, stride_part_s,
+    LOGIT_SUM: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """Each row's log-sum-exp over the whole vocabulary from its splits' partials ``l_s``, in split
+    order:  ``lse = M + log(sum_s exp(l_s - M))``, ``M`` the running max (the online-softmax merge:
+    rescaling to the largest cannot overflow); and, with ``LOGIT_SUM``, the sum of its partial sums.
+    Stored at the row's token, for positions ``p_start .. p_start + n_positions`` of the row index."""
+    offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask = (offs < n_positions) & (p_start + offs < tl.load(n_valid_ptr))
+    run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for s in range(0, n_splits):
+        part = s * stride_part_s + offs
+        partial = tl.load(lse_part_ptr + part, mask=mask, other=0.0)
+        new_max = tl.maximum(run_max, partial)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(partial - new_max)
+        run_max = new_max
+        if LOGIT_SUM:
+            logit_sum += tl.load(sum_part_ptr + part, mask=mask, other=0.0)
+    row = tl.load(rows_ptr + p_start + offs, mask=mask, other=0).to(tl.int64)
+    tl.store(lse_ptr + row, run_max + tl.log(run_sum), mask=mask)
+    if LOGIT_SUM:
+        tl.store(logit_sum_ptr + row, logit_sum, mask=mask)
+
+
+# 1024 rows per program, 4 warps: 8 rows per thread, each split's partials a coalesced 4 KiB read.
+MERGE_BLOCK_P = 1024
+MERGE_NUM_WARPS = 4
 
 
 @triton.jit
@@ -85,7 +129,7 @@ def logit_sum_kernel(
 ):
     """``out[row] = h[row] . w_sum + b_sum`` for BLOCK_N valid rows, accumulated in fp64: ``w_sum`` is
     a column sum over the whole vocabulary, so its terms are large and the dot product cancels."""
-    p0, n_valid = row_tile_start(n_valid_ptr, BLOCK_N)
+    p0, n_valid = row_tile_start(n_valid_ptr, tl.program_id(0), BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset = valid_rows(rows_ptr, n_valid, p0, T, stride_h_r, stride_h_t, BLOCK_N)
@@ -190,60 +234,64 @@ def _programs_wanted(device: torch.device) -> int:
 
 def vocab_splits(n_rows: int, V: int, device: torch.device, tiles: TileConfig):
     """(number of vocabulary splits, vocabulary entries per split) for ``n_rows`` valid rows."""
-    row_tiles = max(1, triton.cdiv(n_rows, tiles.block_n))
     v_tiles = triton.cdiv(V, tiles.block_v)
-    splits = min(v_tiles, max(1, triton.cdiv(_programs_wanted(device), row_tiles)))
+    if tiles.vocab_tiles_per_program is not None:
+        splits = triton.cdiv(v_tiles, tiles.vocab_tiles_per_program)
+    else:
+        row_tiles = max(1, triton.cdiv(n_rows, tiles.block_n))
+        splits = min(v_tiles, max(1, triton.cdiv(_programs_wanted(device), row_tiles)))
     v_per_split = triton.cdiv(v_tiles, splits) * tiles.block_v
     return triton.cdiv(V, v_per_split), v_per_split
 
 
-def combine_vocab_splits(partial: torch.Tensor):
-    """Per-token ``(lse, target, logit_sum)`` over the whole vocabulary from ``linear_lse_kernel``'s
-    per-split partials ``partial`` ``[3 or 4, S, N]``: running max ``m_s``, sum of exponentials
-    ``s_s`` (relative to ``m_s``), target logit and, with a fourth row, sum of logits, for each of
-    the ``S`` vocabulary splits.
-
-        lse = M + log(sum_s s_s * exp(m_s - M)),  M = max_s m_s
-
-    (the online-softmax merge: rescaling each split to the largest max cannot overflow).  Each
-    label lies in one split and the others add 0, so ``target`` (and ``logit_sum``) are sums over
-    splits.  ``logit_sum`` is None without a fourth row.  One split needs no rescaling.
-    """
-    run_max, run_sum, target = partial[0], partial[1], partial[2]
-    if run_max.shape[0] == 1:
-        lse = run_max[0] + torch.log(run_sum[0])
-    else:
-        top = run_max.max(dim=0).values
-        lse = top + torch.log((run_sum * torch.exp(run_max - top)).sum(dim=0))
-    return lse, target.sum(dim=0), partial[3].sum(dim=0) if partial.shape[0] == 4 else None
+def rows_per_launch(n_rows: int, splits: int, partials: int, block_n: int, workspace_bytes: int) -> int:
+    """Positions of the row index one forward launch covers: all of them if their ``partials``
+    fp32 values per split fit in ``workspace_bytes``, else the most whole row tiles that do (one
+    at least)."""
+    per_row = 4 * splits * partials
+    fitting = workspace_bytes // per_row // block_n * block_n
+    return max(1, min(n_rows, max(block_n, fitting)))
 
 
-def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None,
-                       logit_sum=False, tiles: TileConfig | None = None):
+def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None, logit_sum=False,
+                       workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
     """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary (in
     the logits tiles under a softcap, else by ``linear_logit_sums``).
 
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``rows`` the int32 valid-first row index (its length bounds the
     number of valid rows), ``n_valid`` a one-element int32 device tensor.  Returns fp32 ``[R*T]``
-    tensors whose entries at rows not among the first ``n_valid`` of ``rows`` are undefined.
+    tensors whose entries at rows not among the first ``n_valid`` of ``rows`` are undefined.  The
+    per-split partials hold at most ``workspace_bytes`` (and one row tile's worth at least); ``plan``
+    names the tiles (``tiles.PLANS``).
     """
     R, T, D = hidden.shape
     N, V = R * T, weight.shape[0]
-    tiles = tiles or tiles_for(hidden.dtype)
-    splits, v_per_split = vocab_splits(rows.numel(), V, hidden.device, tiles)
+    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
+    n_rows = rows.numel()
+    splits, v_per_split = vocab_splits(n_rows, V, hidden.device, tiles)
     tile_sum = logit_sum and softcap is not None
-    partial = torch.empty((4 if tile_sum else 3, splits, N), device=hidden.device, dtype=torch.float32)
-    if rows.numel() > 0:
-        grid = (triton.cdiv(rows.numel(), tiles.block_n), splits)
-        linear_lse_kernel[grid](
-            hidden, weight, bias, labels, rows, n_valid,
-            partial[0], partial[1], partial[2], partial[3] if tile_sum else partial[0],
-            N, V, D, T, v_per_split,
+    lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
+    target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+    sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
+    per_launch = rows_per_launch(n_rows, splits, 2 if tile_sum else 1, tiles.block_n, workspace_bytes)
+    partials = torch.empty((2 if tile_sum else 1, splits, per_launch), device=hidden.device, dtype=torch.float32)
+    lse_part, sum_part = partials[0], partials[-1]
+    launch = logits_launch_args(hidden.dtype, bias, softcap, tiles)
+    for p_start in range(0, n_rows, per_launch):
+        n_positions = min(per_launch, n_rows - p_start)
+        row_tiles = triton.cdiv(n_positions, tiles.block_n)
+        linear_lse_kernel[(row_tiles * splits,)](
+            hidden, weight, bias, labels, rows, n_valid, lse_part, sum_part, target,
+            V, D, T, p_start, row_tiles, splits, group_rows(tiles, row_tiles), v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            LOGIT_SUM=tile_sum, **logits_launch_args(hidden.dtype, bias, softcap, tiles),
+            lse_part.stride(0), LOGIT_SUM=tile_sum, **launch,
         )
-    lse, target, sums = combine_vocab_splits(partial)
+        merge_splits_kernel[(triton.cdiv(n_positions, MERGE_BLOCK_P),)](
+            lse_part, sum_part, rows, n_valid, lse, lse if sums is None else sums,
+            p_start, n_positions, splits, lse_part.stride(0),
+            LOGIT_SUM=tile_sum, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
+        )
     if logit_sum and not tile_sum:
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
     return lse, target, sums
@@ -251,17 +299,18 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the logits kernel
-    in ``aot_logits_variants``, the logit-sum kernel with and without a bias, the column sum."""
-    partials = dict.fromkeys(("max_ptr", "sumexp_ptr", "target_ptr", "logit_sum_ptr"), torch.float32)
+    in ``aot_logits_variants``, the merge, the logit-sum kernel with and without a bias, the column
+    sum."""
+    partials = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "target_ptr": torch.float32}
     logit_sum_pointers = {"h_ptr": dtype, "w_sum_ptr": torch.float64, "b_sum_ptr": torch.float64,
                           "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
     specs = []
-    for variant, constexprs, options in aot_logits_variants(dtype):
-        has_bias = constexprs["HAS_BIAS"]
+    for variant, constexprs, options, layouts in aot_logits_variants(dtype):
         # The tiles sum logits only under a softcap (linear_lse_forward): that is the larger variant.
         specs.append(AotSpec("linear_lse", variant, linear_lse_kernel,
                              {**logits_input_pointers(dtype), **partials},
-                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"]}, options))
+                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"]}, options, layouts))
+    for has_bias in (False, True):
         specs.append(AotSpec("logit_sum", DTYPE_NAMES[dtype] + ("+bias" if has_bias else ""), logit_sum_kernel,
                              logit_sum_pointers,
                              {"HAS_BIAS": has_bias, "BLOCK_N": LOGIT_SUM_BLOCK_N, "BLOCK_D": LOGIT_SUM_BLOCK_D},
@@ -273,5 +322,15 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     return specs
 
 
-__all__ = ["aot_specs", "column_sum_kernel", "combine_vocab_splits", "linear_logit_sums", "linear_lse_forward",
-           "linear_lse_kernel", "logit_sum_kernel", "vocab_splits", "vocabulary_column_sum"]
+def merge_aot_specs() -> list[AotSpec]:
+    """The merge's builds: fp32 partials whatever the inputs, with and without partial sums."""
+    pointers = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "rows_ptr": torch.int32,
+                "n_valid_ptr": torch.int32, "lse_ptr": torch.float32, "logit_sum_ptr": torch.float32}
+    return [AotSpec("merge_splits", "fp32" + ("+sum" if logit_sum else ""), merge_splits_kernel, pointers,
+                    {"LOGIT_SUM": logit_sum, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": MERGE_NUM_WARPS})
+            for logit_sum in (False, True)]
+
+
+__all__ = ["aot_specs", "column_sum_kernel", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel",
+           "logit_sum_kernel", "merge_aot_specs", "merge_splits_kernel", "rows_per_launch", "vocab_splits",
+           "vocabulary_column_sum"]

@@ -2,12 +2,13 @@
 logits-tile kernel starts with, the launch-time flags derived in one place, and the pieces of the
 ahead-of-time build specs.
 
-The forward (``linear_lse``) and both backwards (``linear_grad``, ``linear_grad_fused``) build their
+The forward (``linear_lse``) and the backward (``linear_grad``) build their
 logits through ``logits_tile`` with the same ``TileConfig``, so the same element is rounded the same
 way in every pass (Cut Cross-Entropy saw skewed gradients when the two used different MMA shapes),
 and launch with ``logits_launch_args``, so their variant flags, dot flags and tiles cannot differ.
 """
 
+import contextlib
 import os
 from dataclasses import dataclass
 from importlib import metadata
@@ -43,30 +44,101 @@ def interpreter_problem(triton_version: str = triton.__version__, numpy_version:
     return None
 
 
+# The most bytes a kernel stage's workspace may hold: the backward's dz chunk, the forward's
+# per-vocabulary-split partials.  A parameter of every call (``workspace_bytes``), never N x V.
+WORKSPACE_BYTES = 256 * 2**20
+
+
 @dataclass(frozen=True)
 class TileConfig:
-    """Block sizes and launch settings shared by the forward and backward logits tiles."""
+    """Block sizes, launch settings and program order shared by the forward and backward logits tiles.
+
+    ``vocab_tiles_per_program``: how many BLOCK_V tiles a forward program walks with its online
+    max / sum-exp before writing a partial log-sum-exp; None splits the vocabulary only as far as
+    it takes to give the GPU two programs per SM.  ``group_rows``: row tiles that walk the vocabulary
+    side by side (grouped program order, so a weight tile read from HBM serves them all from L2);
+    None puts every row tile in one group, i.e. row-tile-fastest order."""
 
     block_n: int = 64
     block_v: int = 128
     block_d: int = 32
     num_warps: int = 8
     num_stages: int = 3
+    vocab_tiles_per_program: int | None = None
+    group_rows: int | None = None
 
 
-# Shipped configurations, one per input dtype, chosen from ptxas -v figures (no GPU timing yet;
-# see benchmarks/NOTES.md).  On sm_90, 128x128 tiles spill in both kernels and 64x128 with
-# BLOCK_D=64 spills the fp32 forward; these compile with no spills for sm_80 and sm_90, which
-# tests/test_aot_compile.py keeps true.
-SHIPPED_TILES = {
-    torch.bfloat16: TileConfig(),
-    torch.float16: TileConfig(),
-    torch.float32: TileConfig(block_d=16),
+# Tile plans: one configuration per input dtype each.  The forward and the backward of a call use
+# the same plan, so every logit is rounded the same way in both (``LogprobParams.plan``).
+#
+# "narrow", the default, is what the H200 measured (benchmarks/NOTES.md): 64x128 tiles, BLOCK_D 32
+# (16 in fp32), each forward program walking a vocabulary split.  On sm_90, 128x128 tiles spill in
+# its layout and 64x128 with BLOCK_D 64 spills the fp32 forward.  fp32 runs 2 stages: with ieee
+# dots (torch's default "highest" precision) and 3 stages the strided soft-capped forward spilled
+# 8 bytes on sm_90 (bf16 was timed, fp32 never).
+#
+# "wide" follows DESIGN.md section 4's measured prototype: one output tile per forward program over
+# the whole D in 64-wide steps, 8 warps, 3 stages, grouped order, the tile's max and sum-exp taken
+# once and its partial log-sum-exp merged after.  The prototype's 128x256 tile (22.3 ms at
+# Llama-3-8B / 16k on an H200, against narrow's 58.5) spills in this kernel: 252 bytes aligned on
+# sm_90, 1.2 KB with a bias and softcap (the row gather, masks and softcap cost registers the
+# prototype did not spend); 128x128 compiles with none, aligned, on both archs, without a softcap.
+# Strided launches spill at 128x128 (20-500 bytes), and so does the soft-capped forward on sm_80
+# (triton 3.6: 8 bytes, 4 with BLOCK_D 32): those keep narrow's tiles (``tiles_for``), as does fp32.
+# Not timed yet: opt-in (``tile_plan("wide")``) until a GPU run of ``bench`` measures it.
+#
+# Every configuration compiles with no spills for sm_80 and sm_90 in the layouts it runs in
+# (tests/test_aot_compile.py).
+_WIDE = TileConfig(block_n=128, block_v=128, block_d=64, vocab_tiles_per_program=1, group_rows=8)
+PLANS = {
+    "narrow": {
+        torch.bfloat16: TileConfig(),
+        torch.float16: TileConfig(),
+        torch.float32: TileConfig(block_d=16, num_stages=2),
+    },
+    "wide": {
+        torch.bfloat16: _WIDE,
+        torch.float16: _WIDE,
+        torch.float32: TileConfig(block_d=16, num_stages=2),
+    },
 }
+DEFAULT_PLAN = "narrow"
+_active_plan = [DEFAULT_PLAN]
 
 
-def tiles_for(dtype: torch.dtype) -> TileConfig:
-    return SHIPPED_TILES[dtype]
+def active_plan() -> str:
+    """The tile plan calls made now run with: ``DEFAULT_PLAN`` unless inside ``tile_plan``."""
+    return _active_plan[-1]
+
+
+@contextlib.contextmanager
+def tile_plan(name: str):
+    """Run the calls made inside with tile plan ``name`` (their backwards keep it, wherever they
+    run).  For A/B timing: ``python -m fused_pref bench --impl fused-wide``."""
+    if name not in PLANS:
+        raise ValueError(f"tile plan must be one of {tuple(PLANS)}, got {name!r}")
+    _active_plan.append(name)
+    try:
+        yield
+    finally:
+        _active_plan.pop()
+
+
+def tiles_for(dtype: torch.dtype, plan: str = DEFAULT_PLAN, *, aligned: bool = True,
+              softcap: bool = False) -> TileConfig:
+    """The tiles of ``plan`` at ``dtype`` for a launch ``aligned`` or not (``aligned_launch``), with a
+    softcap or without.  A strided or soft-capped launch takes the default plan's tiles, the only
+    ones that compile without spills there."""
+    return PLANS[plan if aligned and not softcap else DEFAULT_PLAN][dtype]
+
+
+def aligned_launch(*tensors) -> bool:
+    """Whether Triton compiles a launch over ``tensors`` (None skipped) in the aligned layout the
+    plans' configurations are checked in: unit inner stride, the other strides multiples of 16
+    elements and the data 16-byte aligned (Triton's specialization hints).  Forward and backward
+    see the same tensors, so they agree."""
+    return all(t is None or (t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 16 == 0 for s in t.stride()[:-1]))
+               for t in tensors)
 
 
 def dot_flags(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED,
@@ -90,7 +162,7 @@ def dot_flags(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED,
 
 def logits_constexprs(dtype: torch.dtype, tiles: TileConfig, *, has_bias: bool, has_softcap: bool,
                       **dot) -> dict:
-    """The constexprs every logits-tile kernel (``linear_lse``, ``linear_grad``, ``linear_grad_fused``)
+    """The constexprs every logits-tile kernel (``linear_lse``, ``linear_grad``)
     takes: the variant flags, ``dot_flags`` (``dot`` passes its keywords) and the block sizes."""
     return {
         "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap,
@@ -145,6 +217,7 @@ class AotSpec:
     pointers: dict
     constexprs: dict
     options: dict
+    layouts: tuple = ("strided", "aligned")   # the layouts the launchers run it in (``aligned_launch``)
 
 
 def logits_input_pointers(dtype: torch.dtype) -> dict:
@@ -154,16 +227,26 @@ def logits_input_pointers(dtype: torch.dtype) -> dict:
 
 
 def aot_logits_variants(dtype: torch.dtype):
-    """``(variant name, constexprs, options)`` of the logits-tile kernels' ahead-of-time builds at
-    ``dtype``'s shipped tiles: without bias and softcap, and with both (the most registers).  Built
-    for a GPU: no interpreter upcast, and fp32 dots in tf32 (torch's "high" matmul precision; at
-    "highest" the launcher asks for ieee dots, a variant not built here)."""
-    tiles = tiles_for(dtype)
-    for has_bias, has_softcap in ((False, False), (True, True)):
-        variant = DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
-        constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
-                                       interpreted=False, float32_matmul_precision="high")
-        yield variant, constexprs, launch_options(tiles)
+    """``(variant name, constexprs, options, layouts)`` of the logits-tile kernels' ahead-of-time
+    builds at ``dtype``'s tiles in every plan, in the launches that run them (``tiles_for``): the
+    default plan's without bias and softcap and with both (the most registers), strided and aligned;
+    another plan's without a softcap, with and without a bias, aligned only.  Built for a GPU: no
+    interpreter upcast; fp32 dots in tf32 (torch's "high" matmul precision) and, for the soft-capped
+    variant, also in ieee (the default "highest": the most registers)."""
+    for plan in PLANS:
+        tiles = tiles_for(dtype, plan)
+        if plan != DEFAULT_PLAN and tiles == tiles_for(dtype):
+            continue
+        default = plan == DEFAULT_PLAN
+        layouts = ("strided", "aligned") if default else ("aligned",)
+        for has_bias, has_softcap in ((False, False), (True, True)) if default else ((False, False), (True, False)):
+            precisions = ("high", "highest") if dtype == torch.float32 and has_softcap else ("high",)
+            for precision in precisions:
+                variant = (DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
+                           + ("+ieee" if precision == "highest" else "") + ("" if plan == DEFAULT_PLAN else f" {plan}"))
+                constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
+                                               interpreted=False, float32_matmul_precision=precision)
+                yield variant, constexprs, launch_options(tiles), layouts
 
 
 @triton.jit
@@ -187,12 +270,31 @@ def tanh(x):
 
 
 @triton.jit
-def row_tile_start(n_valid_ptr, BLOCK_N: tl.constexpr):
-    """``(p0, n_valid)``: where this program's BLOCK_N rows start in the valid-first row index, and
-    the number of valid rows, read on the device.  A program with ``p0 >= n_valid`` has no row to
-    compute and returns at once (the kernel itself returns: a helper cannot return for it), so
-    ignored tokens cost nothing and the host never synchronises."""
-    return tl.program_id(0) * BLOCK_N, tl.load(n_valid_ptr)
+def row_tile_start(n_valid_ptr, row_tile, BLOCK_N: tl.constexpr):
+    """``(p0, n_valid)``: where row tile ``row_tile``'s BLOCK_N rows start in the valid-first row
+    index, and the number of valid rows, read on the device.  A program with ``p0 >= n_valid`` has
+    no row to compute and returns at once (the kernel itself returns: a helper cannot return for
+    it), so ignored tokens cost nothing and the host never synchronises."""
+    return row_tile * BLOCK_N, tl.load(n_valid_ptr)
+
+
+@triton.jit
+def grouped_tile(n_row_tiles, n_vocab_tiles, n_group_rows):
+    """``(row tile, vocabulary tile)`` of this program (1-D grid) in grouped order: ``n_group_rows``
+    row tiles take each vocabulary tile in turn, so the programs running at once share their weight
+    tiles through L2 instead of each reading them from HBM.  With ``n_group_rows == n_row_tiles``
+    this is row-tile-fastest order, as a 2-D ``(rows, vocabulary)`` grid launches."""
+    pid = tl.program_id(0)
+    per_group = n_group_rows * n_vocab_tiles
+    first_row_tile = (pid // per_group) * n_group_rows
+    rows_here = tl.minimum(n_row_tiles - first_row_tile, n_group_rows)
+    in_group = pid % per_group
+    return first_row_tile + in_group % rows_here, in_group // rows_here
+
+
+def group_rows(tiles: TileConfig, n_row_tiles: int) -> int:
+    """``n_group_rows`` for ``grouped_tile``: the configuration's, at most every row tile."""
+    return max(1, min(tiles.group_rows or n_row_tiles, n_row_tiles))
 
 
 @triton.jit

@@ -29,10 +29,11 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     lines = done.stdout.splitlines()
     assert lines[0].startswith("Compiling every kernel ahead of time") and lines[1] == aot.TABLE_HEADER
     rows = [line.split() for line in lines[2:-1]]
-    assert {r[0] for r in rows} == {"column_sum", "linear_grad", "linear_grad_fused", "linear_lse", "logit_sum",
-                                    "pref_head"}
+    assert {r[0] for r in rows} == {"column_sum", "linear_grad", "linear_lse", "logit_sum", "merge_splits", "pref_head"}
     assert {r[3] for r in rows} == {"sm_80", "sm_90"} and {r[2] for r in rows} == {"aligned", "strided"}
-    assert len(rows) == 4 * len(list(aot.shipped_specs()))          # every spec, in two layouts, for two archs
+    # Every spec, in each layout it runs in, for two archs; the wide plan's tiles only aligned.
+    assert len(rows) == 2 * sum(len(spec.layouts) for spec in aot.shipped_specs())
+    assert any(" wide" in line for line in lines) and not any(" wide" in line and "strided" in line for line in lines)
     assert [r for r in rows if r[5:7] != ["0", "0"]] == [], "spills"
     assert re.fullmatch(rf"{len(rows)} builds for sm_80, sm_90 in \d+ s: 0 spill registers", lines[-1]), lines[-1]
 
@@ -86,9 +87,9 @@ def test_names_a_spec_gives_that_the_kernel_does_not_take_are_named():
 
 def test_every_shipped_spec_covers_its_kernels_arguments():
     specs = aot.shipped_specs()
-    assert {(s.kernel, s.variant.split("+")[0]) for s in specs if s.kernel != "pref_head"} == {
-        (k, d) for k in ("linear_lse", "logit_sum", "linear_grad", "linear_grad_fused", "column_sum")
-        for d in ("bf16", "fp16", "fp32")}
+    assert {(s.kernel, s.variant.split()[0].split("+")[0]) for s in specs if s.kernel != "pref_head"} == {
+        (k, d) for k in ("linear_lse", "logit_sum", "linear_grad", "column_sum") for d in ("bf16", "fp16", "fp32")
+    } | {("merge_splits", "fp32")}
     for spec in specs:
         assert list(aot.signature(spec)) == [n for n in spec.fn.arg_names if n not in spec.constexprs]
     # A real kernel whose spec has fallen behind (here: one that never learnt of lse_ptr) is caught by name.

@@ -3,11 +3,11 @@ and without ``torch.use_deterministic_algorithms(True)``.
 
 Every default path is deterministic by construction: the default backward is strategy (b) of
 DESIGN.md section 4 (a kernel writes ``dz`` for a vocabulary chunk, cuBLAS products accumulate the
-gradients, chunks in a fixed order), only the opt-in ``backward="fused"`` uses atomics and it is
-refused under determinism, tile configs are fixed (no autotuning), the
-split-vocabulary forward combines its partials with torch in a fixed order, and packed sequence
-sums difference an fp64 prefix sum.  Under the interpreter programs run one after another, so a
-race cannot show on CPU: ``test_only_the_fused_backward_uses_atomics`` guards the structural
+gradients, chunks in a fixed order), no kernel uses atomics, tile configs are fixed (no
+autotuning), the split-vocabulary forward merges its partials in a kernel, split by split in a
+fixed order, and packed sequence sums difference an fp64 prefix sum.  Under the interpreter
+programs run one after another, so a race cannot show on CPU: ``test_no_kernel_uses_atomics``
+guards the structural
 half, and these runs the rest (no state carried between calls, no read of uninitialised memory:
 under deterministic algorithms torch fills fresh tensors with NaN).  Where CUDA is visible the runs
 are on the GPU, where a race would also show.
@@ -106,31 +106,12 @@ def test_nan_filled_sets_and_restores_the_global_settings(before):
         torch.utils.deterministic.fill_uninitialized_memory = saved[2]
 
 
-def test_only_the_fused_backward_uses_atomics():
-    # Float atomics add in whatever order programs finish, so results change run to run (DESIGN.md,
-    # strategy (a)).  Only kernels/linear_grad_fused.py may use them: it runs only with
-    # backward="fused", which deterministic=True refuses (tested below).
+def test_no_kernel_uses_atomics():
+    # Float atomics add in whatever order programs finish, so results change run to run.  The atomic
+    # backward that used them (strategy (a)) was removed; the forward merges its vocabulary splits in
+    # a kernel of its own, in split order.
     kernels = pathlib.Path(fused_pref.kernels.__file__).parent
     sources = {path.name: path.read_text() for path in kernels.glob("*.py")}
     assert sources, f"no kernel sources under {kernels}"
     users = sorted(name for name, text in sources.items() if re.search(r"\btl\.atomic_\w+\(", text))
-    assert users == ["linear_grad_fused.py"], f"kernels with atomics: {users}"
-
-
-@pytest.mark.parametrize("how", ["argument", "global-switch"])
-def test_the_atomic_backward_is_refused_under_determinism(how, device):
-    x = make_inputs(2, 7, 40, 257, device=device)
-    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
-    pattern = r"^backward='fused' accumulates with atomics"
-    if how == "argument":
-        with pytest.raises(ValueError, match=pattern):
-            fused_pref.simpo_loss(*args, backward="fused", deterministic=True)
-        return
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        with pytest.raises(ValueError, match=pattern):
-            fused_pref.linear_cross_entropy(*args, backward="fused")
-        fused_pref.linear_cross_entropy(*args, backward="fused", deterministic=False)  # an explicit opt-out
-    finally:
-        torch.use_deterministic_algorithms(previous)
+    assert users == [], f"kernels with atomics: {users}"

@@ -7,6 +7,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fused_pref
 from fused_pref.compat import liger
+from fused_pref.kernels.tiles import DEFAULT_PLAN, PLANS, tile_plan
 from fused_pref.tools.memory import AllocationRecorder
 from fused_pref.testing import make_inputs
 
@@ -40,10 +41,11 @@ def _step(module, loss_name, device, **options):
     return recorder
 
 
-@pytest.mark.parametrize("backward", ["chunked", "fused"])
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("loss_name", ["simpo", "dpo", "cross_entropy"])
-def test_fused_never_allocates_tokens_by_vocab(loss_name, backward, device):
-    recorder = _step(fused_pref, loss_name, device, backward=backward)
+def test_fused_never_allocates_tokens_by_vocab(loss_name, plan, device):
+    with tile_plan(plan):
+        recorder = _step(fused_pref, loss_name, device)
     largest = recorder.largest()
     assert len(recorder.allocations) > 10, "the recorder saw no allocations: it is not recording"
     assert largest.numel < R * T * V / 8, f"fused path allocated {largest}"
@@ -56,29 +58,28 @@ def test_the_check_catches_the_reference(loss_name, device):
     assert largest.numel >= R * T * V, f"reference's largest allocation was {largest}"
 
 
-@pytest.mark.parametrize("loss_name, backward", [
-    *[(loss, backward) for loss in ("simpo", "dpo", "cross_entropy") for backward in ("chunked", "fused")],
-    ("liger-simpo", None), ("liger-dpo", None),
+@pytest.mark.parametrize("loss_name, plan", [
+    *[(loss, plan) for loss in ("simpo", "dpo", "cross_entropy") for plan in PLANS],
+    ("liger-simpo", DEFAULT_PLAN), ("liger-dpo", DEFAULT_PLAN),
 ])
-def test_no_temporary_inside_an_op_outgrows_a_gradient(loss_name, backward, device):
+def test_no_temporary_inside_an_op_outgrows_a_gradient(loss_name, plan, device):
     # The recorders above see each op's outputs, not the buffers an op allocates inside itself
     # (torch's weight.sum(dtype=float64) once copied a bf16 weight to fp64 whole: 4.2 GB at
     # Llama-3-8B, found by an H200's peak memory).  The profiler sees every allocation.  In bf16 no
-    # allocation may exceed the largest gradient buffer: d_weight, in bf16 for the chunked backward
-    # and accumulated in fp32 by the fused one.  So a copy of the weight in a wider dtype, or
-    # anything [N, V], fails.
+    # allocation may exceed the largest gradient buffer, d_weight in bf16.  So a copy of the weight
+    # in a wider dtype, or anything [N, V], fails.  D is a multiple of 16: the wide plan's tiles run.
     x = make_inputs(R, T, D, V, device=device, dtype=torch.bfloat16)
-    options = {} if backward is None else {"backward": backward}
     if device == "cuda":
         # cuBLAS takes its workspace from the caching allocator on a stream's first product.
-        _forward_backward(fused_pref, loss_name, x, **options)
+        with tile_plan(plan):
+            _forward_backward(fused_pref, loss_name, x)
         x = make_inputs(R, T, D, V, device=device, dtype=torch.bfloat16)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities, profile_memory=True) as profiler:
-        _forward_backward(fused_pref, loss_name, x, **options)
+    with tile_plan(plan), profile(activities=activities, profile_memory=True) as profiler:
+        _forward_backward(fused_pref, loss_name, x)
     usage = "self_device_memory_usage" if device == "cuda" else "self_cpu_memory_usage"
     largest = max(getattr(event, usage) for event in profiler.events())
-    d_weight = V * D * (4 if backward == "fused" else 2)
+    d_weight = V * D * 2
     if device == "cuda":
         d_weight = -(-d_weight // 512) * 512  # the caching allocator rounds blocks up to 512 bytes
     assert largest >= V * D * 2, "the profiler did not see d_weight: it is not recording allocations"

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fused_pref.kernels import linear_grad, linear_grad_fused
+from fused_pref.kernels import linear_grad
 from fused_pref.kernels.linear_grad import vocab_chunk_size
-from fused_pref.kernels.tiles import tiles_for
+from fused_pref.kernels.tiles import DEFAULT_PLAN, tiles_for
 from .memory import LiveBytesRecorder, Peak
 from .workload import MODELS, library_implementations, make_batch
 
@@ -40,10 +40,10 @@ def monomials(N, D, V) -> dict:
     return {"N·V": N * V, "N·D": N * D, "V·D": V * D, "N": N}
 
 
-def vchunk_columns(N: int, V: int) -> int:
+def vchunk_columns(N: int, V: int, plan: str = DEFAULT_PLAN) -> int:
     """Vocabulary columns per chunk of the V-chunked backward: the launcher's rule (at most
     256 MiB of workspace, at most V/16 columns, a multiple of BLOCK_V)."""
-    return min(vocab_chunk_size(N, V, DTYPE.itemsize, tiles_for(DTYPE).block_v), V)
+    return min(vocab_chunk_size(N, V, DTYPE.itemsize, tiles_for(DTYPE, plan).block_v), V)
 
 
 @dataclass(frozen=True)
@@ -68,8 +68,10 @@ class Workspace:
         return found
 
 
-# The workspace of each implementation that has one, by name: a backward strategy adds its rule.
-WORKSPACES = {"fused-vchunk": Workspace(vchunk_columns)}
+# The workspace of each implementation that has one, by name: every tile plan runs the V-chunked
+# backward, its chunks a multiple of the plan's BLOCK_V.
+WORKSPACES = {"fused-vchunk": Workspace(vchunk_columns),
+              "fused-wide": Workspace(functools.partial(vchunk_columns, plan="wide"))}
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,7 @@ class Term:
 
 
 # Each backward strategy states its own peak temporaries beside the code that allocates them.
-BACKWARD_TEMPORARIES = {"fused-vchunk": linear_grad.peak_temporaries,
-                        "fused-atomic": linear_grad_fused.peak_temporaries}
+BACKWARD_TEMPORARIES = {"fused-vchunk": linear_grad.peak_temporaries, "fused-wide": linear_grad.peak_temporaries}
 
 
 def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:

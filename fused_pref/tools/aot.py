@@ -46,6 +46,7 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}   # "bf16" -
 #   stride_*        i64: a row stride times a row index passes 2^31 (N*D, V*D elements)
 #   one capital     i32: a size (N, V, D, T, B)
 #   v_*             i32: a vocabulary position or count (v_per_split, v_chunk_start, v_chunk_end)
+#   n_*, p_*        i32: a count of tiles or rows (n_row_tiles, n_splits), a row-index position (p_start)
 #   FLOAT_SCALARS   fp32
 FLOAT_SCALARS = ("softcap", "beta", "gamma", "label_smoothing", "tau")
 POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
@@ -67,13 +68,13 @@ class KernelBuild:
 def shipped_specs(dtypes=tuple(TORCH_DTYPES)) -> list[AotSpec]:
     """Every kernel module's ahead-of-time builds (its ``aot_specs``), for each input dtype named in
     ``dtypes``, then the preference head's (fp32 whatever the inputs)."""
-    from fused_pref.kernels import linear_grad, linear_grad_fused, linear_lse, pref_head
+    from fused_pref.kernels import linear_grad, linear_lse, pref_head
 
     specs = []
     for name in dtypes:
-        for module in (linear_lse, linear_grad, linear_grad_fused):
+        for module in (linear_lse, linear_grad):
             specs += module.aot_specs(TORCH_DTYPES[name])
-    return specs + pref_head.aot_specs()
+    return specs + linear_lse.merge_aot_specs() + pref_head.aot_specs()
 
 
 def _is_constexpr(annotation) -> bool:
@@ -94,10 +95,10 @@ def _argument_type(name: str, spec: AotSpec) -> tuple[str | None, str]:
         return ("i32" if name.endswith("_d") else "i64"), ""
     if name in FLOAT_SCALARS:
         return "fp32", ""
-    if re.fullmatch(r"[A-Z]", name) or name.startswith("v_"):
+    if re.fullmatch(r"[A-Z]", name) or name.startswith(("v_", "n_", "p_")):
         return "i32", ""
     return None, ("a scalar the naming rule (fused_pref.tools.aot) does not type (not *_ptr, stride_*, a one-letter "
-                  f"size, v_*, nor one of FLOAT_SCALARS {FLOAT_SCALARS})")
+                  f"size, v_*, n_*, p_*, nor one of FLOAT_SCALARS {FLOAT_SCALARS})")
 
 
 def signature(spec: AotSpec) -> dict:
@@ -180,7 +181,7 @@ def iter_builds(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS):
     # Every signature first: a stale spec fails at once, not after minutes of compiling the others.
     specs = [(spec, signature(spec)) for spec in shipped_specs(dtypes)]
     for spec, sig in specs:
-        for layout in layouts:
+        for layout in (layout for layout in layouts if layout in spec.layouts):
             for arch in archs:
                 compiled = compile_kernel(spec.fn, sig, spec.constexprs, spec.options, arch, layout)
                 registers, spill_stores, spill_loads = _ptxas_figures(compiled.asm["ptx"], arch)

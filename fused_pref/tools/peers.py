@@ -1,7 +1,7 @@
 """The implementations ``python -m fused_pref bench`` compares, as ``loss_fn``-style functions
 ``f(hidden, weight, labels, ref_hidden, ref_weight) -> scalar loss``.
 
-Ours (the fused path once per backward strategy, the reference) plus ``torch.compile`` of the
+Ours (the fused path once per tile plan, the reference) plus ``torch.compile`` of the
 reference, Liger-Kernel's fused linear losses and Cut Cross-Entropy.  The peers are optional
 extras, imported only when asked for; one that is missing, or that has no equivalent of a case,
 raises ``Unavailable`` with the note the benchmark prints.
@@ -17,7 +17,7 @@ import torch
 
 import fused_pref
 
-from .workload import FUSED_STRATEGIES, library_implementations, loss_fn
+from .workload import FUSED_PLANS, library_implementations, loss_fn
 
 
 class Unavailable(Exception):
@@ -86,7 +86,7 @@ def cut_cross_entropy(loss: str, softcap=None):
 
 _PEER_FACTORIES = {"reference-compile": compiled_reference, "liger": liger, "cce": cut_cross_entropy}
 # Every name ``implementations`` knows, in the order it runs them.
-IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_STRATEGIES), "reference", *_PEER_FACTORIES)
+IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_PLANS), "reference", *_PEER_FACTORIES)
 
 
 def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str]]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 import fused_pref
+from fused_pref.kernels import tile_plan
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,10 @@ LOSSES = ("cross_entropy", "simpo", "dpo")
 SEQUENCE_LENGTH = 1024
 PROMPT_FRACTION = 0.25
 
-# The library's own implementations.  Each backward strategy the fused path offers is one entry:
-# the keyword arguments that select it (DESIGN.md section 4: (b) V-chunked, the default; (a) fused
-# with atomics).
-FUSED_STRATEGIES = {"vchunk": {}, "atomic": {"backward": "fused"}}
+# The library's own implementations: the fused path once per tile plan (kernels/tiles.py), by the
+# name its results rows carry.  "fused-vchunk" (the V-chunked backward, the default plan) keeps the
+# name the GPU results have always had.
+FUSED_PLANS = {"vchunk": "narrow", "wide": "wide"}
 
 
 def sequences_for(tokens: int) -> int:
@@ -114,11 +115,19 @@ def loss_fn(module, loss: str, *, softcap=None, **options):
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
+def in_plan(fn, plan: str):
+    """``fn`` with its calls made inside ``tile_plan(plan)`` (their backwards keep the plan)."""
+    def call(*args):
+        with tile_plan(plan):
+            return fn(*args)
+    return call
+
+
 def library_implementations(loss: str, softcap=None) -> dict:
     """This library's implementations of ``loss`` by name, as ``loss_fn`` functions: the fused path
-    once per backward strategy, then the reference."""
-    impls = {f"fused-{name}": loss_fn(fused_pref, loss, softcap=softcap, **options)
-             for name, options in FUSED_STRATEGIES.items()}
+    once per tile plan, then the reference."""
+    impls = {f"fused-{name}": in_plan(loss_fn(fused_pref, loss, softcap=softcap), plan)
+             for name, plan in FUSED_PLANS.items()}
     impls["reference"] = loss_fn(fused_pref.reference, loss, softcap=softcap)
     return impls
 
