@@ -93,6 +93,13 @@ def test_missing_or_inapplicable_peers_are_skipped_with_a_note():
         implementations("simpo", names=["ligr"])
 
 
+def test_trl_chunked_without_trl_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)  # what an import of a missing module meets
+    funcs, notes = implementations("dpo", names=["trl-chunked"])
+    assert funcs == {} and len(notes) == 1, notes
+    assert notes[0].startswith("trl-chunked skipped for dpo: TRL's chunked LM head not found"), notes
+
+
 def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
     # The pytest script, not `python -m pytest`, which would put the repository root on sys.path.
     pytest_script = Path(sys.executable).with_name("pytest")
@@ -106,10 +113,11 @@ def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
 def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     # The benchmark must time the same work: each installed peer's loss and gradients equal the fused
     # path's on one batch.
-    peers = ["reference-compile", "liger"]
+    peers = ["reference-compile", "liger", "trl-chunked"]
     funcs, notes = implementations(loss, None, ["fused-vchunk", *peers])
-    if "liger" not in funcs:
-        assert any(n.startswith("liger skipped") for n in notes), notes
+    for optional in ("liger", "trl-chunked"):
+        if optional not in funcs:
+            assert any(n.startswith(f"{optional} skipped") for n in notes), notes
     results = {}
     for name, fn in funcs.items():
         batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, seed=1, reference_model=loss == "dpo")
@@ -120,6 +128,23 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     for name, got in results.items():
         for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
             assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "dpo"])  # SimPO's difference of means hardly feels a softcap
+def test_trl_chunked_head_applies_the_softcap_as_the_reference(loss, device):
+    # TRL's head reads Gemma-2's softcap from the model config; without it these losses move by 2e-4
+    # or more at these logits.
+    pytest.importorskip("trl")
+    funcs, notes = implementations(loss, 30.0, ["reference", "trl-chunked"])
+    assert list(funcs) == ["reference", "trl-chunked"], notes
+    results = {}
+    for name, fn in funcs.items():
+        batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, seed=2, reference_model=loss == "dpo")
+        value = fn(*batch.inputs())
+        value.backward()
+        results[name] = [value.detach(), *(t.grad for t in batch.grads)]
+    for what, a, b in zip(("loss", "d_hidden", "d_weight"), results["trl-chunked"], results["reference"], strict=True):
+        assert relative_error(a, b) < 1e-5, (what, relative_error(a, b))
 
 
 def test_cut_cross_entropy_computes_the_same_loss_and_gradients(device):

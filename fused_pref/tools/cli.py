@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
                        help="only these implementations, repeatable: fused-<strategy>, reference, "
-                            "reference-compile, liger, cce (default all)")
+                            "reference-compile, liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")
