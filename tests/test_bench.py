@@ -52,6 +52,8 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     fake = {"fused-vchunk": (10.0, 1.0), "reference": (30.0, 8.0)}
 
     def measure(fn, batch, mode):
+        ignored = int((batch.labels == -100).sum())
+        assert ignored == {0.25: 2 * 2, 0.5: 2 * 4}[batch.prompt_fraction]  # of 2 sequences of 8 tokens
         loss = fn(*batch.inputs())
         assert torch.isfinite(loss)
         if mode == "fwd+bwd":
@@ -70,18 +72,38 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(benchmark, "measure", measure)
     monkeypatch.setattr(benchmark, "implementations", recording_implementations)
-    path = benchmark.run(benchmark.cases(["tiny"], [16], ["simpo", "dpo"]), tmp_path,
+    path = benchmark.run(benchmark.cases(["tiny"], [16], ["simpo", "dpo"], [0.25, 0.5]), tmp_path,
                          ["fused-vchunk", "reference", "cce"], make_plot=False)
 
     assert path.name.startswith("Fake-GPU-1-") and path.suffix == ".json"
     results = json.loads(path.read_text())
-    assert len(results["rows"]) == 2 * 2 * 2  # losses x implementations x modes
+    assert len(results["rows"]) == 2 * 2 * 2 * 2  # losses x prompt fractions x implementations x modes
     assert {r["impl"] for r in results["rows"]} == {"fused-vchunk", "reference"}
+    # 2 sequences of 8 tokens: 6 valid each after a quarter of prompt, 4 after half.
+    assert {(r["prompt_fraction"], r["valid_tokens"]) for r in results["rows"]} == {(0.25, 12), (0.5, 8)}
     assert all(r["tflops"] > 0 for r in results["rows"])
     assert {(r["peer"], r["speed"], r["memory"]) for r in results["ratios"]} == {("reference", 3.0, 8.0)}
+    assert sorted(r["prompt_fraction"] for r in results["ratios"]) == [0.25] * 4 + [0.5] * 4
     assert "cce skipped for simpo: Cut Cross-Entropy has no preference losses" in results["notes"]
     table = capsys.readouterr().out
     assert "Fake GPU 1" in table and "   3.00     8.0" in table
+    assert {line.split()[3] for line in table.splitlines() if line.startswith(("simpo ", "dpo "))} == {"0.25", "0.5"}
+
+
+def test_bench_takes_prompt_fractions_by_name_or_number(monkeypatch):
+    # The options reach the cases; the GPU run itself is replaced.
+    from fused_pref.tools import cli
+
+    ran = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_reexec_with_interpreter", lambda wanted, argv: None)
+    monkeypatch.setattr(benchmark, "run", lambda selected, *args, **kwargs: ran.append(selected))
+    assert cli.main(["bench", "--loss", "simpo", "--prompt-fraction", "half", "--prompt-fraction", "0.1"]) == 0
+    assert cli.main(["bench", "--loss", "simpo"]) == 0
+    assert [[c.prompt_fraction for c in selected] for selected in ran] == [[0.5, 0.1], [0.25]]
+    for wrong in ("third", "1", "-0.5"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--prompt-fraction", wrong])
 
 
 def test_missing_or_inapplicable_peers_are_skipped_with_a_note():
