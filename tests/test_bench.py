@@ -2,10 +2,12 @@
 results file and table (GPU figures faked); the peers' notes and parity; the GPU microbenchmarks
 and protocol scripts failing early and cleanly.  (Results files themselves: ``test_publish.py``.)"""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -167,6 +169,19 @@ def test_trl_chunked_head_applies_the_softcap_as_the_reference(loss, device):
         results[name] = [value.detach(), *(t.grad for t in batch.grads)]
     for what, a, b in zip(("loss", "d_hidden", "d_weight"), results["trl-chunked"], results["reference"], strict=True):
         assert relative_error(a, b) < 1e-5, (what, relative_error(a, b))
+
+
+def test_trl_chunked_keeps_no_batch_alive(device):
+    # bench frees each batch before it makes the next one and measures memory above it.
+    pytest.importorskip("trl")
+    funcs, notes = implementations("dpo", names=["trl-chunked"])
+    assert list(funcs) == ["trl-chunked"], notes
+    batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, reference_model=True)
+    funcs["trl-chunked"](*batch.inputs()).backward()
+    alive = [weakref.ref(t) for t in (batch.hidden, batch.weight, batch.ref_hidden, batch.ref_weight)]
+    del batch
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * 4
 
 
 def test_cut_cross_entropy_computes_the_same_loss_and_gradients(device):

@@ -126,7 +126,12 @@ class _TrlHead:
         """TRL's ``FusedCausalLMOutput`` for ``hidden [R, T, D]`` and ``labels [R, T]`` already aligned:
         TRL's ``shift_labels`` (pre-shifted labels) path."""
         self.lm_head.weight = weight
-        return self.forward(hidden_states=hidden, shift_labels=labels, fused_lm_head=True)
+        try:
+            return self.forward(hidden_states=hidden, shift_labels=labels, fused_lm_head=True)
+        finally:
+            # Held past the call, the weight would outlive its batch (1 GB at Llama-3-8B in bf16) into
+            # the next measurement; TRL's backward reads the weight its autograd Function saved.
+            self.lm_head.weight = None
 
 
 def trl_chunked(loss: str, softcap=None):
