@@ -71,21 +71,20 @@ def readme_section(results: dict | None, source: str = "") -> str:
     fused_names = [n for n in impls if n.startswith("fused-")]
     lines = [f"Measured on **{results['gpu']}** (driver {results['driver']}, CUDA {results['cuda']}, torch "
              f"{results['torch']}, triton {results['triton']}) on {results['date']}: {results['dtype']}, "
-             f"forward+backward, sequences of {results.get('sequence_length', 1024)} tokens with a quarter of "
-             "prompt.  Each cell: median time (`triton.testing.do_bench`) and peak memory "
+             f"forward+backward, sequences of {results.get('sequence_length', 1024)} tokens whose first `prompt` "
+             "fraction is prompt (label -100).  Each cell: median time (`triton.testing.do_bench`) and peak memory "
              "(growth of `torch.cuda.max_memory_allocated`, gradients included); for a peer, its time and "
              f"memory over `{fused_names[0] if fused_names else 'fused'}`'s in brackets.  "
-             "TFLOP/s divides the FLOP floor (8·N·D·V over the N valid tokens, 10·N·D·V for DPO) by the "
-             f"fused path's time.  Generated from `{source}` by "
-             "`python benchmarks/publish.py readme`.",
+             "TFLOP/s divides the FLOP floor (8·N·D·V over the N valid tokens, those after the prompt, 10·N·D·V "
+             f"for DPO) by the fused path's time.  Generated from `{source}` by `python benchmarks/publish.py readme`.",
              "",
-             "| loss | model | tokens | " + " | ".join(impls) + " | fused TFLOP/s |",
-             "| --- | --- | ---: | " + " | ".join("---" for _ in impls) + " | ---: |"]
+             "| loss | model | tokens | prompt | " + " | ".join(impls) + " | fused TFLOP/s |",
+             "| --- | --- | ---: | ---: | " + " | ".join("---" for _ in impls) + " | ---: |"]
     losses = list(dict.fromkeys(r["loss"] for r in rows))
     models = list(dict.fromkeys(r["model"] for r in rows))
     cases = sorted(rows_by_case(rows, "fwd+bwd").items(),
-                   key=lambda item: (losses.index(item[0][0]), models.index(item[0][1]), item[0][2]))
-    for (loss, model, tokens), by_impl in cases:
+                   key=lambda item: (losses.index(item[0][0]), models.index(item[0][1]), *item[0][2:]))
+    for (loss, model, tokens, fraction), by_impl in cases:
         fused = next((by_impl[n] for n in fused_names if n in by_impl and "ms" in by_impl[n]), None)
         cells = []
         for name in impls:
@@ -95,7 +94,7 @@ def readme_section(results: dict | None, source: str = "") -> str:
                 cell += f" ({r['ms'] / fused['ms']:.1f}x, {r['peak_gb'] / max(fused['peak_gb'], 1e-9):.1f}x)"
             cells.append(cell)
         tflops = f"{fused['tflops']:.0f}" if fused else "-"
-        lines.append(f"| {loss} | {model} | {tokens} | " + " | ".join(cells) + f" | {tflops} |")
+        lines.append(f"| {loss} | {model} | {tokens} | {fraction:g} | " + " | ".join(cells) + f" | {tflops} |")
     for note in results.get("notes", []):
         lines.append(f"\nNote: {note}.")
     return "\n".join(lines)

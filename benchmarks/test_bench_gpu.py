@@ -1,4 +1,4 @@
-"""pytest-benchmark microbenchmarks of the fused path (each backward strategy) at real model heads,
+"""pytest-benchmark microbenchmarks of the fused path (each tile plan) at real model heads,
 bf16, forward and forward+backward.  Skipped without CUDA; not collected by the default ``pytest``
 run (``testpaths = ["tests"]``).  Run on a GPU with
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.tools.workload import (FUSED_STRATEGIES, LOSSES, MODELS, SEQUENCE_LENGTH, TOKENS_PER_STEP,
-                                       floor_flops, loss_fn, make_batch, sequences_for)
+from fused_pref.tools.workload import (FUSED_PLANS, LOSSES, MODELS, SEQUENCE_LENGTH, TOKENS_PER_STEP, floor_flops,
+                                       in_plan, loss_fn, make_batch, sequences_for)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU microbenchmarks need CUDA")
 
@@ -32,12 +32,12 @@ def _release_cached_memory():
 @pytest.mark.parametrize("tokens", TOKENS_PER_STEP)
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("strategy", FUSED_STRATEGIES)
-def test_fused(benchmark, strategy, loss, model, tokens, mode):
+@pytest.mark.parametrize("plan", FUSED_PLANS)
+def test_fused(benchmark, plan, loss, model, tokens, mode):
     head = MODELS[model]
     batch = make_batch(sequences_for(tokens), SEQUENCE_LENGTH, head.hidden, head.vocab, device="cuda",
                        reference_model=loss == "dpo")
-    fn = loss_fn(fused_pref, loss, softcap=head.softcap, **FUSED_STRATEGIES[strategy])
+    fn = in_plan(loss_fn(fused_pref, loss, softcap=head.softcap), FUSED_PLANS[plan])
 
     def clear_grads():
         for t in batch.grads:

@@ -2,10 +2,12 @@
 results file and table (GPU figures faked); the peers' notes and parity; the GPU microbenchmarks
 and protocol scripts failing early and cleanly.  (Results files themselves: ``test_publish.py``.)"""
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,8 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     fake = {"fused-vchunk": (10.0, 1.0), "reference": (30.0, 8.0)}
 
     def measure(fn, batch, mode):
+        ignored = int((batch.labels == -100).sum())
+        assert ignored == {0.25: 2 * 2, 0.5: 2 * 4}[batch.prompt_fraction]  # of 2 sequences of 8 tokens
         loss = fn(*batch.inputs())
         assert torch.isfinite(loss)
         if mode == "fwd+bwd":
@@ -70,18 +74,38 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(benchmark, "measure", measure)
     monkeypatch.setattr(benchmark, "implementations", recording_implementations)
-    path = benchmark.run(benchmark.cases(["tiny"], [16], ["simpo", "dpo"]), tmp_path,
+    path = benchmark.run(benchmark.cases(["tiny"], [16], ["simpo", "dpo"], [0.25, 0.5]), tmp_path,
                          ["fused-vchunk", "reference", "cce"], make_plot=False)
 
     assert path.name.startswith("Fake-GPU-1-") and path.suffix == ".json"
     results = json.loads(path.read_text())
-    assert len(results["rows"]) == 2 * 2 * 2  # losses x implementations x modes
+    assert len(results["rows"]) == 2 * 2 * 2 * 2  # losses x prompt fractions x implementations x modes
     assert {r["impl"] for r in results["rows"]} == {"fused-vchunk", "reference"}
+    # 2 sequences of 8 tokens: 6 valid each after a quarter of prompt, 4 after half.
+    assert {(r["prompt_fraction"], r["valid_tokens"]) for r in results["rows"]} == {(0.25, 12), (0.5, 8)}
     assert all(r["tflops"] > 0 for r in results["rows"])
     assert {(r["peer"], r["speed"], r["memory"]) for r in results["ratios"]} == {("reference", 3.0, 8.0)}
+    assert sorted(r["prompt_fraction"] for r in results["ratios"]) == [0.25] * 4 + [0.5] * 4
     assert "cce skipped for simpo: Cut Cross-Entropy has no preference losses" in results["notes"]
     table = capsys.readouterr().out
     assert "Fake GPU 1" in table and "   3.00     8.0" in table
+    assert {line.split()[3] for line in table.splitlines() if line.startswith(("simpo ", "dpo "))} == {"0.25", "0.5"}
+
+
+def test_bench_takes_prompt_fractions_by_name_or_number(monkeypatch):
+    # The options reach the cases; the GPU run itself is replaced.
+    from fused_pref.tools import cli
+
+    ran = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cli, "_reexec_with_interpreter", lambda wanted, argv: None)
+    monkeypatch.setattr(benchmark, "run", lambda selected, *args, **kwargs: ran.append(selected))
+    assert cli.main(["bench", "--loss", "simpo", "--prompt-fraction", "half", "--prompt-fraction", "0.1"]) == 0
+    assert cli.main(["bench", "--loss", "simpo"]) == 0
+    assert [[c.prompt_fraction for c in selected] for selected in ran] == [[0.5, 0.1], [0.25]]
+    for wrong in ("third", "1", "-0.5"):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--prompt-fraction", wrong])
 
 
 def test_missing_or_inapplicable_peers_are_skipped_with_a_note():
@@ -91,6 +115,13 @@ def test_missing_or_inapplicable_peers_are_skipped_with_a_note():
     assert "cce skipped for simpo: Cut Cross-Entropy has no preference losses" in notes
     with pytest.raises(ValueError, match="unknown implementations \\['ligr'\\]"):
         implementations("simpo", names=["ligr"])
+
+
+def test_trl_chunked_without_trl_is_skipped_with_a_note(monkeypatch):
+    monkeypatch.setitem(sys.modules, "trl.trainer.utils", None)  # what an import of a missing module meets
+    funcs, notes = implementations("dpo", names=["trl-chunked"])
+    assert funcs == {} and len(notes) == 1, notes
+    assert notes[0].startswith("trl-chunked skipped for dpo: TRL's chunked LM head not found"), notes
 
 
 def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
@@ -106,10 +137,11 @@ def test_gpu_microbenchmarks_skip_cleanly_without_cuda():
 def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     # The benchmark must time the same work: each installed peer's loss and gradients equal the fused
     # path's on one batch.
-    peers = ["reference-compile", "liger"]
+    peers = ["reference-compile", "liger", "trl-chunked"]
     funcs, notes = implementations(loss, None, ["fused-vchunk", *peers])
-    if "liger" not in funcs:
-        assert any(n.startswith("liger skipped") for n in notes), notes
+    for optional in ("liger", "trl-chunked"):
+        if optional not in funcs:
+            assert any(n.startswith(f"{optional} skipped") for n in notes), notes
     results = {}
     for name, fn in funcs.items():
         batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, seed=1, reference_model=loss == "dpo")
@@ -120,6 +152,36 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     for name, got in results.items():
         for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
             assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "dpo"])  # SimPO's difference of means hardly feels a softcap
+def test_trl_chunked_head_applies_the_softcap_as_the_reference(loss, device):
+    # TRL's head reads Gemma-2's softcap from the model config; without it these losses move by 2e-4
+    # or more at these logits.
+    pytest.importorskip("trl")
+    funcs, notes = implementations(loss, 30.0, ["reference", "trl-chunked"])
+    assert list(funcs) == ["reference", "trl-chunked"], notes
+    results = {}
+    for name, fn in funcs.items():
+        batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, seed=2, reference_model=loss == "dpo")
+        value = fn(*batch.inputs())
+        value.backward()
+        results[name] = [value.detach(), *(t.grad for t in batch.grads)]
+    for what, a, b in zip(("loss", "d_hidden", "d_weight"), results["trl-chunked"], results["reference"], strict=True):
+        assert relative_error(a, b) < 1e-5, (what, relative_error(a, b))
+
+
+def test_trl_chunked_keeps_no_batch_alive(device):
+    # bench frees each batch before it makes the next one and measures memory above it.
+    pytest.importorskip("trl")
+    funcs, notes = implementations("dpo", names=["trl-chunked"])
+    assert list(funcs) == ["trl-chunked"], notes
+    batch = make_batch(4, 16, 64, 300, dtype=torch.float32, device=device, reference_model=True)
+    funcs["trl-chunked"](*batch.inputs()).backward()
+    alive = [weakref.ref(t) for t in (batch.hidden, batch.weight, batch.ref_hidden, batch.ref_weight)]
+    del batch
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True] * 4
 
 
 def test_cut_cross_entropy_computes_the_same_loss_and_gradients(device):

@@ -30,8 +30,11 @@ def test_results_file_is_named_after_the_gpu_and_the_date():
     assert name == "NVIDIA-H200-MIG-1g.18gb-2026-01-02.json"
 
 
-def _row(model, tokens, loss, impl, ms, gb, mode="fwd+bwd"):
-    return {"model": model, "tokens": tokens, "valid_tokens": tokens * 3 // 4, "loss": loss, "D": 4096,
+def _row(model, tokens, loss, impl, ms, gb, mode="fwd+bwd", prompt_fraction=None):
+    """A results row; without ``prompt_fraction``, as the files written before it was a field."""
+    fraction = {} if prompt_fraction is None else {"prompt_fraction": prompt_fraction}
+    valid = int(tokens * (0.75 if prompt_fraction is None else 1 - prompt_fraction))
+    return {"model": model, "tokens": tokens, **fraction, "valid_tokens": valid, "loss": loss, "D": 4096,
             "V": 128256, "softcap": None, "impl": impl, "mode": mode, "ms": ms, "peak_gb": gb, "tflops": 500.0}
 
 
@@ -42,8 +45,8 @@ def _results(gpu, created, rows, notes=()):
 
 
 def test_plot_draws_or_says_why_not(tmp_path):
-    rows = [_row("llama3-8b", t, "simpo", impl, t / 100, t / 1e4)
-            for t in (4096, 16384) for impl in ("fused-vchunk", "reference")]
+    rows = [_row("llama3-8b", t, "simpo", impl, t / 100 * (1 - f), t / 1e4, prompt_fraction=f)
+            for t in (4096, 16384) for impl in ("fused-vchunk", "reference") for f in (0.25, 0.5)]
     message = results.plot(_results("NVIDIA H100", "2026-11-27T10:00:00", rows), tmp_path / "p.png")
     if importlib.util.find_spec("matplotlib"):
         assert message == f"wrote {tmp_path / 'p.png'}" and (tmp_path / "p.png").stat().st_size > 0
@@ -56,13 +59,18 @@ def test_runs_split_over_calls_merge_into_one_results_file():
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 180.0, 2.0),
         _row("llama3-8b", 16384, "simpo", "reference", 990.0, 27.6)])
     second = _results("NVIDIA H200", "2026-11-26T09:00:00", [
-        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 170.0, 2.0),   # a rerun replaces the first figure
+        # A rerun replaces the first figure (a row without prompt_fraction ran a quarter of prompt);
+        # the same case at another prompt fraction is another row.
+        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 170.0, 2.0, prompt_fraction=0.25),
+        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 120.0, 2.0, prompt_fraction=0.5),
         _row("mistral-7b", 16384, "simpo", "fused-vchunk", 60.0, 1.0)], notes=["liger skipped"])
     merged = publish.merge_results([first, second])
-    assert [(r["model"], r["impl"], r["ms"]) for r in merged["rows"]] == [
-        ("llama3-8b", "reference", 990.0), ("llama3-8b", "fused-vchunk", 170.0), ("mistral-7b", "fused-vchunk", 60.0)]
+    assert [(r["model"], r["impl"], r.get("prompt_fraction"), r["ms"]) for r in merged["rows"]] == [
+        ("llama3-8b", "reference", None, 990.0), ("llama3-8b", "fused-vchunk", 0.25, 170.0),
+        ("llama3-8b", "fused-vchunk", 0.5, 120.0), ("mistral-7b", "fused-vchunk", None, 60.0)]
     assert merged["created"] == "2026-11-26T09:00:00" and merged["notes"] == ["liger skipped"]
-    assert [(r["peer"], r["speed"]) for r in merged["ratios"]] == [("reference", 990.0 / 170.0)]
+    assert [(r["peer"], r["prompt_fraction"], r["speed"]) for r in merged["ratios"]] == [
+        ("reference", 0.25, 990.0 / 170.0)]
     with pytest.raises(ValueError, match=r"different environments.*\['gpu'\]"):
         publish.merge_results([first, _results("NVIDIA H100", "2026-11-26T10:00:00", [])])
 
@@ -73,7 +81,8 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     old = _results("NVIDIA A100-SXM4-80GB", "2026-10-01T09:00:00",
                    [_row("llama3-8b", 16384, "simpo", "fused-vchunk", 99, 9)])
     # Rows in the order a merge can leave them: the columns and the baseline of the ratios are still
-    # bench's order, the default backward strategy first.
+    # bench's order, the default backward strategy first.  Rows from before prompt_fraction was a field
+    # read as a quarter of prompt, beside rows that name it.
     new = _results("NVIDIA H100 80GB HBM3", "2026-11-27T10:00:00", [
         {"model": "llama3-8b", "tokens": 16384, "loss": "simpo", "impl": "liger", "mode": "fwd+bwd",
          "error": "out of memory"},
@@ -81,6 +90,8 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
         _row("llama3-8b", 16384, "simpo", "reference", 200.0, 30.0),
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 80.0, 1.5),
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 20.0, 1.2, mode="fwd"),
+        _row("llama3-8b", 16384, "simpo", "reference", 150.0, 30.0, prompt_fraction=0.5),
+        _row("llama3-8b", 16384, "simpo", "fused-vchunk", 60.0, 1.5, prompt_fraction=0.5),
     ], notes=["cce skipped for simpo: Cut Cross-Entropy has no preference losses"])
     results.write_results(results_dir / "b.json", old)
     results.write_results(results_dir / "a.json", new)
@@ -94,9 +105,12 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     assert text.startswith(before + publish.README_START) and text.endswith(publish.README_END + after)
     assert "old text" not in text and "A100" not in text
     assert "Measured on **NVIDIA H100 80GB HBM3** (driver 570.1, CUDA 12.8, torch 2.11.0, triton 3.6.0)" in text
-    assert "| loss | model | tokens | fused-vchunk | fused-atomic | reference | liger | fused TFLOP/s |" in text
-    assert ("| simpo | llama3-8b | 16384 | 80.0 ms, 1.50 GB | 300.0 ms, 3.00 GB | 200.0 ms, 30.00 GB (2.5x, 20.0x) "
-            "| OOM | 500 |") in text
+    assert ("| loss | model | tokens | prompt | fused-vchunk | fused-atomic | reference | liger | fused TFLOP/s |"
+            in text)
+    assert ("| simpo | llama3-8b | 16384 | 0.25 | 80.0 ms, 1.50 GB | 300.0 ms, 3.00 GB | 200.0 ms, 30.00 GB (2.5x, "
+            "20.0x) | OOM | 500 |\n"
+            "| simpo | llama3-8b | 16384 | 0.5 | 60.0 ms, 1.50 GB | - | 150.0 ms, 30.00 GB (2.5x, 20.0x) | - | 500 |"
+            ) in text
     assert "Cut Cross-Entropy has no preference losses" in text
 
     for path in results_dir.glob("*.json"):

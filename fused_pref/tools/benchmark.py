@@ -1,9 +1,9 @@
 """``python -m fused_pref bench`` on a GPU: time and peak CUDA memory of every implementation, side
 by side, at the heads of real models (``workload.MODELS``), bf16.
 
-For each case (model, tokens per step, loss), implementation and mode (forward; forward+backward)
-the inputs are made afresh, random (never zeros) and identical across implementations; a first
-call outside every figure compiles and autotunes; peak memory is the growth of
+For each case (model, tokens per step, loss, prompt fraction), implementation and mode (forward;
+forward+backward) the inputs are made afresh, random (never zeros) and identical across
+implementations; a first call outside every figure compiles and autotunes; peak memory is the growth of
 ``torch.cuda.max_memory_allocated`` over the inputs during one call (gradients included, since a
 training step allocates them); time is the median of ``triton.testing.do_bench``.  The results
 file is rewritten after every case, so a run cut short keeps what it measured.
@@ -34,10 +34,11 @@ class Case:
     model: str
     tokens: int
     loss: str
+    prompt_fraction: float
 
 
-def cases(models, tokens, losses) -> list[Case]:
-    return [Case(m, t, loss) for m in models for t in tokens for loss in losses]
+def cases(models, tokens, losses, prompt_fractions) -> list[Case]:
+    return [Case(m, t, loss, f) for m in models for t in tokens for loss in losses for f in prompt_fractions]
 
 
 def environment() -> dict:
@@ -100,10 +101,10 @@ def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
     for name, fn in funcs.items():
         for mode in MODES:
             batch = make_batch(R, SEQUENCE_LENGTH, head.hidden, head.vocab, dtype=torch.bfloat16, device=DEVICE,
-                               seed=seed, reference_model=case.loss == "dpo")
-            row = {"model": case.model, "tokens": case.tokens, "valid_tokens": batch.valid_tokens,
-                   "loss": case.loss, "D": head.hidden, "V": head.vocab, "softcap": head.softcap,
-                   "impl": name, "mode": mode}
+                               seed=seed, reference_model=case.loss == "dpo", prompt_fraction=case.prompt_fraction)
+            row = {"model": case.model, "tokens": case.tokens, "prompt_fraction": case.prompt_fraction,
+                   "valid_tokens": batch.valid_tokens, "loss": case.loss, "D": head.hidden, "V": head.vocab,
+                   "softcap": head.softcap, "impl": name, "mode": mode}
             try:
                 row.update(measure(fn, batch, mode))
                 flops = floor_flops(case.loss, batch.valid_tokens, head.hidden, head.vocab,

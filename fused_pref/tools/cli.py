@@ -24,7 +24,7 @@ import torch
 from fused_pref.kernels import interpreter_problem
 from fused_pref.testing import CASES
 
-from .workload import LOSSES, MODELS, TOKENS_PER_STEP
+from .workload import LOSSES, MODELS, PROMPT_FRACTION, PROMPT_FRACTIONS, TOKENS_PER_STEP
 
 
 def _reexec_with_interpreter(wanted: bool, argv):
@@ -93,6 +93,7 @@ def _bench(args) -> int:
     models = args.model or (list(MODELS) if args.all_shapes else ["llama3-8b"])
     tokens = args.tokens or (list(TOKENS_PER_STEP) if args.all_shapes else [16384])
     losses = args.loss or list(LOSSES)
+    prompt_fractions = args.prompt_fraction or [PROMPT_FRACTION]
     cuda = torch.cuda.is_available()
     _reexec_with_interpreter(not cuda, args.argv)
     if not cuda:
@@ -105,7 +106,7 @@ def _bench(args) -> int:
         return 0
     from .benchmark import cases, run
 
-    run(cases(models, tokens, losses), args.out, args.impl, make_plot=not args.no_plot)
+    run(cases(models, tokens, losses, prompt_fractions), args.out, args.impl, make_plot=not args.no_plot)
     return 0
 
 
@@ -113,6 +114,19 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {value}")
+    return value
+
+
+def _prompt_fraction(text: str) -> float:
+    """A name of ``PROMPT_FRACTIONS`` or a number in [0, 1): below 1, every sequence keeps a label."""
+    if text in PROMPT_FRACTIONS:
+        return PROMPT_FRACTIONS[text]
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be {' or '.join(PROMPT_FRACTIONS)} or a number in [0, 1), got {text!r}")
     return value
 
 
@@ -145,11 +159,16 @@ def main(argv=None) -> int:
     bench.add_argument("--tokens", type=int, choices=TOKENS_PER_STEP, action="append",
                        help="tokens per step, repeatable (default 16384)")
     bench.add_argument("--loss", choices=LOSSES, action="append", help="repeatable (default all)")
+    bench.add_argument("--prompt-fraction", type=_prompt_fraction, action="append", metavar="FRACTION",
+                       help=f"the share of each sequence that is prompt (label -100), repeatable: "
+                            f"{', '.join(f'{k} ({v:g})' for k, v in PROMPT_FRACTIONS.items())} or a number in "
+                            f"[0, 1) (default {PROMPT_FRACTION:g}); GPU runs only, since the memory accounting "
+                            "run without a GPU counts every token, prompt or not")
     bench.add_argument("--all-shapes", action="store_true",
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
                        help="only these implementations, repeatable: fused-<strategy>, reference, "
-                            "reference-compile, liger, cce (default all)")
+                            "reference-compile, liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")

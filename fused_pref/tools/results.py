@@ -3,15 +3,20 @@ ratios against each peer, the console table and the PNG plot.  (Publishing a res
 repository's README is ``benchmarks/publish.py``, which is not part of the package.)
 
 A results file is JSON with the environment (``gpu``, ``driver``, ``cuda``, ``torch``, ``triton``),
-``date`` and ``created``, and ``rows``: one per (model, tokens, loss, impl, mode) with ``ms``,
-``peak_gb`` and ``tflops``, or ``error``.
+``date`` and ``created``, and ``rows``: one per (model, tokens, prompt_fraction, loss, impl, mode)
+with ``valid_tokens``, ``ms``, ``peak_gb`` and ``tflops``, or ``error``.
 """
 
+import itertools
 import json
 import re
 from pathlib import Path
 
 from .peers import IMPLEMENTATION_ORDER
+
+# Results files written before ``bench --prompt-fraction`` have no ``prompt_fraction`` in their rows:
+# they ran every case with a quarter of prompt.
+LEGACY_PROMPT_FRACTION = 0.25
 
 
 def results_path(out_dir, gpu: str, date: str) -> Path:
@@ -25,8 +30,12 @@ def write_results(path: Path, results: dict):
     path.write_text(json.dumps(results, indent=1) + "\n")
 
 
+def prompt_fraction(row) -> float:
+    return row.get("prompt_fraction", LEGACY_PROMPT_FRACTION)
+
+
 def case_key(row):
-    return row["model"], row["tokens"], row["loss"], row["mode"]
+    return row["model"], row["tokens"], prompt_fraction(row), row["loss"], row["mode"]
 
 
 def ratios(rows: list[dict]) -> list[dict]:
@@ -37,8 +46,9 @@ def ratios(rows: list[dict]) -> list[dict]:
     for fused in (r for r in ok if r["impl"].startswith("fused-")):
         for peer in ok:
             if case_key(peer) == case_key(fused) and peer["impl"] != fused["impl"]:
-                out.append({"model": fused["model"], "tokens": fused["tokens"], "loss": fused["loss"],
-                            "mode": fused["mode"], "fused": fused["impl"], "peer": peer["impl"],
+                out.append({"model": fused["model"], "tokens": fused["tokens"],
+                            "prompt_fraction": prompt_fraction(fused), "loss": fused["loss"], "mode": fused["mode"],
+                            "fused": fused["impl"], "peer": peer["impl"],
                             "speed": peer["ms"] / fused["ms"],
                             "memory": peer["peak_gb"] / fused["peak_gb"] if fused["peak_gb"] > 0 else None})
     return out
@@ -64,7 +74,7 @@ def rows_by_case(rows, mode):
     grouped = {}
     for r in rows:
         if r["mode"] == mode:
-            grouped.setdefault((r["loss"], r["model"], r["tokens"]), {})[r["impl"]] = r
+            grouped.setdefault((r["loss"], r["model"], r["tokens"], prompt_fraction(r)), {})[r["impl"]] = r
     return grouped
 
 
@@ -74,16 +84,16 @@ def format_table(results: dict) -> str:
     rows = results["rows"]
     lines = [f"{results['gpu']} (driver {results['driver']}, CUDA {results['cuda']}, torch {results['torch']}, "
              f"triton {results['triton']}), {results['dtype']}; TFLOP/s against the FLOP floor (8NDV with the "
-             "backward, 2NDV without, +2NDV for DPO's reference model, N the valid tokens); x: time and memory "
-             "over the fused path's",
-             f"{'loss':<14} {'model':<11} {'tokens':>6} {'mode':<8} {'impl':<18} {'ms':>9} {'GB':>8} "
+             "backward, 2NDV without, +2NDV for DPO's reference model, N the valid tokens, those after each "
+             "sequence's prompt fraction); x: time and memory over the fused path's",
+             f"{'loss':<14} {'model':<11} {'tokens':>6} {'prompt':>6} {'mode':<8} {'impl':<18} {'ms':>9} {'GB':>8} "
              f"{'TFLOP/s':>8} {'x time':>7} {'x mem':>7}"]
     for mode in ("fwd", "fwd+bwd"):
-        for (loss, model, tokens), by_impl in rows_by_case(rows, mode).items():
+        for (loss, model, tokens, fraction), by_impl in rows_by_case(rows, mode).items():
             ordered = {name: by_impl[name] for name in ordered_implementations(by_impl.values())}
             fused = next((r for name, r in ordered.items() if name.startswith("fused-") and "ms" in r), None)
             for name, r in ordered.items():
-                head = f"{loss:<14} {model:<11} {tokens:>6} {mode:<8} {name:<18}"
+                head = f"{loss:<14} {model:<11} {tokens:>6} {fraction:>6g} {mode:<8} {name:<18}"
                 if "error" in r:
                     lines.append(f"{head} {r['error'][:60]}")
                     continue
@@ -95,7 +105,8 @@ def format_table(results: dict) -> str:
 
 def plot(results: dict, png: Path) -> str:
     """Time and peak memory against tokens per step (forward+backward), one column per model, a
-    pair of rows per loss.  Needs matplotlib (the ``bench`` extra); says so when it is missing."""
+    pair of rows per loss, a colour per implementation and a line style per prompt fraction.  Needs
+    matplotlib (the ``bench`` extra); says so when it is missing."""
     try:
         import matplotlib
 
@@ -112,15 +123,21 @@ def plot(results: dict, png: Path) -> str:
                              squeeze=False)
     impls = ordered_implementations(rows)
     tokens = sorted({r["tokens"] for r in rows})
+    fractions = sorted({prompt_fraction(r) for r in rows})
+    styles = ("-", "--", ":", "-.")
     for i, loss in enumerate(losses):
         for j, model in enumerate(models):
             for k, (metric, unit) in enumerate((("ms", "ms"), ("peak_gb", "GB, log scale"))):
                 ax = axes[2 * i + k][j]
-                for color, impl in enumerate(impls):  # one colour per implementation in every panel
+                # One colour per implementation and one line style per prompt fraction in every panel.
+                for (color, impl), (style, fraction) in itertools.product(enumerate(impls), enumerate(fractions)):
+                    line = (loss, model, impl, fraction)
                     pts = sorted((r["tokens"], r[metric]) for r in rows
-                                 if (r["loss"], r["model"], r["impl"]) == (loss, model, impl) and metric in r)
+                                 if metric in r and (r["loss"], r["model"], r["impl"], prompt_fraction(r)) == line)
                     if pts:
-                        ax.plot(*zip(*pts), marker="o", color=f"C{color}", label=impl)
+                        label = impl if len(fractions) == 1 else f"{impl}, prompt {fraction:g}"
+                        ax.plot(*zip(*pts), marker="o", color=f"C{color}", linestyle=styles[style % len(styles)],
+                                label=label)
                 ax.set_xscale("log", base=2)
                 ax.set_xticks(tokens, [f"{t // 1024}k" for t in tokens])
                 if metric == "peak_gb":
@@ -130,8 +147,8 @@ def plot(results: dict, png: Path) -> str:
                 ax.set_ylabel(unit, fontsize=8)
                 ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle(f"{results['gpu']}, {results['date']}, bf16, forward+backward (a missing point: out of memory "
-                 "or not run)")
+    fig.suptitle(f"{results['gpu']}, {results['date']}, bf16, forward+backward, prompt fraction "
+                 f"{', '.join(f'{f:g}' for f in fractions)} (a missing point: out of memory or not run)")
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

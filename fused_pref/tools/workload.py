@@ -32,10 +32,12 @@ MODELS = {
 TOKENS_PER_STEP = (4096, 16384, 32768)
 LOSSES = ("cross_entropy", "simpo", "dpo")
 
-# Batches are sequences of 1024 tokens whose first quarter is prompt (label -100), as in a
-# preference batch, so 3/4 of the tokens carry a label.
+# Batches are sequences of 1024 tokens whose first part is prompt (label -100), as in a preference
+# batch: by default a quarter, so 3/4 of the tokens carry a label.  `bench --prompt-fraction` takes
+# these names or a number.
 SEQUENCE_LENGTH = 1024
 PROMPT_FRACTION = 0.25
+PROMPT_FRACTIONS = {"quarter": 0.25, "half": 0.5}
 
 # The library's own implementations: the fused path once per tile plan (kernels/tiles.py), by the
 # name its results rows carry.  "fused-vchunk" (the V-chunked backward, the default plan) keeps the
@@ -50,25 +52,27 @@ def sequences_for(tokens: int) -> int:
     return tokens // SEQUENCE_LENGTH
 
 
-def prompt_length(T: int) -> int:
-    return int(T * PROMPT_FRACTION)
+def prompt_length(T: int, prompt_fraction: float) -> int:
+    return int(T * prompt_fraction)
 
 
 @dataclass
 class Batch:
     """One step's inputs: ``hidden [R, T, D]`` and ``weight [V, D]`` (leaves needing gradients),
-    ``labels [R, T]``, and for DPO a reference model's ``ref_hidden`` / ``ref_weight`` (no grad)."""
+    ``labels [R, T]`` (each row's first ``prompt_fraction`` ignored), and for DPO a reference
+    model's ``ref_hidden`` / ``ref_weight`` (no grad)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     labels: torch.Tensor
+    prompt_fraction: float
     ref_hidden: torch.Tensor | None = None
     ref_weight: torch.Tensor | None = None
 
     @property
     def valid_tokens(self) -> int:
         R, T = self.labels.shape
-        return R * (T - prompt_length(T))
+        return R * (T - prompt_length(T, self.prompt_fraction))
 
     @property
     def grads(self) -> list[torch.Tensor]:
@@ -80,10 +84,11 @@ class Batch:
         return self.hidden, self.weight, self.labels, self.ref_hidden, self.ref_weight
 
 
-def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, reference_model=False) -> Batch:
+def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, reference_model=False,
+               prompt_fraction=PROMPT_FRACTION) -> Batch:
     """Random inputs, fresh for each call (never zeros, whose uniform softmax is no real case):
     ``hidden`` scaled by ``1/sqrt(D)`` and a unit-variance ``weight`` give logits of unit variance;
-    labels are uniform over the vocabulary, with each sequence's first quarter ignored."""
+    labels are uniform over the vocabulary, with each sequence's first ``prompt_fraction`` ignored."""
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def randn(*shape, scale=1.0):
@@ -92,8 +97,8 @@ def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, refere
     hidden = randn(R, T, D, scale=1 / math.sqrt(D)).requires_grad_()
     weight = randn(V, D).requires_grad_()
     labels = torch.randint(0, V, (R, T), generator=gen, device=device)
-    labels[:, : prompt_length(T)] = -100
-    batch = Batch(hidden, weight, labels)
+    labels[:, : prompt_length(T, prompt_fraction)] = -100
+    batch = Batch(hidden, weight, labels, prompt_fraction)
     if reference_model:
         batch.ref_hidden = randn(R, T, D, scale=1 / math.sqrt(D))
         batch.ref_weight = randn(V, D)
