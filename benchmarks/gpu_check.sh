@@ -58,9 +58,9 @@ if [[ $run_tests == 1 ]]; then
     if python -c "import xdist" 2>/dev/null; then
         parallel=(-n 8)
     fi
-    # The ahead-of-time compile is CI's check, against CI's Triton; here it would judge the lent
-    # machine's older ptxas, whose few-byte sm_80 spills the README lists.
-    pytest tests -q "${parallel[@]}" --ignore=tests/test_aot_compile.py 2>&1 | tee "$out/pytest.log" || tests=$?
+    # The whole suite, the ahead-of-time compile included: no build spills with the GPU image's
+    # triton 3.6 either (checked on the CPU with 3.6 and 3.9).
+    pytest tests -q "${parallel[@]}" 2>&1 | tee "$out/pytest.log" || tests=$?
 fi
 if [[ $run_bench == 1 ]]; then
     python -m fused_pref bench --all-shapes --out "$out" "$@" 2>&1 | tee "$out/bench.log"

@@ -30,6 +30,7 @@ import torch
 from . import preference, reference, validation
 from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
+from .gradient_in_forward import CrossEntropyGradientInForward
 from .kernels import active_plan
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, preference_output
@@ -59,9 +60,18 @@ class _Tokens:
     vocab_size: object          # int, or a 0-d tensor for a sharded vocabulary
 
 
-def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
-                    logit_sum=False) -> _Tokens:
-    shard = resolve_shard(weight, options)
+@dataclass
+class _Rows:
+    """A call's tokens as the kernels take them."""
+    hidden: torch.Tensor        # [R, T, D] (a 2-D hidden gains a leading 1)
+    labels: torch.Tensor        # int64 [R*T], relative to this rank's vocabulary shard
+    valid: torch.Tensor         # bool [R*T]
+    rows: torch.Tensor          # int32 valid-first index, cut to the valid count when validation synced
+    n_valid: torch.Tensor       # int32 [1], on the device
+    checked: validation.Checked
+
+
+def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequences=False) -> _Rows:
     if options.shift:
         labels = shift_labels(labels, options.ignore_index, options.cu_seqlens)
     vocab_size = weight.shape[0] if shard is None or not options.validate else int(shard.total)
@@ -79,10 +89,17 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
+    return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked)
+
+
+def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
+                    logit_sum=False) -> _Tokens:
+    shard = resolve_shard(weight, options)
+    r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
     params = LogprobParams(options, active_plan(), shard, logit_sum)
-    logp, sums = LinearLogprobs.apply(hidden3, weight, bias, labels_flat, valid_flat, rows, n_valid, params)
-    shape = labels.shape
-    return _Tokens(logp.view(shape), checked.valid, sums.view(shape) if logit_sum else sums,
+    logp, sums = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, r.n_valid, params)
+    shape = r.checked.valid.shape
+    return _Tokens(logp.view(shape), r.checked.valid, sums.view(shape) if logit_sum else sums,
                    weight.shape[0] if shard is None else shard.total)
 
 
@@ -146,11 +163,25 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    if options.backward == "in_forward":
+        return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options)
     tokens = _token_logprobs(hidden, weight, labels, bias, options)
     if reduction == "none":
         return -tokens.logp
     total = -tokens.logp.sum()
     return total / tokens.valid.sum().clamp(min=1) if reduction == "mean" else total
+
+
+def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options: Options):
+    """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
+    none under ``no_grad`` or when no input needs one."""
+    r = _rows(hidden, weight, labels, options, None)
+    row_scale = r.valid.float()
+    if reduction == "mean":
+        row_scale = row_scale / r.n_valid.clamp(min=1)
+    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
+    return CrossEntropyGradientInForward.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale,
+                                               needs, options)
 
 
 def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens) -> PreferenceOutput:

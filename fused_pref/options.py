@@ -30,10 +30,13 @@ class Options:
     input ids, as Hugging Face models take them (``hidden[t]`` predicts ``labels[t + 1]``).
     ``cu_seqlens``: ``[R + 1]`` sequence boundaries of a packed batch.  ``process_group`` and
     ``vocab_start``: vocabulary parallelism (``fused_pref.distributed``).  ``backward``: ``"auto"``
-    or ``"chunked"``, the same exact V-chunked backward (``"fused"``, the atomic one, was removed).
+    or ``"chunked"``, the same exact V-chunked backward (``"fused"``, the atomic one, was removed);
+    ``"in_forward"`` computes a mean or summed cross-entropy's gradients inside its forward
+    (:mod:`fused_pref.gradient_in_forward`: 6NDV instead of 8NDV, for 4VD bytes more memory).
     ``deterministic``: kept for the callers that pass it; every backward is deterministic.
     ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
-    never exceeds 1/16 of the logits, nor goes below one 128-column block).  ``validate``: the value
+    never exceeds 1/16 of the logits, nor goes below one 128-column block), and the forward's
+    partial log-sum-exps, and ``"in_forward"``'s block of logits.  ``validate``: the value
     checks that need a host sync (label range, empty sequences, ``cu_seqlens``).  ``backend``:
     ``"auto"``, ``"triton"`` or ``"reference"`` (see :func:`use_triton`)."""
 

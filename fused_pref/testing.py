@@ -127,8 +127,7 @@ def nan_filled(warn_only=True):
     ``fill_uninitialized_memory``; the previous settings are restored on exit, error or not.
     ``warn_only`` (the default): an op without a deterministic implementation (a cuBLAS product
     without ``CUBLAS_WORKSPACE_CONFIG``) warns instead of failing, since NaN-filling is the point
-    here; ``False`` refuses it, as the determinism tests want.  Determinism is on meanwhile, so
-    ``deterministic=None`` refuses ``backward="fused"``: pass ``deterministic=False`` to compare it."""
+    here; ``False`` refuses it, as the determinism tests want."""
     enabled = torch.are_deterministic_algorithms_enabled()
     previous_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     fill = torch.utils.deterministic.fill_uninitialized_memory

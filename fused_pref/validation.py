@@ -139,7 +139,7 @@ def check_cu_seqlens(cu_seqlens, hidden):
         _fail(ValueError, f"cu_seqlens is on {cu_seqlens.device}, hidden on {hidden.device}")
 
 
-BACKWARD_STRATEGIES = ("auto", "chunked")
+BACKWARD_STRATEGIES = ("auto", "chunked", "in_forward")
 BACKENDS = ("auto", "triton", "reference")
 
 
@@ -154,6 +154,21 @@ def check_backward(backward, deterministic):
         _fail(ValueError, f"backward must be one of {BACKWARD_STRATEGIES}, got {backward!r}")
     if deterministic is not None and not isinstance(deterministic, bool):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
+
+
+def check_gradient_in_forward(options, kind, reduction):
+    """``backward="in_forward"`` needs the loss's gradient in the forward: a mean or summed
+    cross-entropy over the whole vocabulary on one device."""
+    if options.backward != "in_forward":
+        return
+    if kind != "cross_entropy" or reduction == "none":
+        what = f"reduction={reduction!r}" if kind == "cross_entropy" else "this function"
+        _fail(ValueError, "backward='in_forward' computes the gradients inside the forward, which needs the "
+                          "loss's gradient there: linear_cross_entropy with reduction 'mean' or 'sum' only, "
+                          f"not {what}; use backward='auto'")
+    if options.process_group is not None:
+        _fail(ValueError, "backward='in_forward' does not run with vocabulary parallelism (process_group): "
+                          "use backward='auto'")
 
 
 def check_interpreter(problem):
@@ -280,6 +295,7 @@ def check_call(hidden, weight, labels, bias, options, *, sequence_level=False, p
     check_cu_seqlens(options.cu_seqlens, hidden)
     if kind is not None:
         check_reduction(reduction, kind)
+    check_gradient_in_forward(options, kind, reduction)
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     if pairs:
         check_pairs(num_sequences)

@@ -15,6 +15,9 @@ CASES = {
     "dpo": lambda h, w, lab, b: fused_pref.dpo_loss(h, w, lab, b, ref_hidden=h.detach().flip(0),
                                                     loss_type="ipo").loss,
     "cross_entropy": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True),
+    # Plain torch products and elementwise ops in a loop over blocks of rows: traced, not opaque.
+    "cross_entropy[in_forward]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True,
+                                                                                      backward="in_forward"),
 }
 
 

@@ -583,7 +583,7 @@ def test_vocab_start_needs_a_process_group(module, name):
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", FUNCTIONS)
 @pytest.mark.parametrize("kwargs, cls, pattern", [
-    pytest.param({"backward": "atomic"}, ValueError, r"^backward must be one of \('auto', 'chunked'\)",
+    pytest.param({"backward": "atomic"}, ValueError, r"^backward must be one of \('auto', 'chunked', 'in_forward'\), got 'atomic'$",
                  id="backward-unknown"),
     pytest.param({"deterministic": 1}, TypeError, r"^deterministic must be a bool or None, got int",
                  id="deterministic-int"),

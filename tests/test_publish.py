@@ -86,7 +86,7 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     new = _results("NVIDIA H100 80GB HBM3", "2026-11-27T10:00:00", [
         {"model": "llama3-8b", "tokens": 16384, "loss": "simpo", "impl": "liger", "mode": "fwd+bwd",
          "error": "out of memory"},
-        _row("llama3-8b", 16384, "simpo", "fused-atomic", 300.0, 3.0),
+        _row("llama3-8b", 16384, "simpo", "fused-wide", 300.0, 3.0),
         _row("llama3-8b", 16384, "simpo", "reference", 200.0, 30.0),
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 80.0, 1.5),
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 20.0, 1.2, mode="fwd"),
@@ -105,7 +105,7 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     assert text.startswith(before + publish.README_START) and text.endswith(publish.README_END + after)
     assert "old text" not in text and "A100" not in text
     assert "Measured on **NVIDIA H100 80GB HBM3** (driver 570.1, CUDA 12.8, torch 2.11.0, triton 3.6.0)" in text
-    assert ("| loss | model | tokens | prompt | fused-vchunk | fused-atomic | reference | liger | fused TFLOP/s |"
+    assert ("| loss | model | tokens | prompt | fused-vchunk | fused-wide | reference | liger | fused TFLOP/s |"
             in text)
     assert ("| simpo | llama3-8b | 16384 | 0.25 | 80.0 ms, 1.50 GB | 300.0 ms, 3.00 GB | 200.0 ms, 30.00 GB (2.5x, "
             "20.0x) | OOM | 500 |\n"

@@ -1,7 +1,8 @@
 """The implementations ``python -m fused_pref bench`` compares, as ``loss_fn``-style functions
 ``f(hidden, weight, labels, ref_hidden, ref_weight) -> scalar loss``.
 
-Ours (the fused path once per tile plan, the reference) plus ``torch.compile`` of the reference,
+Ours (the fused path once per tile plan, cross-entropy's gradient-in-forward mode, the reference)
+plus ``torch.compile`` of the reference,
 Liger-Kernel's fused linear losses, Cut Cross-Entropy and TRL's chunked LM head.  The peers are
 optional extras, imported only when asked for; one that is missing, or that has no equivalent of a
 case, raises ``Unavailable`` with the note the benchmark prints.
@@ -173,18 +174,26 @@ def trl_chunked(loss: str, softcap=None):
 
 _PEER_FACTORIES = {"reference-compile": compiled_reference, "liger": liger, "cce": cut_cross_entropy,
                    "trl-chunked": trl_chunked}
+# The opt-in gradient-in-forward mode (fused_pref.gradient_in_forward), cross-entropy's only; not in
+# the memory accounting, whose CPU run would count the fp32 weight copy only the CPU makes.
+IN_FORWARD = "fused-inforward"
 # Every name ``implementations`` knows, in the order it runs them.
-IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_PLANS), "reference", *_PEER_FACTORIES)
+IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_PLANS), IN_FORWARD, "reference", *_PEER_FACTORIES)
 
 
 def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str]]:
     """(name -> function, notes) for every implementation of ``loss`` (or those in ``names``):
     ours first, then each peer that can run here."""
     funcs = library_implementations(loss, softcap)
-    unknown = set(names or ()) - set(funcs) - set(_PEER_FACTORIES)
+    unknown = set(names or ()) - set(IMPLEMENTATION_ORDER)
     if unknown:
-        raise ValueError(f"unknown implementations {sorted(unknown)}; known: {[*funcs, *_PEER_FACTORIES]}")
+        raise ValueError(f"unknown implementations {sorted(unknown)}; known: {list(IMPLEMENTATION_ORDER)}")
     notes = []
+    if names is None or IN_FORWARD in names:
+        if loss == "cross_entropy":
+            funcs[IN_FORWARD] = loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward")
+        else:
+            notes.append(f"{IN_FORWARD} skipped for {loss}: backward='in_forward' is cross-entropy's only")
     for name, factory in _PEER_FACTORIES.items():
         if names is not None and name not in names:
             continue

@@ -1,0 +1,152 @@
+"""Cross-entropy with its gradients computed inside the forward (``backward="in_forward"``).
+
+Where ``dLoss/dlogits`` is known during the forward (a mean or summed cross-entropy: ``softmax - onehot``
+per valid token), the logits need not be computed twice.  Per block of valid rows this path runs
+three cuBLAS products and one elementwise pass over an fp32 block of logits::
+
+    z    = h_b @ W.T (+ b, softcap)        fp32 output, cuBLAS
+    lse  = logsumexp(z);  loss += s * (lse - z[label])
+    dz   = s * (softmax(z) - onehot) (* softcap')   in place, rounded once to the input dtype
+    dH_b = dz @ W                          cuBLAS, the rows' d_hidden, final
+    dW  += dz.T @ h_b                      cuBLAS into an fp32 accumulator
+
+6NDV of products where the default path (forward, then the backward's recompute) does 8NDV; the
+backward only multiplies the stored gradients by ``grad_output``.  The price is memory: the fp32
+``d_weight`` accumulator (4VD bytes: 2.1 GB at Llama-3-8B's head) lives for the whole forward, and
+the gradients are held from the forward to the backward.  Logits and ``d_weight``'s accumulation
+stay fp32, the gradient is exact (no filtering) and every sum runs in a fixed order.
+
+The block holds ``rows x V`` fp32 logits plus their ``dz`` in the input dtype (and the softcap's
+derivative, fp32): at most ``workspace_bytes``, and never more than 1/16 of the rows, as the
+chunked backward bounds its workspace.  The ``[N, V]`` logits never exist.
+
+Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
+on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
+interpreter's tests; the copies cost 4VD more there).
+"""
+
+import torch
+
+from .options import Options
+
+
+def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, softcap, workspace_bytes: int) -> int:
+    """Rows of logits each block holds: fp32 logits, ``dz`` in ``dtype`` and, under a softcap, its fp32
+    derivative per logit, within ``workspace_bytes`` and at most a 16th of the rows (at least one).
+    From 128 rows up, a multiple of 128: the products' row tiles are then all full."""
+    per_logit = 4 + dtype.itemsize + (4 if softcap is not None else 0)
+    by_bytes = workspace_bytes // (vocab * per_logit)
+    if by_bytes >= 128:
+        by_bytes -= by_bytes % 128
+    return max(1, min(by_bytes, -(-n_rows // 16)))
+
+
+_ADDMM_INTO_FP32 = [True]   # cleared, for the process, by the first torch that refuses it
+_SLICE_ROWS = 8192          # d_weight rows per product where it is refused: 8192 x D fp32 temporaries
+
+
+def _has_out_dtype_mm() -> bool:
+    return hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+class _Fp32Products:
+    """``h @ W.T`` and ``acc += dz.T @ h`` with fp32 outputs for operands of ``weight``'s dtype."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.dtype = weight.dtype
+        self.cuda_out_dtype = weight.is_cuda and weight.dtype != torch.float32
+        if self.cuda_out_dtype and not _has_out_dtype_mm():
+            raise RuntimeError(f"backward='in_forward' needs torch.mm's out_dtype on CUDA (torch >= 2.8), "
+                               f"this is torch {torch.__version__}: use backward='auto'")
+        # CPU with bf16/fp16: an fp32 copy of the weight, made once per call.
+        self.weight = weight if self.cuda_out_dtype or weight.dtype == torch.float32 else weight.float()
+
+    def logits(self, h):
+        if self.cuda_out_dtype:
+            return torch.mm(h, self.weight.t(), out_dtype=torch.float32)
+        return torch.mm(h.to(self.weight.dtype), self.weight.t())
+
+    def accumulate(self, acc, dz, h):
+        if not self.cuda_out_dtype:
+            acc.addmm_(dz.t().float(), h.float())
+            return
+        if _ADDMM_INTO_FP32[0]:
+            try:
+                torch.addmm(acc, dz.t(), h, out_dtype=torch.float32, out=acc)
+                return
+            except RuntimeError:
+                # Some torch versions want addmm.dtype_out's ``self`` in the operands' dtype (it
+                # checks before writing): products per vocabulary slice instead, slower.
+                _ADDMM_INTO_FP32[0] = False
+        for start in range(0, acc.shape[0], _SLICE_ROWS):
+            acc[start:start + _SLICE_ROWS] += torch.mm(dz[:, start:start + _SLICE_ROWS].t(), h, out_dtype=torch.float32)
+
+
+def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, options: Options):
+    """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
+    the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no.
+
+    ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
+    ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
+    (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
+    R, T, D = hidden.shape
+    V = weight.shape[0]
+    softcap = options.softcap
+    products = _Fp32Products(weight)
+    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
+    d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
+    d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
+    block = rows_per_block(rows.numel(), V, weight.dtype, softcap, options.workspace_bytes)
+    for start in range(0, rows.numel(), block):
+        index = rows[start:start + block].long()
+        seq, pos = index // T, index % T
+        h = hidden[seq, pos]
+        z = products.logits(h)
+        if bias is not None:
+            z += bias.float()
+        if softcap is not None:
+            z.div_(softcap).tanh_().mul_(softcap)
+        lse = torch.logsumexp(z, dim=1)
+        # Invalid rows (scale 0) point at column 0: finite, and multiplied away.
+        label = torch.where(valid[index], labels[index], 0).unsqueeze(1)
+        scale = row_scale[index]
+        loss += (scale * (lse - z.gather(1, label).squeeze(1))).sum()
+        if not any(needs):
+            continue
+        derivative = None if softcap is None else (z / softcap).square_().neg_().add_(1.0)
+        p = z.sub_(lse.unsqueeze(1)).exp_()
+        p.scatter_(1, label, p.gather(1, label) - 1.0)
+        p.mul_(scale.unsqueeze(1))
+        if derivative is not None:
+            p.mul_(derivative)
+            del derivative
+        if d_bias is not None:
+            d_bias += p.sum(dim=0)
+        dz = p.to(weight.dtype)
+        del p, z
+        if d_hidden is not None:
+            d_hidden[seq, pos] = dz @ weight
+        if d_weight is not None:
+            products.accumulate(d_weight, dz, h)
+    return (loss, d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
+            None if d_bias is None else d_bias.to(bias.dtype))
+
+
+class CrossEntropyGradientInForward(torch.autograd.Function):
+    """The scalar loss of ``cross_entropy_and_gradients``; its backward scales the gradients the
+    forward computed by ``grad_output``: one product in fp32 rounded to the gradient's dtype (exact
+    when ``grad_output`` is a power of two, e.g. 1 or a loss scale)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
+        loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs,
+                                                   options)
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32.
+        grads = (None if g is None else g * grad_loss for g in ctx.saved_tensors)
+        return (*grads, None, None, None, None, None, None)

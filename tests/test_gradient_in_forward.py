@@ -1,0 +1,142 @@
+"""``backward="in_forward"``: cross-entropy's gradients computed inside the forward, against the fp64
+reference (which ignores ``backward``), on the shapes of the parity tests, with blocks of rows small
+enough that every call runs several."""
+
+import pytest
+import torch
+
+import fused_pref
+from fused_pref import gradient_in_forward
+from fused_pref.testing import compare, make_inputs
+from fused_pref.tools.memory import AllocationRecorder
+
+SHAPES = {
+    "R4-T23-D97-V1003": (4, 23, 97, 1003),
+    "R2-T7-D40-V257": (2, 7, 40, 257),
+    "R2-T9-D497-V300": (2, 9, 497, 300),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _loss(m, x, **kwargs):
+    return m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], backward="in_forward", **kwargs)
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_parity(shape, dtype, softcap, reduction, device):
+    x = make_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
+    comparison = compare(lambda m, x: _loss(m, x, softcap=softcap, reduction=reduction), x).check(dtype)
+    assert set(comparison.errors) == {"value", "d_hidden", "d_weight", "d_bias"}
+
+
+@pytest.mark.parametrize("layout", ["packed-shift", "flat-strided", "unvalidated"])
+def test_layouts(layout, device):
+    x = make_inputs(3, 19, 41, 515, device=device, seed=7, bias=False)
+    if layout == "packed-shift":
+        cu = torch.tensor([0, 19, 38, 57], dtype=torch.int32, device=device)
+
+        def fn(m, x):
+            return _loss(m, {**x, "hidden": x["hidden"].flatten(0, 1), "labels": x["labels"].flatten()},
+                         shift=True, cu_seqlens=cu)
+    elif layout == "flat-strided":
+        # Every other position of a wider hidden: strided rows, gathered per block, never copied whole.
+        def fn(m, x):
+            return _loss(m, {**x, "hidden": x["hidden"][:, ::2], "labels": x["labels"][:, ::2]})
+    else:
+        # No host sync: every row is computed, the invalid ones adding nothing.
+        def fn(m, x):
+            return _loss(m, x, validate=False)
+    compare(fn, x).check(torch.float32)
+
+
+def test_blocks_of_rows():
+    # A 16th of the rows at most, fewer when the workspace is smaller; at least one; from 128 rows
+    # up a multiple of 128.
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, None, 2**40) == 1000
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, None, 6 * 1000 * 37) == 37
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, 30.0, 10 * 1000 * 37) == 37
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.float32, None, 8 * 1000 * 300) == 256
+    assert gradient_in_forward.rows_per_block(5, 10**6, torch.float32, None, 1) == 1
+    # Llama-3-8B's head, 12,288 valid rows, the default 256 MiB: 348 rows of bf16 fit, 256 are taken.
+    assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, None, 2**28) == 256
+
+
+def test_same_values_and_gradients_as_the_default_path(device):
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=11)
+    y = {k: (v.detach().clone().requires_grad_() if v.dtype.is_floating_point else v) if v is not None else None
+         for k, v in x.items()}
+    _loss(fused_pref, x).backward()
+    fused_pref.linear_cross_entropy(y["hidden"], y["weight"], y["labels"], y["bias"]).backward()
+    for name in ("hidden", "weight", "bias"):
+        torch.testing.assert_close(x[name].grad, y[name].grad, rtol=1e-5, atol=1e-7)
+
+
+def test_grad_output_scales_the_gradients(device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=3)
+    y = {k: (v.detach().clone().requires_grad_() if v.dtype.is_floating_point else v) if v is not None else None
+         for k, v in x.items()}
+    (_loss(fused_pref, x) * 4.0).backward()
+    _loss(fused_pref, y).backward()
+    for name in ("hidden", "weight", "bias"):
+        assert torch.equal(x[name].grad, 4.0 * y[name].grad)  # a power of two: exact
+
+
+def test_only_the_gradients_asked_for(device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
+    x["weight"].requires_grad_(False)
+    comparison = compare(_loss, x).check(torch.float32)
+    assert set(comparison.errors) == {"value", "d_hidden", "d_bias"} and x["weight"].grad is None
+
+
+def test_no_gradient_work_without_grad(device):
+    # Under no_grad the forward computes the loss alone: no fp32 [V, D] accumulator, no [V, D] gradient.
+    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
+    V, D = x["weight"].shape
+
+    def weight_sized(recorder):
+        return [a for a in recorder.allocations if a.numel >= V * D]
+
+    with AllocationRecorder() as with_grad:
+        loss = _loss(fused_pref, x)
+    with torch.no_grad(), AllocationRecorder() as without:
+        assert torch.equal(_loss(fused_pref, x), loss.detach())
+    assert weight_sized(with_grad) and not weight_sized(without)
+
+
+def test_deterministic(device):
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=13, dtype=torch.bfloat16)
+    runs = []
+    for _ in range(2):
+        for t in (x["hidden"], x["weight"], x["bias"]):
+            t.grad = None
+        loss = _loss(fused_pref, x)
+        loss.backward()
+        runs.append((loss.detach(), x["hidden"].grad, x["weight"].grad, x["bias"].grad))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_the_logits_never_exist(device):
+    # Blocks are at most a 16th of the rows: no tensor of N x V / 8 elements, at the default workspace.
+    x = make_inputs(4, 64, 24, 1003, device=device, seed=17)  # d_weight (V x D) is under the bound too
+    n, v = x["labels"].numel(), x["weight"].shape[0]
+    with AllocationRecorder() as recorder:
+        _loss(fused_pref, x).backward()
+    assert recorder.largest().numel < n * v / 8
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], reduction="none",
+                                         backward="in_forward"), "not reduction='none'"),
+    (lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], backward="in_forward"),
+     "not this function"),
+    (lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], backward="in_forward"), "not this function"),
+], ids=["reduction-none", "linear_logprobs", "simpo_loss"])
+@pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
+def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, message, device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
+    with pytest.raises(ValueError, match=r"^backward='in_forward' computes the gradients inside the forward, .*"
+                                         + message + "; use backward='auto'$"):
+        call(module, x)
