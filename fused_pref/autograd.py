@@ -73,3 +73,23 @@ class PreferenceHead(torch.autograd.Function):
     def backward(ctx, grad_losses):
         d_chosen, d_rejected = ctx.saved_tensors
         return d_chosen * grad_losses, d_rejected * grad_losses, None, None, None
+
+
+class CrossEntropyGradientInForward(torch.autograd.Function):
+    """A mean or summed cross-entropy whose forward also computes its gradients
+    (``fused_pref.gradient_in_forward``; ``needs`` says which); the backward scales them by
+    ``grad_output``: one product in fp32 rounded to the gradient's dtype (exact when ``grad_output``
+    is a power of two, e.g. 1 or a loss scale)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
+        loss, grads = ops.gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options)
+        ctx.save_for_backward(*grads)
+        ctx.needs = needs
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32.
+        grads = (g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
+        return (*grads, None, None, None, None, None, None)

@@ -28,9 +28,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from . import preference, reference, validation
-from .autograd import LinearLogprobs, LogprobParams, PreferenceHead
+from .autograd import CrossEntropyGradientInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
-from .gradient_in_forward import CrossEntropyGradientInForward
 from .kernels import active_plan
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, preference_output

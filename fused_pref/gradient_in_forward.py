@@ -1,14 +1,14 @@
 """Cross-entropy with its gradients computed inside the forward (``backward="in_forward"``).
 
-Where ``dLoss/dlogits`` is known during the forward (a mean or summed cross-entropy: ``softmax - onehot``
-per valid token), the logits need not be computed twice.  Per block of valid rows this path runs
-three cuBLAS products and one elementwise pass over an fp32 block of logits::
+Where ``dLoss/dlogits`` is known during the forward (a mean or summed cross-entropy: ``softmax -
+onehot`` per valid token), the logits need not be computed twice.  Per block of valid rows this
+path runs three cuBLAS products and one Triton pass over an fp32 block of logits::
 
-    z    = h_b @ W.T (+ b, softcap)        fp32 output, cuBLAS
-    lse  = logsumexp(z);  loss += s * (lse - z[label])
-    dz   = s * (softmax(z) - onehot) (* softcap')   in place, rounded once to the input dtype
-    dH_b = dz @ W                          cuBLAS, the rows' d_hidden, final
-    dW  += dz.T @ h_b                      cuBLAS into an fp32 accumulator
+    z    = h_b @ W.T                        fp32 output, cuBLAS
+    loss += s * (lse - z[label]),  dz = s * (softmax - onehot)   kernels/cross_entropy_block.py
+                                            (bias and softcap applied there; dz in the input dtype)
+    dH_b = dz @ W                           cuBLAS, the rows' d_hidden, final
+    dW  += dz.T @ h_b                       cuBLAS into an fp32 accumulator
 
 6NDV of products where the default path (forward, then the backward's recompute) does 8NDV; the
 backward only multiplies the stored gradients by ``grad_output``.  The price is memory: the fp32
@@ -16,9 +16,9 @@ backward only multiplies the stored gradients by ``grad_output``.  The price is 
 the gradients are held from the forward to the backward.  Logits and ``d_weight``'s accumulation
 stay fp32, the gradient is exact (no filtering) and every sum runs in a fixed order.
 
-The block holds ``rows x V`` fp32 logits plus their ``dz`` in the input dtype (and the softcap's
-derivative, fp32): at most ``workspace_bytes``, and never more than 1/16 of the rows, as the
-chunked backward bounds its workspace.  The ``[N, V]`` logits never exist.
+The block holds ``rows x V`` of ``dz`` in the input dtype and half as many rows of fp32 logits at a
+time: at most ``workspace_bytes``, and never more than 1/16 of the rows, as the chunked backward
+bounds its workspace.  The ``[N, V]`` logits never exist.
 
 Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
 on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
@@ -27,15 +27,17 @@ interpreter's tests; the copies cost 4VD more there).
 
 import torch
 
-from .options import Options
+from .kernels.cross_entropy_block import cross_entropy_block, new_workspace
 
 
-def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, softcap, workspace_bytes: int) -> int:
-    """Rows of logits each block holds: fp32 logits, ``dz`` in ``dtype`` and, under a softcap, its fp32
-    derivative per logit, within ``workspace_bytes`` and at most a 16th of the rows (at least one).
-    From 128 rows up, a multiple of 128: the products' row tiles are then all full."""
-    per_logit = 4 + dtype.itemsize + (4 if softcap is not None else 0)
-    by_bytes = workspace_bytes // (vocab * per_logit)
+def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Rows of ``dz`` (input ``dtype``) each block holds, its logits computed in two halves (fp32):
+    4 bytes per logit of a row in all for 2-byte inputs, within ``workspace_bytes`` and at most a
+    16th of the rows (at least one).  From 128 rows up, a multiple of 128, so the products' row
+    tiles are all full.  The block is the depth of ``d_weight``'s product: each adds into the fp32
+    accumulator, reading and writing its 8VD bytes, so it stays bound by arithmetic only from ~800
+    rows up on an H100/H200 (``workspace_bytes=2**29`` at Llama-3-8B's vocabulary)."""
+    by_bytes = workspace_bytes // (vocab * (dtype.itemsize + 2))
     if by_bytes >= 128:
         by_bytes -= by_bytes % 128
     return max(1, min(by_bytes, -(-n_rows // 16)))
@@ -53,7 +55,6 @@ class _Fp32Products:
     """``h @ W.T`` and ``acc += dz.T @ h`` with fp32 outputs for operands of ``weight``'s dtype."""
 
     def __init__(self, weight: torch.Tensor):
-        self.dtype = weight.dtype
         self.cuda_out_dtype = weight.is_cuda and weight.dtype != torch.float32
         if self.cuda_out_dtype and not _has_out_dtype_mm():
             raise RuntimeError(f"backward='in_forward' needs torch.mm's out_dtype on CUDA (torch >= 2.8), "
@@ -74,15 +75,18 @@ class _Fp32Products:
             try:
                 torch.addmm(acc, dz.t(), h, out_dtype=torch.float32, out=acc)
                 return
-            except RuntimeError:
+            except RuntimeError as error:
                 # Some torch versions want addmm.dtype_out's ``self`` in the operands' dtype (it
                 # checks before writing): products per vocabulary slice instead, slower.
+                if "dtype" not in str(error) or isinstance(error, torch.OutOfMemoryError):
+                    raise
                 _ADDMM_INTO_FP32[0] = False
-        for start in range(0, acc.shape[0], _SLICE_ROWS):
-            acc[start:start + _SLICE_ROWS] += torch.mm(dz[:, start:start + _SLICE_ROWS].t(), h, out_dtype=torch.float32)
+        for v in range(0, acc.shape[0], _SLICE_ROWS):
+            acc[v:v + _SLICE_ROWS] += torch.mm(dz[:, v:v + _SLICE_ROWS].t(), h, out_dtype=torch.float32)
 
 
-def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, options: Options):
+def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
+                                workspace_bytes):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
     the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no.
 
@@ -91,62 +95,33 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
     (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
     R, T, D = hidden.shape
     V = weight.shape[0]
-    softcap = options.softcap
     products = _Fp32Products(weight)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
     d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
-    block = rows_per_block(rows.numel(), V, weight.dtype, softcap, options.workspace_bytes)
+    block = rows_per_block(rows.numel(), V, weight.dtype, workspace_bytes)
+    half = -(-block // 2)
     for start in range(0, rows.numel(), block):
         index = rows[start:start + block].long()
         seq, pos = index // T, index % T
         h = hidden[seq, pos]
-        z = products.logits(h)
-        if bias is not None:
-            z += bias.float()
-        if softcap is not None:
-            z.div_(softcap).tanh_().mul_(softcap)
-        lse = torch.logsumexp(z, dim=1)
-        # Invalid rows (scale 0) point at column 0: finite, and multiplied away.
-        label = torch.where(valid[index], labels[index], 0).unsqueeze(1)
+        # Ignored rows (scale 0) point at label 0: finite, and multiplied away.
+        label = torch.where(valid[index], labels[index], 0)
         scale = row_scale[index]
-        loss += (scale * (lse - z.gather(1, label).squeeze(1))).sum()
-        if not any(needs):
+        dz = new_workspace(index.numel(), V, weight.dtype, hidden.device) if any(needs) else None
+        for a in range(0, index.numel(), half):
+            # Half the block's logits at a time: the fp32 block costs what the dz block does.
+            loss += cross_entropy_block(products.logits(h[a:a + half]), bias, label[a:a + half], scale[a:a + half],
+                                        softcap=softcap, dz=None if dz is None else dz[a:a + half]).sum()
+        if dz is None:
             continue
-        derivative = None if softcap is None else (z / softcap).square_().neg_().add_(1.0)
-        p = z.sub_(lse.unsqueeze(1)).exp_()
-        p.scatter_(1, label, p.gather(1, label) - 1.0)
-        p.mul_(scale.unsqueeze(1))
-        if derivative is not None:
-            p.mul_(derivative)
-            del derivative
+        dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)
         if d_bias is not None:
-            d_bias += p.sum(dim=0)
-        dz = p.to(weight.dtype)
-        del p, z
+            d_bias += dz.sum(dim=0, dtype=torch.float32)
         if d_hidden is not None:
             d_hidden[seq, pos] = dz @ weight
         if d_weight is not None:
             products.accumulate(d_weight, dz, h)
     return (loss, d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
             None if d_bias is None else d_bias.to(bias.dtype))
-
-
-class CrossEntropyGradientInForward(torch.autograd.Function):
-    """The scalar loss of ``cross_entropy_and_gradients``; its backward scales the gradients the
-    forward computed by ``grad_output``: one product in fp32 rounded to the gradient's dtype (exact
-    when ``grad_output`` is a power of two, e.g. 1 or a loss scale)."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
-        loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs,
-                                                   options)
-        ctx.save_for_backward(*grads)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32.
-        grads = (None if g is None else g * grad_loss for g in ctx.saved_tensors)
-        return (*grads, None, None, None, None, None, None)

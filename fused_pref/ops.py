@@ -1,8 +1,9 @@
 """The kernels as ``torch.library`` custom ops, so ``torch.compile(fullgraph=True)`` sees each launch
 as one opaque node with a known output shape instead of tracing into Triton's launcher.  A custom
 op's schema takes tensors and scalars only: ``forward`` and ``backward`` are where a call's
-``LogprobParams`` (its ``Options`` included) are flattened into them, and ``head`` is for a
-``PreferenceSpec``: the one place that knows which option each kernel reads.
+``LogprobParams`` (its ``Options`` included) are flattened into them, ``gradient_in_forward`` is
+``backward="in_forward"``'s (its cuBLAS products and block kernel as one node), and ``head`` is for
+a ``PreferenceSpec``: the one place that knows which option each kernel reads.
 
 ``torch.library.triton_op`` / ``wrap_triton`` would let Inductor see inside, but they need real
 device pointers and fail under the interpreter that CI runs on (DESIGN.md section 7); plain
@@ -11,6 +12,7 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 
 import torch
 
+from .gradient_in_forward import cross_entropy_and_gradients
 from .kernels import linear_grad_backward, linear_lse_forward, preference_head_forward
 
 
@@ -48,6 +50,24 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, need
             for shape, dtype, need in zip(shapes, dtypes, needs)]
 
 
+@torch.library.custom_op("fused_pref::cross_entropy_in_forward", mutates_args=())
+def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                             labels: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor,
+                             needs: list[bool], softcap: float | None,
+                             workspace_bytes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
+                                               softcap=softcap, workspace_bytes=workspace_bytes)
+    return loss, [g if g is not None else loss.new_empty(0) for g in grads]
+
+
+@cross_entropy_in_forward.register_fake
+def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, workspace_bytes):
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
+    return (hidden.new_empty((), dtype=torch.float32),
+            [hidden.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needs)])
+
+
 @torch.library.custom_op("fused_pref::preference_head", mutates_args=())
 def preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
                     ref_rejected: torch.Tensor | None, loss: str, beta: float, gamma: float,
@@ -73,6 +93,13 @@ def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs,
     flattened."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
                        list(needs), params.options.workspace_bytes, params.plan)
+
+
+def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
+    """``(loss, [d_hidden, d_weight, d_bias])`` (empty where not in ``needs``):
+    ``cross_entropy_in_forward`` with ``options`` flattened."""
+    return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
+                                    options.softcap, options.workspace_bytes)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):

@@ -30,7 +30,8 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert lines[0].startswith("Compiling every kernel ahead of time") and lines[1] == aot.TABLE_HEADER
     # kernel, then a variant that may hold spaces ("bf16 wide"), then six fixed columns.
     rows = [(line.split()[0], *line.split()[-6:]) for line in lines[2:-1]]
-    assert {r[0] for r in rows} == {"column_sum", "linear_grad", "linear_lse", "logit_sum", "merge_splits", "pref_head"}
+    assert {r[0] for r in rows} == {"column_sum", "cross_entropy_block", "linear_grad", "linear_lse", "logit_sum",
+                                    "merge_splits", "pref_head"}
     assert {r[2] for r in rows} == {"sm_80", "sm_90"} and {r[1] for r in rows} == {"aligned", "strided"}
     # Every spec, in each layout it runs in, for two archs; the wide plan's tiles only aligned.
     assert len(rows) == 2 * sum(len(spec.layouts) for spec in aot.shipped_specs())
@@ -89,7 +90,8 @@ def test_names_a_spec_gives_that_the_kernel_does_not_take_are_named():
 def test_every_shipped_spec_covers_its_kernels_arguments():
     specs = aot.shipped_specs()
     assert {(s.kernel, s.variant.split()[0].split("+")[0]) for s in specs if s.kernel != "pref_head"} == {
-        (k, d) for k in ("linear_lse", "logit_sum", "linear_grad", "column_sum") for d in ("bf16", "fp16", "fp32")
+        (k, d) for k in ("linear_lse", "logit_sum", "linear_grad", "column_sum", "cross_entropy_block")
+        for d in ("bf16", "fp16", "fp32")
     } | {("merge_splits", "fp32")}
     for spec in specs:
         assert list(aot.signature(spec)) == [n for n in spec.fn.arg_names if n not in spec.constexprs]

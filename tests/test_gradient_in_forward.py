@@ -7,13 +7,15 @@ import torch
 
 import fused_pref
 from fused_pref import gradient_in_forward
-from fused_pref.testing import compare, make_inputs
+from fused_pref.kernels.cross_entropy_block import cross_entropy_block
+from fused_pref.testing import compare, make_inputs, relative_error
 from fused_pref.tools.memory import AllocationRecorder
 
 SHAPES = {
     "R4-T23-D97-V1003": (4, 23, 97, 1003),
     "R2-T7-D40-V257": (2, 7, 40, 257),
     "R2-T9-D497-V300": (2, 9, 497, 300),
+    "R2-T9-D33-V4099": (2, 9, 33, 4099),  # past the block kernel's first 4096-wide step
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -53,15 +55,46 @@ def test_layouts(layout, device):
 
 
 def test_blocks_of_rows():
-    # A 16th of the rows at most, fewer when the workspace is smaller; at least one; from 128 rows
-    # up a multiple of 128.
-    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, None, 2**40) == 1000
-    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, None, 6 * 1000 * 37) == 37
-    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, 30.0, 10 * 1000 * 37) == 37
-    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.float32, None, 8 * 1000 * 300) == 256
-    assert gradient_in_forward.rows_per_block(5, 10**6, torch.float32, None, 1) == 1
-    # Llama-3-8B's head, 12,288 valid rows, the default 256 MiB: 348 rows of bf16 fit, 256 are taken.
-    assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, None, 2**28) == 256
+    # dz in the input dtype plus half as many rows of fp32 logits: 4 bytes per logit of a row in
+    # bf16, 6 in fp32.  A 16th of the rows at most, fewer when the workspace is smaller; at least
+    # one; from 128 rows up a multiple of 128.
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, 2**40) == 1000
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.bfloat16, 4 * 1000 * 37) == 37
+    assert gradient_in_forward.rows_per_block(16_000, 1000, torch.float32, 6 * 1000 * 300) == 256
+    assert gradient_in_forward.rows_per_block(5, 10**6, torch.float32, 1) == 1
+    # Llama-3-8B's head, 12,288 valid rows: 512 rows of bf16 at the default 256 MiB; at 512 MiB a 16th
+    # of the rows, 768.
+    assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, 2**28) == 512
+    assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, 2**29) == 768
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "softcap"])
+def test_block_kernel_against_torch_in_fp64(softcap, device):
+    # Peaked and far-apart logits (std 8, one row shifted by -100, one by +100: exp overflows
+    # unless the running max is subtracted), V past the first step; fp32 against fp64 at 1e-5.
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 4099, generator=gen) * 8
+    logits[1] -= 100
+    logits[3] += 100
+    bias = torch.randn(4099, generator=gen)
+    labels = torch.tensor([0, 4098, 17, 2048, 0])
+    scale = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.0])  # the last row is an ignored one
+    dz = torch.empty(5, 4099, device=device)
+    loss = cross_entropy_block(logits.to(device), bias.to(device), labels.to(device), scale.to(device),
+                               softcap=softcap, dz=dz)
+    z = logits.double() + bias.double()
+    if softcap is not None:
+        z.requires_grad_()
+        capped = softcap * torch.tanh(z / softcap)
+    else:
+        capped = z.requires_grad_()
+    ref = scale.double() * (torch.logsumexp(capped, dim=1) - capped.gather(1, labels[:, None]).squeeze(1))
+    ref.sum().backward()
+    assert relative_error(loss.cpu(), ref) < 1e-5 and loss[4] == 0
+    assert relative_error(dz.cpu(), z.grad) < 1e-5 and (dz[4] == 0).all()
+    no_dz = cross_entropy_block(logits.to(device), None, labels.to(device), scale.to(device))
+    assert relative_error(no_dz.cpu(), scale * (torch.logsumexp(logits, 1)
+                                                                 - logits.gather(1, labels[:, None]).squeeze(1))) < 1e-5
 
 
 def test_same_values_and_gradients_as_the_default_path(device):
@@ -140,3 +173,18 @@ def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, me
     with pytest.raises(ValueError, match=r"^backward='in_forward' computes the gradients inside the forward, .*"
                                          + message + "; use backward='auto'$"):
         call(module, x)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype runs on CUDA only")
+def test_cuda_products_accumulate_in_fp32_in_place():
+    # d_weight's product adds into the fp32 accumulator in place (addmm with out_dtype); where a
+    # torch refuses that, the mode falls back to slices with fp32 temporaries, correct but ~2x slower
+    # on that product: this fails then, so the GPU run says which torch does what.
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    dz = torch.randn(384, 1000, device="cuda", generator=gen).bfloat16()
+    h = torch.randn(384, 96, device="cuda", generator=gen).bfloat16()
+    acc = torch.randn(1000, 96, device="cuda", generator=gen)
+    expected = acc.double() + dz.double().t() @ h.double()
+    gradient_in_forward._Fp32Products(h).accumulate(acc, dz, h)
+    assert relative_error(acc, expected) < 1e-6
+    assert gradient_in_forward._ADDMM_INTO_FP32[0], f"torch {torch.__version__} refuses addmm(out_dtype, out=fp32)"

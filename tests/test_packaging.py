@@ -19,7 +19,7 @@ import fused_pref.kernels
 
 REPO = Path(__file__).resolve().parents[1]
 
-KERNEL_MODULES = ("__init__", "linear_lse", "linear_grad", "pref_head", "tiles")
+KERNEL_MODULES = ("__init__", "cross_entropy_block", "linear_lse", "linear_grad", "pref_head", "tiles")
 
 
 def test_fused_pref_kernels_resolves_to_repo_kernels_dir():

@@ -68,11 +68,11 @@ class KernelBuild:
 def shipped_specs(dtypes=tuple(TORCH_DTYPES)) -> list[AotSpec]:
     """Every kernel module's ahead-of-time builds (its ``aot_specs``), for each input dtype named in
     ``dtypes``, then the preference head's (fp32 whatever the inputs)."""
-    from fused_pref.kernels import linear_grad, linear_lse, pref_head
+    from fused_pref.kernels import cross_entropy_block, linear_grad, linear_lse, pref_head
 
     specs = []
     for name in dtypes:
-        for module in (linear_lse, linear_grad):
+        for module in (linear_lse, linear_grad, cross_entropy_block):
             specs += module.aot_specs(TORCH_DTYPES[name])
     return specs + linear_lse.merge_aot_specs() + pref_head.aot_specs()
 

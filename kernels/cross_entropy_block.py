@@ -1,0 +1,117 @@
+"""Cross-entropy over a block of fp32 logits that cuBLAS wrote: each row's loss term and ``dz``.
+
+The gradient-in-forward mode (``fused_pref.gradient_in_forward``) has cuBLAS write the logits of a
+block of valid rows ``[rows, V]`` in fp32; this kernel turns them, in two passes over each row,
+into
+
+    loss_i = s_i * (lse_i - z_i[label_i])
+    dz_i   = s_i * (softmax(z_i) - onehot(label_i))   (times 1 - (z/c)^2 under a softcap)
+
+with ``z = softcap(logits + bias)``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an ignored
+row).  Pass one keeps a running max and sum of exponentials per lane and reduces them once at the
+row's end; pass two reads the row again and writes ``dz`` in the input dtype, ready for the two
+products.  Per logit: two fp32 reads and one write of the input dtype, where the same in torch
+ops (``logsumexp``, ``exp_``, ``scatter_``, ``mul_``, a cast) reads and writes the block about
+eight times.  Ignored rows (scale 0) point at label 0 and add nothing.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, tanh, workspace_dtype
+
+# A row per program: a block holds a few hundred rows, each a long stream of V logits; 4096-wide
+# steps keep 16 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
+BLOCK_R = 1
+BLOCK_V = 4096
+NUM_WARPS = 8
+
+
+@triton.jit
+def _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < V
+    mask = r_mask[:, None] & v_mask[None, :]
+    z = tl.load(z_rows + offs_v[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    return z, offs_v, mask
+
+
+@triton.jit
+def cross_entropy_block_kernel(
+    z_ptr, b_ptr, labels_ptr, scale_ptr, loss_ptr, dz_ptr,
+    n_rows, V, stride_z, stride_dz, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_DZ: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    """BLOCK_R rows of the block: their scaled loss terms and, with ``WRITE_DZ``, their ``dz``."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < n_rows
+    label = tl.load(labels_ptr + offs_r, mask=r_mask, other=0)
+    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0)
+    z_rows = z_ptr + offs_r.to(tl.int64)[:, None] * stride_z
+    # A finite floor, so that a lane no column has reached yet never computes inf - inf.
+    run_max = tl.full((BLOCK_R, BLOCK_V), -1e30, dtype=tl.float32)
+    run_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    target = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for v0 in range(0, V, BLOCK_V):
+        z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
+        z = tl.where(mask, z, float("-inf"))
+        new_max = tl.maximum(run_max, z)
+        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
+        run_max = new_max
+        target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+    row_max = tl.max(run_max, axis=1)
+    lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1))
+    tl.store(loss_ptr + offs_r, scale * (lse - target), mask=r_mask)
+    if WRITE_DZ:
+        dz_rows = dz_ptr + offs_r.to(tl.int64)[:, None] * stride_dz
+        for v0 in range(0, V, BLOCK_V):
+            z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
+            # The loss's gradient is minus logp's.
+            dz = -logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP) * scale[:, None]
+            tl.store(dz_rows + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def new_workspace(n_rows: int, V: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """A ``dz`` block for inputs of ``dtype``: that dtype on a GPU, fp32 under the interpreter, whose
+    casts to bf16 truncate (``tiles.workspace_dtype``; the caller rounds it with torch)."""
+    return torch.empty(n_rows, V, dtype=workspace_dtype(dtype), device=device)
+
+
+def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, dz=None) -> torch.Tensor:
+    """The loss terms ``[rows]`` (fp32) of an fp32 ``logits`` block (unit column stride), with
+    ``labels`` int64 and ``scale`` fp32 per row; and, when ``dz`` (``[rows, V]``, unit column
+    stride) is given, the gradient written into it."""
+    n_rows, V = logits.shape
+    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    if n_rows == 0:
+        return loss
+    cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
+        logits, logits if bias is None else bias, labels, scale, loss, loss if dz is None else dz,
+        n_rows, V, logits.stride(0), 0 if dz is None else dz.stride(0), 1.0 if softcap is None else float(softcap),
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WRITE_DZ=dz is not None,
+        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+    )
+    return loss
+
+
+def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
+    """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``), and
+    ``dz`` in the GPU's workspace dtype without and with bias and softcap."""
+    pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "scale_ptr": torch.float32,
+                "loss_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
+    variants = [("loss", False, False, False), ("dz", False, False, True), ("dz+bias+softcap", True, True, True)]
+    return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
+                    {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "WRITE_DZ": write_dz,
+                     "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},
+                    {"num_warps": NUM_WARPS})
+            for name, bias, softcap, write_dz in variants]
+
+
+__all__ = ["aot_specs", "cross_entropy_block", "cross_entropy_block_kernel", "new_workspace"]
