@@ -86,7 +86,7 @@ class _Fp32Products:
 
 
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
-                                workspace_bytes):
+                                temperature, workspace_bytes):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
     the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no.
 
@@ -113,7 +113,8 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
         for a in range(0, index.numel(), half):
             # Half the block's logits at a time: the fp32 block costs what the dz block does.
             loss += cross_entropy_block(products.logits(h[a:a + half]), bias, label[a:a + half], scale[a:a + half],
-                                        softcap=softcap, dz=None if dz is None else dz[a:a + half]).sum()
+                                        softcap=softcap, temperature=temperature,
+                                        dz=None if dz is None else dz[a:a + half]).sum()
         if dz is None:
             continue
         dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)

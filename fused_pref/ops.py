@@ -18,15 +18,16 @@ from .kernels import linear_grad_backward, linear_lse_forward, preference_head_f
 
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
 def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-               rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None,
+               rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None, temperature: float,
                logit_sum: bool, workspace_bytes: int, plan: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     lse, target, sums = linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, softcap=softcap,
-                                           logit_sum=logit_sum, workspace_bytes=workspace_bytes, plan=plan)
+                                           temperature=temperature, logit_sum=logit_sum,
+                                           workspace_bytes=workspace_bytes, plan=plan)
     return lse, target, sums if logit_sum else lse.new_empty(0)
 
 
 @linear_lse.register_fake
-def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum, workspace_bytes, plan):
+def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_sum, workspace_bytes, plan):
     n = hidden.shape[0] * hidden.shape[1]
     out = hidden.new_empty(n, dtype=torch.float32)
     return out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32)
@@ -35,15 +36,18 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, logit_sum, workspace
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
-                softcap: float | None, needs: list[bool], workspace_bytes: int, plan: str) -> list[torch.Tensor]:
+                softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
+                plan: str) -> list[torch.Tensor]:
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
-                                 needs=tuple(needs), workspace_bytes=workspace_bytes, plan=plan)
+                                 temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
+                                 plan=plan)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return [g if g is not None else grad_logp.new_empty(0) for g in grads]
 
 
 @linear_grad.register_fake
-def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, needs, workspace_bytes, plan):
+def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, temperature, needs, workspace_bytes,
+      plan):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)
@@ -53,15 +57,16 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, need
 @torch.library.custom_op("fused_pref::cross_entropy_in_forward", mutates_args=())
 def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor,
-                             needs: list[bool], softcap: float | None,
+                             needs: list[bool], softcap: float | None, temperature: float,
                              workspace_bytes: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
-                                               softcap=softcap, workspace_bytes=workspace_bytes)
+                                               softcap=softcap, temperature=temperature,
+                                               workspace_bytes=workspace_bytes)
     return loss, [g if g is not None else loss.new_empty(0) for g in grads]
 
 
 @cross_entropy_in_forward.register_fake
-def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, workspace_bytes):
+def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return (hidden.new_empty((), dtype=torch.float32),
@@ -84,22 +89,22 @@ def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoot
 
 def forward(hidden, weight, bias, labels, rows, n_valid, params):
     """``(lse, target, logit sums)`` per token: ``linear_lse`` with ``params`` flattened."""
-    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap, params.logit_sum,
-                      params.options.workspace_bytes, params.plan)
+    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap,
+                      params.options.temperature, params.logit_sum, params.options.workspace_bytes, params.plan)
 
 
 def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
     flattened."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
-                       list(needs), params.options.workspace_bytes, params.plan)
+                       params.options.temperature, list(needs), params.options.workspace_bytes, params.plan)
 
 
 def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
     """``(loss, [d_hidden, d_weight, d_bias])`` (empty where not in ``needs``):
     ``cross_entropy_in_forward`` with ``options`` flattened."""
     return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
-                                    options.softcap, options.workspace_bytes)
+                                    options.softcap, options.temperature, options.workspace_bytes)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):

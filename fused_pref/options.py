@@ -26,7 +26,9 @@ from .kernels import KERNELS_INTERPRETED, WORKSPACE_BYTES, interpreter_problem
 @dataclass(frozen=True, eq=False)
 class Options:
     """``ignore_index``: the label of tokens that carry no target.  ``softcap``: Gemma-2's
-    ``z = softcap * tanh(z / softcap)`` on the logits, or None.  ``shift``: labels aligned with the
+    ``z = softcap * tanh(z / softcap)`` on the logits, or None.  ``temperature``: the logits divided
+    by it (after the softcap) before the softmax, as GRPO and PPO score sampled completions; a
+    kernel scalar, ``hidden`` is never scaled or copied.  ``shift``: labels aligned with the
     input ids, as Hugging Face models take them (``hidden[t]`` predicts ``labels[t + 1]``).
     ``cu_seqlens``: ``[R + 1]`` sequence boundaries of a packed batch.  ``process_group`` and
     ``vocab_start``: vocabulary parallelism (``fused_pref.distributed``).  ``backward``: ``"auto"``
@@ -42,6 +44,7 @@ class Options:
 
     ignore_index: int = -100
     softcap: float | None = None
+    temperature: float = 1.0
     shift: bool = False
     cu_seqlens: torch.Tensor | None = None
     process_group: object = None
@@ -56,6 +59,7 @@ class Options:
         validation.check_options(self)
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
+        object.__setattr__(self, "temperature", float(self.temperature))
 
 
 FIELDS = tuple(f.name for f in dataclasses.fields(Options))

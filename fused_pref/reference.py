@@ -20,14 +20,14 @@ from .options import Options, takes_options
 from .outputs import PreferenceOutput, preference_output
 
 
-def _logits(hidden, weight, bias, softcap):
+def _logits(hidden, weight, bias, softcap, temperature=1.0):
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     z = hidden.to(dtype) @ weight.to(dtype).T
     if bias is not None:
         z = z + bias.to(dtype)
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    return z
+    return z / temperature
 
 
 def _whole_vocabulary(weight, bias, options):
@@ -71,7 +71,7 @@ def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequence
     targets = targets.view(labels.shape)
     valid = validation.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=options.validate,
                                     mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
-    z = _logits(flat_h, weight, bias, options.softcap).view(*labels.shape, weight.shape[0])
+    z = _logits(flat_h, weight, bias, options.softcap, options.temperature).view(*labels.shape, weight.shape[0])
     picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
     return torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
 

@@ -243,10 +243,11 @@ class Case:
         return call(module, self.name, x, **kwargs)
 
 
-# Every public function, every DPO loss type, each layout and the softcap, the shift and the NLL
-# term at least once: ``python -m fused_pref check`` runs this table, and so do the parity tests.
+# Every public function, every DPO loss type, each layout and the softcap, the temperature, the
+# shift and the NLL term at least once: ``python -m fused_pref check`` runs this table, and so do the parity tests.
 CASES = {
     "linear_logprobs": Case("linear_logprobs"),
+    "linear_logprobs[softcap,temperature]": Case("linear_logprobs", {"softcap": 30.0, "temperature": 0.7}),
     "sequence_logprobs[mean]": Case("sequence_logprobs", {"reduction": "mean"}),
     "linear_cross_entropy[flat,softcap]": Case("linear_cross_entropy", {"softcap": 30.0}, layout="flat"),
     "simpo_loss": Case("simpo_loss"),

@@ -106,6 +106,9 @@ def check_options(options):
     softcap = options.softcap
     if softcap is not None and not (is_number(softcap) and 0 < softcap < math.inf):
         _fail(ValueError, f"softcap must be a positive number or None, got {softcap!r}")
+    temperature = options.temperature
+    if not (is_number(temperature) and 0 < temperature < math.inf):
+        _fail(ValueError, f"temperature must be a positive number, got {temperature!r}")
     if not isinstance(options.ignore_index, int) or isinstance(options.ignore_index, bool):
         _fail(TypeError, f"ignore_index must be an int, got {type(options.ignore_index).__name__}")
     check_flag("shift", options.shift)

@@ -7,7 +7,7 @@ into
     loss_i = s_i * (lse_i - z_i[label_i])
     dz_i   = s_i * (softmax(z_i) - onehot(label_i))   (times 1 - (z/c)^2 under a softcap)
 
-with ``z = softcap(logits + bias)``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an ignored
+with ``z = softcap(logits + bias) / temperature``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an ignored
 row).  Pass one keeps a running max and sum of exponentials per lane and reduces them once at the
 row's end; pass two reads the row again and writes ``dz`` in the input dtype, ready for the two
 products.  Per logit: two fp32 reads and one write of the input dtype, where the same in torch
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, tanh, workspace_dtype
+from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, transform_logits, workspace_dtype
 
 # A row per program: a block holds a few hundred rows, each a long stream of V logits; 4096-wide
 # steps keep 16 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
@@ -29,24 +29,23 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+def _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
     offs_v = v0 + tl.arange(0, BLOCK_V)
     v_mask = offs_v < V
     mask = r_mask[:, None] & v_mask[None, :]
     z = tl.load(z_rows + offs_v[None, :], mask=mask, other=0.0)
     if HAS_BIAS:
         z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        z = softcap * tanh(z / softcap)
-    return z, offs_v, mask
+    return transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE), offs_v, mask
 
 
 @triton.jit
 def cross_entropy_block_kernel(
     z_ptr, b_ptr, labels_ptr, scale_ptr, loss_ptr, dz_ptr,
-    n_rows, V, stride_z, stride_dz, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_DZ: tl.constexpr,
+    n_rows, V, stride_z, stride_dz, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, WRITE_DZ: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """BLOCK_R rows of the block: their scaled loss terms and, with ``WRITE_DZ``, their ``dz``."""
@@ -60,7 +59,8 @@ def cross_entropy_block_kernel(
     run_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     target = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
+        z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
+                                        HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
         z = tl.where(mask, z, float("-inf"))
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
@@ -72,9 +72,11 @@ def cross_entropy_block_kernel(
     if WRITE_DZ:
         dz_rows = dz_ptr + offs_r.to(tl.int64)[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
-            z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, HAS_BIAS, HAS_SOFTCAP, BLOCK_V)
+            z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
+                                            HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
             # The loss's gradient is minus logp's.
-            dz = -logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP) * scale[:, None]
+            dz = -logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP,
+                                 HAS_TEMPERATURE) * scale[:, None]
             tl.store(dz_rows + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -84,7 +86,7 @@ def new_workspace(n_rows: int, V: int, dtype: torch.dtype, device) -> torch.Tens
     return torch.empty(n_rows, V, dtype=workspace_dtype(dtype), device=device)
 
 
-def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, dz=None) -> torch.Tensor:
+def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, temperature=1.0, dz=None) -> torch.Tensor:
     """The loss terms ``[rows]`` (fp32) of an fp32 ``logits`` block (unit column stride), with
     ``labels`` int64 and ``scale`` fp32 per row; and, when ``dz`` (``[rows, V]``, unit column
     stride) is given, the gradient written into it."""
@@ -95,7 +97,9 @@ def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, dz=None) -
     cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
         logits, logits if bias is None else bias, labels, scale, loss, loss if dz is None else dz,
         n_rows, V, logits.stride(0), 0 if dz is None else dz.stride(0), 1.0 if softcap is None else float(softcap),
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, WRITE_DZ=dz is not None,
+        1.0 / temperature,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0,
+        WRITE_DZ=dz is not None,
         BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
     )
     return loss
@@ -103,12 +107,13 @@ def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, dz=None) -
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``), and
-    ``dz`` in the GPU's workspace dtype without and with bias and softcap."""
+    ``dz`` in the GPU's workspace dtype without and with bias, softcap and temperature."""
     pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "scale_ptr": torch.float32,
                 "loss_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False), ("dz", False, False, True), ("dz+bias+softcap", True, True, True)]
+    variants = [("loss", False, False, False), ("dz", False, False, True),
+                ("dz+bias+softcap+temperature", True, True, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
-                    {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "WRITE_DZ": write_dz,
+                    {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "WRITE_DZ": write_dz,
                      "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},
                     {"num_warps": NUM_WARPS})
             for name, bias, softcap, write_dz in variants]

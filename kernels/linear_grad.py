@@ -39,9 +39,9 @@ def linear_grad_kernel(
     # strides
     stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_dz_p,
     # scalars
-    softcap,
+    softcap, inv_temperature,
     # variants
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -58,17 +58,17 @@ def linear_grad_kernel(
     v0 = v_chunk_start + vocab_tile * BLOCK_V
     z, offs_v, v_mask = logits_tile(
         h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
-        stride_h_d, stride_w_v, stride_w_d, softcap,
-        HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
+        HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    dz = logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP)
+    dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     col_mask = offs_v < v_chunk_end
     dz_offset = offs_p.to(tl.int64)[:, None] * stride_dz_p + (offs_v - v_chunk_start)[None, :]
     tl.store(dz_ptr + dz_offset, dz.to(dz_ptr.dtype.element_ty), mask=p_mask[:, None] & col_mask[None, :])
 
 
 def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
-                      softcap=None, plan: str = DEFAULT_PLAN):
+                      softcap=None, temperature=1.0, plan: str = DEFAULT_PLAN):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
@@ -85,7 +85,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
-        **logits_launch_args(hidden.dtype, bias, softcap, tiles),
+        **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
     )
 
 
@@ -99,8 +99,8 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
 
 
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
-                         softcap=None, needs=(True, True, True), workspace_bytes=WORKSPACE_BYTES,
-                         plan: str = DEFAULT_PLAN):
+                         softcap=None, temperature=1.0, needs=(True, True, True),
+                         workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
@@ -135,7 +135,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
-                          softcap=softcap, plan=plan)
+                          softcap=softcap, temperature=temperature, plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
             # Accumulated without a name that outlives the chunk, so two chunk products never coexist.

@@ -37,9 +37,9 @@ def linear_lse_kernel(
     # strides
     stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_part_s,
     # scalars
-    softcap,
+    softcap, inv_temperature,
     # variants
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, LOGIT_SUM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -64,8 +64,8 @@ def linear_lse_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         z, offs_v, v_mask = logits_tile(
             h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
-            stride_h_d, stride_w_v, stride_w_d, softcap,
-            HAS_BIAS, HAS_SOFTCAP, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
+            HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         # Padded vocabulary columns must never win the max nor match a label.
         z = tl.where(v_mask[None, :], z, float("-inf"))
@@ -253,8 +253,8 @@ def rows_per_launch(n_rows: int, splits: int, partials: int, block_n: int, works
     return max(1, min(n_rows, max(block_n, fitting)))
 
 
-def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None, logit_sum=False,
-                       workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
+def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None, temperature=1.0,
+                       logit_sum=False, workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
     """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary (in
     the logits tiles under a softcap, else by ``linear_logit_sums``).
 
@@ -263,7 +263,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     number of valid rows), ``n_valid`` a one-element int32 device tensor.  Returns fp32 ``[R*T]``
     tensors whose entries at rows not among the first ``n_valid`` of ``rows`` are undefined.  The
     per-split partials hold at most ``workspace_bytes`` (and one row tile's worth at least); ``plan``
-    names the tiles (``tiles.PLANS``).
+    names the tiles (``tiles.PLANS``); the logits are ``softcap(hidden @ weight.T + bias) / temperature``.
     """
     R, T, D = hidden.shape
     N, V = R * T, weight.shape[0]
@@ -277,7 +277,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     per_launch = rows_per_launch(n_rows, splits, 2 if tile_sum else 1, tiles.block_n, workspace_bytes)
     partials = torch.empty((2 if tile_sum else 1, splits, per_launch), device=hidden.device, dtype=torch.float32)
     lse_part, sum_part = partials[0], partials[-1]
-    launch = logits_launch_args(hidden.dtype, bias, softcap, tiles)
+    launch = logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles)
     for p_start in range(0, n_rows, per_launch):
         n_positions = min(per_launch, n_rows - p_start)
         row_tiles = triton.cdiv(n_positions, tiles.block_n)
@@ -294,6 +294,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
         )
     if logit_sum and not tile_sum:
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
+        if temperature != 1.0:
+            sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
     return lse, target, sums
 
 

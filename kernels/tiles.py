@@ -1,4 +1,4 @@
-"""What the kernels share: the logits tile ``z = softcap(h @ w.T + b)``, the prologue every
+"""What the kernels share: the logits tile ``z = softcap(h @ w.T + b) / temperature``, the prologue every
 logits-tile kernel starts with, the launch-time flags derived in one place, and the pieces of the
 ahead-of-time build specs.
 
@@ -161,11 +161,11 @@ def dot_flags(dtype: torch.dtype, *, interpreted: bool = KERNELS_INTERPRETED,
 
 
 def logits_constexprs(dtype: torch.dtype, tiles: TileConfig, *, has_bias: bool, has_softcap: bool,
-                      **dot) -> dict:
+                      has_temperature: bool = False, **dot) -> dict:
     """The constexprs every logits-tile kernel (``linear_lse``, ``linear_grad``)
     takes: the variant flags, ``dot_flags`` (``dot`` passes its keywords) and the block sizes."""
     return {
-        "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap,
+        "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "HAS_TEMPERATURE": has_temperature,
         **dot_flags(dtype, **dot),
         "BLOCK_N": tiles.block_n, "BLOCK_V": tiles.block_v, "BLOCK_D": tiles.block_d,
     }
@@ -175,13 +175,16 @@ def launch_options(tiles: TileConfig) -> dict:
     return {"num_warps": tiles.num_warps, "num_stages": tiles.num_stages}
 
 
-def logits_launch_args(dtype: torch.dtype, bias, softcap, tiles: TileConfig) -> dict:
+def logits_launch_args(dtype: torch.dtype, bias, softcap, temperature: float, tiles: TileConfig) -> dict:
     """The keyword arguments every logits-tile launch shares, derived here once (STYLE.md #2): the
-    ``softcap`` scalar, the constexprs of ``logits_constexprs`` and the launch options.  Without a
-    softcap the scalar is never read; 1.0 keeps it a valid divisor all the same."""
+    ``softcap`` and ``inv_temperature`` scalars, the constexprs of ``logits_constexprs`` and the
+    launch options.  Without a softcap its scalar is never read; 1.0 keeps it a valid divisor all
+    the same.  A temperature of 1 compiles the kernels without the multiply (``HAS_TEMPERATURE``)."""
     return {
         "softcap": 1.0 if softcap is None else float(softcap),
-        **logits_constexprs(dtype, tiles, has_bias=bias is not None, has_softcap=softcap is not None),
+        "inv_temperature": 1.0 / temperature,
+        **logits_constexprs(dtype, tiles, has_bias=bias is not None, has_softcap=softcap is not None,
+                            has_temperature=temperature != 1.0),
         **launch_options(tiles),
     }
 
@@ -229,8 +232,9 @@ def logits_input_pointers(dtype: torch.dtype) -> dict:
 def aot_logits_variants(dtype: torch.dtype):
     """``(variant name, constexprs, options, layouts)`` of the logits-tile kernels' ahead-of-time
     builds at ``dtype``'s tiles in every plan, in the launches that run them (``tiles_for``): the
-    default plan's without bias and softcap and with both (the most registers), strided and aligned;
-    another plan's without a softcap, with and without a bias, aligned only.  Built for a GPU: no
+    default plan's without bias, softcap and temperature and with all three (the most registers),
+    strided and aligned; another plan's without a softcap, with neither bias nor temperature and with
+    both, aligned only.  Built for a GPU: no
     interpreter upcast; fp32 dots in tf32 (torch's "high" matmul precision) and, for the soft-capped
     variant, also in ieee (the default "highest": the most registers)."""
     for plan in PLANS:
@@ -243,9 +247,12 @@ def aot_logits_variants(dtype: torch.dtype):
             precisions = ("high", "highest") if dtype == torch.float32 and has_softcap else ("high",)
             for precision in precisions:
                 variant = (DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
+                           + ("+temperature" if has_bias else "")
                            + ("+ieee" if precision == "highest" else "") + ("" if plan == DEFAULT_PLAN else f" {plan}"))
+                # A temperature rides with the bias: one more multiply per logit, in the larger build.
                 constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
-                                               interpreted=False, float32_matmul_precision=precision)
+                                               has_temperature=has_bias, interpreted=False,
+                                               float32_matmul_precision=precision)
                 yield variant, constexprs, launch_options(tiles), layouts
 
 
@@ -340,8 +347,8 @@ def logits_tile(
     h_offset, p_mask, v0,
     V, D,
     stride_h_d, stride_w_v, stride_w_d,
-    softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -365,17 +372,31 @@ def logits_tile(
     # The bias is added once per tile, after the whole D loop (CCE added it per D-block).
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        acc = softcap * tanh(acc / softcap)
-    return acc, offs_v, v_mask
+    return transform_logits(acc, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE), offs_v, v_mask
 
 
 @triton.jit
-def logp_grad_tile(z, offs_v, label, lse, softcap, HAS_SOFTCAP: tl.constexpr):
-    """d logp / d (pre-softcap logit) for a tile: ``onehot(label) - softmax(z)``, times
-    ``1 - (z / c)^2`` under a softcap (z = c * tanh(u / c), so dz/du = 1 - tanh^2)."""
+def transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """``softcap * tanh(z / softcap)`` (Gemma-2), then ``/ temperature`` (GRPO's sampling temperature)."""
+    if HAS_SOFTCAP:
+        z = softcap * tanh(z / softcap)
+    if HAS_TEMPERATURE:
+        z = z * inv_temperature
+    return z
+
+
+@triton.jit
+def logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature,
+                   HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """d logp / d (the product's logit u) for a tile of ``z = c * tanh(u / c) / T``:
+    ``onehot(label) - softmax(z)``, times ``1 / T`` under a temperature and ``1 - tanh^2 =
+    1 - (z T / c)^2`` under a softcap."""
     dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+    if HAS_TEMPERATURE:
+        dz = dz * inv_temperature
     if HAS_SOFTCAP:
         capped = z / softcap
+        if HAS_TEMPERATURE:
+            capped = capped / inv_temperature
         dz = dz * (1.0 - capped * capped)
     return dz

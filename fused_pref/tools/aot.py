@@ -48,7 +48,7 @@ TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}   # "bf16" -
 #   v_*             i32: a vocabulary position or count (v_per_split, v_chunk_start, v_chunk_end)
 #   n_*, p_*        i32: a count of tiles or rows (n_row_tiles, n_splits), a row-index position (p_start)
 #   FLOAT_SCALARS   fp32
-FLOAT_SCALARS = ("softcap", "beta", "gamma", "label_smoothing", "tau")
+FLOAT_SCALARS = ("softcap", "inv_temperature", "beta", "gamma", "label_smoothing", "tau")
 POINTER_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64",
                  torch.int32: "i32", torch.int64: "i64"}
 
@@ -193,12 +193,12 @@ def build_all(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS) -> list[
     return list(iter_builds(archs, dtypes, layouts))
 
 
-TABLE_HEADER = (f"{'kernel':<18} {'variant':<20} {'layout':<8} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} "
+TABLE_HEADER = (f"{'kernel':<19} {'variant':<34} {'layout':<8} {'arch':<6} {'regs':>5} {'spill st':>9} {'spill ld':>9} "
                 f"{'smem B':>8}")
 
 
 def format_row(b: KernelBuild) -> str:
-    return (f"{b.kernel:<18} {b.variant:<20} {b.layout:<8} sm_{b.arch:<3} {b.registers:>5} "
+    return (f"{b.kernel:<19} {b.variant:<34} {b.layout:<8} sm_{b.arch:<3} {b.registers:>5} "
             f"{b.spill_stores:>9} {b.spill_loads:>9} {b.shared_bytes:>8}")
 
 
