@@ -18,6 +18,7 @@ class LogprobParams:
     plan: str                             # the tile plan (kernels/tiles.py), the same forward and backward
     shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
     logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
+    token_stats: bool = False             # also return the per-token entropy and argmax
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -25,30 +26,46 @@ class LinearLogprobs(torch.autograd.Function):
 
     Inputs: ``hidden`` ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``valid`` ``[R*T]`` bool, ``rows`` the int32 valid-first row index and
-    ``n_valid`` its device-side valid count.  Outputs fp32 ``logp`` ``[R*T]`` and the per-token sum
-    of logits over the vocabulary (empty unless ``params.logit_sum``; not differentiable).
+    ``n_valid`` its device-side valid count.  Outputs fp32 ``logp`` ``[R*T]``, the per-token sum
+    of logits over the vocabulary (empty unless ``params.logit_sum``; not differentiable), and the
+    per-token entropy (fp32, differentiable) and argmax (int64) of the softmax (empty unless
+    ``params.token_stats``; 0 and -1 at ignored rows).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, params: LogprobParams):
-        lse, target, logit_sum = ops.forward(hidden, weight, bias, labels, rows, n_valid, params)
+        lse, target, logit_sum, entropy, argmax = ops.forward(hidden, weight, bias, labels, rows, n_valid, params)
         if params.shard is not None:
             # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
             lse, target, logit_sum = combine_partials(lse, target, logit_sum, params.shard)
         logp = torch.where(valid, target - lse, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, entropy)
         ctx.params = params
         if params.logit_sum:
             logit_sum = torch.where(valid, logit_sum, 0.0)
-        ctx.mark_non_differentiable(logit_sum)
-        return logp, logit_sum
+        if params.token_stats:
+            entropy, argmax = torch.where(valid, entropy, 0.0), torch.where(valid, argmax, -1)
+        ctx.mark_non_differentiable(logit_sum, argmax)
+        # Outputs no loss uses reach the backward as None, not zeros: the entropy's weights go into
+        # the backward kernel only when a loss uses it.
+        ctx.set_materialize_grads(False)
+        return logp, logit_sum, entropy, argmax
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_logit_sum):
-        hidden, weight, bias, labels, rows, n_valid, lse = ctx.saved_tensors
+    def backward(ctx, grad_logp, _grad_logit_sum, grad_entropy, _grad_argmax):
+        hidden, weight, bias, labels, rows, n_valid, lse, entropy = ctx.saved_tensors
+        if not ctx.params.token_stats:
+            # torch.compile's traced backward gets zeros, not None, for the (empty) unused entropy.
+            grad_entropy = None
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None, None
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(lse)
         needs = ctx.needs_input_grad[:3]
-        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, ctx.params)
+        mean_z = None if grad_entropy is None else lse - entropy
+        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, ctx.params,
+                             grad_entropy, mean_z)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and ctx.params.shard is not None:
             d_hidden = all_reduce_sum(d_hidden, ctx.params.shard)  # each rank saw only its vocabulary

@@ -31,8 +31,9 @@ from . import preference, reference, validation
 from .autograd import CrossEntropyGradientInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
 from .kernels import active_plan
+from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
-from .outputs import PreferenceOutput, preference_output
+from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
 from .segments import sequence_sums, shift_labels
 
 
@@ -57,6 +58,9 @@ class _Tokens:
     valid: torch.Tensor         # bool, shape of labels (after the shift)
     logit_sum: torch.Tensor     # fp32 per-token sum of logits over the vocabulary (or empty)
     vocab_size: object          # int, or a 0-d tensor for a sharded vocabulary
+    targets: torch.Tensor       # the labels each position predicts (after the shift)
+    entropy: torch.Tensor       # fp32 per-token entropy (or empty)
+    argmax: torch.Tensor        # int64 per-token argmax, -1 where ignored (or empty)
 
 
 @dataclass
@@ -68,6 +72,7 @@ class _Rows:
     rows: torch.Tensor          # int32 valid-first index, cut to the valid count when validation synced
     n_valid: torch.Tensor       # int32 [1], on the device
     checked: validation.Checked
+    targets: torch.Tensor       # the labels after the shift, shape of labels
 
 
 def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequences=False) -> _Rows:
@@ -88,22 +93,29 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked)
+    return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked, labels)
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
-                    logit_sum=False) -> _Tokens:
+                    logit_sum=False, token_stats=False) -> _Tokens:
     shard = resolve_shard(weight, options)
     r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
-    params = LogprobParams(options, active_plan(), shard, logit_sum)
-    logp, sums = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, r.n_valid, params)
+    params = LogprobParams(options, STATS_PLAN if token_stats else active_plan(), shard, logit_sum, token_stats)
+    logp, sums, entropy, argmax = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, r.n_valid,
+                                                       params)
     shape = r.checked.valid.shape
-    return _Tokens(logp.view(shape), r.checked.valid, sums.view(shape) if logit_sum else sums,
-                   weight.shape[0] if shard is None else shard.total)
+
+    def shaped(t, asked):
+        return t.view(shape) if asked else t
+
+    return _Tokens(logp.view(shape), r.checked.valid, shaped(sums, logit_sum),
+                   weight.shape[0] if shard is None else shard.total, r.targets, shaped(entropy, token_stats),
+                   shaped(argmax, token_stats))
 
 
 @_public(reference.linear_logprobs)
-def linear_logprobs(hidden, weight, labels, bias=None, *, options):
+def linear_logprobs(hidden, weight, labels, bias=None, *, return_entropy=False, return_token_accuracy=False,
+                    return_argmax=False, options):
     """Per-token log-probabilities of ``labels`` under ``softmax(hidden @ weight.T + bias)``.
 
     ``hidden`` ``[N, D]`` or ``[R, T, D]`` (fp32, bf16 or fp16; strided views are read in place),
@@ -118,10 +130,25 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, options):
     sequences end for the shift).  ``validate=False`` skips the value checks that need a host
     sync (label range, ``cu_seqlens`` values).
 
+    ``return_entropy``, ``return_token_accuracy``, ``return_argmax``: per-token statistics of the
+    same softmax, from the same forward pass (merged across vocabulary splits with the log-sum-exp;
+    off, the kernels are compiled without them): with any of them the result is a
+    :class:`fused_pref.outputs.TokenLogprobs` instead of a tensor.
+
     >>> logp = fused_pref.linear_logprobs(h, lm_head.weight, labels)   # [B, T]
+    >>> out = fused_pref.linear_logprobs(h, lm_head.weight, labels, return_entropy=True)   # out.entropy
     """
     validation.check_call(hidden, weight, labels, bias, options)
-    return _token_logprobs(hidden, weight, labels, bias, options).logp
+    flags = {"return_entropy": return_entropy, "return_token_accuracy": return_token_accuracy,
+             "return_argmax": return_argmax}
+    validation.check_token_stats(options, flags)
+    stats = any(flags.values())
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
+    if not stats:
+        return tokens.logp
+    return TokenLogprobs(tokens.logp, tokens.entropy if return_entropy else None,
+                         (tokens.argmax == tokens.targets) & tokens.valid if return_token_accuracy else None,
+                         tokens.argmax if return_argmax else None)
 
 
 def _sequence_logps(tokens: _Tokens, reduction, cu_seqlens):
@@ -151,7 +178,8 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @_public(reference.linear_cross_entropy)
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", return_token_accuracy=False,
+                         return_predicted_tokens=False, options):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
@@ -159,16 +187,28 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     ``reduction``: ``"mean"`` over valid tokens (default), ``"sum"``, or ``"none"`` (fp32, shape of
     ``labels``, 0 at ignored positions).  Other arguments as :func:`linear_logprobs`.
 
+    ``return_token_accuracy`` / ``return_predicted_tokens`` (Liger-Kernel's names): the result is a
+    :class:`fused_pref.outputs.CrossEntropyOutput` with the fraction of valid tokens whose label is
+    the argmax and/or the per-token argmax, from the same forward pass.
+
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
+    validation.check_token_stats(options, flags)
     if options.backward == "in_forward":
         return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options)
-    tokens = _token_logprobs(hidden, weight, labels, bias, options)
+    stats = any(flags.values())
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     if reduction == "none":
-        return -tokens.logp
-    total = -tokens.logp.sum()
-    return total / tokens.valid.sum().clamp(min=1) if reduction == "mean" else total
+        loss = -tokens.logp
+    else:
+        loss = -tokens.logp.sum()
+        loss = loss / tokens.valid.sum().clamp(min=1) if reduction == "mean" else loss
+    if not stats:
+        return loss
+    return cross_entropy_output(loss, tokens.argmax, tokens.targets, tokens.valid, token_accuracy=return_token_accuracy,
+                                predicted_tokens=return_predicted_tokens)
 
 
 def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options: Options):

@@ -76,12 +76,14 @@ class FusedORPOLoss(_FusedLoss):
 
 
 class FusedLinearCrossEntropyLoss(_FusedLoss):
-    """:func:`fused_pref.linear_cross_entropy` as a module; ``forward`` returns the loss tensor."""
+    """:func:`fused_pref.linear_cross_entropy` as a module; ``forward`` returns the loss tensor (a
+    ``CrossEntropyOutput`` with ``return_token_accuracy`` or ``return_predicted_tokens``)."""
 
     function = functional.linear_cross_entropy
 
-    def __init__(self, reduction="mean", **options):
-        super().__init__(dict(reduction=reduction), options)
+    def __init__(self, reduction="mean", return_token_accuracy=False, return_predicted_tokens=False, **options):
+        super().__init__(dict(reduction=reduction, return_token_accuracy=return_token_accuracy,
+                              return_predicted_tokens=return_predicted_tokens), options)
 
 
 class FusedDPOLoss(_FusedLoss):

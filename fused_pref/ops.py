@@ -19,35 +19,41 @@ from .kernels import linear_grad_backward, linear_lse_forward, preference_head_f
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
 def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None, temperature: float,
-               logit_sum: bool, workspace_bytes: int, plan: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    lse, target, sums = linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, softcap=softcap,
-                                           temperature=temperature, logit_sum=logit_sum,
-                                           workspace_bytes=workspace_bytes, plan=plan)
-    return lse, target, sums if logit_sum else lse.new_empty(0)
+               logit_sum: bool, token_stats: bool, workspace_bytes: int,
+               plan: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    lse, target, sums, entropy, argmax = linear_lse_forward(
+        hidden, weight, bias, labels, rows, n_valid, softcap=softcap, temperature=temperature, logit_sum=logit_sum,
+        token_stats=token_stats, workspace_bytes=workspace_bytes, plan=plan)
+    # A custom op returns tensors only: an empty tensor stands for "not requested".
+    return (lse, target, sums if logit_sum else lse.new_empty(0), entropy if token_stats else lse.new_empty(0),
+            argmax if token_stats else labels.new_empty(0))
 
 
 @linear_lse.register_fake
-def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_sum, workspace_bytes, plan):
+def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_sum, token_stats, workspace_bytes,
+      plan):
     n = hidden.shape[0] * hidden.shape[1]
     out = hidden.new_empty(n, dtype=torch.float32)
-    return out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32)
+    return (out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32),
+            hidden.new_empty(n if token_stats else 0, dtype=torch.float32),
+            labels.new_empty(n if token_stats else 0, dtype=torch.int64))
 
 
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
                 softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
-                plan: str) -> list[torch.Tensor]:
+                plan: str, grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None) -> list[torch.Tensor]:
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
                                  temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
-                                 plan=plan)
+                                 plan=plan, grad_entropy=grad_entropy, mean_z=mean_z)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return [g if g is not None else grad_logp.new_empty(0) for g in grads]
 
 
 @linear_grad.register_fake
 def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, temperature, needs, workspace_bytes,
-      plan):
+      plan, grad_entropy, mean_z):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)
@@ -88,16 +94,20 @@ def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoot
 
 
 def forward(hidden, weight, bias, labels, rows, n_valid, params):
-    """``(lse, target, logit sums)`` per token: ``linear_lse`` with ``params`` flattened."""
+    """``(lse, target, logit sums, entropy, argmax)`` per token (the last three empty unless asked
+    for): ``linear_lse`` with ``params`` flattened."""
     return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap,
-                      params.options.temperature, params.logit_sum, params.options.workspace_bytes, params.plan)
+                      params.options.temperature, params.logit_sum, params.token_stats,
+                      params.options.workspace_bytes, params.plan)
 
 
-def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params):
+def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params, grad_entropy=None,
+             mean_z=None):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
-    flattened."""
+    flattened; with ``grad_entropy`` (and ``mean_z``) also the entropy's part."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
-                       params.options.temperature, list(needs), params.options.workspace_bytes, params.plan)
+                       params.options.temperature, list(needs), params.options.workspace_bytes, params.plan,
+                       grad_entropy, mean_z)
 
 
 def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):

@@ -1,8 +1,52 @@
-"""The result of a preference loss: the loss, per-pair log-probs and rewards, and TRL's metrics."""
+"""The results that are more than a tensor: a preference loss's (the loss, per-pair log-probs and
+rewards, TRL's metrics) and per-token log-probs with their statistics."""
 
 from dataclasses import dataclass, field
 
 import torch
+
+
+@dataclass
+class TokenLogprobs:
+    """What :func:`fused_pref.linear_logprobs` returns when a statistic is asked for, each of the
+    shape of ``labels`` (None unless asked for):
+
+    ``logp``: fp32 log-probabilities of the labels, 0 at ignored positions (as without statistics).
+    ``entropy``: fp32 entropy of the softmax the log-probs come from, ``lse - sum_v p_v z_v``; 0 at
+    ignored positions.  Differentiable: an entropy bonus or penalty gets its exact gradient through
+    the same backward kernel as the log-probs.
+    ``token_accuracy``: bool, whether the label is the argmax (the first column holding the max, as
+    ``torch.argmax``); False at ignored positions.  Its mean over valid tokens is TRL's
+    ``mean_token_accuracy``.
+    ``argmax``: int64 argmax column, -1 at ignored positions.
+    """
+
+    logp: torch.Tensor
+    entropy: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
+
+
+@dataclass
+class CrossEntropyOutput:
+    """What :func:`fused_pref.linear_cross_entropy` returns when ``return_token_accuracy`` or
+    ``return_predicted_tokens`` is set, with Liger-Kernel's field names: ``loss`` as without them;
+    ``token_accuracy`` the fraction (0-d fp32) of valid tokens whose label is the argmax (TRL's
+    ``mean_token_accuracy``; 0 when none is valid); ``predicted_tokens`` the per-token argmax
+    (int64, shape of ``labels``, -1 where ignored).  ``z_loss`` is always None: no z-loss yet."""
+
+    loss: torch.Tensor
+    z_loss: torch.Tensor | None = None
+    token_accuracy: torch.Tensor | None = None
+    predicted_tokens: torch.Tensor | None = None
+
+
+def cross_entropy_output(loss, argmax, targets, valid, *, token_accuracy: bool,
+                         predicted_tokens: bool) -> CrossEntropyOutput:
+    """The output from a loss and the per-token argmax (-1 where ignored), targets and valid mask."""
+    correct = ((argmax == targets) & valid).sum() / valid.sum().clamp(min=1)
+    return CrossEntropyOutput(loss, None, correct.float() if token_accuracy else None,
+                              argmax if predicted_tokens else None)
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from . import preference, validation
 from .distributed import gather_shards, resolve_shard
 from .options import Options, takes_options
-from .outputs import PreferenceOutput, preference_output
+from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
 
 
 def _logits(hidden, weight, bias, softcap, temperature=1.0):
@@ -56,9 +56,11 @@ def _checked(hidden, weight, labels, bias, options, **call):
     return _whole_vocabulary(weight, bias, options)
 
 
-def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequences=False):
+def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequences=False, token_stats=False):
     """Per-token (logp, valid, sum of logits over the vocabulary), each of the shape of ``labels``:
-    with ``shift``, entry t of a sequence is hidden[t]'s prediction of labels[t + 1]."""
+    with ``shift``, entry t of a sequence is hidden[t]'s prediction of labels[t + 1].  With
+    ``token_stats`` also (targets, entropy, argmax): what each position predicts, the softmax's
+    entropy (0 where ignored) and its argmax (-1 where ignored)."""
     ignore_index, cu_seqlens = options.ignore_index, options.cu_seqlens
     D = hidden.shape[-1]
     flat_h, flat_labels = hidden.reshape(-1, D), labels.reshape(-1)
@@ -72,8 +74,13 @@ def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequence
     valid = validation.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=options.validate,
                                     mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
     z = _logits(flat_h, weight, bias, options.softcap, options.temperature).view(*labels.shape, weight.shape[0])
-    picked = z.log_softmax(dim=-1).gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
-    return torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
+    log_softmax = z.log_softmax(dim=-1)
+    picked = log_softmax.gather(-1, torch.where(valid, targets, 0).unsqueeze(-1)).squeeze(-1)
+    out = torch.where(valid, picked, 0.0), valid, torch.where(valid, z.sum(dim=-1), 0.0)
+    if not token_stats:
+        return out
+    entropy = -(log_softmax.exp() * log_softmax).sum(dim=-1)
+    return *out, targets, torch.where(valid, entropy, 0.0), torch.where(valid, z.argmax(dim=-1), -1)
 
 
 def _per_sequence(values, labels, cu_seqlens):
@@ -82,10 +89,20 @@ def _per_sequence(values, labels, cu_seqlens):
 
 
 @takes_options
-def linear_logprobs(hidden, weight, labels, bias=None, *, options):
+def linear_logprobs(hidden, weight, labels, bias=None, *, return_entropy=False, return_token_accuracy=False,
+                    return_argmax=False, options):
     """Reference of :func:`fused_pref.linear_logprobs`."""
     weight, bias = _checked(hidden, weight, labels, bias, options)
-    return _token_logprobs(hidden, weight, labels, bias, options)[0]
+    flags = {"return_entropy": return_entropy, "return_token_accuracy": return_token_accuracy,
+             "return_argmax": return_argmax}
+    validation.check_token_stats(options, flags)
+    if not any(flags.values()):
+        return _token_logprobs(hidden, weight, labels, bias, options)[0]
+    logp, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options,
+                                                               token_stats=True)
+    return TokenLogprobs(logp, entropy if return_entropy else None,
+                         (argmax == targets) & valid if return_token_accuracy else None,
+                         argmax if return_argmax else None)
 
 
 def _sequence_logps(hidden, weight, labels, bias, options, reduction):
@@ -107,14 +124,24 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @takes_options
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", return_token_accuracy=False,
+                         return_predicted_tokens=False, options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
-    logp, valid, _ = _token_logprobs(hidden, weight, labels, bias, options)
+    flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
+    validation.check_token_stats(options, flags)
+    stats = any(flags.values())
+    logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     if reduction == "none":
-        return -logp
-    total = -logp.sum()
-    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+        loss = -logp
+    else:
+        loss = -logp.sum()
+        loss = loss / valid.sum().clamp(min=1) if reduction == "mean" else loss
+    if not stats:
+        return loss
+    targets, _, argmax = more
+    return cross_entropy_output(loss, argmax, targets, valid, token_accuracy=return_token_accuracy,
+                                predicted_tokens=return_predicted_tokens)
 
 
 def _pair_losses(spec: preference.PreferenceSpec, chosen, rejected, ref_chosen, ref_rejected):

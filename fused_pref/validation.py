@@ -159,6 +159,21 @@ def check_backward(backward, deterministic):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
 
 
+def check_token_stats(options, flags: dict):
+    """The ``return_*`` flags of per-token statistics: bools, and not under vocabulary parallelism
+    (whose shards would each see part of the softmax) nor ``backward="in_forward"``."""
+    for name, value in flags.items():
+        check_flag(name, value)
+    if not any(flags.values()):
+        return
+    asked = ", ".join(name for name, value in flags.items() if value)
+    if options.process_group is not None:
+        _fail(ValueError, f"per-token statistics ({asked}) do not run with vocabulary parallelism (process_group) yet")
+    if options.backward == "in_forward":
+        _fail(ValueError, f"per-token statistics ({asked}) do not run with backward='in_forward' yet: use "
+                          "backward='auto'")
+
+
 def check_gradient_in_forward(options, kind, reduction):
     """``backward="in_forward"`` needs the loss's gradient in the forward: a mean or summed
     cross-entropy over the whole vocabulary on one device."""

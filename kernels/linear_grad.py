@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aligned_launch, aot_logits_variants, group_rows, grouped_tile,
-                    labelled_rows_lse, logits_input_pointers, logits_launch_args, logits_tile, logp_grad_tile,
+                    chain_to_product, labelled_rows_lse, logits_input_pointers, logits_launch_args, logits_tile,
+                    logp_grad_tile,
                     row_tile_start, tiles_for, workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
@@ -33,7 +34,7 @@ MAX_CHUNK_FRACTION = 16
 @triton.jit
 def linear_grad_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr, g_ptr, g_entropy_ptr, mean_z_ptr,
     # sizes
     V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
     # strides
@@ -41,38 +42,53 @@ def linear_grad_kernel(
     # scalars
     softcap, inv_temperature,
     # variants
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: ``dz'`` of BLOCK_N valid rows against BLOCK_V entries of the vocabulary chunk
     ``v_chunk_start .. v_chunk_end`` (``tiles.grouped_tile`` orders them), stored in ``dz`` at (the
-    row's position in the row index, the entry's column in the chunk)."""
+    row's position in the row index, the entry's column in the chunk).  With ``ENTROPY_GRAD`` the
+    rows' weights are applied here: ``g (onehot - p) - g_H p (z - E[z])``, the log-prob's and the
+    entropy's (``H = lse - E[z]``, so ``dH/dz = -p (z - E[z])``), per token at ``g``,
+    ``g_entropy`` and ``mean_z``."""
     row_tile, vocab_tile = grouped_tile(n_row_tiles, n_vocab_tiles, n_group_rows)
     p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
                                                                   stride_h_r, stride_h_t, BLOCK_N)
+    if ENTROPY_GRAD:
+        # Loaded before the logits loop, as the lse is (labelled_rows_lse says why).
+        g = tl.load(g_ptr + row, mask=p_mask, other=0.0)
+        g_entropy = tl.load(g_entropy_ptr + row, mask=p_mask, other=0.0)
+        mean_z = tl.load(mean_z_ptr + row, mask=p_mask, other=0.0)
     v0 = v_chunk_start + vocab_tile * BLOCK_V
     z, offs_v, v_mask = logits_tile(
         h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
         stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    if ENTROPY_GRAD:
+        p = tl.exp(z - lse[:, None])
+        onehot = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
+        dz = g[:, None] * (onehot - p) - g_entropy[:, None] * p * (z - mean_z[:, None])
+        dz = chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    else:
+        dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     col_mask = offs_v < v_chunk_end
     dz_offset = offs_p.to(tl.int64)[:, None] * stride_dz_p + (offs_v - v_chunk_start)[None, :]
     tl.store(dz_ptr + dz_offset, dz.to(dz_ptr.dtype.element_ty), mask=p_mask[:, None] & col_mask[None, :])
 
 
 def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
-                      softcap=None, temperature=1.0, plan: str = DEFAULT_PLAN):
+                      softcap=None, temperature=1.0, weights=None, plan: str = DEFAULT_PLAN):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
-    valid count are left untouched (the caller zero-fills the workspace once).
+    valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
+    or per-token fp32 ``(g, g_entropy, mean_z)`` applied in the kernel (``ENTROPY_GRAD``).
     """
     if rows.numel() == 0:
         return
@@ -80,12 +96,13 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
     T = hidden.shape[1]
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
+    g, g_entropy, mean_z = (lse, lse, lse) if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
-        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz,
+        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz, g, g_entropy, mean_z,
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
-        **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
+        ENTROPY_GRAD=weights is not None, **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
     )
 
 
@@ -100,20 +117,30 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
 
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
                          softcap=None, temperature=1.0, needs=(True, True, True),
-                         workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
+                         workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN, grad_entropy=None,
+                         mean_z=None):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
     (hidden, weight, bias) want a gradient; the others come back as None.  Gradients are returned
     in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.  ``plan`` must be the forward's
     (``tiles.PLANS``), so the logits are rounded as they were there.
+
+    ``grad_entropy`` (fp32 ``[R*T]``, with ``mean_z = lse - entropy``): the gradient also of
+    ``sum_i grad_entropy[i] * entropy[i]``.  Two per-row weights do not factor out of the workspace,
+    so then the kernel applies both and the products take the rows unscaled; an fp16 workspace
+    would underflow on the small weighted values, so fp16 inputs then get an fp32 one.
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     n_rows = rows.numel()
     rows_long = rows.long()
+    weighted = grad_entropy is not None
     g = grad_logp.float()[rows_long]
+    if weighted:
+        weights = (grad_logp.float().contiguous(), grad_entropy.float().contiguous(), mean_z.float().contiguous())
+        g = torch.ones_like(g)  # applied in the kernel instead
     need_h, need_w, need_b = needs
     d_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
@@ -129,13 +156,15 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     # would be, without an fp32 [N, D] temporary.
     h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
-    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
+    dz_dtype = torch.float32 if weighted and hidden.dtype == torch.float16 else workspace_dtype(hidden.dtype)
+    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=dz_dtype)
     dh_acc = None
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
-                          softcap=softcap, temperature=temperature, plan=plan)
+                          softcap=softcap, temperature=temperature, weights=weights if weighted else None,
+                          plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
             # Accumulated without a name that outlives the chunk, so two chunk products never coexist.
@@ -153,10 +182,17 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
     ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
-    pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
-                "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    return [AotSpec("linear_grad", variant, linear_grad_kernel, pointers, constexprs, options, layouts)
-            for variant, constexprs, options, layouts in aot_logits_variants(dtype)]
+    specs = []
+    for variant, constexprs, options, layouts in aot_logits_variants(dtype):
+        # The entropy's gradient runs in the stats plan only (tiles.STATS_PLAN): the default plan's
+        # larger variant carries it, with the fp32 workspace fp16 then takes.
+        entropy = constexprs["HAS_BIAS"] and " " not in variant
+        dz_dtype = torch.float32 if entropy and dtype == torch.float16 else workspace_dtype(dtype, interpreted=False)
+        pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "dz_ptr": dz_dtype,
+                    "g_ptr": torch.float32, "g_entropy_ptr": torch.float32, "mean_z_ptr": torch.float32}
+        specs.append(AotSpec("linear_grad", variant + ("+entropy" if entropy else ""), linear_grad_kernel, pointers,
+                             {**constexprs, "ENTROPY_GRAD": entropy}, options, layouts))
+    return specs
 
 
 def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:

@@ -31,15 +31,16 @@ from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, WORKSPACE_BYTES, AotSpec, TileCon
 def linear_lse_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr,
-    lse_part_ptr, sum_part_ptr, target_ptr,
+    lse_part_ptr, sum_part_ptr, stat_part_ptr, target_ptr,
     # sizes
     V, D, T, p_start, n_row_tiles, n_splits, n_group_rows, v_per_split,
     # strides
-    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_part_s,
+    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_part_s, stride_part_k,
     # scalars
     softcap, inv_temperature,
     # variants
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
+    TOKEN_STATS: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -47,7 +48,8 @@ def linear_lse_kernel(
     """One program: BLOCK_N valid rows from position ``p_start`` of the row index against one
     vocabulary split.  Writes their partial log-sum-exp (and, with ``LOGIT_SUM``, sum of logits) at
     ``[split, position - p_start]`` of the partials, and the target logit of the rows whose label
-    lies in the split."""
+    lies in the split.  With ``TOKEN_STATS`` also the split's softmax-mean logit, its max and the
+    first column holding it, at ``[k, split, position - p_start]`` of ``stat_part`` (k = 0, 1, 2)."""
     row_tile, split = grouped_tile(n_row_tiles, n_splits, n_group_rows)
     p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
     p0 += p_start
@@ -59,6 +61,8 @@ def linear_lse_kernel(
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)        # sum of exp(z - run_max) * z
+    argmax = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
     for v0 in range(v_start, v_end, BLOCK_V):
@@ -69,8 +73,16 @@ def linear_lse_kernel(
         )
         # Padded vocabulary columns must never win the max nor match a label.
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        tile_max = tl.max(z, axis=1)
+        new_max = tl.maximum(run_max, tile_max)
+        rescale = tl.exp(run_max - new_max)
+        e = tl.exp(z - new_max[:, None])
+        run_sum = run_sum * rescale + tl.sum(e, axis=1)
+        if TOKEN_STATS:
+            # e is 0 at padded columns, where z is -inf: 0 * -inf would be NaN.
+            z_sum = z_sum * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), axis=1)
+            # Strictly greater: a later tile never takes a tie, so the first column wins (torch.argmax).
+            argmax = tl.where(tile_max > run_max, v0 + tl.argmax(z, axis=1).to(tl.int32), argmax)
         run_max = new_max
         target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
         if LOGIT_SUM:
@@ -80,6 +92,11 @@ def linear_lse_kernel(
     tl.store(lse_part_ptr + part, run_max + tl.log(run_sum), mask=p_mask)
     if LOGIT_SUM:
         tl.store(sum_part_ptr + part, logit_sum, mask=p_mask)
+    if TOKEN_STATS:
+        tl.store(stat_part_ptr + part, z_sum / run_sum, mask=p_mask)
+        tl.store(stat_part_ptr + stride_part_k + part, run_max, mask=p_mask)
+        # A column index below 2^24 is exact in fp32.
+        tl.store(stat_part_ptr + 2 * stride_part_k + part, argmax.to(tl.float32), mask=p_mask)
     # Exactly one split holds a label in [0, V); a label outside it (validate=False) keeps the zero
     # the launcher filled in.
     tl.store(target_ptr + row, target, mask=p_mask & (label >= v_start) & (label < v_end))
@@ -87,31 +104,49 @@ def linear_lse_kernel(
 
 @triton.jit
 def merge_splits_kernel(
-    lse_part_ptr, sum_part_ptr, rows_ptr, n_valid_ptr, lse_ptr, logit_sum_ptr,
-    p_start, n_positions, n_splits, stride_part_s,
-    LOGIT_SUM: tl.constexpr, BLOCK_P: tl.constexpr,
+    lse_part_ptr, sum_part_ptr, stat_part_ptr, rows_ptr, n_valid_ptr, lse_ptr, logit_sum_ptr, entropy_ptr,
+    argmax_ptr,
+    p_start, n_positions, n_splits, stride_part_s, stride_part_k,
+    LOGIT_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """Each row's log-sum-exp over the whole vocabulary from its splits' partials ``l_s``, in split
     order:  ``lse = M + log(sum_s exp(l_s - M))``, ``M`` the running max (the online-softmax merge:
-    rescaling to the largest cannot overflow); and, with ``LOGIT_SUM``, the sum of its partial sums.
-    Stored at the row's token, for positions ``p_start .. p_start + n_positions`` of the row index."""
+    rescaling to the largest cannot overflow); and, with ``LOGIT_SUM``, the sum of its partial sums;
+    with ``TOKEN_STATS``, the entropy ``lse - E[z]`` (``E[z] = sum_s exp(l_s - lse) E_s[z]``, merged
+    as the sum is) and the argmax (the first split's on a tie).  Stored at the row's token, for
+    positions ``p_start .. p_start + n_positions`` of the row index."""
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (offs < n_positions) & (p_start + offs < tl.load(n_valid_ptr))
     run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    z_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)        # sum of exp(l_s - run_max) E_s[z]
+    best = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    argmax = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for s in range(0, n_splits):
         part = s * stride_part_s + offs
         partial = tl.load(lse_part_ptr + part, mask=mask, other=0.0)
         new_max = tl.maximum(run_max, partial)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(partial - new_max)
+        rescale = tl.exp(run_max - new_max)
+        weight = tl.exp(partial - new_max)
+        run_sum = run_sum * rescale + weight
         run_max = new_max
         if LOGIT_SUM:
             logit_sum += tl.load(sum_part_ptr + part, mask=mask, other=0.0)
+        if TOKEN_STATS:
+            z_sum = z_sum * rescale + weight * tl.load(stat_part_ptr + part, mask=mask, other=0.0)
+            split_max = tl.load(stat_part_ptr + stride_part_k + part, mask=mask, other=0.0)
+            split_arg = tl.load(stat_part_ptr + 2 * stride_part_k + part, mask=mask, other=0.0)
+            argmax = tl.where(split_max > best, split_arg, argmax)
+            best = tl.maximum(best, split_max)
     row = tl.load(rows_ptr + p_start + offs, mask=mask, other=0).to(tl.int64)
-    tl.store(lse_ptr + row, run_max + tl.log(run_sum), mask=mask)
+    lse = run_max + tl.log(run_sum)
+    tl.store(lse_ptr + row, lse, mask=mask)
     if LOGIT_SUM:
         tl.store(logit_sum_ptr + row, logit_sum, mask=mask)
+    if TOKEN_STATS:
+        tl.store(entropy_ptr + row, lse - z_sum / run_sum, mask=mask)
+        tl.store(argmax_ptr + row, argmax.to(tl.int64), mask=mask)
 
 
 # 1024 rows per program, 4 warps: 8 rows per thread, each split's partials a coalesced 4 KiB read.
@@ -254,9 +289,11 @@ def rows_per_launch(n_rows: int, splits: int, partials: int, block_n: int, works
 
 
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None, temperature=1.0,
-                       logit_sum=False, workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN):
-    """Per-token ``lse``, ``target`` logit and (optionally) sum of logits over the vocabulary (in
-    the logits tiles under a softcap, else by ``linear_logit_sums``).
+                       logit_sum=False, token_stats=False, workspace_bytes=WORKSPACE_BYTES,
+                       plan: str = DEFAULT_PLAN):
+    """Per-token ``lse``, ``target`` logit, (optionally) sum of logits over the vocabulary (in
+    the logits tiles under a softcap, else by ``linear_logit_sums``) and (``token_stats``) the
+    entropy of the softmax and the argmax column (int64), each None when not asked for.
 
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``rows`` the int32 valid-first row index (its length bounds the
@@ -274,44 +311,62 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
-    per_launch = rows_per_launch(n_rows, splits, 2 if tile_sum else 1, tiles.block_n, workspace_bytes)
-    partials = torch.empty((2 if tile_sum else 1, splits, per_launch), device=hidden.device, dtype=torch.float32)
-    lse_part, sum_part = partials[0], partials[-1]
+    entropy = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
+    argmax = torch.empty(N, device=hidden.device, dtype=torch.int64) if token_stats else None
+    # Partials, one [splits, rows] plane each: the lse, the logit sums, the three token statistics.
+    kinds = 1 + tile_sum + 3 * token_stats
+    per_launch = rows_per_launch(n_rows, splits, kinds, tiles.block_n, workspace_bytes)
+    partials = torch.empty((kinds, splits, per_launch), device=hidden.device, dtype=torch.float32)
+    lse_part, sum_part, stat_part = partials[0], partials[min(1, kinds - 1)], partials[kinds - 3 if token_stats else 0]
     launch = logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles)
+    if token_stats:
+        launch.update(stats_launch_options(hidden.dtype, launch))
     for p_start in range(0, n_rows, per_launch):
         n_positions = min(per_launch, n_rows - p_start)
         row_tiles = triton.cdiv(n_positions, tiles.block_n)
         linear_lse_kernel[(row_tiles * splits,)](
-            hidden, weight, bias, labels, rows, n_valid, lse_part, sum_part, target,
+            hidden, weight, bias, labels, rows, n_valid, lse_part, sum_part, stat_part, target,
             V, D, T, p_start, row_tiles, splits, group_rows(tiles, row_tiles), v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            lse_part.stride(0), LOGIT_SUM=tile_sum, **launch,
+            lse_part.stride(0), partials.stride(0), LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, **launch,
         )
         merge_splits_kernel[(triton.cdiv(n_positions, MERGE_BLOCK_P),)](
-            lse_part, sum_part, rows, n_valid, lse, lse if sums is None else sums,
-            p_start, n_positions, splits, lse_part.stride(0),
-            LOGIT_SUM=tile_sum, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
+            lse_part, sum_part, stat_part, rows, n_valid, lse, lse if sums is None else sums,
+            lse if entropy is None else entropy, target if argmax is None else argmax,
+            p_start, n_positions, splits, lse_part.stride(0), partials.stride(0),
+            LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
         )
     if logit_sum and not tile_sum:
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
         if temperature != 1.0:
             sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
-    return lse, target, sums
+    return lse, target, sums, entropy, argmax
+
+
+def stats_launch_options(dtype: torch.dtype, options: dict) -> dict:
+    """The launch options of a forward with the token statistics: fp32 inputs take one stage, since
+    with two the strided, soft-capped build at ieee precision spilled 8 bytes on sm_90 (triton 3.9's
+    ptxas); stages pipeline the loads and leave every sum's order, so the rounding, unchanged."""
+    return {**options, "num_stages": 1} if dtype == torch.float32 else options
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the logits kernel
     in ``aot_logits_variants``, the merge, the logit-sum kernel with and without a bias, the column
     sum."""
-    partials = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "target_ptr": torch.float32}
+    partials = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "stat_part_ptr": torch.float32,
+                "target_ptr": torch.float32}
     logit_sum_pointers = {"h_ptr": dtype, "w_sum_ptr": torch.float64, "b_sum_ptr": torch.float64,
                           "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
     specs = []
     for variant, constexprs, options, layouts in aot_logits_variants(dtype):
-        # The tiles sum logits only under a softcap (linear_lse_forward): that is the larger variant.
-        specs.append(AotSpec("linear_lse", variant, linear_lse_kernel,
+        # The tiles sum logits only under a softcap (linear_lse_forward); the token statistics ride
+        # in the default plan's larger variant (the only plan they run in: tiles.STATS_PLAN).
+        stats = constexprs["HAS_BIAS"] and " " not in variant
+        specs.append(AotSpec("linear_lse", variant + ("+stats" if stats else ""), linear_lse_kernel,
                              {**logits_input_pointers(dtype), **partials},
-                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"]}, options, layouts))
+                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"], "TOKEN_STATS": stats},
+                             stats_launch_options(dtype, options) if stats else options, layouts))
     for has_bias in (False, True):
         specs.append(AotSpec("logit_sum", DTYPE_NAMES[dtype] + ("+bias" if has_bias else ""), logit_sum_kernel,
                              logit_sum_pointers,
@@ -326,11 +381,12 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
 
 def merge_aot_specs() -> list[AotSpec]:
     """The merge's builds: fp32 partials whatever the inputs, with and without partial sums."""
-    pointers = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "rows_ptr": torch.int32,
-                "n_valid_ptr": torch.int32, "lse_ptr": torch.float32, "logit_sum_ptr": torch.float32}
-    return [AotSpec("merge_splits", "fp32" + ("+sum" if logit_sum else ""), merge_splits_kernel, pointers,
-                    {"LOGIT_SUM": logit_sum, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": MERGE_NUM_WARPS})
-            for logit_sum in (False, True)]
+    pointers = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "stat_part_ptr": torch.float32,
+                "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "lse_ptr": torch.float32,
+                "logit_sum_ptr": torch.float32, "entropy_ptr": torch.float32, "argmax_ptr": torch.int64}
+    return [AotSpec("merge_splits", "fp32" + ("+sum+stats" if more else ""), merge_splits_kernel, pointers,
+                    {"LOGIT_SUM": more, "TOKEN_STATS": more, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": MERGE_NUM_WARPS})
+            for more in (False, True)]
 
 
 __all__ = ["aot_specs", "column_sum_kernel", "linear_logit_sums", "linear_lse_forward", "linear_lse_kernel",

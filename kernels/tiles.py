@@ -103,6 +103,10 @@ PLANS = {
     },
 }
 DEFAULT_PLAN = "narrow"
+# Calls that ask for per-token statistics run this plan, forward and backward alike: the wide
+# forward with them spills 8 bytes on sm_80 (triton 3.6's ptxas), its 128x128 tile and the
+# statistics' running sums and argmax holding more than 255 registers.
+STATS_PLAN = DEFAULT_PLAN
 _active_plan = [DEFAULT_PLAN]
 
 
@@ -389,9 +393,15 @@ def transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS
 def logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature,
                    HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
     """d logp / d (the product's logit u) for a tile of ``z = c * tanh(u / c) / T``:
-    ``onehot(label) - softmax(z)``, times ``1 / T`` under a temperature and ``1 - tanh^2 =
-    1 - (z T / c)^2`` under a softcap."""
+    ``onehot(label) - softmax(z)``, taken to ``u`` by ``chain_to_product``."""
     dz = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0) - tl.exp(z - lse[:, None])
+    return chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+
+
+@triton.jit
+def chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr):
+    """A gradient with respect to the logits ``z = c * tanh(u / c) / T`` taken to the product's
+    ``u``: times ``1 / T`` under a temperature and ``1 - tanh^2 = 1 - (z T / c)^2`` under a softcap."""
     if HAS_TEMPERATURE:
         dz = dz * inv_temperature
     if HAS_SOFTCAP:

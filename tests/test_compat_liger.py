@@ -6,6 +6,7 @@ Liger's own logits means are checked against the logits written out.  Unsupporte
 the no-op ones change nothing.  With liger-kernel installed, the classes are compared with it too.
 """
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -199,6 +200,19 @@ def test_cross_entropy_equals_linear_cross_entropy(reduction, softcap, device):
         _assert_close(grad, _grads(y)[name], f"d_{name}")
 
 
+def test_cross_entropy_token_accuracy_and_predicted_tokens(device):
+    # Liger's CrossEntropyOutput fields, from fused_pref.linear_cross_entropy's same options.
+    x = _inputs(device, 10)
+    D = SHAPE[2]
+    args = (x["hidden"].view(-1, D), x["weight"], x["labels"].view(-1), x["bias"])
+    ours = compat.LigerFusedLinearCrossEntropyLoss(return_token_accuracy=True, return_predicted_tokens=True)(
+        args[1], args[0], args[2], args[3])
+    theirs = fused_pref.linear_cross_entropy(*args, return_token_accuracy=True, return_predicted_tokens=True)
+    assert [f.name for f in dataclasses.fields(ours)] == ["loss", "z_loss", "token_accuracy", "predicted_tokens"]
+    assert ours.z_loss is None and torch.equal(ours.predicted_tokens, theirs.predicted_tokens)
+    assert torch.equal(ours.loss, theirs.loss) and torch.equal(ours.token_accuracy, theirs.token_accuracy)
+
+
 NO_OPS = {
     "simpo": (compat.LigerFusedLinearSimPOLoss, dict(compiled=False, chunk_size=3)),
     "cpo": (compat.LigerFusedLinearCPOLoss, dict(compiled=False, chunk_size=2)),
@@ -248,10 +262,8 @@ UNSUPPORTED = {
                          "return_z_loss"),
     "ce_token_scaling": (compat.LigerFusedLinearCrossEntropyLoss, dict(use_token_scaling=True), NotImplementedError,
                          "use_token_scaling"),
-    "ce_token_accuracy": (compat.LigerFusedLinearCrossEntropyLoss, dict(return_token_accuracy=True),
-                          NotImplementedError, "return_token_accuracy"),
-    "ce_predicted_tokens": (compat.LigerFusedLinearCrossEntropyLoss, dict(return_predicted_tokens=True),
-                            NotImplementedError, "return_predicted_tokens"),
+    "ce_token_accuracy_not_bool": (compat.LigerFusedLinearCrossEntropyLoss, dict(return_token_accuracy=1),
+                                   TypeError, "return_token_accuracy"),
     "ce_accum_bf16": (compat.LigerFusedLinearCrossEntropyLoss, dict(accum_dtype=torch.bfloat16), NotImplementedError,
                       "accum_dtype"),
     "ce_reduction": (compat.LigerFusedLinearCrossEntropyLoss, dict(reduction="batchmean"), ValueError, "reduction"),

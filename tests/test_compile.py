@@ -10,11 +10,18 @@ import torch
 import fused_pref
 from fused_pref.testing import make_inputs, relative_error
 
+def _entropy_bonus(out):
+    return -out.logp.sum() - 0.1 * out.entropy.sum()
+
+
 CASES = {
     "simpo": lambda h, w, lab, b: fused_pref.simpo_loss(h, w, lab, b, sft_weight=0.1).loss,
     "dpo": lambda h, w, lab, b: fused_pref.dpo_loss(h, w, lab, b, ref_hidden=h.detach().flip(0),
                                                     loss_type="ipo").loss,
     "cross_entropy": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True),
+    # Per-token statistics, the entropy in the loss (its gradient through the backward kernel).
+    "logprobs[entropy]": lambda h, w, lab, b: _entropy_bonus(fused_pref.linear_logprobs(h, w, lab, b,
+                                                                                         return_entropy=True)),
     # Plain torch products and elementwise ops in a loop over blocks of rows: traced, not opaque.
     "cross_entropy[in_forward]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True,
                                                                                       backward="in_forward"),

@@ -328,9 +328,12 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
     """Liger's fused linear cross-entropy: :func:`fused_pref.linear_cross_entropy`.
 
     ``forward(lin_weight, _input, target, bias=None)``, ``_input`` ``[N, D]`` (or ``[R, T, D]``),
-    returns the loss (``reduction``: ``"mean"`` over valid tokens, ``"sum"``, ``"none"``).
-    Supported: ``ignore_index``, ``reduction``, ``softcap``; no-ops: ``chunk_size``, ``accum_dtype``
-    None or ``torch.float32``.  Everything else raises ``NotImplementedError`` away from its default.
+    returns the loss (``reduction``: ``"mean"`` over valid tokens, ``"sum"``, ``"none"``), or with
+    ``return_token_accuracy`` / ``return_predicted_tokens`` a ``CrossEntropyOutput`` with Liger's
+    fields (``fused_pref.outputs.CrossEntropyOutput``).  Supported: ``ignore_index``, ``reduction``,
+    ``softcap``, ``return_token_accuracy``, ``return_predicted_tokens``; no-ops: ``chunk_size``,
+    ``accum_dtype`` None or ``torch.float32``.  Everything else raises ``NotImplementedError`` away
+    from its default.
     """
 
     def __init__(self, ce_weight=None, ignore_index=-100, lse_square_scale=0.0, label_smoothing=0.0,
@@ -349,9 +352,6 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
             ("label_smoothing", label_smoothing, label_smoothing != 0.0, "label smoothing"),
             ("return_z_loss", return_z_loss, bool(return_z_loss), "z-loss output"),
             ("use_token_scaling", use_token_scaling, bool(use_token_scaling), "per-token probability scaling"),
-            ("return_token_accuracy", return_token_accuracy, bool(return_token_accuracy), "argmax over the vocabulary"),
-            ("return_predicted_tokens", return_predicted_tokens, bool(return_predicted_tokens),
-             "argmax over the vocabulary"),
             ("accum_dtype", accum_dtype, accum_dtype not in (None, torch.float32),
              "accumulation dtype but fp32"),
         )
@@ -360,12 +360,17 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                 shown = "<tensor>" if isinstance(value, torch.Tensor) else repr(value)
                 raise NotImplementedError(f"{name}={shown} is not supported: fused_pref.linear_cross_entropy has no "
                                           f"{what}")
+        validation.check_token_stats(self.options, {"return_token_accuracy": return_token_accuracy,
+                                                    "return_predicted_tokens": return_predicted_tokens})
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
+        self.return_token_accuracy, self.return_predicted_tokens = return_token_accuracy, return_predicted_tokens
         self.accum_dtype, self.chunk_size = accum_dtype, chunk_size   # no-ops: see the module docstring
         self.validate, self.backend = validate, backend
 
     def forward(self, lin_weight, _input, target, bias=None):
         return functional.linear_cross_entropy.with_options(_input, lin_weight, target, bias, reduction=self.reduction,
+                                                            return_token_accuracy=self.return_token_accuracy,
+                                                            return_predicted_tokens=self.return_predicted_tokens,
                                                             options=self.options)
 
     def extra_repr(self):

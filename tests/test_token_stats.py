@@ -1,0 +1,172 @@
+"""Per-token statistics from the forward pass (``linear_logprobs(return_entropy=..., return_token_accuracy=...,
+return_argmax=...)``): the entropy of the softmax, whether the label is its argmax, and the argmax,
+against the fp64 reference, through the split-vocabulary merge and both tile plans."""
+
+import pytest
+import torch
+
+import fused_pref
+from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
+from fused_pref.testing import TOLERANCE, make_inputs, relative_error
+from fused_pref.tools.memory import AllocationRecorder
+
+SHAPES = {
+    "R4-T23-D97-V1003": (4, 23, 97, 1003),
+    "R2-T9-D497-V300": (2, 9, 497, 300),
+    "R6-T101-D33-V2053-unsplit": (6, 101, 33, 2053),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ALL = {"return_entropy": True, "return_token_accuracy": True, "return_argmax": True}
+
+
+def _both(x, **kwargs):
+    ours = fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], **ALL, **kwargs)
+    ref = {k: (v.detach().double() if v is not None and v.dtype.is_floating_point else v) for k, v in x.items()}
+    theirs = fused_pref.reference.linear_logprobs(ref["hidden"].cpu(), ref["weight"].cpu(), ref["labels"].cpu(),
+                                                  None if ref["bias"] is None else ref["bias"].cpu(), **ALL, **kwargs)
+    return ours, theirs
+
+
+def _check(ours, theirs, dtype):
+    assert isinstance(ours, TokenLogprobs) and isinstance(theirs, TokenLogprobs)
+    assert ours.entropy.dtype == torch.float32 and ours.argmax.dtype == torch.int64
+    assert ours.token_accuracy.dtype == torch.bool
+    assert relative_error(ours.logp, theirs.logp) <= TOLERANCE[torch.float32]
+    assert relative_error(ours.entropy, theirs.entropy) <= TOLERANCE[dtype]
+    assert torch.equal(ours.argmax.cpu(), theirs.argmax) and torch.equal(ours.token_accuracy.cpu(), theirs.token_accuracy)
+    # The inputs make a quarter of the valid tokens confident: both outcomes occur.
+    assert ours.token_accuracy.any() and not ours.token_accuracy.all()
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_parity(shape, dtype, device):
+    x = make_inputs(*shape, dtype=dtype, device=device, seed=sum(shape))
+    _check(*_both(x), dtype)
+
+
+@pytest.mark.parametrize("plan", ["narrow", "wide"])
+@pytest.mark.parametrize("options", [{"softcap": 30.0, "temperature": 0.7}, {"shift": True}], ids=["softcap-T", "shift"])
+def test_options_and_plans(plan, options, device):
+    x = make_inputs(4, 23, 97, 1003, dtype=torch.bfloat16, device=device, seed=61)
+    with fused_pref.kernels.tile_plan(plan):
+        _check(*_both(x, **options), torch.bfloat16)
+
+
+def test_only_what_is_asked_for(device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=3)
+    out = fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], return_token_accuracy=True)
+    assert out.entropy is None and out.argmax is None and out.token_accuracy is not None
+    plain = fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"])
+    assert isinstance(plain, torch.Tensor) and torch.equal(out.logp, plain)
+
+
+def test_no_logits_with_every_statistic(device):
+    R, T, D, V = 8, 65, 48, 4099
+    x = make_inputs(R, T, D, V, device=device, seed=7, bias=False)
+    with AllocationRecorder() as recorder:
+        out = fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], **ALL)
+        out.logp.sum().backward()
+    assert recorder.largest().numel < R * T * V / 8
+
+
+@pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
+def test_flags_must_be_bools(module, device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
+    with pytest.raises(TypeError, match=r"^return_entropy must be a bool, got str$"):
+        module.linear_logprobs(x["hidden"], x["weight"], x["labels"], return_entropy="yes")
+
+
+@pytest.mark.parametrize("plan", ["narrow", "wide"])
+def test_a_tied_max_goes_to_the_first_column(plan, device):
+    # Columns 3, 300 and 1500 are the same row of the weight, and the first tokens point straight at
+    # it: their max is tied three ways, and torch.argmax (the reference) takes the first column.
+    # Under the narrow plan 3 and 300 are two tiles of one vocabulary split (the tie inside a
+    # program) and 1500 is in the other split (the tie in the merge); under the wide plan each tile
+    # is a split of its own.
+    x = make_inputs(6, 101, 33, 2053, device=device, seed=67, bias=False, confident=0.0)
+    with torch.no_grad():
+        x["weight"][300] = x["weight"][1500] = x["weight"][3]
+        x["hidden"][:, 20:28] = x["weight"][3] / x["weight"][3].norm() * 3.0
+    x["labels"][:, 20:24] = 1500  # a tied column, not the first: not accurate
+    x["labels"][:, 24:28] = 3     # the first tied column: accurate
+    with fused_pref.kernels.tile_plan(plan):
+        ours, theirs = _both(x)
+    assert (theirs.argmax[:, 20:28] == 3).all()
+    _check(ours, theirs, torch.float32)
+
+
+def test_statistics_run_their_plan_forward_and_backward(monkeypatch, device):
+    # Under tile_plan("wide") a call with statistics runs STATS_PLAN's tiles in its forward and its
+    # backward alike (so each logit is rounded the same way in both); a plain call the wide plan's.
+    from fused_pref import ops
+    from fused_pref.kernels.tiles import STATS_PLAN
+
+    plans = []
+    for name in ("linear_lse_forward", "linear_grad_backward"):
+        def spy(*args, _launcher=getattr(ops, name), **kwargs):
+            plans.append(kwargs["plan"])
+            return _launcher(*args, **kwargs)
+        monkeypatch.setattr(ops, name, spy)
+    x = make_inputs(2, 9, 40, 257, dtype=torch.bfloat16, device=device, seed=71)
+    with fused_pref.kernels.tile_plan("wide"):
+        fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], return_entropy=True).logp.sum().backward()
+        fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"]).sum().backward()
+    assert plans == [STATS_PLAN, STATS_PLAN, "wide", "wide"] and STATS_PLAN != "wide"
+
+
+def _gradients(module, x, loss_of, **kwargs):
+    out = module.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], return_entropy=True, **kwargs)
+    loss_of(out).backward()
+    return [x[name].grad for name in ("hidden", "weight", "bias")]
+
+
+LOSSES = {
+    # GRPO-style: a per-token objective on the log-probs plus an entropy bonus.
+    "logp+entropy": lambda out: (out.logp * torch.linspace(-1, 1, out.logp.numel(), dtype=out.logp.dtype,
+                                                           device=out.logp.device).view(out.logp.shape)).sum()
+                                - 0.1 * out.entropy.sum(),
+    # The entropy alone (the log-probs reach the backward with no gradient).
+    "entropy": lambda out: out.entropy.sum(),
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 20.0, "temperature": 0.7}], ids=["plain", "softcap-T"])
+def test_the_entropy_is_differentiable(loss, dtype, options, device):
+    x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=73)
+    ref = {k: (v.detach().cpu().double().requires_grad_() if v.dtype.is_floating_point else v.cpu())
+           for k, v in x.items()}
+    ours = _gradients(fused_pref, x, LOSSES[loss], **options)
+    theirs = _gradients(fused_pref.reference, ref, LOSSES[loss], **options)
+    for name, a, b in zip(("hidden", "weight", "bias"), ours, theirs):
+        assert a.dtype == dtype and relative_error(a, b) <= TOLERANCE[dtype], (name, relative_error(a, b))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_cross_entropy_token_accuracy_and_predicted_tokens(reduction, dtype, device):
+    x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=79)
+    kwargs = dict(reduction=reduction, return_token_accuracy=True, return_predicted_tokens=True)
+    ours = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs)
+    ref = {k: (v.detach().cpu().double() if v.dtype.is_floating_point else v.cpu()) for k, v in x.items()}
+    theirs = fused_pref.reference.linear_cross_entropy(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                       **kwargs)
+    assert isinstance(ours, CrossEntropyOutput) and ours.z_loss is None
+    assert relative_error(ours.loss, theirs.loss) <= TOLERANCE[dtype]
+    assert torch.equal(ours.predicted_tokens.cpu(), theirs.predicted_tokens)
+    assert ours.token_accuracy.dim() == 0 and 0 < ours.token_accuracy.item() < 1
+    assert ours.token_accuracy.item() == pytest.approx(theirs.token_accuracy.item())
+    # The loss still trains: its gradient is the plain call's.
+    plain = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], reduction=reduction)
+    torch.testing.assert_close(ours.loss, plain, rtol=0, atol=0)
+
+
+def test_cross_entropy_statistics_refuse_the_gradient_in_forward(device):
+    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
+    for module in (fused_pref, fused_pref.reference):
+        with pytest.raises(ValueError, match=r"^per-token statistics \(return_token_accuracy\) do not run with "
+                                             r"backward='in_forward' yet: use backward='auto'$"):
+            module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], backward="in_forward",
+                                        return_token_accuracy=True)
