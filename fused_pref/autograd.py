@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import ops
 from .distributed import VocabShard, all_reduce_sum, combine_partials
@@ -103,10 +104,14 @@ class CrossEntropyGradientInForward(torch.autograd.Function):
         loss, grads = ops.gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options)
         ctx.save_for_backward(*grads)
         ctx.needs = needs
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
         return loss
 
     @staticmethod
+    @once_differentiable   # the stored gradients are constants here: a second order would be silently 0
     def backward(ctx, grad_loss):
-        # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32.
-        grads = (g * grad_loss if need else None for g, need in zip(ctx.saved_tensors, ctx.needs))
+        # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32; fp16 inputs' gradients
+        # come fp32 and are cast after the scaling.
+        grads = ((g * grad_loss).to(dtype) if need else None
+                 for g, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes))
         return (*grads, None, None, None, None, None, None)

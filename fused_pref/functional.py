@@ -34,7 +34,7 @@ from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
-from .segments import sequence_sums, shift_labels
+from .segments import reduce_token_losses, sequence_sums, shift_labels, token_weights
 
 
 def _public(twin):
@@ -178,14 +178,18 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @_public(reference.linear_cross_entropy)
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", return_token_accuracy=False,
-                         return_predicted_tokens=False, options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None,
+                         return_token_accuracy=False, return_predicted_tokens=False, options):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
     Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
     in fp32, except that a batch with no valid label gives 0 (not NaN) under ``"mean"``.
     ``reduction``: ``"mean"`` over valid tokens (default), ``"sum"``, or ``"none"`` (fp32, shape of
     ``labels``, 0 at ignored positions).  Other arguments as :func:`linear_logprobs`.
+
+    ``ce_weight``: per-class weights ``[V]`` (``F.cross_entropy``'s ``weight``; Liger-Kernel's name):
+    each token's loss times its label's weight, ``"mean"`` divided by the valid tokens' weights (0
+    when they sum to 0).  Not differentiable.
 
     ``return_token_accuracy`` / ``return_predicted_tokens`` (Liger-Kernel's names): the result is a
     :class:`fused_pref.outputs.CrossEntropyOutput` with the fraction of valid tokens whose label is
@@ -194,30 +198,30 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     """
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    validation.check_class_weights(ce_weight, weight, labels, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)
     if options.backward == "in_forward":
-        return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options)
+        return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options)
     stats = any(flags.values())
     tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
-    if reduction == "none":
-        loss = -tokens.logp
-    else:
-        loss = -tokens.logp.sum()
-        loss = loss / tokens.valid.sum().clamp(min=1) if reduction == "mean" else loss
+    loss = reduce_token_losses(-tokens.logp, token_weights(tokens.valid, tokens.targets, ce_weight), reduction)
     if not stats:
         return loss
     return cross_entropy_output(loss, tokens.argmax, tokens.targets, tokens.valid, token_accuracy=return_token_accuracy,
                                 predicted_tokens=return_predicted_tokens)
 
 
-def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, options: Options):
+def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options):
     """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
     none under ``no_grad`` or when no input needs one."""
     r = _rows(hidden, weight, labels, options, None)
-    row_scale = r.valid.float()
+    # Each row's share of the loss: the "mean" reduction's weights, divided once here.
+    row_scale = reduce_token_losses(torch.ones_like(r.valid, dtype=torch.float32),
+                                    token_weights(r.valid, r.targets.reshape(-1), ce_weight), "none")
     if reduction == "mean":
-        row_scale = row_scale / r.n_valid.clamp(min=1)
+        total = row_scale.sum()
+        row_scale = row_scale / torch.where(total > 0, total, 1.0)
     needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
     return CrossEntropyGradientInForward.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale,
                                                needs, options)

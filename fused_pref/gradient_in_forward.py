@@ -5,10 +5,10 @@ onehot`` per valid token), the logits need not be computed twice.  Per block of 
 path runs three cuBLAS products and one Triton pass over an fp32 block of logits::
 
     z    = h_b @ W.T                        fp32 output, cuBLAS
-    loss += s * (lse - z[label]),  dz = s * (softmax - onehot)   kernels/cross_entropy_block.py
-                                            (bias and softcap applied there; dz in the input dtype)
-    dH_b = dz @ W                           cuBLAS, the rows' d_hidden, final
-    dW  += dz.T @ h_b                       cuBLAS into an fp32 accumulator
+    loss += s * (lse - z[label]),  dz = softmax - onehot   kernels/cross_entropy_block.py
+                                            (bias, softcap, temperature there; dz in the input dtype)
+    dH_b = s * (dz @ W)                     cuBLAS (fp32 out), the rows' d_hidden, final
+    dW  += dz.T @ (s * h_b)                 cuBLAS into an fp32 accumulator
 
 6NDV of products where the default path (forward, then the backward's recompute) does 8NDV; the
 backward only multiplies the stored gradients by ``grad_output``.  The price is memory: the fp32
@@ -67,6 +67,12 @@ class _Fp32Products:
             return torch.mm(h, self.weight.t(), out_dtype=torch.float32)
         return torch.mm(h.to(self.weight.dtype), self.weight.t())
 
+    def scaled_rows(self, dz, scale):
+        """``(dz @ W) * scale`` per row in fp32: the product rounded once, when the caller casts it."""
+        if self.cuda_out_dtype:
+            return torch.mm(dz, self.weight, out_dtype=torch.float32).mul_(scale[:, None])
+        return torch.mm(dz.to(self.weight.dtype), self.weight).mul_(scale[:, None])
+
     def accumulate(self, acc, dz, h):
         if not self.cuda_out_dtype:
             acc.addmm_(dz.t().float(), h.float())
@@ -88,7 +94,8 @@ class _Fp32Products:
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
                                 temperature, workspace_bytes):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
-    the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no.
+    the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no,
+    in the input dtype, fp32 for fp16 inputs (the backward casts them after scaling).
 
     ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
     ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
@@ -97,11 +104,19 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
     V = weight.shape[0]
     products = _Fp32Products(weight)
     loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device) if needs[0] else None
+    # fp16 gradients stay fp32 until the backward scales them: rounded to fp16 before the loss scale
+    # multiplies them, small ones would be lost (loss scaling exists for exactly that).
+    grad_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+    d_hidden = torch.zeros(hidden.shape, dtype=grad_dtype, device=hidden.device) if needs[0] else None
     d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
     block = rows_per_block(rows.numel(), V, weight.dtype, workspace_bytes)
     half = -(-block // 2)
+    # The products' operands carry each row's scale relative to the largest (1 for a plain mean),
+    # which multiplies the fp32 accumulators at the end: scaled by 1/n itself an fp16 row would
+    # sink below fp16's normal range.
+    top = row_scale.max() if rows.numel() else row_scale.new_ones(())
+    top = torch.where(top > 0, top, 1.0)
     for start in range(0, rows.numel(), block):
         index = rows[start:start + block].long()
         seq, pos = index // T, index % T
@@ -118,11 +133,14 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
         if dz is None:
             continue
         dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)
+        # dz is unscaled (cross_entropy_block): each row's scale goes on the other operand, as the
+        # default backward applies its per-row weight.
+        unit = scale / top
         if d_bias is not None:
-            d_bias += dz.sum(dim=0, dtype=torch.float32)
+            d_bias += torch.mv(dz.t(), unit.to(dz.dtype)).float()
         if d_hidden is not None:
-            d_hidden[seq, pos] = dz @ weight
+            d_hidden[seq, pos] = products.scaled_rows(dz, scale).to(grad_dtype)
         if d_weight is not None:
-            products.accumulate(d_weight, dz, h)
-    return (loss, d_hidden, None if d_weight is None else d_weight.to(weight.dtype),
-            None if d_bias is None else d_bias.to(bias.dtype))
+            products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype))
+    return (loss, d_hidden, None if d_weight is None else d_weight.mul_(top).to(grad_dtype),
+            None if d_bias is None else d_bias.mul_(top).to(grad_dtype))

@@ -81,8 +81,9 @@ class FusedLinearCrossEntropyLoss(_FusedLoss):
 
     function = functional.linear_cross_entropy
 
-    def __init__(self, reduction="mean", return_token_accuracy=False, return_predicted_tokens=False, **options):
-        super().__init__(dict(reduction=reduction, return_token_accuracy=return_token_accuracy,
+    def __init__(self, reduction="mean", ce_weight=None, return_token_accuracy=False, return_predicted_tokens=False,
+                 **options):
+        super().__init__(dict(reduction=reduction, ce_weight=ce_weight, return_token_accuracy=return_token_accuracy,
                               return_predicted_tokens=return_predicted_tokens), options)
 
 

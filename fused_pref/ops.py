@@ -47,8 +47,9 @@ def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
                                  temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
                                  plan=plan, grad_entropy=grad_entropy, mean_z=mean_z)
-    # A custom op returns tensors only: an empty tensor stands for "not requested".
-    return [g if g is not None else grad_logp.new_empty(0) for g in grads]
+    # A custom op returns tensors only: an empty tensor, of the fake's dtype, stands for "not requested".
+    dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
+    return [g if g is not None else hidden.new_empty(0, dtype=dtype) for g, dtype in zip(grads, dtypes)]
 
 
 @linear_grad.register_fake
@@ -68,13 +69,15 @@ def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
                                                softcap=softcap, temperature=temperature,
                                                workspace_bytes=workspace_bytes)
-    return loss, [g if g is not None else loss.new_empty(0) for g in grads]
+    # An empty tensor stands for a gradient not asked for, in the dtype the fake gives it.
+    return loss, [g if g is not None else hidden.new_empty(0, dtype=torch.float32 if hidden.dtype == torch.float16
+                                                           else hidden.dtype) for g in grads]
 
 
 @cross_entropy_in_forward.register_fake
 def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
-    dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
+    dtypes = (torch.float32 if hidden.dtype == torch.float16 else hidden.dtype,) * 3
     return (hidden.new_empty((), dtype=torch.float32),
             [hidden.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needs)])
 

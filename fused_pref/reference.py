@@ -18,6 +18,7 @@ from . import preference, validation
 from .distributed import gather_shards, resolve_shard
 from .options import Options, takes_options
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
+from .segments import reduce_token_losses, token_weights
 
 
 def _logits(hidden, weight, bias, softcap, temperature=1.0):
@@ -56,21 +57,27 @@ def _checked(hidden, weight, labels, bias, options, **call):
     return _whole_vocabulary(weight, bias, options)
 
 
+def _targets(labels, options):
+    """What each position predicts, shape of ``labels``: the label itself, or with ``shift`` the
+    next one of its sequence (``ignore_index`` at each sequence's last position)."""
+    flat_labels = labels.reshape(-1)
+    targets = torch.full_like(flat_labels, options.ignore_index)
+    for start, end in _spans(labels, options.cu_seqlens):
+        if options.shift and end - start > 1:
+            targets[start:end - 1] = flat_labels[start + 1:end]
+        elif not options.shift:
+            targets[start:end] = flat_labels[start:end]
+    return targets.view(labels.shape)
+
+
 def _token_logprobs(hidden, weight, labels, bias, options, *, mean_over_sequences=False, token_stats=False):
     """Per-token (logp, valid, sum of logits over the vocabulary), each of the shape of ``labels``:
     with ``shift``, entry t of a sequence is hidden[t]'s prediction of labels[t + 1].  With
     ``token_stats`` also (targets, entropy, argmax): what each position predicts, the softmax's
     entropy (0 where ignored) and its argmax (-1 where ignored)."""
     ignore_index, cu_seqlens = options.ignore_index, options.cu_seqlens
-    D = hidden.shape[-1]
-    flat_h, flat_labels = hidden.reshape(-1, D), labels.reshape(-1)
-    targets = torch.full_like(flat_labels, ignore_index)
-    for start, end in _spans(labels, cu_seqlens):
-        if options.shift and end - start > 1:
-            targets[start:end - 1] = flat_labels[start + 1:end]
-        elif not options.shift:
-            targets[start:end] = flat_labels[start:end]
-    targets = targets.view(labels.shape)
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    targets = _targets(labels, options)
     valid = validation.check_labels(targets, weight.shape[0], ignore_index=ignore_index, validate=options.validate,
                                     mean_over_sequences=mean_over_sequences, cu_seqlens=cu_seqlens).valid
     z = _logits(flat_h, weight, bias, options.softcap, options.temperature).view(*labels.shape, weight.shape[0])
@@ -124,19 +131,16 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @takes_options
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", return_token_accuracy=False,
-                         return_predicted_tokens=False, options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None,
+                         return_token_accuracy=False, return_predicted_tokens=False, options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
+    validation.check_class_weights(ce_weight, weight, labels, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)
     stats = any(flags.values())
     logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
-    if reduction == "none":
-        loss = -logp
-    else:
-        loss = -logp.sum()
-        loss = loss / valid.sum().clamp(min=1) if reduction == "mean" else loss
+    loss = reduce_token_losses(-logp, token_weights(valid, _targets(labels, options), ce_weight), reduction)
     if not stats:
         return loss
     targets, _, argmax = more

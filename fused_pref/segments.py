@@ -31,3 +31,26 @@ def sequence_sums(values, cu_seqlens=None):
     prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
     cu = cu_seqlens.long()
     return (prefix[cu[1:]] - prefix[cu[:-1]]).to(values.dtype if values.dtype.is_floating_point else torch.int64)
+
+
+def token_weights(valid, targets, ce_weight=None):
+    """The weight of each token in a cross-entropy, fp32 (fp64 for fp64 ``ce_weight``): 1, or
+    ``ce_weight[label]`` (per-class weights, as ``F.cross_entropy``'s ``weight``); 0 where ignored."""
+    if ce_weight is None:
+        return valid.float()
+    per_class = ce_weight.detach().to(torch.promote_types(ce_weight.dtype, torch.float32))
+    return torch.where(valid, per_class[torch.where(valid, targets, 0)], 0.0)
+
+
+def reduce_token_losses(losses, weights, reduction):
+    """``F.cross_entropy``'s reductions of per-token ``losses`` under ``weights`` (``token_weights``):
+    ``"none"`` weighted per token, ``"sum"``, ``"mean"`` divided by the weights' sum (0, not NaN,
+    when it is 0)."""
+    weighted = losses * weights
+    if reduction == "none":
+        return weighted
+    total = weighted.sum()
+    if reduction == "sum":
+        return total
+    denominator = weights.sum()
+    return total / torch.where(denominator > 0, denominator, 1.0)

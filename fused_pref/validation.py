@@ -159,6 +159,22 @@ def check_backward(backward, deterministic):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
 
 
+def check_class_weights(ce_weight, weight, labels, options):
+    """``ce_weight``: None, or a floating ``[V]`` tensor on the labels' device, the whole vocabulary
+    on one device (not under vocabulary parallelism yet)."""
+    if ce_weight is None:
+        return
+    if not isinstance(ce_weight, torch.Tensor) or not ce_weight.dtype.is_floating_point:
+        _fail(TypeError, "ce_weight must be a floating-point torch.Tensor [V] or None, got "
+                         + (str(ce_weight.dtype) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__))
+    if options.process_group is not None:
+        _fail(ValueError, "ce_weight does not run with vocabulary parallelism (process_group) yet")
+    if isinstance(weight, torch.Tensor) and tuple(ce_weight.shape) != (weight.shape[0],):
+        _fail(ValueError, f"ce_weight must be [V] = [{weight.shape[0]}], got shape {tuple(ce_weight.shape)}")
+    if isinstance(labels, torch.Tensor) and ce_weight.device != labels.device:
+        _fail(ValueError, f"ce_weight is on {ce_weight.device}, labels on {labels.device}")
+
+
 def check_token_stats(options, flags: dict):
     """The ``return_*`` flags of per-token statistics: bools, and not under vocabulary parallelism
     (whose shards would each see part of the softmax) nor ``backward="in_forward"``."""

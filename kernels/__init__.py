@@ -10,7 +10,7 @@ Each module is one kernel stage with its launcher below it:
   cuBLAS wrote, for the gradient-in-forward mode (``fused_pref.gradient_in_forward``);
 - ``pref_head``: the per-pair preference loss and its derivatives (``preference_head_forward``);
 - ``tiles``: what they share, the tile plans among it (``tile_plan`` picks one for the calls made
-  inside it, ``active_plan`` names the one in force).  The logits tile ``softcap(h @ w.T + b)``
+  inside it, ``active_plan`` names the one in force).  The logits tile ``softcap(h @ w.T + b) / T``
   has one helper, so forward and backward round identically; ``KERNELS_INTERPRETED`` says whether Triton's interpreter runs
   the kernels, ``interpreter_problem`` why it cannot with the installed versions.
 

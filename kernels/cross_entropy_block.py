@@ -5,10 +5,12 @@ block of valid rows ``[rows, V]`` in fp32; this kernel turns them, in two passes
 into
 
     loss_i = s_i * (lse_i - z_i[label_i])
-    dz_i   = s_i * (softmax(z_i) - onehot(label_i))   (times 1 - (z/c)^2 under a softcap)
+    dz_i   = softmax(z_i) - onehot(label_i)   (taken to the product's logits: times 1/T under a
+                                                temperature, 1 - (z T / c)^2 under a softcap)
 
-with ``z = softcap(logits + bias) / temperature``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an ignored
-row).  Pass one keeps a running max and sum of exponentials per lane and reduces them once at the
+with ``z = softcap(logits + bias) / T``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an
+ignored row).  ``dz`` is stored unscaled, in [-1, 1] as the default backward's workspace: scaled
+by ``1/n`` an fp16 ``dz`` would underflow; the caller applies ``s_i`` to the rows instead.  Pass one keeps a running max and sum of exponentials per lane and reduces them once at the
 row's end; pass two reads the row again and writes ``dz`` in the input dtype, ready for the two
 products.  Per logit: two fp32 reads and one write of the input dtype, where the same in torch
 ops (``logsumexp``, ``exp_``, ``scatter_``, ``mul_``, a cast) reads and writes the block about
@@ -65,7 +67,8 @@ def cross_entropy_block_kernel(
         new_max = tl.maximum(run_max, z)
         run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
         run_max = new_max
-        target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+        # A label past V (validate=False) matches no column, padded or not: its target stays 0.
+        target += tl.sum(tl.where((offs_v[None, :] == label[:, None]) & mask, z, 0.0), axis=1)
     row_max = tl.max(run_max, axis=1)
     lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1))
     tl.store(loss_ptr + offs_r, scale * (lse - target), mask=r_mask)
@@ -75,8 +78,7 @@ def cross_entropy_block_kernel(
             z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
                                             HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
             # The loss's gradient is minus logp's.
-            dz = -logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP,
-                                 HAS_TEMPERATURE) * scale[:, None]
+            dz = -logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
             tl.store(dz_rows + offs_v[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -89,7 +91,7 @@ def new_workspace(n_rows: int, V: int, dtype: torch.dtype, device) -> torch.Tens
 def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, temperature=1.0, dz=None) -> torch.Tensor:
     """The loss terms ``[rows]`` (fp32) of an fp32 ``logits`` block (unit column stride), with
     ``labels`` int64 and ``scale`` fp32 per row; and, when ``dz`` (``[rows, V]``, unit column
-    stride) is given, the gradient written into it."""
+    stride) is given, the unscaled gradient of each row's term written into it."""
     n_rows, V = logits.shape
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:

@@ -127,9 +127,10 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     (``tiles.PLANS``), so the logits are rounded as they were there.
 
     ``grad_entropy`` (fp32 ``[R*T]``, with ``mean_z = lse - entropy``): the gradient also of
-    ``sum_i grad_entropy[i] * entropy[i]``.  Two per-row weights do not factor out of the workspace,
-    so then the kernel applies both and the products take the rows unscaled; an fp16 workspace
-    would underflow on the small weighted values, so fp16 inputs then get an fp32 one.
+    ``sum_i grad_entropy[i] * entropy[i]``.  Two per-row weights do not factor out of the workspace
+    whole: each row's larger one, ``s = max(|g|, |g_H|)``, does, as ``g`` does alone, and the kernel
+    applies the two weights divided by it (at most 1 in size), so the workspace keeps values in
+    [-1, 1] (an fp16 one does not underflow on small weights) and its dtype.
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
@@ -137,10 +138,14 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     n_rows = rows.numel()
     rows_long = rows.long()
     weighted = grad_entropy is not None
-    g = grad_logp.float()[rows_long]
     if weighted:
-        weights = (grad_logp.float().contiguous(), grad_entropy.float().contiguous(), mean_z.float().contiguous())
-        g = torch.ones_like(g)  # applied in the kernel instead
+        larger = torch.maximum(grad_logp.float().abs(), grad_entropy.float().abs())
+        larger = torch.where(larger > 0, larger, 1.0)
+        weights = ((grad_logp.float() / larger).contiguous(), (grad_entropy.float() / larger).contiguous(),
+                   mean_z.float().contiguous())
+        g = larger[rows_long]
+    else:
+        g = grad_logp.float()[rows_long]
     need_h, need_w, need_b = needs
     d_hidden = torch.zeros_like(hidden, memory_format=torch.contiguous_format) if need_h else None
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_w else None
@@ -156,8 +161,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     # would be, without an fp32 [N, D] temporary.
     h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
-    dz_dtype = torch.float32 if weighted and hidden.dtype == torch.float16 else workspace_dtype(hidden.dtype)
-    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=dz_dtype)
+    workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
     dh_acc = None
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
@@ -185,10 +189,10 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     specs = []
     for variant, constexprs, options, layouts in aot_logits_variants(dtype):
         # The entropy's gradient runs in the stats plan only (tiles.STATS_PLAN): the default plan's
-        # larger variant carries it, with the fp32 workspace fp16 then takes.
+        # larger variant carries it.
         entropy = constexprs["HAS_BIAS"] and " " not in variant
-        dz_dtype = torch.float32 if entropy and dtype == torch.float16 else workspace_dtype(dtype, interpreted=False)
-        pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "dz_ptr": dz_dtype,
+        pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
+                    "dz_ptr": workspace_dtype(dtype, interpreted=False),
                     "g_ptr": torch.float32, "g_entropy_ptr": torch.float32, "mean_z_ptr": torch.float32}
         specs.append(AotSpec("linear_grad", variant + ("+entropy" if entropy else ""), linear_grad_kernel, pointers,
                              {**constexprs, "ENTROPY_GRAD": entropy}, options, layouts))

@@ -78,6 +78,10 @@ def test_block_kernel_against_torch_in_fp64(softcap, device):
     logits[3] += 100
     bias = torch.randn(4099, generator=gen)
     labels = torch.tensor([0, 4098, 17, 2048, 0])
+    # A label past V (validate=False) matches no column, not even a padded one of the last step.
+    past = cross_entropy_block(logits.to(device), None, torch.tensor([4099, 4100, 5000, 4099, 4098]).to(device),
+                               torch.ones(5, device=device))
+    assert torch.isfinite(past).all()
     scale = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.0])  # the last row is an ignored one
     dz = torch.empty(5, 4099, device=device)
     loss = cross_entropy_block(logits.to(device), bias.to(device), labels.to(device), scale.to(device),
@@ -88,10 +92,11 @@ def test_block_kernel_against_torch_in_fp64(softcap, device):
         capped = softcap * torch.tanh(z / softcap)
     else:
         capped = z.requires_grad_()
-    ref = scale.double() * (torch.logsumexp(capped, dim=1) - capped.gather(1, labels[:, None]).squeeze(1))
-    ref.sum().backward()
-    assert relative_error(loss.cpu(), ref) < 1e-5 and loss[4] == 0
-    assert relative_error(dz.cpu(), z.grad) < 1e-5 and (dz[4] == 0).all()
+    terms = torch.logsumexp(capped, dim=1) - capped.gather(1, labels[:, None]).squeeze(1)
+    terms.sum().backward()
+    # The loss terms are scaled, dz is each term's own gradient (the caller scales the rows).
+    assert relative_error(loss.cpu(), scale.double() * terms.detach()) < 1e-5 and loss[4] == 0
+    assert relative_error(dz.cpu(), z.grad) < 1e-5
     no_dz = cross_entropy_block(logits.to(device), None, labels.to(device), scale.to(device))
     assert relative_error(no_dz.cpu(), scale * (torch.logsumexp(logits, 1)
                                                                  - logits.gather(1, labels[:, None]).squeeze(1))) < 1e-5
@@ -188,3 +193,12 @@ def test_cuda_products_accumulate_in_fp32_in_place():
     gradient_in_forward._Fp32Products(h).accumulate(acc, dz, h)
     assert relative_error(acc, expected) < 1e-6
     assert gradient_in_forward._ADDMM_INTO_FP32[0], f"torch {torch.__version__} refuses addmm(out_dtype, out=fp32)"
+
+
+def test_fp16_small_row_scales_under_a_loss_scale(device):
+    # Rows scaled by 1e-5 (class weights under a sum; a mean over 100k tokens is the same) and a
+    # loss scale of 1e5, as fp16 training uses: an fp16 dz scaled by the rows, or fp16 gradients
+    # stored before the loss scale multiplies them, would sink below fp16's normal range (6e-5).
+    x = make_inputs(4, 23, 97, 1003, dtype=torch.float16, device=device, seed=19)
+    ce_weight = torch.full((1003,), 1e-5, device=device)
+    compare(lambda m, x: _loss(m, x, reduction="sum", ce_weight=ce_weight) * 1e5, x).check(torch.float16)

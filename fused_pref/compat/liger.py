@@ -30,6 +30,9 @@ Liger                            fused_pref
 ``ref_weight, ref_bias``         reduced like the policy, without grad (``ref_bias=None``: no bias);
                                  zeros when ``use_ref_model=False`` (Liger's reference-free DPO)
 ``reduction, softcap`` (CE)      ``linear_cross_entropy(reduction=..., softcap=...)``
+``ce_weight`` (CE)               same name on ``linear_cross_entropy``: per-class weights
+``return_token_accuracy``,       same names on ``linear_cross_entropy``: a ``CrossEntropyOutput``
+``return_predicted_tokens``      with Liger's fields (``z_loss`` None)
 ``compiled, chunk_size``         nothing (see below)
 ===============================  ==================================================================
 
@@ -46,9 +49,9 @@ Both only trade Liger's memory against its speed; fused_pref never materialises 
 there is nothing to tune, and the result is the same up to fp32 summation order.
 
 Unsupported, raising ``NotImplementedError`` when set to a value that would change the result:
-ORPO ``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy ``ce_weight``,
-``lse_square_scale``, ``label_smoothing``, ``return_z_loss``, ``return_token_accuracy``,
-``return_predicted_tokens``, ``use_token_scaling`` and ``accum_dtype`` other than None /
+ORPO ``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy
+``lse_square_scale``, ``label_smoothing``, ``return_z_loss``, ``use_token_scaling`` and
+``accum_dtype`` other than None /
 ``torch.float32`` (fused_pref always accumulates in fp32).  Liger ignores some hyper-parameters
 outside the setting that uses them; here they must stay at their defaults there (``ValueError``),
 so that a value that does nothing never looks as if it did: ``alpha`` without
@@ -331,7 +334,7 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
     returns the loss (``reduction``: ``"mean"`` over valid tokens, ``"sum"``, ``"none"``), or with
     ``return_token_accuracy`` / ``return_predicted_tokens`` a ``CrossEntropyOutput`` with Liger's
     fields (``fused_pref.outputs.CrossEntropyOutput``).  Supported: ``ignore_index``, ``reduction``,
-    ``softcap``, ``return_token_accuracy``, ``return_predicted_tokens``; no-ops: ``chunk_size``,
+    ``softcap``, ``ce_weight``, ``return_token_accuracy``, ``return_predicted_tokens``; no-ops: ``chunk_size``,
     ``accum_dtype`` None or ``torch.float32``.  Everything else raises ``NotImplementedError`` away
     from its default.
     """
@@ -347,7 +350,6 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
         validation.check_reduction(reduction, "cross_entropy")
         validation.check_positive_int("chunk_size", chunk_size, allow_none=True)
         unsupported = (  # (name, value, whether it changes the result, what it would need)
-            ("ce_weight", ce_weight, ce_weight is not None, "per-class weights"),
             ("lse_square_scale", lse_square_scale, lse_square_scale != 0.0, "z-loss term"),
             ("label_smoothing", label_smoothing, label_smoothing != 0.0, "label smoothing"),
             ("return_z_loss", return_z_loss, bool(return_z_loss), "z-loss output"),
@@ -360,15 +362,18 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                 shown = "<tensor>" if isinstance(value, torch.Tensor) else repr(value)
                 raise NotImplementedError(f"{name}={shown} is not supported: fused_pref.linear_cross_entropy has no "
                                           f"{what}")
+        validation.check_class_weights(ce_weight, None, None, self.options)
         validation.check_token_stats(self.options, {"return_token_accuracy": return_token_accuracy,
                                                     "return_predicted_tokens": return_predicted_tokens})
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.return_token_accuracy, self.return_predicted_tokens = return_token_accuracy, return_predicted_tokens
+        self.ce_weight = ce_weight
         self.accum_dtype, self.chunk_size = accum_dtype, chunk_size   # no-ops: see the module docstring
         self.validate, self.backend = validate, backend
 
     def forward(self, lin_weight, _input, target, bias=None):
         return functional.linear_cross_entropy.with_options(_input, lin_weight, target, bias, reduction=self.reduction,
+                                                            ce_weight=self.ce_weight,
                                                             return_token_accuracy=self.return_token_accuracy,
                                                             return_predicted_tokens=self.return_predicted_tokens,
                                                             options=self.options)
