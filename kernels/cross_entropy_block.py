@@ -23,10 +23,11 @@ import triton.language as tl
 
 from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, transform_logits, workspace_dtype
 
-# A row per program: a block holds a few hundred rows, each a long stream of V logits; 4096-wide
-# steps keep 16 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
+# A row per program: a block holds a few hundred rows, each a long stream of V logits; 2048-wide
+# steps keep 8 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
+# 4096-wide ones spilled 4-12 bytes on sm_90 with triton 3.6's ptxas (capped at 64-80 registers).
 BLOCK_R = 1
-BLOCK_V = 4096
+BLOCK_V = 2048
 NUM_WARPS = 8
 
 

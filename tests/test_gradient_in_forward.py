@@ -15,7 +15,7 @@ SHAPES = {
     "R4-T23-D97-V1003": (4, 23, 97, 1003),
     "R2-T7-D40-V257": (2, 7, 40, 257),
     "R2-T9-D497-V300": (2, 9, 497, 300),
-    "R2-T9-D33-V4099": (2, 9, 33, 4099),  # past the block kernel's first 4096-wide step
+    "R2-T9-D33-V4099": (2, 9, 33, 4099),  # three of the block kernel's 2048-wide steps, the last padded
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
