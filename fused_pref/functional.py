@@ -216,9 +216,8 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
     none under ``no_grad`` or when no input needs one."""
     r = _rows(hidden, weight, labels, options, None)
-    # Each row's share of the loss: the "mean" reduction's weights, divided once here.
-    row_scale = reduce_token_losses(torch.ones_like(r.valid, dtype=torch.float32),
-                                    token_weights(r.valid, r.targets.reshape(-1), ce_weight), "none")
+    # Each row's share of the loss: its weight, divided by their sum under "mean".
+    row_scale = token_weights(r.valid, r.targets.reshape(-1), ce_weight)
     if reduction == "mean":
         total = row_scale.sum()
         row_scale = row_scale / torch.where(total > 0, total, 1.0)
