@@ -20,6 +20,7 @@ class LogprobParams:
     shard: VocabShard | None = None       # this rank's vocabulary shard under vocab parallelism
     logit_sum: bool = False               # also return the per-token sum of logits (metrics only)
     token_stats: bool = False             # also return the per-token entropy and argmax
+    lse_terms: bool = False               # also return the lse, and the logit sum differentiable (z-loss, smoothing)
 
 
 class LinearLogprobs(torch.autograd.Function):
@@ -30,7 +31,10 @@ class LinearLogprobs(torch.autograd.Function):
     ``n_valid`` its device-side valid count.  Outputs fp32 ``logp`` ``[R*T]``, the per-token sum
     of logits over the vocabulary (empty unless ``params.logit_sum``; not differentiable), and the
     per-token entropy (fp32, differentiable) and argmax (int64) of the softmax (empty unless
-    ``params.token_stats``; 0 and -1 at ignored rows).
+    ``params.token_stats``; 0 and -1 at ignored rows), and the per-token log-sum-exp (fp32, 0 at
+    ignored rows, empty unless ``params.lse_terms``, which also makes the logit sum differentiable:
+    the terms of a z-loss and of label smoothing).  Every differentiable output's gradient goes
+    into the one backward kernel as a per-row weight.
     """
 
     @staticmethod
@@ -47,29 +51,35 @@ class LinearLogprobs(torch.autograd.Function):
             logit_sum = torch.where(valid, logit_sum, 0.0)
         if params.token_stats:
             entropy, argmax = torch.where(valid, entropy, 0.0), torch.where(valid, argmax, -1)
-        ctx.mark_non_differentiable(logit_sum, argmax)
+        lse_out = torch.where(valid, lse, 0.0) if params.lse_terms else lse.new_empty(0)
+        ctx.mark_non_differentiable(*((argmax,) if params.lse_terms else (logit_sum, argmax)))
         # Outputs no loss uses reach the backward as None, not zeros: the entropy's weights go into
         # the backward kernel only when a loss uses it.
         ctx.set_materialize_grads(False)
-        return logp, logit_sum, entropy, argmax
+        return logp, logit_sum, entropy, argmax, lse_out
 
     @staticmethod
-    def backward(ctx, grad_logp, _grad_logit_sum, grad_entropy, _grad_argmax):
+    def backward(ctx, grad_logp, grad_logit_sum, grad_entropy, _grad_argmax, grad_lse):
         hidden, weight, bias, labels, rows, n_valid, lse, entropy = ctx.saved_tensors
-        if not ctx.params.token_stats:
-            # torch.compile's traced backward gets zeros, not None, for the (empty) unused entropy.
+        params = ctx.params
+        # torch.compile's traced backward gets zeros, not None, for the (empty) outputs not asked for.
+        if not params.token_stats:
             grad_entropy = None
-        if grad_logp is None and grad_entropy is None:
+        if not params.lse_terms:
+            grad_lse = None
+        if not (params.lse_terms and params.logit_sum):
+            grad_logit_sum = None
+        if grad_logp is None and grad_entropy is None and grad_lse is None and grad_logit_sum is None:
             return None, None, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         needs = ctx.needs_input_grad[:3]
         mean_z = None if grad_entropy is None else lse - entropy
-        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, ctx.params,
-                             grad_entropy, mean_z)
+        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params,
+                             grad_lse, grad_logit_sum, grad_entropy, mean_z)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
-        if d_hidden is not None and ctx.params.shard is not None:
-            d_hidden = all_reduce_sum(d_hidden, ctx.params.shard)  # each rank saw only its vocabulary
+        if d_hidden is not None and params.shard is not None:
+            d_hidden = all_reduce_sum(d_hidden, params.shard)  # each rank saw only its vocabulary
         return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 

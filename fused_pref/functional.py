@@ -61,6 +61,7 @@ class _Tokens:
     targets: torch.Tensor       # the labels each position predicts (after the shift)
     entropy: torch.Tensor       # fp32 per-token entropy (or empty)
     argmax: torch.Tensor        # int64 per-token argmax, -1 where ignored (or empty)
+    lse: torch.Tensor           # fp32 per-token log-sum-exp, 0 where ignored (or empty)
 
 
 @dataclass
@@ -97,12 +98,14 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
-                    logit_sum=False, token_stats=False) -> _Tokens:
+                    logit_sum=False, token_stats=False, lse_terms=False) -> _Tokens:
     shard = resolve_shard(weight, options)
     r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
-    params = LogprobParams(options, STATS_PLAN if token_stats else active_plan(), shard, logit_sum, token_stats)
-    logp, sums, entropy, argmax = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, r.n_valid,
-                                                       params)
+    # Statistics and per-row weights in the backward run the plan built and checked with them.
+    plan = STATS_PLAN if token_stats or lse_terms else active_plan()
+    params = LogprobParams(options, plan, shard, logit_sum, token_stats, lse_terms)
+    logp, sums, entropy, argmax, lse = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows,
+                                                            r.n_valid, params)
     shape = r.checked.valid.shape
 
     def shaped(t, asked):
@@ -110,7 +113,7 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
 
     return _Tokens(logp.view(shape), r.checked.valid, shaped(sums, logit_sum),
                    weight.shape[0] if shard is None else shard.total, r.targets, shaped(entropy, token_stats),
-                   shaped(argmax, token_stats))
+                   shaped(argmax, token_stats), shaped(lse, lse_terms))
 
 
 @_public(reference.linear_logprobs)
@@ -178,38 +181,67 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @_public(reference.linear_cross_entropy)
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None,
-                         return_token_accuracy=False, return_predicted_tokens=False, options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None, label_smoothing=0.0,
+                         lse_square_scale=0.0, return_z_loss=False, return_token_accuracy=False,
+                         return_predicted_tokens=False, options):
     """Cross-entropy of ``hidden @ weight.T + bias`` against ``labels``, without the logits.
 
-    Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...)``
-    in fp32, except that a batch with no valid label gives 0 (not NaN) under ``"mean"``.
-    ``reduction``: ``"mean"`` over valid tokens (default), ``"sum"``, or ``"none"`` (fp32, shape of
-    ``labels``, 0 at ignored positions).  Other arguments as :func:`linear_logprobs`.
+    Equals ``F.cross_entropy(hidden @ weight.T + bias, labels, ignore_index=..., reduction=...,
+    weight=ce_weight, label_smoothing=...)`` in fp32, except that a batch with no valid label gives
+    0 (not NaN) under ``"mean"``.  ``reduction``: ``"mean"`` over valid tokens (default), ``"sum"``,
+    or ``"none"`` (fp32, shape of ``labels``, 0 at ignored positions).  Other arguments as
+    :func:`linear_logprobs`.
 
     ``ce_weight``: per-class weights ``[V]`` (``F.cross_entropy``'s ``weight``; Liger-Kernel's name):
     each token's loss times its label's weight, ``"mean"`` divided by the valid tokens' weights (0
     when they sum to 0).  Not differentiable.
 
-    ``return_token_accuracy`` / ``return_predicted_tokens`` (Liger-Kernel's names): the result is a
-    :class:`fused_pref.outputs.CrossEntropyOutput` with the fraction of valid tokens whose label is
-    the argmax and/or the per-token argmax, from the same forward pass.
+    ``label_smoothing`` (eps, in [0, 1]): the target is ``1 - eps`` on the label plus ``eps / V``
+    on every class, as ``F.cross_entropy``: per token ``(1 - eps) (lse - z_label) + eps (lse -
+    mean_v z_v)``, the mean logit from the same forward.  Not with ``ce_weight`` yet.
+
+    ``lse_square_scale`` (s >= 0): PaLM's z-loss, ``s * lse^2`` per valid token added to the loss,
+    reduced as Liger-Kernel does (``"mean"`` over valid tokens, unweighted by ``ce_weight``).
+    ``return_z_loss``: also return that term (detached; it is already inside ``loss``).
+
+    ``return_z_loss``, ``return_token_accuracy``, ``return_predicted_tokens`` (Liger-Kernel's names):
+    the result is a :class:`fused_pref.outputs.CrossEntropyOutput` with the z-loss, the fraction of
+    valid tokens whose label is the argmax and/or the per-token argmax, from the same forward pass.
+
+    The gradients of the smoothing and z-loss terms go through the same backward kernel as the
+    log-probs, as per-row weights on ``p`` and on every column.
 
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
+    >>> out = fused_pref.linear_cross_entropy(h, w, labels, lse_square_scale=1e-4, return_z_loss=True)
     """
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
     validation.check_class_weights(ce_weight, weight, labels, options)
+    validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)
     if options.backward == "in_forward":
         return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options)
     stats = any(flags.values())
-    tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
-    loss = reduce_token_losses(-tokens.logp, token_weights(tokens.valid, tokens.targets, ce_weight), reduction)
-    if not stats:
+    lse_terms = label_smoothing > 0 or lse_square_scale > 0
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats, lse_terms=lse_terms,
+                             logit_sum=label_smoothing > 0)
+    losses = -tokens.logp
+    if label_smoothing > 0:
+        # H(u, p) = lse - mean_v z_v, the cross-entropy against the uniform target (0 where ignored).
+        uniform = tokens.lse - tokens.logit_sum / tokens.vocab_size
+        losses = (1 - label_smoothing) * losses + label_smoothing * uniform
+    loss = reduce_token_losses(losses, token_weights(tokens.valid, tokens.targets, ce_weight), reduction)
+    z_loss = None
+    if lse_square_scale > 0:
+        z_loss = reduce_token_losses(lse_square_scale * tokens.lse.square(), tokens.valid.float(), reduction)
+        loss = loss + z_loss
+    if not (stats or return_z_loss):
         return loss
+    if return_z_loss and z_loss is None:
+        z_loss = torch.zeros_like(loss)
     return cross_entropy_output(loss, tokens.argmax, tokens.targets, tokens.valid, token_accuracy=return_token_accuracy,
-                                predicted_tokens=return_predicted_tokens)
+                                predicted_tokens=return_predicted_tokens,
+                                z_loss=z_loss.detach() if return_z_loss else None)
 
 
 def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options):
@@ -226,7 +258,8 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
                                                needs, options)
 
 
-def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens) -> PreferenceOutput:
+def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens,
+                token_metrics=False) -> PreferenceOutput:
     logps, sums, counts = _sequence_logps(tokens, spec.reduction, cu_seqlens)
     B = logps.shape[0] // 2
     chosen, rejected = logps[:B], logps[B:]
@@ -247,21 +280,28 @@ def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_
         loss = loss + spec.sft_weight * nll
     margin = logps.detach() - (0.0 if ref_logps is None else ref_logps)
     extra = preference.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
+    stats = {}
+    if token_metrics:
+        correct = (tokens.argmax == tokens.targets) & tokens.valid
+        stats = dict(entropy_sums=sequence_sums(tokens.entropy.detach(), cu_seqlens),
+                     correct_counts=sequence_sums(correct, cu_seqlens))
     return preference_output(loss, logps, spec.beta * margin, sequence_sums(tokens.logit_sum, cu_seqlens), counts,
-                             tokens.vocab_size, nll_loss=nll, extra=extra)
+                             tokens.vocab_size, nll_loss=nll, extra=extra, **stats)
 
 
-def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bias, options) -> PreferenceOutput:
+def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bias, options,
+                    token_metrics) -> PreferenceOutput:
     """The body of every reference-free preference loss on the Triton path."""
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    validation.check_token_stats(options, {"token_metrics": token_metrics})
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True)
-    return _preference(tokens, spec, None, options.cu_seqlens)
+                             logit_sum=True, token_stats=token_metrics)
+    return _preference(tokens, spec, None, options.cu_seqlens, token_metrics)
 
 
 @_public(reference.simpo_loss)
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               options) -> PreferenceOutput:
+               token_metrics=False, options) -> PreferenceOutput:
     """SimPO (Meng et al., 2024): reference-free, length-normalised preference loss.
 
     ``hidden`` ``[2B, T, D]`` and ``labels`` ``[2B, T]`` (or packed, with ``cu_seqlens`` ``[2B+1]``)
@@ -273,18 +313,20 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
 
     Defaults ``beta=2.0``, ``gamma=1.0`` (the reward margin), ``label_smoothing=0.0`` (eps),
     ``sft_weight=0.0`` (CPO-SimPO's NLL on the chosen tokens when > 0).  Rewards are ``beta * S``.
-    Returns a :class:`PreferenceOutput`; ``.metrics()`` gives TRL's names.
+    Returns a :class:`PreferenceOutput`; ``.metrics()`` gives TRL's names.  ``token_metrics=True``
+    (every preference loss takes it) adds TRL DPOTrainer's ``entropy`` and ``mean_token_accuracy``,
+    from the same forward pass (the forward then also sums each tile's ``p z`` and tracks its argmax).
 
     >>> out = fused_pref.simpo_loss(h, lm_head.weight, labels, beta=2.5, gamma=1.4)
     >>> out.loss.backward()
     """
     spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @_public(reference.cpo_loss)
 def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             options) -> PreferenceOutput:
+             token_metrics=False, options) -> PreferenceOutput:
     """CPO (Xu et al., 2024) as TRL's CPOTrainer with ``loss_type="sigmoid"``: reference-free, summed.
 
     Layout as :func:`simpo_loss`.  With ``S`` the summed token log-probs::
@@ -298,11 +340,11 @@ def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0
     >>> out = fused_pref.cpo_loss(h, lm_head.weight, labels)
     """
     spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @_public(reference.orpo_loss)
-def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, options) -> PreferenceOutput:
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, token_metrics=False, options) -> PreferenceOutput:
     """ORPO (Hong et al., 2024) as TRL's ORPOTrainer: NLL plus an odds-ratio term, no reference model.
 
     Layout as :func:`simpo_loss`.  With ``S`` the mean token log-prob of a sequence::
@@ -315,13 +357,13 @@ def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, options) -> Prefer
 
     >>> out = fused_pref.orpo_loss(h, lm_head.weight, labels)
     """
-    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options)
+    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options, token_metrics)
 
 
 @_public(reference.dpo_loss)
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, options) -> PreferenceOutput:
+             discopop_tau=0.05, token_metrics=False, options) -> PreferenceOutput:
     """DPO (Rafailov et al., 2023) and its variants, each as TRL's DPOTrainer defines it.
 
     Layout as :func:`simpo_loss`.  The reference model enters either as ``ref_logps`` ``[2B]``
@@ -360,11 +402,12 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
+    validation.check_token_stats(options, {"token_metrics": token_metrics})
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True)
+                             logit_sum=True, token_stats=token_metrics)
     if ref_logps is None:
         with torch.no_grad():
             # validate=False: the policy's labels, just checked, are the reference model's too.
             ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
-    return _preference(tokens, spec, ref_logps.detach().float(), options.cu_seqlens)
+    return _preference(tokens, spec, ref_logps.detach().float(), options.cu_seqlens, token_metrics)

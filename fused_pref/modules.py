@@ -52,9 +52,9 @@ class FusedSimPOLoss(_FusedLoss):
 
     function = functional.simpo_loss
 
-    def __init__(self, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0, **options):
-        super().__init__(dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight),
-                         options)
+    def __init__(self, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0, token_metrics=False, **options):
+        super().__init__(dict(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              token_metrics=token_metrics), options)
 
 
 class FusedCPOLoss(_FusedLoss):
@@ -62,8 +62,9 @@ class FusedCPOLoss(_FusedLoss):
 
     function = functional.cpo_loss
 
-    def __init__(self, beta=0.1, label_smoothing=0.0, sft_weight=1.0, **options):
-        super().__init__(dict(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight), options)
+    def __init__(self, beta=0.1, label_smoothing=0.0, sft_weight=1.0, token_metrics=False, **options):
+        super().__init__(dict(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              token_metrics=token_metrics), options)
 
 
 class FusedORPOLoss(_FusedLoss):
@@ -71,19 +72,21 @@ class FusedORPOLoss(_FusedLoss):
 
     function = functional.orpo_loss
 
-    def __init__(self, beta=0.1, **options):
-        super().__init__(dict(beta=beta), options)
+    def __init__(self, beta=0.1, token_metrics=False, **options):
+        super().__init__(dict(beta=beta, token_metrics=token_metrics), options)
 
 
 class FusedLinearCrossEntropyLoss(_FusedLoss):
     """:func:`fused_pref.linear_cross_entropy` as a module; ``forward`` returns the loss tensor (a
-    ``CrossEntropyOutput`` with ``return_token_accuracy`` or ``return_predicted_tokens``)."""
+    ``CrossEntropyOutput`` with ``return_z_loss``, ``return_token_accuracy`` or ``return_predicted_tokens``)."""
 
     function = functional.linear_cross_entropy
 
-    def __init__(self, reduction="mean", ce_weight=None, return_token_accuracy=False, return_predicted_tokens=False,
-                 **options):
-        super().__init__(dict(reduction=reduction, ce_weight=ce_weight, return_token_accuracy=return_token_accuracy,
+    def __init__(self, reduction="mean", ce_weight=None, label_smoothing=0.0, lse_square_scale=0.0, return_z_loss=False,
+                 return_token_accuracy=False, return_predicted_tokens=False, **options):
+        super().__init__(dict(reduction=reduction, ce_weight=ce_weight, label_smoothing=label_smoothing,
+                              lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                              return_token_accuracy=return_token_accuracy,
                               return_predicted_tokens=return_predicted_tokens), options)
 
 
@@ -95,9 +98,10 @@ class FusedDPOLoss(_FusedLoss):
     function = functional.dpo_loss
 
     def __init__(self, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-                 discopop_tau=0.05, **options):
+                 discopop_tau=0.05, token_metrics=False, **options):
         super().__init__(dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
-                              length_normalize=length_normalize, discopop_tau=discopop_tau), options)
+                              length_normalize=length_normalize, discopop_tau=discopop_tau,
+                              token_metrics=token_metrics), options)
 
     def forward(self, hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None,
                 ref_bias=None, cu_seqlens=None):

@@ -43,10 +43,12 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_s
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
                 softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
-                plan: str, grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None) -> list[torch.Tensor]:
+                plan: str, grad_lse: torch.Tensor | None, grad_logit_sum: torch.Tensor | None,
+                grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None) -> list[torch.Tensor]:
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
                                  temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
-                                 plan=plan, grad_entropy=grad_entropy, mean_z=mean_z)
+                                 plan=plan, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum,
+                                 grad_entropy=grad_entropy, mean_z=mean_z)
     # A custom op returns tensors only: an empty tensor, of the fake's dtype, stands for "not requested".
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [g if g is not None else hidden.new_empty(0, dtype=dtype) for g, dtype in zip(grads, dtypes)]
@@ -54,7 +56,7 @@ def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
 
 @linear_grad.register_fake
 def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, temperature, needs, workspace_bytes,
-      plan, grad_entropy, mean_z):
+      plan, grad_lse, grad_logit_sum, grad_entropy, mean_z):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)
@@ -104,13 +106,13 @@ def forward(hidden, weight, bias, labels, rows, n_valid, params):
                       params.options.workspace_bytes, params.plan)
 
 
-def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params, grad_entropy=None,
-             mean_z=None):
+def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params, grad_lse=None,
+             grad_logit_sum=None, grad_entropy=None, mean_z=None):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
-    flattened; with ``grad_entropy`` (and ``mean_z``) also the entropy's part."""
+    flattened; with ``grad_lse``, ``grad_logit_sum``, ``grad_entropy`` (and ``mean_z``) also their parts."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
                        params.options.temperature, list(needs), params.options.workspace_bytes, params.plan,
-                       grad_entropy, mean_z)
+                       grad_lse, grad_logit_sum, grad_entropy, mean_z)
 
 
 def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):

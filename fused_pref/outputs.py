@@ -29,11 +29,13 @@ class TokenLogprobs:
 
 @dataclass
 class CrossEntropyOutput:
-    """What :func:`fused_pref.linear_cross_entropy` returns when ``return_token_accuracy`` or
-    ``return_predicted_tokens`` is set, with Liger-Kernel's field names: ``loss`` as without them;
-    ``token_accuracy`` the fraction (0-d fp32) of valid tokens whose label is the argmax (TRL's
-    ``mean_token_accuracy``; 0 when none is valid); ``predicted_tokens`` the per-token argmax
-    (int64, shape of ``labels``, -1 where ignored).  ``z_loss`` is always None: no z-loss yet."""
+    """What :func:`fused_pref.linear_cross_entropy` returns when ``return_z_loss``,
+    ``return_token_accuracy`` or ``return_predicted_tokens`` is set, with Liger-Kernel's field
+    names: ``loss`` as without them (the z-loss included); ``z_loss`` the z-loss term, detached,
+    reduced as the loss (0 when ``lse_square_scale`` is 0); ``token_accuracy`` the fraction (0-d
+    fp32) of valid tokens whose label is the argmax (TRL's ``mean_token_accuracy``; 0 when none is
+    valid); ``predicted_tokens`` the per-token argmax (int64, shape of ``labels``, -1 where
+    ignored).  Fields not asked for are None."""
 
     loss: torch.Tensor
     z_loss: torch.Tensor | None = None
@@ -41,11 +43,12 @@ class CrossEntropyOutput:
     predicted_tokens: torch.Tensor | None = None
 
 
-def cross_entropy_output(loss, argmax, targets, valid, *, token_accuracy: bool,
-                         predicted_tokens: bool) -> CrossEntropyOutput:
-    """The output from a loss and the per-token argmax (-1 where ignored), targets and valid mask."""
-    correct = ((argmax == targets) & valid).sum() / valid.sum().clamp(min=1)
-    return CrossEntropyOutput(loss, None, correct.float() if token_accuracy else None,
+def cross_entropy_output(loss, argmax, targets, valid, *, token_accuracy: bool, predicted_tokens: bool,
+                         z_loss=None) -> CrossEntropyOutput:
+    """The output from a loss, the per-token argmax (-1 where ignored; empty when neither statistic
+    is asked for), targets and valid mask, and the z-loss term if asked for."""
+    correct = ((argmax == targets) & valid).sum() / valid.sum().clamp(min=1) if token_accuracy else None
+    return CrossEntropyOutput(loss, z_loss, None if correct is None else correct.float(),
                               argmax if predicted_tokens else None)
 
 
@@ -59,6 +62,9 @@ class PreferenceOutput:
     logit over the vocabulary and over the valid tokens of all chosen (rejected) sequences.
     ``nll_loss`` is the mean NLL of the chosen tokens when the loss includes it; ``extra`` holds
     loss-specific metrics under their trainer's names (ORPO's ``log_odds_ratio``, ``log_odds_chosen``).
+    With ``token_metrics=True``, TRL DPOTrainer's two per-token metrics, 0-d fp32: ``entropy``, the
+    softmax's entropy averaged over the valid tokens of every sequence, and ``mean_token_accuracy``,
+    the fraction of the chosen sequences' valid tokens whose label is the argmax (0 when none is valid).
     """
 
     loss: torch.Tensor
@@ -70,6 +76,8 @@ class PreferenceOutput:
     rejected_logits_mean: torch.Tensor
     nll_loss: torch.Tensor | None = None
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    entropy: torch.Tensor | None = None
+    mean_token_accuracy: torch.Tensor | None = None
 
     def metrics(self) -> dict[str, float]:
         """Means over pairs under TRL's names (one host sync)."""
@@ -87,14 +95,18 @@ class PreferenceOutput:
         if self.nll_loss is not None:
             values["nll_loss"] = self.nll_loss
         values.update({name: value.mean() for name, value in self.extra.items()})
+        values.update({name: value for name, value in (("entropy", self.entropy),
+                                                       ("mean_token_accuracy", self.mean_token_accuracy))
+                       if value is not None})
         numbers = torch.stack([v.detach().float() for v in values.values()]).tolist()
         return dict(zip(values, numbers))
 
 
 def preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, *, nll_loss=None,
-                      extra=None) -> PreferenceOutput:
+                      extra=None, entropy_sums=None, correct_counts=None) -> PreferenceOutput:
     """Assemble the output from per-sequence ``logps``, ``rewards``, sums of logits over vocabulary
-    and valid tokens, and valid-token ``counts``, all ``[2B]`` with the chosen sequences first."""
+    and valid tokens, and valid-token ``counts``, all ``[2B]`` with the chosen sequences first; with
+    ``entropy_sums`` and ``correct_counts``, the per-sequence sums of the entropy and counts of argmax hits too."""
     B = logps.shape[0] // 2
     logps, rewards, sums, counts = logps.detach(), rewards.detach(), logit_sums.detach().float(), counts.float()
 
@@ -109,4 +121,7 @@ def preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, *, n
         chosen_logits_mean=logits_mean(chosen), rejected_logits_mean=logits_mean(rejected),
         nll_loss=None if nll_loss is None else nll_loss.detach(),
         extra={k: v.detach() for k, v in (extra or {}).items()},
+        entropy=None if entropy_sums is None else entropy_sums.detach().float().sum() / counts.sum().clamp(min=1),
+        mean_token_accuracy=None if correct_counts is None else
+        correct_counts[chosen].float().sum() / counts[chosen].sum().clamp(min=1),
     )

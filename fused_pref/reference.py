@@ -131,21 +131,39 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
 
 
 @takes_options
-def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None,
-                         return_token_accuracy=False, return_predicted_tokens=False, options):
+def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean", ce_weight=None, label_smoothing=0.0,
+                         lse_square_scale=0.0, return_z_loss=False, return_token_accuracy=False,
+                         return_predicted_tokens=False, options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
     validation.check_class_weights(ce_weight, weight, labels, options)
+    validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)
     stats = any(flags.values())
     logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
-    loss = reduce_token_losses(-logp, token_weights(valid, _targets(labels, options), ce_weight), reduction)
-    if not stats:
+    targets = _targets(labels, options)
+    losses = -logp
+    z_terms = None
+    if label_smoothing > 0 or lse_square_scale > 0:
+        z = _logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, options.softcap, options.temperature)
+        picked = torch.where(valid, targets, 0).reshape(-1)
+        if label_smoothing > 0:
+            smoothed = F.cross_entropy(z, picked, label_smoothing=label_smoothing, reduction="none")
+            losses = torch.where(valid, smoothed.view(valid.shape), 0.0)
+        z_terms = torch.where(valid, lse_square_scale * z.logsumexp(dim=-1).view(valid.shape) ** 2, 0.0)
+    loss = reduce_token_losses(losses, token_weights(valid, targets, ce_weight), reduction)
+    z_loss = None if z_terms is None else reduce_token_losses(z_terms, valid.to(z_terms.dtype), reduction)
+    if z_loss is not None:
+        loss = loss + z_loss
+    if not (stats or return_z_loss):
         return loss
-    targets, _, argmax = more
+    if return_z_loss and z_loss is None:
+        z_loss = torch.zeros_like(loss)
+    argmax = more[2] if stats else None
     return cross_entropy_output(loss, argmax, targets, valid, token_accuracy=return_token_accuracy,
-                                predicted_tokens=return_predicted_tokens)
+                                predicted_tokens=return_predicted_tokens,
+                                z_loss=z_loss.detach() if return_z_loss else None)
 
 
 def _pair_losses(spec: preference.PreferenceSpec, chosen, rejected, ref_chosen, ref_rejected):
@@ -193,7 +211,7 @@ def _pair_losses(spec: preference.PreferenceSpec, chosen, rejected, ref_chosen, 
     raise AssertionError(f"no reference for head {spec.head!r}")
 
 
-def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) -> PreferenceOutput:
+def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size, stats=None) -> PreferenceOutput:
     B = logps.shape[0] // 2
     ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:B], ref_logps[B:])
     loss = _pair_losses(spec, logps[:B], logps[B:], ref_chosen, ref_rejected).mean()
@@ -203,41 +221,53 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size) ->
         loss = loss + spec.sft_weight * nll
     rewards = spec.beta * (logps - (0.0 if ref_logps is None else ref_logps))
     extra = preference.odds_ratio_metrics(logps[:B].detach(), logps[B:].detach()) if spec.head == "odds_ratio" else None
-    return preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, nll_loss=nll, extra=extra)
+    return preference_output(loss, logps, rewards, logit_sums, counts, vocab_size, nll_loss=nll, extra=extra,
+                             **(stats or {}))
 
 
-def _reference_free(spec, hidden, weight, labels, bias, options: Options) -> PreferenceOutput:
+def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
+    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None."""
+    validation.check_token_stats(options, {"token_metrics": token_metrics})
+    if not token_metrics:
+        return None
+    _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options, token_stats=True)
+    return dict(entropy_sums=_per_sequence(entropy, labels, options.cu_seqlens),
+                correct_counts=_per_sequence(((argmax == targets) & valid).long(), labels, options.cu_seqlens))
+
+
+def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_metrics) -> PreferenceOutput:
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
-    return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0])
+    return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0], stats)
 
 
 @takes_options
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
-               options) -> PreferenceOutput:
+               token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
     spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @takes_options
 def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
-             options) -> PreferenceOutput:
+             token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.cpo_loss`."""
     spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
-    return _reference_free(spec, hidden, weight, labels, bias, options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @takes_options
-def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, options) -> PreferenceOutput:
+def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.orpo_loss`."""
-    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options)
+    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options, token_metrics)
 
 
 @takes_options
 def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
-             discopop_tau=0.05, options) -> PreferenceOutput:
+             discopop_tau=0.05, token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
     spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                                sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
@@ -248,6 +278,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES)
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
+    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
                                                       spec.reduction)
     if ref_logps is None:
@@ -255,4 +286,4 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
             ref_logps = _sequence_logps(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False),
                                         spec.reduction)[0]
     return _preference(spec, logps, sums, counts, logit_sums, ref_logps.detach().to(logps.dtype),
-                       whole_weight.shape[0])
+                       whole_weight.shape[0], stats)

@@ -175,6 +175,25 @@ def check_class_weights(ce_weight, weight, labels, options):
         _fail(ValueError, f"ce_weight is on {ce_weight.device}, labels on {labels.device}")
 
 
+def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options):
+    """Cross-entropy's label smoothing (in [0, 1], as ``F.cross_entropy``) and z-loss scale (finite,
+    >= 0), and the combinations that do not run yet."""
+    if not is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
+        _fail(ValueError, f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
+    if not is_number(lse_square_scale) or not 0.0 <= lse_square_scale < math.inf:
+        _fail(ValueError, f"lse_square_scale must be a finite number >= 0, got {lse_square_scale!r}")
+    check_flag("return_z_loss", return_z_loss)
+    terms = [name for name, on in (("label_smoothing", label_smoothing > 0), ("lse_square_scale", lse_square_scale > 0))
+             if on]
+    if label_smoothing > 0 and ce_weight is not None:
+        _fail(ValueError, "label_smoothing with ce_weight does not run yet (the smoothing term would need the "
+                          "class-weighted sum of logits): use one of them")
+    if terms and options.backward == "in_forward":
+        _fail(ValueError, f"{' and '.join(terms)} do not run with backward='in_forward' yet: use backward='auto'")
+    if terms and options.process_group is not None:
+        _fail(ValueError, f"{' and '.join(terms)} do not run with vocabulary parallelism (process_group) yet")
+
+
 def check_token_stats(options, flags: dict):
     """The ``return_*`` flags of per-token statistics: bools, and not under vocabulary parallelism
     (whose shards would each see part of the softmax) nor ``backward="in_forward"``."""

@@ -34,7 +34,8 @@ MAX_CHUNK_FRACTION = 16
 @triton.jit
 def linear_grad_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr, g_ptr, g_entropy_ptr, mean_z_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
+    g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr,
     # sizes
     V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
     # strides
@@ -42,38 +43,45 @@ def linear_grad_kernel(
     # scalars
     softcap, inv_temperature,
     # variants
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ENTROPY_GRAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One program: ``dz'`` of BLOCK_N valid rows against BLOCK_V entries of the vocabulary chunk
     ``v_chunk_start .. v_chunk_end`` (``tiles.grouped_tile`` orders them), stored in ``dz`` at (the
-    row's position in the row index, the entry's column in the chunk).  With ``ENTROPY_GRAD`` the
-    rows' weights are applied here: ``g (onehot - p) - g_H p (z - E[z])``, the log-prob's and the
-    entropy's (``H = lse - E[z]``, so ``dH/dz = -p (z - E[z])``), per token at ``g``,
-    ``g_entropy`` and ``mean_z``."""
+    row's position in the row index, the entry's column in the chunk).  With ``ROW_WEIGHTS`` the
+    rows' weights are applied here, per token at ``g``, ``g_softmax``, ``g_entropy``, ``mean_z``
+    and ``g_uniform``::
+
+        dz = g onehot - p (g_softmax + g_entropy (z - E[z])) + g_uniform
+
+    the gradient of ``g logp + g_L lse + g_H H + g_S sum_v z_v`` with ``g_softmax = g - g_L``
+    (``dlogp/dz = onehot - p``, ``dlse/dz = p``, and ``H = lse - E[z]`` gives ``dH/dz = -p (z - E[z])``)."""
     row_tile, vocab_tile = grouped_tile(n_row_tiles, n_vocab_tiles, n_group_rows)
     p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
     if p0 >= n_valid:
         return
     offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
                                                                   stride_h_r, stride_h_t, BLOCK_N)
-    if ENTROPY_GRAD:
+    if ROW_WEIGHTS:
         # Loaded before the logits loop, as the lse is (labelled_rows_lse says why).
         g = tl.load(g_ptr + row, mask=p_mask, other=0.0)
+        g_softmax = tl.load(g_softmax_ptr + row, mask=p_mask, other=0.0)
         g_entropy = tl.load(g_entropy_ptr + row, mask=p_mask, other=0.0)
         mean_z = tl.load(mean_z_ptr + row, mask=p_mask, other=0.0)
+        g_uniform = tl.load(g_uniform_ptr + row, mask=p_mask, other=0.0)
     v0 = v_chunk_start + vocab_tile * BLOCK_V
     z, offs_v, v_mask = logits_tile(
         h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
         stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
-    if ENTROPY_GRAD:
+    if ROW_WEIGHTS:
         p = tl.exp(z - lse[:, None])
         onehot = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
-        dz = g[:, None] * (onehot - p) - g_entropy[:, None] * p * (z - mean_z[:, None])
+        dz = (g[:, None] * onehot - p * (g_softmax[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
+              + g_uniform[:, None])
         dz = chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     else:
         dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
@@ -88,7 +96,8 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
     valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
-    or per-token fp32 ``(g, g_entropy, mean_z)`` applied in the kernel (``ENTROPY_GRAD``).
+    or per-token fp32 ``(g, g_softmax, g_entropy, mean_z, g_uniform)`` applied in the kernel
+    (``ROW_WEIGHTS``).
     """
     if rows.numel() == 0:
         return
@@ -96,13 +105,13 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
     T = hidden.shape[1]
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
-    g, g_entropy, mean_z = (lse, lse, lse) if weights is None else weights
+    row_weights = (lse,) * 5 if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
-        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz, g, g_entropy, mean_z,
+        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz, *row_weights,
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
-        ENTROPY_GRAD=weights is not None, **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
+        ROW_WEIGHTS=weights is not None, **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
     )
 
 
@@ -117,8 +126,8 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
 
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
                          softcap=None, temperature=1.0, needs=(True, True, True),
-                         workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN, grad_entropy=None,
-                         mean_z=None):
+                         workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN, grad_lse=None,
+                         grad_logit_sum=None, grad_entropy=None, mean_z=None):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
@@ -126,23 +135,24 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.  ``plan`` must be the forward's
     (``tiles.PLANS``), so the logits are rounded as they were there.
 
-    ``grad_entropy`` (fp32 ``[R*T]``, with ``mean_z = lse - entropy``): the gradient also of
-    ``sum_i grad_entropy[i] * entropy[i]``.  Two per-row weights do not factor out of the workspace
-    whole: each row's larger one, ``s = max(|g|, |g_H|)``, does, as ``g`` does alone, and the kernel
-    applies the two weights divided by it (at most 1 in size), so the workspace keeps values in
-    [-1, 1] (an fp16 one does not underflow on small weights) and its dtype.
+    The gradient also of the per-token losses' other terms, each fp32 ``[R*T]`` or None:
+    ``grad_lse`` of ``sum_i grad_lse[i] * lse[i]`` (a z-loss), ``grad_logit_sum`` of the sum of
+    logits over the vocabulary (label smoothing), ``grad_entropy`` of the entropy (with ``mean_z
+    = lse - entropy``).  Several per-row weights do not factor out of the workspace whole: each
+    row's largest, ``s``, does, as ``g`` does alone, and the kernel applies the weights divided by
+    it (at most 1 in size), so the workspace keeps values of order 1 and its dtype.  (In fp16 the
+    uniform term of label smoothing, about ``eps / V`` of the row's scale, is below the normal range
+    (6.1e-5) for V above about 16k x eps: it is stored as a subnormal with fewer bits of precision,
+    where bf16 and fp32 keep their 8 and 24.)
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     n_rows = rows.numel()
     rows_long = rows.long()
-    weighted = grad_entropy is not None
-    if weighted:
-        larger = torch.maximum(grad_logp.float().abs(), grad_entropy.float().abs())
-        larger = torch.where(larger > 0, larger, 1.0)
-        weights = ((grad_logp.float() / larger).contiguous(), (grad_entropy.float() / larger).contiguous(),
-                   mean_z.float().contiguous())
+    weights = _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z)
+    if weights is not None:
+        weights, larger = weights
         g = larger[rows_long]
     else:
         g = grad_logp.float()[rows_long]
@@ -167,7 +177,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
-                          softcap=softcap, temperature=temperature, weights=weights if weighted else None,
+                          softcap=softcap, temperature=temperature, weights=weights,
                           plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if need_h:
@@ -183,19 +193,37 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
+def _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z):
+    """The kernel's per-row weights ``(g, g_softmax, g_entropy, mean_z, g_uniform)``, each divided by
+    the row's largest (returned with them), or None when the log-prob's ``g`` is the only one."""
+    if grad_lse is None and grad_logit_sum is None and grad_entropy is None:
+        return None
+    g = grad_logp.float()
+    zero = torch.zeros_like(g)
+    g_softmax = g if grad_lse is None else g - grad_lse.float()
+    g_entropy = zero if grad_entropy is None else grad_entropy.float()
+    g_uniform = zero if grad_logit_sum is None else grad_logit_sum.float()
+    larger = torch.stack([g, g_softmax, g_entropy, g_uniform]).abs().amax(dim=0)
+    larger = torch.where(larger > 0, larger, 1.0)
+    mean_z = zero if mean_z is None else mean_z.float()
+    return tuple((w / larger).contiguous() for w in (g, g_softmax, g_entropy)) + (
+        mean_z.contiguous(), (g_uniform / larger).contiguous()), larger
+
+
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
     ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
     specs = []
     for variant, constexprs, options, layouts in aot_logits_variants(dtype):
-        # The entropy's gradient runs in the stats plan only (tiles.STATS_PLAN): the default plan's
-        # larger variant carries it.
-        entropy = constexprs["HAS_BIAS"] and " " not in variant
+        # Per-row weights run in the stats plan only (tiles.STATS_PLAN): the default plan's larger
+        # variant carries them.
+        weighted = constexprs["HAS_BIAS"] and " " not in variant
         pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
-                    "g_ptr": torch.float32, "g_entropy_ptr": torch.float32, "mean_z_ptr": torch.float32}
-        specs.append(AotSpec("linear_grad", variant + ("+entropy" if entropy else ""), linear_grad_kernel, pointers,
-                             {**constexprs, "ENTROPY_GRAD": entropy}, options, layouts))
+                    **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr"),
+                                    torch.float32)}
+        specs.append(AotSpec("linear_grad", variant + ("+weights" if weighted else ""), linear_grad_kernel, pointers,
+                             {**constexprs, "ROW_WEIGHTS": weighted}, options, layouts))
     return specs
 
 

@@ -103,9 +103,11 @@ PLANS = {
     },
 }
 DEFAULT_PLAN = "narrow"
-# Calls that ask for per-token statistics run this plan, forward and backward alike: the wide
-# forward with them spills 8 bytes on sm_80 (triton 3.6's ptxas), its 128x128 tile and the
-# statistics' running sums and argmax holding more than 255 registers.
+# Calls that ask for per-token statistics, or whose backward takes per-row weights (an entropy
+# term, a z-loss, label smoothing), run this plan, forward and backward alike: the wide forward
+# with statistics spills 8 bytes on sm_80 (triton 3.6's ptxas), its 128x128 tile and the
+# statistics' running sums and argmax holding more than 255 registers; the weighted backward is
+# built and checked ahead of time (python -m fused_pref kernels) in this plan only.
 STATS_PLAN = DEFAULT_PLAN
 _active_plan = [DEFAULT_PLAN]
 

@@ -22,6 +22,9 @@ CASES = {
     # Per-token statistics, the entropy in the loss (its gradient through the backward kernel).
     "logprobs[entropy]": lambda h, w, lab, b: _entropy_bonus(fused_pref.linear_logprobs(h, w, lab, b,
                                                                                          return_entropy=True)),
+    # Label smoothing and the z-loss: the lse and the logit sum differentiable, per-row weights.
+    "cross_entropy[smoothing+z_loss]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(
+        h, w, lab, b, label_smoothing=0.1, lse_square_scale=1e-3),
     # The gradient-in-forward mode: cuBLAS products and a Triton pass per block, one custom op.
     "cross_entropy[in_forward]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True,
                                                                                       backward="in_forward"),

@@ -168,3 +168,47 @@ def test_cross_entropy_statistics_refuse_the_gradient_in_forward(device):
                                              r"backward='in_forward' yet: use backward='auto'$"):
             module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], backward="in_forward",
                                         return_token_accuracy=True)
+
+
+PREFERENCE = {
+    "simpo": ("simpo_loss", {}),
+    "cpo": ("cpo_loss", {}),
+    "orpo": ("orpo_loss", {}),
+    "dpo": ("dpo_loss", {"ref_logps": "zeros"}),
+}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("name", PREFERENCE, ids=PREFERENCE.keys())
+def test_preference_token_metrics_are_trl_dpo_trainers(name, packed, device):
+    # TRL DPOTrainer: the entropy averaged over every valid token, the accuracy over the chosen ones.
+    fn, kwargs = PREFERENCE[name]
+    x = make_inputs(4, 13, 40, 301, device=device, seed=17)
+    extra = {}
+    if packed:
+        x["hidden"] = x["hidden"].detach().reshape(52, 40)
+        x["labels"] = x["labels"].reshape(52)
+        extra["cu_seqlens"] = torch.tensor([0, 13, 26, 39, 52], device=device, dtype=torch.int32)
+    if kwargs.get("ref_logps") == "zeros":
+        kwargs = {"ref_logps": torch.zeros(4, device=device)}
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    out = getattr(fused_pref, fn)(*args, token_metrics=True, **kwargs, **extra)
+    stats = fused_pref.reference.linear_logprobs(*(t.detach().double().cpu() if t.dtype.is_floating_point else t.cpu()
+                                                   for t in args), return_entropy=True, return_token_accuracy=True,
+                                                 **{k: v.cpu() for k, v in extra.items()})
+    valid = (x["labels"] != -100).cpu()
+    chosen = torch.zeros_like(valid)
+    chosen[: 26 if packed else 2] = True   # the first two sequences
+    expected_entropy = stats.entropy[valid].mean()
+    expected_accuracy = stats.token_accuracy[valid & chosen].float().mean()
+    metrics = out.metrics()
+    assert metrics["entropy"] == pytest.approx(expected_entropy.item(), rel=1e-5)
+    assert metrics["mean_token_accuracy"] == pytest.approx(expected_accuracy.item(), abs=1e-7)
+    assert 0 < metrics["mean_token_accuracy"] < 1    # the inputs make both outcomes occur
+    ref = fused_pref.reference
+    theirs = getattr(ref, fn)(*(t.detach().double().cpu() if t.dtype.is_floating_point else t.cpu() for t in args),
+                              token_metrics=True, **{k: v.cpu() for k, v in {**kwargs, **extra}.items()})
+    assert theirs.metrics()["entropy"] == pytest.approx(metrics["entropy"], rel=1e-5)
+    assert theirs.metrics()["mean_token_accuracy"] == metrics["mean_token_accuracy"]
+    plain = getattr(fused_pref, fn)(*args, **kwargs, **extra)
+    assert plain.entropy is None and "entropy" not in plain.metrics() and torch.equal(plain.loss, out.loss)

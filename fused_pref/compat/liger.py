@@ -31,8 +31,11 @@ Liger                            fused_pref
                                  zeros when ``use_ref_model=False`` (Liger's reference-free DPO)
 ``reduction, softcap`` (CE)      ``linear_cross_entropy(reduction=..., softcap=...)``
 ``ce_weight`` (CE)               same name on ``linear_cross_entropy``: per-class weights
-``return_token_accuracy``,       same names on ``linear_cross_entropy``: a ``CrossEntropyOutput``
-``return_predicted_tokens``      with Liger's fields (``z_loss`` None)
+``lse_square_scale``,            same names on ``linear_cross_entropy``: the z-loss, label
+``label_smoothing`` (CE)         smoothing (not with ``ce_weight`` yet)
+``return_z_loss``,               same names on ``linear_cross_entropy``: a ``CrossEntropyOutput``
+``return_token_accuracy``,       with Liger's fields
+``return_predicted_tokens``
 ``compiled, chunk_size``         nothing (see below)
 ===============================  ==================================================================
 
@@ -50,7 +53,7 @@ there is nothing to tune, and the result is the same up to fp32 summation order.
 
 Unsupported, raising ``NotImplementedError`` when set to a value that would change the result:
 ORPO ``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy
-``lse_square_scale``, ``label_smoothing``, ``return_z_loss``, ``use_token_scaling`` and
+``use_token_scaling``, ``label_smoothing`` with ``ce_weight`` (``ValueError``) and
 ``accum_dtype`` other than None /
 ``torch.float32`` (fused_pref always accumulates in fp32).  Liger ignores some hyper-parameters
 outside the setting that uses them; here they must stay at their defaults there (``ValueError``),
@@ -334,7 +337,8 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
     returns the loss (``reduction``: ``"mean"`` over valid tokens, ``"sum"``, ``"none"``), or with
     ``return_token_accuracy`` / ``return_predicted_tokens`` a ``CrossEntropyOutput`` with Liger's
     fields (``fused_pref.outputs.CrossEntropyOutput``).  Supported: ``ignore_index``, ``reduction``,
-    ``softcap``, ``ce_weight``, ``return_token_accuracy``, ``return_predicted_tokens``; no-ops: ``chunk_size``,
+    ``softcap``, ``ce_weight``, ``lse_square_scale``, ``label_smoothing``, ``return_z_loss``,
+    ``return_token_accuracy``, ``return_predicted_tokens``; no-ops: ``chunk_size``,
     ``accum_dtype`` None or ``torch.float32``.  Everything else raises ``NotImplementedError`` away
     from its default.
     """
@@ -344,15 +348,10 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                  return_token_accuracy=False, return_predicted_tokens=False, chunk_size=None, *, validate=True,
                  backend="auto"):
         super().__init__()
-        if not validation.is_number(label_smoothing) or not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing!r}")
         self.options = Options(ignore_index=ignore_index, softcap=softcap, validate=validate, backend=backend)
         validation.check_reduction(reduction, "cross_entropy")
         validation.check_positive_int("chunk_size", chunk_size, allow_none=True)
         unsupported = (  # (name, value, whether it changes the result, what it would need)
-            ("lse_square_scale", lse_square_scale, lse_square_scale != 0.0, "z-loss term"),
-            ("label_smoothing", label_smoothing, label_smoothing != 0.0, "label smoothing"),
-            ("return_z_loss", return_z_loss, bool(return_z_loss), "z-loss output"),
             ("use_token_scaling", use_token_scaling, bool(use_token_scaling), "per-token probability scaling"),
             ("accum_dtype", accum_dtype, accum_dtype not in (None, torch.float32),
              "accumulation dtype but fp32"),
@@ -363,17 +362,22 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                 raise NotImplementedError(f"{name}={shown} is not supported: fused_pref.linear_cross_entropy has no "
                                           f"{what}")
         validation.check_class_weights(ce_weight, None, None, self.options)
+        validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, self.options)
         validation.check_token_stats(self.options, {"return_token_accuracy": return_token_accuracy,
                                                     "return_predicted_tokens": return_predicted_tokens})
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.return_token_accuracy, self.return_predicted_tokens = return_token_accuracy, return_predicted_tokens
-        self.ce_weight = ce_weight
+        self.ce_weight, self.lse_square_scale, self.label_smoothing = ce_weight, lse_square_scale, label_smoothing
+        self.return_z_loss = return_z_loss
         self.accum_dtype, self.chunk_size = accum_dtype, chunk_size   # no-ops: see the module docstring
         self.validate, self.backend = validate, backend
 
     def forward(self, lin_weight, _input, target, bias=None):
         return functional.linear_cross_entropy.with_options(_input, lin_weight, target, bias, reduction=self.reduction,
                                                             ce_weight=self.ce_weight,
+                                                            label_smoothing=self.label_smoothing,
+                                                            lse_square_scale=self.lse_square_scale,
+                                                            return_z_loss=self.return_z_loss,
                                                             return_token_accuracy=self.return_token_accuracy,
                                                             return_predicted_tokens=self.return_predicted_tokens,
                                                             options=self.options)

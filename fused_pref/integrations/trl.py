@@ -17,9 +17,9 @@ so DDP, FSDP and DeepSpeed see an ordinary forward, then calls ``fused_pref.dpo_
 
 Logged metrics keep TRL's names and definitions: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
-``logits/chosen``, ``logits/rejected``, and ``num_tokens`` (DPO) or ``nll_loss`` (CPO).  Not logged:
-DPOTrainer's ``entropy`` and ``mean_token_accuracy``, which need each token's softmax entropy and
-argmax; our forward kernel computes neither.  CPOTrainer's ``logits/*`` averages the logits over
+``logits/chosen``, ``logits/rejected``, and ``num_tokens``, ``entropy`` and ``mean_token_accuracy``
+(DPO; the last two from the fused forward, ``token_metrics=True``) or ``nll_loss`` (CPO).
+CPOTrainer's ``logits/*`` averages the logits over
 every position of the batch (prompt, padding and the final position included), which only the
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
@@ -173,7 +173,7 @@ class FusedDPOTrainer(DPOTrainer):
         ref_logps = ref_sums / counts.clamp(min=1) if mean else ref_sums
 
         def loss(hidden, head):
-            return head.apply(fused_pref.dpo_loss, hidden, labels, ref_logps=ref_logps, **kwargs)
+            return head.apply(fused_pref.dpo_loss, hidden, labels, ref_logps=ref_logps, token_metrics=True, **kwargs)
 
         out = model(**model_kwargs, fused_pref=loss)
         total = self._fused_weight * out.loss
@@ -189,12 +189,15 @@ class FusedDPOTrainer(DPOTrainer):
             tokens = accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
             self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
-        for name, mean_logit, tokens in (("chosen", out.chosen_logits_mean, counts[:B].sum()),
-                                         ("rejected", out.rejected_logits_mean, counts[B:].sum())):
-            # A token-weighted mean across ranks, as TRL's: gather sums and counts.
-            logit_sum = accelerator.gather_for_metrics((mean_logit * tokens).reshape(1)).sum().item()
+        # Token-weighted means across ranks, as TRL's (gather sums and counts): the entropy over
+        # every completion token, the logits over each half's, the accuracy over the chosen ones'.
+        for name, mean, tokens in (("logits/chosen", out.chosen_logits_mean, counts[:B].sum()),
+                                   ("logits/rejected", out.rejected_logits_mean, counts[B:].sum()),
+                                   ("entropy", out.entropy, counts.sum()),
+                                   ("mean_token_accuracy", out.mean_token_accuracy, counts[:B].sum())):
+            value_sum = accelerator.gather_for_metrics((mean * tokens).reshape(1)).sum().item()
             token_sum = accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
-            metrics[f"logits/{name}"].append(logit_sum / token_sum if token_sum > 0 else 0.0)
+            metrics[name].append(value_sum / token_sum if token_sum > 0 else 0.0)
         metrics["rewards/chosen"].append(_gather_mean(accelerator, chosen_rewards))
         metrics["rewards/rejected"].append(_gather_mean(accelerator, rejected_rewards))
         metrics["rewards/accuracies"].append(_gather_mean(accelerator, (chosen_rewards > rejected_rewards).float()))
