@@ -4,9 +4,11 @@ materialize the ``[tokens, vocab]`` logits.  Triton kernels on CUDA (and on the 
 """
 
 from . import reference
-from .functional import (cpo_loss, dpo_loss, linear_cross_entropy, linear_logprobs, orpo_loss, sequence_logprobs,
-                         simpo_loss)
-from .modules import FusedCPOLoss, FusedDPOLoss, FusedLinearCrossEntropyLoss, FusedORPOLoss, FusedSimPOLoss
+from .functional import (cpo_loss, dpo_loss, kto_loss, linear_cross_entropy, linear_logprobs, orpo_loss,
+                         sequence_logprobs, simpo_loss)
+from .kto import KTOOutput
+from .modules import (FusedCPOLoss, FusedDPOLoss, FusedKTOLoss, FusedLinearCrossEntropyLoss, FusedORPOLoss,
+                      FusedSimPOLoss)
 from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
@@ -14,12 +16,15 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedCPOLoss",
     "FusedDPOLoss",
+    "FusedKTOLoss",
     "FusedLinearCrossEntropyLoss",
     "FusedORPOLoss",
     "FusedSimPOLoss",
+    "KTOOutput",
     "PreferenceOutput",
     "cpo_loss",
     "dpo_loss",
+    "kto_loss",
     "linear_cross_entropy",
     "linear_logprobs",
     "orpo_loss",

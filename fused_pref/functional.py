@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import preference, reference, validation
+from . import kto, preference, reference, validation
 from .autograd import CrossEntropyGradientInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import resolve_shard
 from .kernels import active_plan
@@ -411,3 +411,47 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
             ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
     return _preference(tokens, spec, ref_logps.detach().float(), options.cu_seqlens, token_metrics)
+
+
+@_public(reference.kto_loss)
+def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, ref_hidden=None, ref_weight=None,
+             ref_bias=None, kl=None, beta=0.1, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
+             token_metrics=False, options) -> kto.KTOOutput:
+    """KTO (Ethayarajh et al., 2024) as TRL's KTOTrainer: unpaired sequences, each desirable or not.
+
+    ``hidden`` ``[R, T, D]`` and ``labels`` ``[R, T]`` (or packed, with ``cu_seqlens`` ``[R+1]``), any
+    order; ``desirable`` bool ``[R]``.  The reference model enters as for :func:`dpo_loss`:
+    ``ref_logps`` ``[R]`` (summed) or ``ref_hidden`` with ``ref_weight`` / ``ref_bias``.  With ``S``,
+    ``Ref`` the summed log-probs and ``r = S - Ref``, per sequence (``s`` the sigmoid)::
+
+        kto                desirable: 1 - s(beta (r - kl))     undesirable: 1 - s(beta (kl - r))
+        apo_zero_unpaired  desirable: 1 - s(beta r)            undesirable: s(beta r)
+
+    times ``desirable_weight`` / ``undesirable_weight``; ``loss`` is their mean.  ``kl``: KTO's
+    reference point, a number or one-element tensor, treated as a constant (TRL computes it from
+    mismatched completions without gradient: ``(sequence_logprobs(kl_hidden, w, kl_labels) -
+    ref_kl_logps).mean().clamp(min=0)``); required for ``kto``, absent for ``apo_zero_unpaired``.
+    Defaults ``beta=0.1``, weights 1.  Returns a :class:`fused_pref.kto.KTOOutput`, whose
+    ``metrics()`` are TRL's; ``token_metrics=True`` adds the ``entropy``.
+
+    >>> out = fused_pref.kto_loss(h, lm_head.weight, labels, desirable=is_good, ref_logps=ref, kl=kl)
+    """
+    spec = kto.kto_spec(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight)
+    num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True)
+    kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)
+    ref_weight, ref_bias = validation.check_dpo_reference(
+        hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
+        ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R")
+    validation.check_token_stats(options, {"token_metrics": token_metrics})
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics)
+    logps, _, counts = _sequence_logps(tokens, "sum", options.cu_seqlens)
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
+            ref_logps = _sequence_logps(ref_tokens, "sum", options.cu_seqlens)[0]
+    ref_logps = ref_logps.detach().float()
+    loss = kto.kto_losses(logps, ref_logps, desirable, kl, spec).mean()
+    entropy_sums = sequence_sums(tokens.entropy.detach(), options.cu_seqlens) if token_metrics else None
+    return kto.kto_output(loss, logps, ref_logps, desirable, kl, sequence_sums(tokens.logit_sum, options.cu_seqlens),
+                          counts, tokens.vocab_size, spec, entropy_sums)

@@ -107,3 +107,21 @@ class FusedDPOLoss(_FusedLoss):
                 ref_bias=None, cu_seqlens=None):
         return self._call(hidden, weight, labels, bias, cu_seqlens, ref_logps=ref_logps, ref_hidden=ref_hidden,
                           ref_weight=ref_weight, ref_bias=ref_bias)
+
+
+class FusedKTOLoss(_FusedLoss):
+    """:func:`fused_pref.kto_loss` as a module; ``forward(hidden, weight, labels, bias=None, *,
+    desirable, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None, kl=None,
+    cu_seqlens=None)`` returns a ``KTOOutput``."""
+
+    function = functional.kto_loss
+
+    def __init__(self, beta=0.1, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0, token_metrics=False,
+                 **options):
+        super().__init__(dict(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, token_metrics=token_metrics), options)
+
+    def forward(self, hidden, weight, labels, bias=None, *, desirable, ref_logps=None, ref_hidden=None,
+                ref_weight=None, ref_bias=None, kl=None, cu_seqlens=None):
+        return self._call(hidden, weight, labels, bias, cu_seqlens, desirable=desirable, ref_logps=ref_logps,
+                          ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl=kl)

@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from . import preference, validation
+from . import kto, preference, validation
 from .distributed import gather_shards, resolve_shard
 from .options import Options, takes_options
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
@@ -287,3 +287,30 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
                                         spec.reduction)[0]
     return _preference(spec, logps, sums, counts, logit_sums, ref_logps.detach().to(logps.dtype),
                        whole_weight.shape[0], stats)
+
+
+@takes_options
+def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, ref_hidden=None, ref_weight=None,
+             ref_bias=None, kl=None, beta=0.1, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
+             token_metrics=False, options) -> kto.KTOOutput:
+    """Reference of :func:`fused_pref.kto_loss`."""
+    spec = kto.kto_spec(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
+                        undesirable_weight=undesirable_weight)
+    whole_weight, whole_bias = _checked(hidden, weight, labels, bias, options, sequence_level=True)
+    num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
+    kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)
+    ref_weight, ref_bias = validation.check_dpo_reference(
+        hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
+        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES, loss="kto_loss", rows="R")
+    if ref_weight is not None:
+        ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
+    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
+    logps, _, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options, "sum")
+    if ref_logps is None:
+        with torch.no_grad():
+            ref_logps = _sequence_logps(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False),
+                                        "sum")[0]
+    ref_logps = ref_logps.detach().to(logps.dtype)
+    loss = kto.kto_losses(logps, ref_logps, desirable, kl, spec).mean()
+    return kto.kto_output(loss, logps, ref_logps, desirable, kl, logit_sums, counts, whole_weight.shape[0], spec,
+                          None if stats is None else stats["entropy_sums"])

@@ -284,22 +284,23 @@ def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequen
 
 
 def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, ref_weight, ref_bias,
-                        num_sequences, dtypes=FUSED_DTYPES):
-    """The reference-model inputs of a DPO loss; returns the ``(ref_weight, ref_bias)`` to use.
+                        num_sequences, dtypes=FUSED_DTYPES, loss="dpo_loss", rows="2B"):
+    """The reference-model inputs of a DPO (or KTO: ``loss``, ``rows="R"``) loss; returns the
+    ``(ref_weight, ref_bias)`` to use.
 
     Exactly one of ``ref_logps`` (``[2B]``) and ``ref_hidden`` (``[2B, T, D_ref]``) is given.
     Without ``ref_weight`` the policy's ``weight`` and ``bias`` serve the reference model too.
     """
     if (ref_logps is None) == (ref_hidden is None):
-        _fail(ValueError, "dpo_loss needs exactly one of ref_logps ([2B] precomputed reference "
-                          "log-probs) or ref_hidden ([2B, T, D] reference-model hidden states)")
+        _fail(ValueError, f"{loss} needs exactly one of ref_logps ([{rows}] precomputed reference "
+                          f"log-probs) or ref_hidden ([{rows}, T, D] reference-model hidden states)")
     if ref_logps is not None:
         if ref_weight is not None or ref_bias is not None:
             _fail(ValueError, "ref_weight and ref_bias are only used with ref_hidden, not with ref_logps")
         if not isinstance(ref_logps, torch.Tensor) or not ref_logps.dtype.is_floating_point:
             _fail(TypeError, "ref_logps must be a floating-point torch.Tensor")
         if tuple(ref_logps.shape) != (num_sequences,):
-            _fail(ValueError, f"ref_logps must be [2B] = [{num_sequences}], got shape {tuple(ref_logps.shape)}")
+            _fail(ValueError, f"ref_logps must be [{rows}] = [{num_sequences}], got shape {tuple(ref_logps.shape)}")
         if ref_logps.device != hidden.device:
             _fail(ValueError, f"ref_logps is on {ref_logps.device}, hidden on {hidden.device}")
         return None, None

@@ -11,7 +11,7 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from fused_pref.integrations.trl import FusedCPOTrainer, FusedDPOTrainer  # noqa: E402
+from fused_pref.integrations.trl import FusedCPOTrainer, FusedDPOTrainer, FusedKTOTrainer  # noqa: E402
 from fused_pref.testing import kernel_device  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
@@ -66,17 +66,18 @@ COMMON = dict(bf16=False, per_device_train_batch_size=4, max_steps=STEPS, loggin
               dataloader_num_workers=0)
 
 
-def run(trainer_cls, config, model, **kwargs):
-    trainer = trainer_cls(model=model, args=config, train_dataset=pairs(), processing_class=tokenizer(), **kwargs)
+def run(trainer_cls, config, model, dataset=None, **kwargs):
+    trainer = trainer_cls(model=model, args=config, train_dataset=pairs() if dataset is None else dataset,
+                          processing_class=tokenizer(), **kwargs)
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
 
 
-def assert_same_logs(ours, theirs, skip=()):
+def assert_same_logs(ours, theirs, skip=(), required=("rewards/accuracies", "logps/chosen")):
     assert len(ours) == len(theirs) == STEPS
     for step, (a, b) in enumerate(zip(ours, theirs)):
         compared = [k for k in a if k not in ("learning_rate", "epoch", "step", "grad_norm") and k not in skip]
-        assert "rewards/accuracies" in compared and "logps/chosen" in compared
+        assert set(required) <= set(compared)
         for key in compared:
             assert a[key] == pytest.approx(b[key], rel=RTOL, abs=ATOL), f"step {step}: {key}: {a[key]} vs {b[key]}"
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"step {step}: grad_norm"
@@ -103,6 +104,23 @@ def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, tmp_path):
     assert ours[0].keys() == theirs[0].keys()
     # CPOTrainer's logits/* averages over every position (prompt, padding) of the full logits.
     assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+@pytest.mark.parametrize("precompute", [False, True], ids=["ref_model", "precomputed"])
+def test_kto_trainer_matches_trl(loss_type, precompute, tmp_path):
+    # Unpaired: each pair's chosen completion desirable, its rejected one undesirable, shuffled so
+    # that batches hold both; KTO's KL completions need the sequential sampler.
+    dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6)).shuffle(seed=1)
+    config = trl.KTOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, desirable_weight=1.2,
+                           undesirable_weight=0.9, train_sampling_strategy="sequential",
+                           precompute_ref_log_probs=precompute, **COMMON)
+    model = tiny_llama()
+    theirs = run(trl.KTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
+    ours = run(FusedKTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
+    assert ours[0].keys() == theirs[0].keys() and {"kl", "entropy", "rewards/margins"} <= ours[0].keys()
+    assert_same_logs(ours, theirs, required=("rewards/chosen", "logps/chosen"))
+    assert ours[-1]["loss"] != ours[0]["loss"]    # it trained
 
 
 def test_unsupported_options_are_refused(tmp_path):

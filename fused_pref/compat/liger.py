@@ -36,6 +36,8 @@ Liger                            fused_pref
 ``return_z_loss``,               same names on ``linear_cross_entropy``: a ``CrossEntropyOutput``
 ``return_token_accuracy``,       with Liger's fields
 ``return_predicted_tokens``
+``preference_labels``, ``kl``    ``kto_loss(desirable=..., kl=...)``; without ``kl``, TRL's
+(KTO)                            ``apo_zero_unpaired`` (what Liger computes then)
 ``compiled, chunk_size``         nothing (see below)
 ===============================  ==================================================================
 
@@ -91,6 +93,7 @@ __all__ = [
     "LigerFusedLinearCPOLoss",
     "LigerFusedLinearCrossEntropyLoss",
     "LigerFusedLinearDPOLoss",
+    "LigerFusedLinearKTOLoss",
     "LigerFusedLinearORPOLoss",
     "LigerFusedLinearSimPOLoss",
 ]
@@ -134,16 +137,23 @@ def _column_sum(weight):
     return torch.stack([block.sum(dim=0, dtype=torch.float32) for block in blocks]).sum(dim=0)
 
 
-def _logits_means(_input, lin_weight, bias):
-    """Liger's chosen / rejected logits means: every position's logits summed over the vocabulary,
-    ``z . 1 = h . (sum_v w_v) + sum_v b_v`` by linearity, over ``B * T * V`` elements per half."""
+def _logits_totals(_input, lin_weight, bias):
+    """Each sequence's logits summed over every position and the vocabulary, ``[R]`` fp32, as Liger
+    sums them: ``z . 1 = h . (sum_v w_v) + sum_v b_v`` by linearity, no logits formed."""
     with torch.no_grad():
-        R, T, _ = _input.shape
-        B, V = R // 2, lin_weight.shape[0]
-        totals = _input.detach().sum(dim=1, dtype=torch.float32) @ _column_sum(lin_weight.detach())   # [2B]
+        T = _input.shape[1]
+        totals = _input.detach().sum(dim=1, dtype=torch.float32) @ _column_sum(lin_weight.detach())
         if bias is not None:
             totals = totals + T * bias.detach().sum(dtype=torch.float32)
-        return totals[:B].sum() / (B * T * V), totals[B:].sum() / (B * T * V)
+        return totals
+
+
+def _logits_means(_input, lin_weight, bias):
+    """Liger's chosen / rejected logits means: over ``B * T * V`` elements per half."""
+    R, T, _ = _input.shape
+    B, V = R // 2, lin_weight.shape[0]
+    totals = _logits_totals(_input, lin_weight, bias)
+    return totals[:B].sum() / (B * T * V), totals[B:].sum() / (B * T * V)
 
 
 class _LigerPreferenceLoss(torch.nn.Module):
@@ -328,6 +338,61 @@ class LigerFusedLinearDPOLoss(_LigerPreferenceLoss):
                                                discopop_tau=self.discopop_tau, options=self.options)
         return out.loss, self._aux(out, lin_weight, _input, target, bias, nll=self.compute_nll_loss,
                                    reduction=reduction)
+
+
+class LigerFusedLinearKTOLoss(torch.nn.Module):
+    """Liger's KTO loss: :func:`fused_pref.kto_loss` on summed log-probs, unweighted.  With ``kl``
+    it is ``loss_type="kto"`` with that reference point; without, Liger computes ``1 - s(beta r)``
+    on desirable and ``1 - s(-beta r) = s(beta r)`` on undesirable sequences, TRL's
+    ``apo_zero_unpaired``.  The reference log-probs come from ``ref_input @ ref_weight.T +
+    ref_bias`` without grad, or are zero without ``use_ref_model`` (Liger's default here).
+
+    ``forward(_input, lin_weight, target, bias=None, preference_labels=None, ref_input=None,
+    ref_weight=None, ref_bias=None, kl=None)``, ``_input`` first as in Liger's KTO, ``[R, T, D]``,
+    returns ``(loss, (chosen_logps_sum, rejected_logps_sum, chosen_logits_sum, rejected_logits_sum,
+    chosen_rewards_sum, rejected_rewards_sum))``: sums over each side's sequences, the logits over
+    every position (prompt and padding included) and the vocabulary, as Liger's.
+    ``average_log_prob=True`` raises ``NotImplementedError``: TRL's KTO sums the log-probs.
+    """
+
+    def __init__(self, ignore_index=-100, beta=0.1, compiled=True, use_ref_model=False, average_log_prob=False,
+                 chunk_size=1, *, validate=True, backend="auto"):
+        super().__init__()
+        validation.check_flag("compiled", compiled)
+        validation.check_flag("use_ref_model", use_ref_model)
+        validation.check_flag("average_log_prob", average_log_prob)
+        validation.check_positive_int("chunk_size", chunk_size)
+        validation.check_hyper(beta=beta, label_smoothing=0.0)
+        if average_log_prob:
+            raise NotImplementedError("average_log_prob=True is not supported: fused_pref.kto_loss sums the "
+                                      "log-probs, as TRL's KTOTrainer")
+        self.options = Options(ignore_index=ignore_index, validate=validate, backend=backend)
+        self.ignore_index, self.beta, self.use_ref_model, self.average_log_prob = (ignore_index, beta, use_ref_model,
+                                                                                   average_log_prob)
+        self.compiled, self.chunk_size = compiled, chunk_size     # no-ops: see the module docstring
+        self.validate, self.backend = validate, backend
+
+    def forward(self, _input, lin_weight, target, bias=None, preference_labels=None, ref_input=None, ref_weight=None,
+                ref_bias=None, kl=None):
+        if preference_labels is None:
+            raise ValueError("preference_labels ([R] bool, True for a desirable completion) is required")
+        if self.use_ref_model:
+            if ref_input is None or ref_weight is None:
+                raise ValueError("use_ref_model=True needs ref_input ([R, T, D_ref]) and ref_weight ([V, D_ref])")
+            reference = dict(ref_hidden=ref_input, ref_weight=ref_weight, ref_bias=ref_bias)
+        else:
+            reference = dict(ref_logps=torch.zeros(target.shape[0], device=_input.device))
+        out = functional.kto_loss.with_options(_input, lin_weight, target, bias, desirable=preference_labels, kl=kl,
+                                               beta=self.beta, loss_type="kto" if kl is not None else
+                                               "apo_zero_unpaired", options=self.options, **reference)
+        desirable = out.desirable.float()
+        totals = _logits_totals(_input, lin_weight, bias)
+        sides = (desirable, 1 - desirable)
+        return out.loss, tuple((values * side).sum() for values in (out.logps, totals, out.rewards)
+                               for side in sides)
+
+    def extra_repr(self):
+        return _liger_repr(self)
 
 
 class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):

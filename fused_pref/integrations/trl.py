@@ -1,14 +1,16 @@
-"""TRL's DPO and CPO/SimPO training on our fused losses: ``FusedDPOTrainer``, ``FusedCPOTrainer``.
+"""TRL's DPO, KTO and CPO/SimPO training on our fused losses: ``FusedDPOTrainer``, ``FusedKTOTrainer``,
+``FusedCPOTrainer``.
 
     from fused_pref.integrations.trl import FusedDPOTrainer      # instead of trl.DPOTrainer
     trainer = FusedDPOTrainer(model, ref_model=ref, args=DPOConfig(...), train_dataset=...,
                               processing_class=tokenizer)
     trainer.train()
 
-Each is TRL's own trainer (written against TRL 1.16: ``trl.DPOTrainer`` and
+Each is TRL's own trainer (written against TRL 1.16: ``trl.DPOTrainer``, ``trl.KTOTrainer`` and
 ``trl.experimental.cpo.CPOTrainer``) with one method overridden, the one that turns a collated
 batch into the loss and the logged metrics: ``DPOTrainer.compute_loss`` (the transformers Trainer
-hook, which DPOTrainer implements) and ``CPOTrainer.get_batch_loss_metrics``.  Data preparation,
+hook, which DPOTrainer implements), ``KTOTrainer._compute_loss`` and
+``CPOTrainer.get_batch_loss_metrics``.  Data preparation,
 collation, the reference model (a separate model, a PEFT adapter switched off, or log-probs
 precomputed by TRL), optimisation and logging stay TRL's.  The override runs the model through
 its (wrapped) forward with ``fused_pref=...`` (:func:`fused_pref.integrations.hf.add_fused_forward`)
@@ -18,7 +20,10 @@ so DDP, FSDP and DeepSpeed see an ordinary forward, then calls ``fused_pref.dpo_
 Logged metrics keep TRL's names and definitions: ``rewards/chosen``, ``rewards/rejected``,
 ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
 ``logits/chosen``, ``logits/rejected``, and ``num_tokens``, ``entropy`` and ``mean_token_accuracy``
-(DPO; the last two from the fused forward, ``token_metrics=True``) or ``nll_loss`` (CPO).
+(DPO; the last two from the fused forward, ``token_metrics=True``) or ``nll_loss`` (CPO); KTO's
+``kl``, ``entropy``, ``num_tokens`` and the rewards, logps and logits of its two sides.  KTO's
+reference point ``kl`` is TRL's: the policy's and the reference's summed log-probs of the batch's
+mismatched completions, through our fused forward without gradient.
 CPOTrainer's ``logits/*`` averages the logits over
 every position of the batch (prompt, padding and the final position included), which only the
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
@@ -26,8 +31,8 @@ full logits give; ours is the mean over completion tokens, DPOTrainer's definiti
 Options whose math our losses do not have raise ``NotImplementedError`` when the trainer is built,
 rather than train something else: more than one preference loss type
 (MPO-style mixtures; one type plus ``"sft"`` is supported), ``f_divergence_type`` other than
-``"reverse_kl"``, ``ld_alpha``, ``use_weighting``, MoE router auxiliary losses, vision-language
-datasets; CPO's ``hinge`` and ``ipo`` loss types, AlphaPO's ``alpha``, encoder-decoder models.
+``"reverse_kl"``, ``ld_alpha``, ``use_weighting``, MoE router auxiliary losses (DPO, KTO),
+vision-language datasets (DPO, KTO); CPO's ``hinge`` and ``ipo`` loss types, AlphaPO's ``alpha``, encoder-decoder models.
 """
 
 import contextlib
@@ -41,7 +46,7 @@ from fused_pref.preference import dpo_spec
 from .hf import add_fused_forward
 
 try:
-    from trl import DPOTrainer
+    from trl import DPOTrainer, KTOTrainer
     from trl.experimental.cpo import CPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
@@ -212,6 +217,117 @@ class FusedDPOTrainer(DPOTrainer):
                 model_outputs = model(**model_kwargs)
             return total, model_outputs
         return total
+
+
+_KTO_NON_MODEL_KEYS = ("completion_mask", "KL_input_ids", "KL_attention_mask", "KL_completion_mask",
+                       "KL_token_type_ids", "KL_mm_token_type_ids", "label", "ref_logps", "ref_KL_logps")
+
+
+class FusedKTOTrainer(KTOTrainer):
+    """``trl.KTOTrainer`` whose loss is ``fused_pref.kto_loss``; same arguments.  See the module
+    docstring for what is logged and which options are refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
+                       "vision-language datasets": self._is_vision_dataset}
+        for name, present in unsupported.items():
+            if present:
+                raise NotImplementedError(f"FusedKTOTrainer does not support {name}")
+        add_fused_forward(self.model)
+        if self.ref_model is not None:
+            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    @staticmethod
+    def _summed_logps(model, model_kwargs, labels):
+        """Each sequence's summed completion log-probs, through our fused forward."""
+        def logps(hidden, head):
+            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum")
+
+        return model(**model_kwargs, fused_pref=logps)
+
+    def _reference_logps(self, inputs, model_kwargs, labels, kl_kwargs, kl_labels):
+        """(summed reference log-probs ``[R]``, and of the KL completions or None), as TRL's:
+        precomputed, a PEFT model with its adapter off, or the reference model, under no_grad."""
+        if self.precompute_ref_logps:
+            return inputs["ref_logps"].float(), inputs["ref_KL_logps"].float() if self.calculate_KL else None
+        adapter = contextlib.nullcontext()
+        model = self.ref_model
+        if self.ref_model is None and is_peft_model(self.model):
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+            model = self.model
+        # Under autocast, as the policy's forward: see FusedDPOTrainer._reference_logps.
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
+                adapter, self.accelerator.autocast():
+            kl_logps = self._summed_logps(model, kl_kwargs, kl_labels) if self.calculate_KL else None
+            return self._summed_logps(model, model_kwargs, labels), kl_logps
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        accelerator = self.accelerator
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _KTO_NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        desirable = torch.as_tensor(inputs["label"], dtype=torch.bool, device=labels.device)
+        kl_kwargs = kl_labels = None
+        if self.calculate_KL:
+            kl_kwargs = {**model_kwargs, "input_ids": inputs["KL_input_ids"],
+                         "attention_mask": inputs["KL_attention_mask"]}
+            kl_labels = inputs["KL_input_ids"].masked_fill(inputs["KL_completion_mask"] == 0, -100)
+        ref_logps, ref_kl_logps = self._reference_logps(inputs, model_kwargs, labels, kl_kwargs, kl_labels)
+        kl = None
+        if self.calculate_KL:
+            # TRL's reference point: the batch's mismatched completions, no gradient, averaged over
+            # processes, clamped at 0.
+            with torch.no_grad():
+                kl_logps = self._summed_logps(model, kl_kwargs, kl_labels)
+            kl = accelerator.gather_for_metrics((kl_logps - ref_kl_logps).mean().detach()).mean().clamp(min=0)
+        kwargs = dict(desirable=desirable, ref_logps=ref_logps, kl=kl, beta=self.beta, loss_type=self.loss_type,
+                      desirable_weight=self.desirable_weight, undesirable_weight=self.undesirable_weight,
+                      token_metrics=True)
+
+        def loss(hidden, head):
+            return head.apply(fused_pref.kto_loss, hidden, labels, **kwargs)
+
+        out = model(**model_kwargs, fused_pref=loss)
+        self._log_kto_metrics(mode, inputs, out)
+        if return_outputs:
+            warnings.warn("return_outputs=True recomputes the logits with a plain forward (as TRL does): the "
+                          "[tokens, vocab] logits materialize", stacklevel=2)
+            with torch.no_grad():
+                model_outputs = model(**model_kwargs)
+            return out.loss, model_outputs
+        return out.loss
+
+    def _log_kto_metrics(self, mode, inputs, out):
+        """KTOTrainer's metrics, each a sum gathered over processes divided by a gathered count."""
+        gather = self.accelerator.gather_for_metrics
+        metrics = self._metrics[mode]
+        metrics["kl"].append(out.kl.item())
+        counts = out.counts.float()
+
+        def global_mean(values, count):
+            total, number = gather(values.sum().reshape(1)).sum().item(), gather(count.reshape(1)).sum().item()
+            return None if number <= 0 else total / number
+
+        metrics["entropy"].append(global_mean(out.entropy_sums, counts.sum()) or 0.0)
+        if mode == "train":
+            tokens = gather(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
+        means = {}
+        for name, side in (("chosen", out.desirable), ("rejected", ~out.desirable)):
+            side = side.float()
+            logits = global_mean(out.logit_sums.float() * side / out.vocab_size, (counts * side).sum())
+            if logits is not None:
+                metrics[f"logits/{name}"].append(logits)
+            for metric, values in (("rewards", out.rewards), ("logps", out.logps)):
+                means[metric, name] = global_mean(values * side, side.sum())
+                if means[metric, name] is not None:
+                    metrics[f"{metric}/{name}"].append(means[metric, name])
+        if means["rewards", "chosen"] is not None and means["rewards", "rejected"] is not None:
+            metrics["rewards/margins"].append(means["rewards", "chosen"] - means["rewards", "rejected"])
 
 
 class FusedCPOTrainer(CPOTrainer):
