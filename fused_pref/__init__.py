@@ -6,9 +6,10 @@ materialize the ``[tokens, vocab]`` logits.  Triton kernels on CUDA (and on the 
 from . import reference
 from .functional import (cpo_loss, dpo_loss, kto_loss, linear_cross_entropy, linear_logprobs, orpo_loss,
                          sequence_logprobs, simpo_loss)
+from .grpo import GRPOOutput, grpo_loss
 from .kto import KTOOutput
-from .modules import (FusedCPOLoss, FusedDPOLoss, FusedKTOLoss, FusedLinearCrossEntropyLoss, FusedORPOLoss,
-                      FusedSimPOLoss)
+from .modules import (FusedCPOLoss, FusedDPOLoss, FusedGRPOLoss, FusedKTOLoss, FusedLinearCrossEntropyLoss,
+                      FusedORPOLoss, FusedSimPOLoss)
 from .outputs import PreferenceOutput
 
 __version__ = "0.1.0"
@@ -16,14 +17,17 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedCPOLoss",
     "FusedDPOLoss",
+    "FusedGRPOLoss",
     "FusedKTOLoss",
     "FusedLinearCrossEntropyLoss",
     "FusedORPOLoss",
     "FusedSimPOLoss",
+    "GRPOOutput",
     "KTOOutput",
     "PreferenceOutput",
     "cpo_loss",
     "dpo_loss",
+    "grpo_loss",
     "kto_loss",
     "linear_cross_entropy",
     "linear_logprobs",

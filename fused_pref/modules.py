@@ -11,7 +11,7 @@ import inspect
 
 import torch
 
-from . import functional
+from . import functional, grpo
 from .options import PER_BATCH, Options, option_parameters
 
 
@@ -125,3 +125,34 @@ class FusedKTOLoss(_FusedLoss):
                 ref_weight=None, ref_bias=None, kl=None, cu_seqlens=None):
         return self._call(hidden, weight, labels, bias, cu_seqlens, desirable=desirable, ref_logps=ref_logps,
                           ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias, kl=kl)
+
+
+class FusedGRPOLoss(_FusedLoss):
+    """:func:`fused_pref.grpo_loss` as a module: its hyper-parameters (and the options) in the
+    constructor, the batch in ``forward(hidden, weight, labels, bias=None, *, advantages,
+    old_logps=None, ref_logps=None, importance_sampling_ratio=None, sampling_logps=None,
+    num_items_in_batch=None, cu_seqlens=None)``, which returns a ``GRPOOutput``."""
+
+    function = grpo.grpo_loss
+
+    def __init__(self, loss_type="dapo", beta=0.0, epsilon_low=0.2, epsilon_high=None, delta=None,
+                 importance_sampling_level="token", use_bias_correction_kl=True, max_completion_length=None,
+                 sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
+                 vespo_k_neg=3.0, vespo_lambda_neg=2.0, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
+                 entropy_coef=0.0, **options):
+        hyper = dict(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
+                     importance_sampling_level=importance_sampling_level,
+                     use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
+                     sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
+                     vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
+                     vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
+                     top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
+        # Checked now, as every module's hyper-parameters are, not at the first batch.
+        grpo.grpo_spec(**hyper)
+        super().__init__(hyper, options)
+
+    def forward(self, hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None,
+                importance_sampling_ratio=None, sampling_logps=None, num_items_in_batch=None, cu_seqlens=None):
+        return self._call(hidden, weight, labels, bias, cu_seqlens, advantages=advantages, old_logps=old_logps,
+                          ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
+                          sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch)

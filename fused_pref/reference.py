@@ -314,3 +314,7 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
     loss = kto.kto_losses(logps, ref_logps, desirable, kl, spec).mean()
     return kto.kto_output(loss, logps, ref_logps, desirable, kl, logit_sums, counts, whole_weight.shape[0], spec,
                           None if stats is None else stats["entropy_sums"])
+
+
+# GRPO's twin lives beside its fused path in grpo.py, which imports this module: imported last.
+from .grpo import reference_grpo_loss as grpo_loss  # noqa: E402, F401  (a re-export)

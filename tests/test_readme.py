@@ -30,3 +30,15 @@ def test_the_first_program_runs_as_pasted(interpreted, tmp_path):
     assert "'rewards/accuracies'" in done.stdout, done.stdout
     warned = "using the PyTorch reference" in done.stderr
     assert warned != interpreted, done.stderr
+
+
+def test_the_grpo_step_runs_as_pasted(tmp_path):
+    # The RL section's training step, under Triton's interpreter (the kernels' path).
+    program = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+                   if "fp.grpo_loss(" in block)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": "",
+           "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "'clip_ratio/high_mean'" in done.stdout and "'entropy'" in done.stdout, done.stdout

@@ -88,11 +88,13 @@ import torch
 
 from .. import functional, validation
 from ..options import Options
+from .liger_grpo import LigerFusedLinearGRPOLoss
 
 __all__ = [
     "LigerFusedLinearCPOLoss",
     "LigerFusedLinearCrossEntropyLoss",
     "LigerFusedLinearDPOLoss",
+    "LigerFusedLinearGRPOLoss",
     "LigerFusedLinearKTOLoss",
     "LigerFusedLinearORPOLoss",
     "LigerFusedLinearSimPOLoss",
