@@ -4,6 +4,7 @@ interpreter), give the losses and metrics of TRL's own trainers from the same se
 
 import copy
 
+import fused_pref
 import pytest
 import torch
 
@@ -11,7 +12,8 @@ trl = pytest.importorskip("trl")
 transformers = pytest.importorskip("transformers")
 datasets = pytest.importorskip("datasets")
 
-from fused_pref.integrations.trl import FusedCPOTrainer, FusedDPOTrainer, FusedKTOTrainer  # noqa: E402
+from fused_pref.integrations.trl import (FusedCPOTrainer, FusedDPOTrainer, FusedGRPOTrainer,  # noqa: E402
+                                         FusedKTOTrainer)
 from fused_pref.testing import kernel_device  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
@@ -121,6 +123,43 @@ def test_kto_trainer_matches_trl(loss_type, precompute, tmp_path):
     assert ours[0].keys() == theirs[0].keys() and {"kl", "entropy", "rewards/margins"} <= ours[0].keys()
     assert_same_logs(ours, theirs, required=("rewards/chosen", "logps/chosen"))
     assert ours[-1]["loss"] != ours[0]["loss"]    # it trained
+
+
+def _completion_reward(completions, **kwargs):
+    # Rewards that differ within a group, so the advantages (and the loss's gradient) are not zero.
+    return [float(len(c.split())) + 0.1 * sum(int(w[1:]) % 3 for w in c.split() if w[1:].isdigit())
+            for c in completions]
+
+
+@pytest.mark.parametrize("loss_type, beta, temperature, logged", [
+    ("dapo", 0.0, 1.0, "clip_ratio/region_mean"), ("grpo", 0.2, 0.7, "kl"), ("sapo", 0.0, 0.9, "entropy")],
+    ids=["dapo", "grpo+kl+temperature", "sapo"])
+def test_grpo_trainer_matches_trl(loss_type, beta, temperature, logged, tmp_path, monkeypatch):
+    # num_iterations=2: the second pass over a generation has old log-probs, so ratios leave 1 and
+    # the clipping metrics are exercised.
+    config = trl.GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, temperature=temperature,
+                            num_generations=4, max_completion_length=6, num_iterations=2, epsilon_high=0.28,
+                            **{**COMMON, "per_device_train_batch_size": 8})
+    prompts = pairs(n=8).select_columns(["prompt"])
+    # A saved model: with beta, GRPOTrainer loads its reference model from the policy's path.
+    model = str(tmp_path / "tiny-llama")
+    tiny_llama().save_pretrained(model)
+    theirs = run(trl.GRPOTrainer, config, model, prompts, reward_funcs=_completion_reward)
+    calls = []
+    scored = fused_pref.linear_logprobs
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["temperature"])
+        return scored(*args, **kwargs)
+
+    monkeypatch.setattr(fused_pref, "linear_logprobs", counted)
+    ours = run(FusedGRPOTrainer, config, model, prompts, reward_funcs=_completion_reward)
+    # Every log-prob came through our kernels: the policy's each step, the old policy's and (with
+    # beta) the reference's once per generation.
+    assert len(calls) >= STEPS and set(calls) == {temperature}
+    assert ours[0].keys() == theirs[0].keys()
+    assert_same_logs(ours, theirs, skip=("step_time",), required=("loss", "entropy", logged))
+    assert ours[-1]["loss"] != ours[0]["loss"]
 
 
 def test_unsupported_options_are_refused(tmp_path):

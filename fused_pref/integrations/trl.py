@@ -1,5 +1,5 @@
-"""TRL's DPO, KTO and CPO/SimPO training on our fused losses: ``FusedDPOTrainer``, ``FusedKTOTrainer``,
-``FusedCPOTrainer``.
+"""TRL's DPO, KTO, GRPO and CPO/SimPO training on our fused kernels: ``FusedDPOTrainer``,
+``FusedKTOTrainer``, ``FusedGRPOTrainer``, ``FusedCPOTrainer``.
 
     from fused_pref.integrations.trl import FusedDPOTrainer      # instead of trl.DPOTrainer
     trainer = FusedDPOTrainer(model, ref_model=ref, args=DPOConfig(...), train_dataset=...,
@@ -9,8 +9,8 @@
 Each is TRL's own trainer (written against TRL 1.16: ``trl.DPOTrainer``, ``trl.KTOTrainer`` and
 ``trl.experimental.cpo.CPOTrainer``) with one method overridden, the one that turns a collated
 batch into the loss and the logged metrics: ``DPOTrainer.compute_loss`` (the transformers Trainer
-hook, which DPOTrainer implements), ``KTOTrainer._compute_loss`` and
-``CPOTrainer.get_batch_loss_metrics``.  Data preparation,
+hook, which DPOTrainer implements), ``KTOTrainer._compute_loss``,
+``GRPOTrainer._get_per_token_logps_and_entropies`` and ``CPOTrainer.get_batch_loss_metrics``.  Data preparation,
 collation, the reference model (a separate model, a PEFT adapter switched off, or log-probs
 precomputed by TRL), optimisation and logging stay TRL's.  The override runs the model through
 its (wrapped) forward with ``fused_pref=...`` (:func:`fused_pref.integrations.hf.add_fused_forward`)
@@ -46,7 +46,7 @@ from fused_pref.preference import dpo_spec
 from .hf import add_fused_forward
 
 try:
-    from trl import DPOTrainer, KTOTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer
     from trl.experimental.cpo import CPOTrainer
     from trl.models.utils import disable_gradient_checkpointing
     from trl.trainer.utils import use_adapter
@@ -328,6 +328,60 @@ class FusedKTOTrainer(KTOTrainer):
                     metrics[f"{metric}/{name}"].append(means[metric, name])
         if means["rewards", "chosen"] is not None and means["rewards", "rejected"] is not None:
             metrics["rewards/margins"].append(means["rewards", "chosen"] - means["rewards", "rejected"])
+
+
+_GRPO_MULTIMODAL = ("pixel_values", "image_grid_thw", "num_images", "pixel_attention_mask", "spatial_shapes",
+                    "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
+class FusedGRPOTrainer(GRPOTrainer):
+    """``trl.GRPOTrainer`` whose per-token log-probs and entropies, of the policy, the old policy and
+    the reference model alike, come from ``fused_pref.linear_logprobs`` (at the trainer's
+    ``temperature``); same arguments.
+
+    GRPO's loss is TRL's own code on those log-probs: every ``loss_type`` and option TRL has, with
+    TRL's normalisations across processes and accumulation steps and its metrics, and autograd hands
+    ``dLoss/dlogp`` (and the entropy bonus's ``dLoss/dH``) to our backward kernel.  Generation and
+    rewards are TRL's.  Refused (``NotImplementedError``): vision-language inputs, MoE router
+    auxiliary losses, ``cast_lm_head_to_fp32`` (our kernels read the head in its dtype and accumulate
+    in fp32).  :func:`fused_pref.grpo_loss` is the same loss as one function, for loops of one's own.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
+                       "cast_lm_head_to_fp32": self.args.cast_lm_head_to_fp32}
+        for name, present in unsupported.items():
+            if present:
+                raise NotImplementedError(f"FusedGRPOTrainer does not support {name}")
+        add_fused_forward(self.model)
+        if self.ref_model is not None:
+            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, compute_aux_loss=False, **multimodal):
+        """TRL's ``(logps, entropies or None, None)`` of the last ``logits_to_keep`` positions, ``[B, K]``
+        each, in one fused call (no logits, so no need of TRL's ``batch_size`` chunks)."""
+        given = sorted(name for name, value in multimodal.items() if value is not None)
+        if given or compute_aux_loss:
+            raise NotImplementedError("FusedGRPOTrainer scores text-only causal LMs without a router auxiliary "
+                                      f"loss; got {given or ['compute_aux_loss']}")
+        # Only the completion tokens are scored, as TRL's labels say.
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+
+        def logps(hidden, head):
+            return head.apply(fused_pref.linear_logprobs, hidden, labels, return_entropy=compute_entropy,
+                              temperature=self.temperature)
+
+        with self.accelerator.autocast():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, fused_pref=logps)
+        # With shift=True position t scores labels[t + 1]: the completion's K tokens are the K
+        # positions before the last.
+        kept = slice(-logits_to_keep - 1, -1)
+        if not compute_entropy:
+            return out[:, kept], None, None
+        return out.logp[:, kept], out.entropy[:, kept], None
 
 
 class FusedCPOTrainer(CPOTrainer):
