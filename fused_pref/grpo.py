@@ -13,6 +13,7 @@ Read against TRL 1.16.0 (``trl/trainer/grpo_trainer.py``: ``_compute_loss``, ``g
 (``chunked_loss/grpo_loss.py``, ``fused_linear_ppo.py``).
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -341,7 +342,7 @@ def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logp
         _check_per_token(name, value, labels)
     if spec.beta != 0 and ref_logps is None:
         raise ValueError(f"beta={spec.beta!r} weighs the KL to the reference model: give ref_logps (its per-token "
-                         "log-probs, shape of labels), or set beta=0")
+                         "log-probs, shape of labels) or ref_hidden (and ref_weight), or set beta=0")
     ratio = importance_sampling_ratio
     if ratio is not None:
         if not isinstance(ratio, torch.Tensor) or not ratio.dtype.is_floating_point:
@@ -362,11 +363,42 @@ def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logp
                           "a positive number, a one-element tensor or None")
 
 
-def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Options, **tensors) -> GRPOOutput:
+def _reference_head_logps(logprobs, hidden, weight, labels, bias, options: Options, spec: GRPOSpec, *, ref_logps,
+                          ref_hidden, ref_weight, ref_bias):
+    """``ref_logps`` as given, or the reference head's per-token log-probs from ``ref_hidden`` (with
+    ``ref_weight`` / ``ref_bias``, default the policy's), computed without grad under the call's
+    options; None when ``beta`` is 0, which reads no reference."""
+    if ref_hidden is None:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight and ref_bias are only used with ref_hidden")
+        return ref_logps
+    if ref_logps is not None:
+        raise ValueError("give the reference model as ref_logps (per-token log-probs) or as ref_hidden, not both")
+    if ref_weight is None:
+        ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
+    validation.check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=validation.REFERENCE_DTYPES,
+                             sequence_level=True, packed=hidden.dim() == 2, name="ref_hidden")
+    if ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(f"ref_weight must have the vocabulary size of weight, V = {weight.shape[0]}, got shape "
+                         f"{tuple(ref_weight.shape)}")
+    if spec.beta == 0:
+        return None
+    with torch.no_grad():
+        # validate=False: the policy's call checks the same labels.
+        return logprobs.with_options(ref_hidden, ref_weight.detach(), labels,
+                                     None if ref_bias is None else ref_bias.detach(),
+                                     options=dataclasses.replace(options, validate=False))
+
+
+def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Options, *, ref_hidden, ref_weight,
+          ref_bias, **tensors) -> GRPOOutput:
     """The body of :func:`grpo_loss` and its twin: ``logprobs`` is the path's ``linear_logprobs``."""
     # Both paths' dtypes here; the fused linear_logprobs refuses fp64 itself.
     num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True,
                                           dtypes=validation.REFERENCE_DTYPES)
+    tensors["ref_logps"] = _reference_head_logps(logprobs, hidden, weight, labels, bias, options, spec,
+                                                 ref_logps=tensors["ref_logps"], ref_hidden=ref_hidden,
+                                                 ref_weight=ref_weight, ref_bias=ref_bias)
     _check_inputs(labels, num_sequences, spec, **tensors)
     # The entropy comes from the same pass; vocabulary parallelism has none yet, which only the bonus
     # and the entropy mask need (the `entropy` metric is then left out).
@@ -380,7 +412,8 @@ def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Optio
 
 
 @takes_options
-def reference_grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None, beta=0.0,
+def reference_grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None,
+                        ref_hidden=None, ref_weight=None, ref_bias=None, beta=0.0,
                         loss_type="dapo", epsilon_low=0.2, epsilon_high=None, delta=None,
                         importance_sampling_level="token", use_bias_correction_kl=True, max_completion_length=None,
                         num_items_in_batch=None, importance_sampling_ratio=None, sapo_temperature_pos=1.0,
@@ -397,11 +430,13 @@ def reference_grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_lo
                      top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
     return _grpo(reference.linear_logprobs, hidden, weight, labels, bias, spec, options, advantages=advantages,
                  old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch)
+                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, ref_hidden=ref_hidden,
+                 ref_weight=ref_weight, ref_bias=ref_bias)
 
 
 @_public(reference_grpo_loss)
-def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None, beta=0.0,
+def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None, ref_hidden=None,
+              ref_weight=None, ref_bias=None, beta=0.0,
               loss_type="dapo", epsilon_low=0.2, epsilon_high=None, delta=None, importance_sampling_level="token",
               use_bias_correction_kl=True, max_completion_length=None, num_items_in_batch=None,
               importance_sampling_ratio=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0,
@@ -412,7 +447,10 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
     ``hidden`` ``[B, T, D]`` with completion ``labels`` ``[B, T]`` (prompt and padding ``ignore_index``:
     the labels are the completion mask), or packed ``[N, D]`` / ``[N]`` with ``cu_seqlens`` ``[B + 1]``;
     ``advantages`` ``[B]``; ``old_logps``, ``ref_logps``, ``sampling_logps`` fp tensors of the shape of
-    ``labels`` (read at completion tokens only).  With ``logp`` the per-token log-probs of the labels
+    ``labels`` (read at completion tokens only).  The reference model enters as ``ref_logps``, or as a
+    reference head, as in :func:`fused_pref.dpo_loss`: ``ref_hidden`` (``hidden``'s layout, any ``D``)
+    with ``ref_weight`` / ``ref_bias`` (default the policy's), scored without grad under the same
+    options (``temperature`` included).  With ``logp`` the per-token log-probs of the labels
     (under ``temperature``, ``softcap``, ``shift`` ... as :func:`fused_pref.linear_logprobs`), ``m`` the
     mask, ``n_b`` the completion length of sequence ``b``, ``A`` its advantage and ``sg`` stop-gradient::
 
@@ -444,7 +482,7 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
 
     and ``loss = that - entropy_coef * (mean entropy over the acting tokens)``.
 
-    Defaults are TRL's: ``loss_type="dapo"``, ``beta=0.0`` (``ref_logps`` required otherwise, and not
+    Defaults are TRL's: ``loss_type="dapo"``, ``beta=0.0`` (a reference required otherwise, and not
     read at 0), ``epsilon_low=0.2`` (TRL's ``epsilon``), ``epsilon_high=None`` (= ``epsilon_low``;
     cispo's ratio cap), ``delta=None`` (off), ``use_bias_correction_kl=True``, SAPO's ``1.0`` / ``1.05``,
     VESPO's ``k = 2, lambda = 3`` (``A >= 0``) and ``k = 3, lambda = 2``.  Hyper-parameters a loss type does
@@ -474,4 +512,5 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
                      top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
     return _grpo(functional.linear_logprobs, hidden, weight, labels, bias, spec, options, advantages=advantages,
                  old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch)
+                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, ref_hidden=ref_hidden,
+                 ref_weight=ref_weight, ref_bias=ref_bias)

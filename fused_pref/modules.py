@@ -130,8 +130,9 @@ class FusedKTOLoss(_FusedLoss):
 class FusedGRPOLoss(_FusedLoss):
     """:func:`fused_pref.grpo_loss` as a module: its hyper-parameters (and the options) in the
     constructor, the batch in ``forward(hidden, weight, labels, bias=None, *, advantages,
-    old_logps=None, ref_logps=None, importance_sampling_ratio=None, sampling_logps=None,
-    num_items_in_batch=None, cu_seqlens=None)``, which returns a ``GRPOOutput``."""
+    old_logps=None, ref_logps=None, ref_hidden=None, ref_weight=None, ref_bias=None,
+    importance_sampling_ratio=None, sampling_logps=None, num_items_in_batch=None, cu_seqlens=None)``,
+    which returns a ``GRPOOutput``."""
 
     function = grpo.grpo_loss
 
@@ -152,7 +153,9 @@ class FusedGRPOLoss(_FusedLoss):
         super().__init__(hyper, options)
 
     def forward(self, hidden, weight, labels, bias=None, *, advantages, old_logps=None, ref_logps=None,
-                importance_sampling_ratio=None, sampling_logps=None, num_items_in_batch=None, cu_seqlens=None):
+                ref_hidden=None, ref_weight=None, ref_bias=None, importance_sampling_ratio=None, sampling_logps=None,
+                num_items_in_batch=None, cu_seqlens=None):
         return self._call(hidden, weight, labels, bias, cu_seqlens, advantages=advantages, old_logps=old_logps,
-                          ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-                          sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch)
+                          ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias,
+                          importance_sampling_ratio=importance_sampling_ratio, sampling_logps=sampling_logps,
+                          num_items_in_batch=num_items_in_batch)

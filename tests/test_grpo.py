@@ -492,3 +492,36 @@ def test_module_equals_function(device):
     assert torch.equal(out.loss, expected.loss)
     with pytest.raises(ValueError, match="^loss_type must be one of"):
         fused_pref.FusedGRPOLoss(loss_type="ppo")
+
+
+@pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
+def test_reference_head_equals_its_logps(module, device):
+    # ref_hidden (+ ref_weight, ref_bias) is the reference's per-token log-probs under the same options.
+    x = make_inputs(3, 9, 40, 257, device=device, seed=7)
+    r = make_inputs(3, 9, 56, 257, device=device, seed=8)
+    if module is fused_pref.reference:
+        x, r = as_reference(x), as_reference(r)
+    advantages = torch.tensor([1.0, -0.5, 0.25], device=x["hidden"].device, dtype=x["hidden"].dtype)
+    options = dict(temperature=0.8, shift=True)
+    head = dict(ref_hidden=r["hidden"].detach(), ref_weight=r["weight"].detach(), ref_bias=r["bias"].detach())
+    ref_logps = module.linear_logprobs(*(t.detach() for t in (r["hidden"], r["weight"])), x["labels"],
+                                       r["bias"].detach(), **options)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    by_head = module.grpo_loss(*args, advantages=advantages, beta=0.1, loss_type="grpo", **head, **options)
+    by_logps = module.grpo_loss(*args, advantages=advantages, beta=0.1, loss_type="grpo", ref_logps=ref_logps,
+                                **options)
+    assert torch.equal(by_head.loss, by_logps.loss) and by_head.metrics()["kl"] > 0
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(ref_logps="zeros", ref_hidden="h"), "^give the reference model as ref_logps"),
+    (dict(ref_weight="w"), "^ref_weight and ref_bias are only used with ref_hidden$"),
+    (dict(ref_hidden="h", ref_weight="short"), r"^ref_weight must have the vocabulary size of weight, V = 257"),
+])
+def test_reference_head_errors(kwargs, pattern, device):
+    x = make_inputs(3, 9, 40, 257, device=device, seed=7)
+    values = {"zeros": torch.zeros(3, 9, device=device), "h": x["hidden"].detach(), "w": x["weight"].detach(),
+              "short": x["weight"].detach()[:200]}
+    with pytest.raises(ValueError, match=pattern):
+        grpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], advantages=torch.ones(3, device=device), beta=0.1,
+                  **{k: values[v] for k, v in kwargs.items()})
