@@ -27,8 +27,9 @@ class LinearLogprobs(torch.autograd.Function):
     """``logp[i] = z[i, label_i] - logsumexp(z[i])`` for valid rows, 0 elsewhere; ``z = hidden @ W.T + b``.
 
     Inputs: ``hidden`` ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
-    ``labels`` ``[R*T]`` int64, ``valid`` ``[R*T]`` bool, ``rows`` the int32 valid-first row index and
-    ``n_valid`` its device-side valid count.  Outputs fp32 ``logp`` ``[R*T]``, the per-token sum
+    ``labels`` ``[R*T]`` int64, ``valid`` ``[R*T]`` bool, ``rows`` the int32 valid-first row index,
+    ``n_valid`` its device-side valid count, and ``class_weight`` fp32 ``[V]`` or None, the per-class
+    weights of the logit sum (a class-weighted label smoothing; a constant).  Outputs fp32 ``logp`` ``[R*T]``, the per-token sum
     of logits over the vocabulary (empty unless ``params.logit_sum``; not differentiable), and the
     per-token entropy (fp32, differentiable) and argmax (int64) of the softmax (empty unless
     ``params.token_stats``; 0 and -1 at ignored rows), and the per-token log-sum-exp (fp32, 0 at
@@ -38,14 +39,15 @@ class LinearLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, params: LogprobParams):
-        lse, target, logit_sum, entropy, argmax = ops.forward(hidden, weight, bias, labels, rows, n_valid, params)
+    def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, class_weight, params: LogprobParams):
+        lse, target, logit_sum, entropy, argmax = ops.forward(hidden, weight, bias, labels, rows, n_valid, params,
+                                                              class_weight)
         if params.shard is not None:
             # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
             lse, target, logit_sum = combine_partials(lse, target, logit_sum, params.shard)
         logp = torch.where(valid, target - lse, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, entropy, class_weight)
         ctx.params = params
         if params.logit_sum:
             logit_sum = torch.where(valid, logit_sum, 0.0)
@@ -60,7 +62,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_logit_sum, grad_entropy, _grad_argmax, grad_lse):
-        hidden, weight, bias, labels, rows, n_valid, lse, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, rows, n_valid, lse, entropy, class_weight = ctx.saved_tensors
         params = ctx.params
         # torch.compile's traced backward gets zeros, not None, for the (empty) outputs not asked for.
         if not params.token_stats:
@@ -70,17 +72,17 @@ class LinearLogprobs(torch.autograd.Function):
         if not (params.lse_terms and params.logit_sum):
             grad_logit_sum = None
         if grad_logp is None and grad_entropy is None and grad_lse is None and grad_logit_sum is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         if grad_logp is None:
             grad_logp = torch.zeros_like(lse)
         needs = ctx.needs_input_grad[:3]
         mean_z = None if grad_entropy is None else lse - entropy
         grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params,
-                             grad_lse, grad_logit_sum, grad_entropy, mean_z)
+                             grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and params.shard is not None:
             d_hidden = all_reduce_sum(d_hidden, params.shard)  # each rank saw only its vocabulary
-        return d_hidden, d_weight, d_bias, None, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 
 class PreferenceHead(torch.autograd.Function):

@@ -34,7 +34,7 @@ from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
-from .segments import reduce_token_losses, sequence_sums, shift_labels, token_weights
+from .segments import reduce_token_losses, reduce_weighted_losses, sequence_sums, shift_labels, token_weights
 
 
 def _public(twin):
@@ -98,14 +98,15 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
-                    logit_sum=False, token_stats=False, lse_terms=False) -> _Tokens:
+                    logit_sum=False, token_stats=False, lse_terms=False, class_weight=None) -> _Tokens:
     shard = resolve_shard(weight, options)
     r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
     # Statistics and per-row weights in the backward run the plan built and checked with them.
     plan = STATS_PLAN if token_stats or lse_terms else active_plan()
     params = LogprobParams(options, plan, shard, logit_sum, token_stats, lse_terms)
+    class_weight = None if class_weight is None else class_weight.detach().float().contiguous()
     logp, sums, entropy, argmax, lse = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows,
-                                                            r.n_valid, params)
+                                                            r.n_valid, class_weight, params)
     shape = r.checked.valid.shape
 
     def shaped(t, asked):
@@ -197,8 +198,10 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     when they sum to 0).  Not differentiable.
 
     ``label_smoothing`` (eps, in [0, 1]): the target is ``1 - eps`` on the label plus ``eps / V``
-    on every class, as ``F.cross_entropy``: per token ``(1 - eps) (lse - z_label) + eps (lse -
-    mean_v z_v)``, the mean logit from the same forward.  Not with ``ce_weight`` yet.
+    on every class, as ``F.cross_entropy``: per token ``(1 - eps) c_label (lse - z_label) + eps
+    sum_v c_v (lse - z_v) / V`` (``c`` = ``ce_weight``, or 1), the class-weighted sum of logits from
+    the same forward; ``"mean"`` divides by the valid tokens' ``c_label``.  With ``ce_weight``, not
+    under a ``softcap`` yet.
 
     ``lse_square_scale`` (s >= 0): PaLM's z-loss, ``s * lse^2`` per valid token added to the loss,
     reduced as Liger-Kernel does (``"mean"`` over valid tokens, unweighted by ``ce_weight``).
@@ -224,13 +227,16 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     stats = any(flags.values())
     lse_terms = label_smoothing > 0 or lse_square_scale > 0
     tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats, lse_terms=lse_terms,
-                             logit_sum=label_smoothing > 0)
-    losses = -tokens.logp
+                             logit_sum=label_smoothing > 0, class_weight=ce_weight if label_smoothing > 0 else None)
+    weights = token_weights(tokens.valid, tokens.targets, ce_weight)
+    losses = -tokens.logp * weights
     if label_smoothing > 0:
-        # H(u, p) = lse - mean_v z_v, the cross-entropy against the uniform target (0 where ignored).
-        uniform = tokens.lse - tokens.logit_sum / tokens.vocab_size
+        # H(u, p) against the uniform target, each class at its weight c_v (1 without ce_weight):
+        # sum_v c_v (lse - z_v) / V = (C lse - sum_v c_v z_v) / V, 0 where ignored.
+        total = tokens.vocab_size if ce_weight is None else ce_weight.detach().float().sum()
+        uniform = (total * tokens.lse - tokens.logit_sum) / tokens.vocab_size
         losses = (1 - label_smoothing) * losses + label_smoothing * uniform
-    loss = reduce_token_losses(losses, token_weights(tokens.valid, tokens.targets, ce_weight), reduction)
+    loss = reduce_weighted_losses(losses, weights, reduction)
     z_loss = None
     if lse_square_scale > 0:
         z_loss = reduce_token_losses(lse_square_scale * tokens.lse.square(), tokens.valid.float(), reduction)

@@ -19,11 +19,12 @@ from .kernels import linear_grad_backward, linear_lse_forward, preference_head_f
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
 def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None, temperature: float,
-               logit_sum: bool, token_stats: bool, workspace_bytes: int,
-               plan: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               logit_sum: bool, token_stats: bool, workspace_bytes: int, plan: str,
+               class_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]:
     lse, target, sums, entropy, argmax = linear_lse_forward(
         hidden, weight, bias, labels, rows, n_valid, softcap=softcap, temperature=temperature, logit_sum=logit_sum,
-        token_stats=token_stats, workspace_bytes=workspace_bytes, plan=plan)
+        token_stats=token_stats, workspace_bytes=workspace_bytes, plan=plan, class_weight=class_weight)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return (lse, target, sums if logit_sum else lse.new_empty(0), entropy if token_stats else lse.new_empty(0),
             argmax if token_stats else labels.new_empty(0))
@@ -31,7 +32,7 @@ def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 @linear_lse.register_fake
 def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_sum, token_stats, workspace_bytes,
-      plan):
+      plan, class_weight):
     n = hidden.shape[0] * hidden.shape[1]
     out = hidden.new_empty(n, dtype=torch.float32)
     return (out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32),
@@ -44,11 +45,12 @@ def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
                 softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
                 plan: str, grad_lse: torch.Tensor | None, grad_logit_sum: torch.Tensor | None,
-                grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None) -> list[torch.Tensor]:
+                grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None,
+                class_weight: torch.Tensor | None) -> list[torch.Tensor]:
     grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
                                  temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
                                  plan=plan, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum,
-                                 grad_entropy=grad_entropy, mean_z=mean_z)
+                                 grad_entropy=grad_entropy, mean_z=mean_z, class_weight=class_weight)
     # A custom op returns tensors only: an empty tensor, of the fake's dtype, stands for "not requested".
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [g if g is not None else hidden.new_empty(0, dtype=dtype) for g, dtype in zip(grads, dtypes)]
@@ -56,7 +58,7 @@ def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
 
 @linear_grad.register_fake
 def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, temperature, needs, workspace_bytes,
-      plan, grad_lse, grad_logit_sum, grad_entropy, mean_z):
+      plan, grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
     return [hidden.new_empty(shape if need else (0,), dtype=dtype)
@@ -98,21 +100,23 @@ def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoot
     return out, torch.empty_like(out), torch.empty_like(out)
 
 
-def forward(hidden, weight, bias, labels, rows, n_valid, params):
+def forward(hidden, weight, bias, labels, rows, n_valid, params, class_weight=None):
     """``(lse, target, logit sums, entropy, argmax)`` per token (the last three empty unless asked
-    for): ``linear_lse`` with ``params`` flattened."""
+    for; the logit sums weighted by ``class_weight`` when given): ``linear_lse`` with ``params``
+    flattened."""
     return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap,
                       params.options.temperature, params.logit_sum, params.token_stats,
-                      params.options.workspace_bytes, params.plan)
+                      params.options.workspace_bytes, params.plan, class_weight)
 
 
 def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params, grad_lse=None,
-             grad_logit_sum=None, grad_entropy=None, mean_z=None):
+             grad_logit_sum=None, grad_entropy=None, mean_z=None, class_weight=None):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
-    flattened; with ``grad_lse``, ``grad_logit_sum``, ``grad_entropy`` (and ``mean_z``) also their parts."""
+    flattened; with ``grad_lse``, ``grad_logit_sum`` (of the ``class_weight``-weighted sum),
+    ``grad_entropy`` (and ``mean_z``) also their parts."""
     return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
                        params.options.temperature, list(needs), params.options.workspace_bytes, params.plan,
-                       grad_lse, grad_logit_sum, grad_entropy, mean_z)
+                       grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
 
 
 def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):

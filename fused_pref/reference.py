@@ -18,7 +18,7 @@ from . import kto, preference, validation
 from .distributed import gather_shards, resolve_shard
 from .options import Options, takes_options
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
-from .segments import reduce_token_losses, token_weights
+from .segments import reduce_token_losses, reduce_weighted_losses, token_weights
 
 
 def _logits(hidden, weight, bias, softcap, temperature=1.0):
@@ -143,16 +143,20 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     stats = any(flags.values())
     logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     targets = _targets(labels, options)
-    losses = -logp
+    weights = token_weights(valid, targets, ce_weight)
+    losses = -logp * weights
     z_terms = None
     if label_smoothing > 0 or lse_square_scale > 0:
         z = _logits(hidden.reshape(-1, hidden.shape[-1]), weight, bias, options.softcap, options.temperature)
         picked = torch.where(valid, targets, 0).reshape(-1)
         if label_smoothing > 0:
-            smoothed = F.cross_entropy(z, picked, label_smoothing=label_smoothing, reduction="none")
+            # F.cross_entropy's own smoothing, class weights included (already weighted per token).
+            class_weight = None if ce_weight is None else ce_weight.detach().to(z.dtype)
+            smoothed = F.cross_entropy(z, picked, weight=class_weight, label_smoothing=label_smoothing,
+                                       reduction="none")
             losses = torch.where(valid, smoothed.view(valid.shape), 0.0)
         z_terms = torch.where(valid, lse_square_scale * z.logsumexp(dim=-1).view(valid.shape) ** 2, 0.0)
-    loss = reduce_token_losses(losses, token_weights(valid, targets, ce_weight), reduction)
+    loss = reduce_weighted_losses(losses, weights, reduction)
     z_loss = None if z_terms is None else reduce_token_losses(z_terms, valid.to(z_terms.dtype), reduction)
     if z_loss is not None:
         loss = loss + z_loss

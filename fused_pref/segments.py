@@ -46,7 +46,12 @@ def reduce_token_losses(losses, weights, reduction):
     """``F.cross_entropy``'s reductions of per-token ``losses`` under ``weights`` (``token_weights``):
     ``"none"`` weighted per token, ``"sum"``, ``"mean"`` divided by the weights' sum (0, not NaN,
     when it is 0)."""
-    weighted = losses * weights
+    return reduce_weighted_losses(losses * weights, weights, reduction)
+
+
+def reduce_weighted_losses(weighted, weights, reduction):
+    """As :func:`reduce_token_losses` for per-token losses already weighted (label smoothing weighs
+    its uniform part by every class's weight, not the label's)."""
     if reduction == "none":
         return weighted
     total = weighted.sum()

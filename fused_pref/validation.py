@@ -185,9 +185,9 @@ def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, 
     check_flag("return_z_loss", return_z_loss)
     terms = [name for name, on in (("label_smoothing", label_smoothing > 0), ("lse_square_scale", lse_square_scale > 0))
              if on]
-    if label_smoothing > 0 and ce_weight is not None:
-        _fail(ValueError, "label_smoothing with ce_weight does not run yet (the smoothing term would need the "
-                          "class-weighted sum of logits): use one of them")
+    if label_smoothing > 0 and ce_weight is not None and options.softcap is not None:
+        _fail(ValueError, "label_smoothing with ce_weight does not run under a softcap yet (the class-weighted "
+                          "sum of soft-capped logits): drop one of the three")
     if terms and options.backward == "in_forward":
         _fail(ValueError, f"{' and '.join(terms)} do not run with backward='in_forward' yet: use backward='auto'")
     if terms and options.process_group is not None:

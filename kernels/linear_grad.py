@@ -35,7 +35,7 @@ MAX_CHUNK_FRACTION = 16
 def linear_grad_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
-    g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr,
+    g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr, class_weight_ptr,
     # sizes
     V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
     # strides
@@ -54,9 +54,10 @@ def linear_grad_kernel(
     rows' weights are applied here, per token at ``g``, ``g_softmax``, ``g_entropy``, ``mean_z``
     and ``g_uniform``::
 
-        dz = g onehot - p (g_softmax + g_entropy (z - E[z])) + g_uniform
+        dz = g onehot - p (g_softmax + g_entropy (z - E[z])) + g_uniform c_v
 
-    the gradient of ``g logp + g_L lse + g_H H + g_S sum_v z_v`` with ``g_softmax = g - g_L``
+    the gradient of ``g logp + g_L lse + g_H H + g_S sum_v c_v z_v`` (``c`` the per-class weights
+    at ``class_weight``, ones without any) with ``g_softmax = g - g_L``
     (``dlogp/dz = onehot - p``, ``dlse/dz = p``, and ``H = lse - E[z]`` gives ``dH/dz = -p (z - E[z])``)."""
     row_tile, vocab_tile = grouped_tile(n_row_tiles, n_vocab_tiles, n_group_rows)
     p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
@@ -80,8 +81,9 @@ def linear_grad_kernel(
     if ROW_WEIGHTS:
         p = tl.exp(z - lse[:, None])
         onehot = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
+        class_weight = tl.load(class_weight_ptr + offs_v, mask=offs_v < V, other=0.0)
         dz = (g[:, None] * onehot - p * (g_softmax[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
-              + g_uniform[:, None])
+              + g_uniform[:, None] * class_weight[None, :])
         dz = chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     else:
         dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
@@ -96,8 +98,8 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
     valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
-    or per-token fp32 ``(g, g_softmax, g_entropy, mean_z, g_uniform)`` applied in the kernel
-    (``ROW_WEIGHTS``).
+    or per-token fp32 ``(g, g_softmax, g_entropy, mean_z, g_uniform)`` and the per-class fp32
+    ``class_weight`` ``[V]``, applied in the kernel (``ROW_WEIGHTS``).
     """
     if rows.numel() == 0:
         return
@@ -105,7 +107,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
     T = hidden.shape[1]
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
-    row_weights = (lse,) * 5 if weights is None else weights
+    row_weights = (lse,) * 6 if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
         hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz, *row_weights,
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
@@ -127,7 +129,7 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
 def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
                          softcap=None, temperature=1.0, needs=(True, True, True),
                          workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN, grad_lse=None,
-                         grad_logit_sum=None, grad_entropy=None, mean_z=None):
+                         grad_logit_sum=None, grad_entropy=None, mean_z=None, class_weight=None):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
     Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
@@ -137,7 +139,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
 
     The gradient also of the per-token losses' other terms, each fp32 ``[R*T]`` or None:
     ``grad_lse`` of ``sum_i grad_lse[i] * lse[i]`` (a z-loss), ``grad_logit_sum`` of the sum of
-    logits over the vocabulary (label smoothing), ``grad_entropy`` of the entropy (with ``mean_z
+    logits over the vocabulary, each times ``class_weight`` when given (label smoothing), ``grad_entropy`` of the entropy (with ``mean_z
     = lse - entropy``).  Several per-row weights do not factor out of the workspace whole: each
     row's largest, ``s``, does, as ``g`` does alone, and the kernel applies the weights divided by
     it (at most 1 in size), so the workspace keeps values of order 1 and its dtype.  (In fp16 the
@@ -150,7 +152,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
     n_rows = rows.numel()
     rows_long = rows.long()
-    weights = _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z)
+    weights = _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight, V)
     if weights is not None:
         weights, larger = weights
         g = larger[rows_long]
@@ -193,9 +195,10 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
-def _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z):
+def _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight, V):
     """The kernel's per-row weights ``(g, g_softmax, g_entropy, mean_z, g_uniform)``, each divided by
-    the row's largest (returned with them), or None when the log-prob's ``g`` is the only one."""
+    the row's largest, and the per-class weights (ones without any), returned with the row's
+    largest; or None when the log-prob's ``g`` is the only one."""
     if grad_lse is None and grad_logit_sum is None and grad_entropy is None:
         return None
     g = grad_logp.float()
@@ -206,8 +209,10 @@ def _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z):
     larger = torch.stack([g, g_softmax, g_entropy, g_uniform]).abs().amax(dim=0)
     larger = torch.where(larger > 0, larger, 1.0)
     mean_z = zero if mean_z is None else mean_z.float()
+    per_class = (torch.ones(V, device=g.device, dtype=torch.float32) if class_weight is None
+                 else class_weight.detach().float().contiguous())
     return tuple((w / larger).contiguous() for w in (g, g_softmax, g_entropy)) + (
-        mean_z.contiguous(), (g_uniform / larger).contiguous()), larger
+        mean_z.contiguous(), (g_uniform / larger).contiguous(), per_class), larger
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
@@ -220,8 +225,8 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
         weighted = constexprs["HAS_BIAS"] and " " not in variant
         pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
-                    **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr"),
-                                    torch.float32)}
+                    **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr",
+                                     "class_weight_ptr"), torch.float32)}
         specs.append(AotSpec("linear_grad", variant + ("+weights" if weighted else ""), linear_grad_kernel, pointers,
                              {**constexprs, "ROW_WEIGHTS": weighted}, options, layouts))
     return specs

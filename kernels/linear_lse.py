@@ -194,14 +194,16 @@ LOGIT_SUM_NUM_WARPS = 4
 
 @triton.jit
 def column_sum_kernel(
-    w_ptr, out_ptr,
+    w_ptr, class_weight_ptr, out_ptr,
     V, D, v_per_split,
     stride_w_v, stride_w_d,
+    CLASS_WEIGHTS: tl.constexpr,
     BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """``out[split, d]``: the sum of ``w[v, d]`` over this program's vocabulary range, in fp64.  The
-    weight is read once in its own dtype; torch's ``sum(dtype=torch.float64)`` would first copy it
-    to fp64 whole (V x D x 8 bytes, 4.2 GB at Llama-3-8B's head, seen on an H200)."""
+    """``out[split, d]``: the sum of ``w[v, d]`` (times ``class_weight[v]`` with ``CLASS_WEIGHTS``)
+    over this program's vocabulary range, in fp64.  The weight is read once in its own dtype;
+    torch's ``sum(dtype=torch.float64)`` would first copy it to fp64 whole (V x D x 8 bytes, 4.2 GB
+    at Llama-3-8B's head, seen on an H200)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -211,9 +213,12 @@ def column_sum_kernel(
     acc = tl.zeros((BLOCK_V, BLOCK_D), dtype=tl.float64)
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_mask = offs_v < v_end
         w = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_w_v + offs_d[None, :] * stride_w_d,
-                    mask=(offs_v < v_end)[:, None] & d_mask[None, :], other=0.0)
-        acc += w.to(tl.float64)
+                    mask=v_mask[:, None] & d_mask[None, :], other=0.0).to(tl.float64)
+        if CLASS_WEIGHTS:
+            w = w * tl.load(class_weight_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float64)[:, None]
+        acc += w
     tl.store(out_ptr + pid_s.to(tl.int64) * D + offs_d, tl.sum(acc, axis=0), mask=d_mask)
 
 
@@ -226,9 +231,10 @@ COLUMN_SUM_BLOCK_V, COLUMN_SUM_BLOCK_D = 32, 64
 COLUMN_SUM_NUM_WARPS = 4
 
 
-def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
-    """``weight.sum(dim=0)`` in fp64, ``[D]``, with O(D) extra memory: per-range partial sums, then
-    their (deterministic) sum."""
+def vocabulary_column_sum(weight: torch.Tensor, class_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``weight.sum(dim=0)`` in fp64, ``[D]`` (``(class_weight[:, None] * weight).sum(dim=0)`` with
+    per-class weights ``[V]``), with O(D) extra memory: per-range partial sums, then their
+    (deterministic) sum."""
     V, D = weight.shape
     d_blocks = triton.cdiv(D, COLUMN_SUM_BLOCK_D)
     v_tiles = triton.cdiv(V, COLUMN_SUM_BLOCK_V)
@@ -236,19 +242,26 @@ def vocabulary_column_sum(weight: torch.Tensor) -> torch.Tensor:
     v_per_split = triton.cdiv(v_tiles, splits) * COLUMN_SUM_BLOCK_V
     partial = torch.empty((triton.cdiv(V, v_per_split), D), device=weight.device, dtype=torch.float64)
     column_sum_kernel[(d_blocks, partial.shape[0])](
-        weight, partial, V, D, v_per_split, weight.stride(0), weight.stride(1),
+        weight, partial if class_weight is None else class_weight, partial, V, D, v_per_split, weight.stride(0),
+        weight.stride(1), CLASS_WEIGHTS=class_weight is not None,
         BLOCK_V=COLUMN_SUM_BLOCK_V, BLOCK_D=COLUMN_SUM_BLOCK_D, num_warps=COLUMN_SUM_NUM_WARPS,
     )
     return partial.sum(dim=0)
 
 
-def linear_logit_sums(hidden, weight, bias, rows, n_valid) -> torch.Tensor:
-    """Per-token sum of ``hidden @ weight.T + bias`` over the vocabulary, fp32 ``[R*T]``, undefined at
-    rows not among the first ``n_valid`` of ``rows`` (as ``linear_lse_forward``'s outputs)."""
+def linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight=None) -> torch.Tensor:
+    """Per-token sum of ``hidden @ weight.T + bias`` over the vocabulary (each class times
+    ``class_weight`` when given), fp32 ``[R*T]``, undefined at rows not among the first ``n_valid`` of
+    ``rows`` (as ``linear_lse_forward``'s outputs)."""
     R, T, D = hidden.shape
     out = torch.empty(R * T, device=hidden.device, dtype=torch.float32)
-    w_sum = vocabulary_column_sum(weight)
-    b_sum = w_sum if bias is None else bias.sum(dtype=torch.float64).reshape(1)  # unread without a bias
+    w_sum = vocabulary_column_sum(weight, class_weight)
+    if bias is None:
+        b_sum = w_sum  # unread without a bias
+    elif class_weight is None:
+        b_sum = bias.sum(dtype=torch.float64).reshape(1)
+    else:
+        b_sum = (bias.double() * class_weight.double()).sum().reshape(1)
     if rows.numel() > 0:
         logit_sum_kernel[(triton.cdiv(rows.numel(), LOGIT_SUM_BLOCK_N),)](
             hidden, w_sum, b_sum, rows, n_valid, out, D, T,
@@ -290,7 +303,7 @@ def rows_per_launch(n_rows: int, splits: int, partials: int, block_n: int, works
 
 def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=None, temperature=1.0,
                        logit_sum=False, token_stats=False, workspace_bytes=WORKSPACE_BYTES,
-                       plan: str = DEFAULT_PLAN):
+                       plan: str = DEFAULT_PLAN, class_weight=None):
     """Per-token ``lse``, ``target`` logit, (optionally) sum of logits over the vocabulary (in
     the logits tiles under a softcap, else by ``linear_logit_sums``) and (``token_stats``) the
     entropy of the softmax and the argmax column (int64), each None when not asked for.
@@ -298,7 +311,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``rows`` the int32 valid-first row index (its length bounds the
     number of valid rows), ``n_valid`` a one-element int32 device tensor.  Returns fp32 ``[R*T]``
-    tensors whose entries at rows not among the first ``n_valid`` of ``rows`` are undefined.  The
+    tensors whose entries at rows not among the first ``n_valid`` of ``rows`` are undefined.
+    ``class_weight`` (fp32 ``[V]``, not under a softcap): the logit sum weighs each class by it.  The
     per-split partials hold at most ``workspace_bytes`` (and one row tile's worth at least); ``plan``
     names the tiles (``tiles.PLANS``); the logits are ``softcap(hidden @ weight.T + bias) / temperature``.
     """
@@ -308,6 +322,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     n_rows = rows.numel()
     splits, v_per_split = vocab_splits(n_rows, V, hidden.device, tiles)
     tile_sum = logit_sum and softcap is not None
+    if tile_sum and class_weight is not None:
+        raise ValueError("a class-weighted sum of soft-capped logits is not computed (the tiles sum unweighted)")
     lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
     sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
@@ -337,7 +353,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
         )
     if logit_sum and not tile_sum:
-        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid)
+        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
         if temperature != 1.0:
             sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
     return lse, target, sums, entropy, argmax
@@ -372,10 +388,12 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
                              logit_sum_pointers,
                              {"HAS_BIAS": has_bias, "BLOCK_N": LOGIT_SUM_BLOCK_N, "BLOCK_D": LOGIT_SUM_BLOCK_D},
                              {"num_warps": LOGIT_SUM_NUM_WARPS}))
-    specs.append(AotSpec("column_sum", DTYPE_NAMES[dtype], column_sum_kernel,
-                         {"w_ptr": dtype, "out_ptr": torch.float64},
-                         {"BLOCK_V": COLUMN_SUM_BLOCK_V, "BLOCK_D": COLUMN_SUM_BLOCK_D},
-                         {"num_warps": COLUMN_SUM_NUM_WARPS}))
+    for class_weights in (False, True):
+        specs.append(AotSpec("column_sum", DTYPE_NAMES[dtype] + ("+classes" if class_weights else ""),
+                             column_sum_kernel, {"w_ptr": dtype, "class_weight_ptr": torch.float32,
+                                                 "out_ptr": torch.float64},
+                             {"CLASS_WEIGHTS": class_weights, "BLOCK_V": COLUMN_SUM_BLOCK_V,
+                              "BLOCK_D": COLUMN_SUM_BLOCK_D}, {"num_warps": COLUMN_SUM_NUM_WARPS}))
     return specs
 
 

@@ -20,6 +20,8 @@ TERMS = {
     "both": dict(label_smoothing=0.3, lse_square_scale=1e-3),
     "both_softcap_temperature": dict(label_smoothing=0.2, lse_square_scale=1e-3, softcap=4.0, temperature=0.7),
     "z_loss_class_weights": dict(lse_square_scale=1e-2, ce_weight="rand"),
+    "smoothing_class_weights_temperature": dict(label_smoothing=0.2, lse_square_scale=1e-3, ce_weight="rand",
+                                                temperature=1.3),
 }
 
 
@@ -54,24 +56,30 @@ def test_fused_matches_reference(terms, reduction, dtype, device):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shift", [False, True], ids=["aligned", "shift"])
-def test_reference_is_torch_cross_entropy_plus_z_loss(reduction, shift):
-    # The reference written a second way: F.cross_entropy's own label smoothing, and s * lse^2 per
-    # valid token, reduced over valid tokens without class weights (Liger-Kernel's z-loss).
+@pytest.mark.parametrize("class_weights", [False, True], ids=["unweighted", "class_weights"])
+def test_reference_is_torch_cross_entropy_plus_z_loss(reduction, shift, class_weights):
+    # The reference written a second way: F.cross_entropy's own label smoothing (and class
+    # weights, its reduction included), plus s * lse^2 per valid token, reduced over valid tokens
+    # without class weights (Liger-Kernel's z-loss).
     x = as_reference(make_inputs(2, 9, 31, 203, seed=7))
     eps, s = 0.15, 2e-3
+    ce_weight = torch.rand(203, generator=torch.Generator().manual_seed(5), dtype=torch.float64) if class_weights \
+        else None
     out = fused_pref.reference.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
                                                     reduction=reduction, label_smoothing=eps, lse_square_scale=s,
-                                                    return_z_loss=True, shift=shift)
+                                                    return_z_loss=True, shift=shift, ce_weight=ce_weight)
     labels = x["labels"]
     if shift:
         labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
     z = (x["hidden"] @ x["weight"].T + x["bias"]).reshape(-1, 203)
     flat = labels.reshape(-1)
-    ce = F.cross_entropy(z, flat, label_smoothing=eps, reduction="none")
+    ce = F.cross_entropy(z, flat, weight=ce_weight, label_smoothing=eps, reduction=reduction)
     z_terms = torch.where(flat != -100, s * z.logsumexp(-1) ** 2, 0.0)
     n = (flat != -100).sum()
-    expected = {"none": (ce + z_terms).view(labels.shape), "sum": ce.sum() + z_terms.sum(),
-                "mean": (ce.sum() + z_terms.sum()) / n}[reduction]
+    if reduction == "none":
+        expected = (ce + z_terms).view(labels.shape)
+    else:
+        expected = ce + (z_terms.sum() if reduction == "sum" else z_terms.sum() / n)
     expected_z = {"none": z_terms.view(labels.shape), "sum": z_terms.sum(), "mean": z_terms.sum() / n}[reduction]
     assert relative_error(out.loss, expected) <= 1e-12
     assert relative_error(out.z_loss, expected_z) <= 1e-12
@@ -103,11 +111,12 @@ def test_smoothing_with_token_accuracy_and_entropy_plan(device):
     (dict(lse_square_scale=-1e-4), ValueError, r"^lse_square_scale must be a finite number >= 0, got -0.0001$"),
     (dict(lse_square_scale=float("nan")), ValueError, r"^lse_square_scale must be a finite number >= 0, got nan$"),
     (dict(return_z_loss=1), TypeError, r"^return_z_loss must be a bool, got int$"),
-    (dict(label_smoothing=0.1, ce_weight="ones"), ValueError, r"^label_smoothing with ce_weight does not run yet"),
+    (dict(label_smoothing=0.1, ce_weight="ones", softcap=30.0), ValueError,
+     r"^label_smoothing with ce_weight does not run under a softcap yet"),
     (dict(lse_square_scale=1e-4, backward="in_forward"), ValueError,
      r"^lse_square_scale do not run with backward='in_forward' yet: use backward='auto'$"),
 ], ids=["smoothing_range", "smoothing_bool", "scale_negative", "scale_nan", "return_z_loss_int",
-        "smoothing_with_class_weights", "in_forward"])
+        "smoothing_with_class_weights_and_softcap", "in_forward"])
 def test_bad_terms(module, kwargs, error, pattern, device):
     x = make_inputs(2, 9, 40, 257, device=device, seed=89)
     if kwargs.get("ce_weight") == "ones":

@@ -32,7 +32,7 @@ Liger                            fused_pref
 ``reduction, softcap`` (CE)      ``linear_cross_entropy(reduction=..., softcap=...)``
 ``ce_weight`` (CE)               same name on ``linear_cross_entropy``: per-class weights
 ``lse_square_scale``,            same names on ``linear_cross_entropy``: the z-loss, label
-``label_smoothing`` (CE)         smoothing (not with ``ce_weight`` yet)
+``label_smoothing`` (CE)         smoothing (with ``ce_weight``: not under ``softcap`` yet)
 ``return_z_loss``,               same names on ``linear_cross_entropy``: a ``CrossEntropyOutput``
 ``return_token_accuracy``,       with Liger's fields
 ``return_predicted_tokens``
@@ -55,7 +55,7 @@ there is nothing to tune, and the result is the same up to fp32 summation order.
 
 Unsupported, raising ``NotImplementedError`` when set to a value that would change the result:
 ORPO ``compute_nll_loss=False`` and ``forward(nll_target=...)``; cross-entropy
-``use_token_scaling``, ``label_smoothing`` with ``ce_weight`` (``ValueError``) and
+``use_token_scaling``, ``label_smoothing`` with ``ce_weight`` and ``softcap`` (``ValueError``) and
 ``accum_dtype`` other than None /
 ``torch.float32`` (fused_pref always accumulates in fp32).  Liger ignores some hyper-parameters
 outside the setting that uses them; here they must stay at their defaults there (``ValueError``),
