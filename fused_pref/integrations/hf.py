@@ -46,7 +46,7 @@ LOGIT_MULTIPLIERS = (
 
 def _unwrap(model):
     """The transformers model inside a PEFT wrapper (LoRA layers are injected in place, so its
-    decoder still runs them)."""
+    decoder still runs them; one on the output layer is applied by :func:`effective_linear`)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -112,7 +112,8 @@ class OutputHead:
 
 
 def output_head(model) -> OutputHead:
-    """The output layer of a transformers causal LM (or a PEFT model wrapping one)."""
+    """The output layer of a transformers causal LM (or a PEFT model wrapping one), with a PEFT
+    adapter on it applied (:func:`effective_linear`)."""
     model = _unwrap(model)
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
@@ -120,8 +121,52 @@ def output_head(model) -> OutputHead:
                         "(get_output_embeddings()): not a causal LM with a linear head")
     config = _text_config(model)
     softcap = getattr(config, "final_logit_softcapping", None)
-    return OutputHead(lm_head.weight, getattr(lm_head, "bias", None), None if softcap is None else float(softcap),
-                      logit_multiplier(config))
+    weight, bias = effective_linear(lm_head)
+    return OutputHead(weight, bias, None if softcap is None else float(softcap), logit_multiplier(config))
+
+
+def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` that ``layer``'s forward applies, for a plain linear layer or one PEFT wraps.
+
+    PEFT's ``modules_to_save`` copy (``ModulesToSaveWrapper``) forwards ``weight`` to the active copy
+    already.  A LoRA layer (``peft.tuners.lora.Linear``) on the output layer computes ``x W.T +
+    sum_a s_a (x A_a.T) B_a.T`` over its active adapters; the effective weight ``W + sum_a s_a B_a @
+    A_a`` is formed once per call, differentiable in ``A`` and ``B`` (``W``, frozen, gets no
+    gradient).  Why not the low-rank term in the logits tile, as a second small product: every
+    kernel would take two more operands and a second dot per tile, forward and backward, for a
+    ``[V, D]`` temporary this way, the size of the ``d_weight`` the backward forms anyway, and the
+    products ``B @ A`` and its two gradients cost ``O(V D r)``, under 1% of the loss's ``O(N D V)``.
+    Refused (``NotImplementedError``), since one weight cannot express them: LoRA dropout while
+    training (it drops entries of the hidden states of the low-rank term only) and LoRA variants
+    (DoRA, ...).  A merged or disabled adapter is the base layer's weight."""
+    lora_A, lora_B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
+    if lora_A is None or lora_B is None or not hasattr(layer, "base_layer"):
+        return layer.weight, getattr(layer, "bias", None)
+    base = layer.get_base_layer()
+    weight, bias = base.weight, getattr(base, "bias", None)
+    if layer.disable_adapters or layer.merged:
+        return weight, bias
+    for name in layer.active_adapters:
+        if name not in lora_A.keys():
+            continue
+        if name in getattr(layer, "lora_variant", {}):
+            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer is a variant "
+                                      f"({type(layer.lora_variant[name]).__name__}, e.g. DoRA): fused_pref applies "
+                                      "plain LoRA only")
+        dropout = layer.lora_dropout[name]
+        if layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer has lora_dropout={dropout.p} in "
+                                      "training: it drops entries of the low-rank term's input only, which one "
+                                      "effective weight cannot express; set lora_dropout=0 or leave lm_head out "
+                                      "of target_modules")
+        delta = lora_B[name].weight @ lora_A[name].weight
+        if getattr(layer, "fan_in_fan_out", False):
+            delta = delta.T
+        weight = weight + layer.scaling[name] * delta.to(weight.dtype)
+        if lora_B[name].bias is not None:
+            lora_bias = layer.scaling[name] * lora_B[name].bias.to(weight.dtype)
+            bias = lora_bias if bias is None else bias + lora_bias
+    return weight, bias
 
 
 def backbone(model) -> torch.nn.Module:
