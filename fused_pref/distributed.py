@@ -7,12 +7,18 @@ and the logit sums; the backward all-reduces the partial ``d_hidden``.  ``d_weig
 ``d_bias`` stay on their shard.  The reference gathers the whole weight instead (for checking).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from . import validation
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:   # pragma: no cover - a torch built without distributed
+    DTensor = Shard = None
 
 
 @dataclass(frozen=True)
@@ -94,3 +100,50 @@ class _GatherShards(torch.autograd.Function):
 
 def gather_shards(local, shard: VocabShard):
     return None if local is None else _GatherShards.apply(local, shard)
+
+
+# The public functions' positional parameters, and the arguments that hold vocabulary rows.
+POSITIONAL = ("hidden", "weight", "labels", "bias")
+_VOCABULARY_ROWS = ("weight", "bias", "ref_weight", "ref_bias")
+
+
+def from_dtensors(args, kwargs, options):
+    """``(args, kwargs, options)`` with DTensor arguments replaced by the call they describe.
+
+    A ``weight`` (and ``bias``, ``ref_weight``, ``ref_bias``) sharded on the vocabulary, ``Shard(0)``
+    on a 1-D mesh as ``ColwiseParallel`` leaves an lm_head, becomes this rank's local shard under
+    the mesh's process group (the shards of ``torch.chunk``, in rank order: the default
+    ``vocab_start``); every other DTensor must be replicated and becomes its local tensor.
+    ``to_local`` is differentiable, so the gradients come back as DTensors with the inputs'
+    placements (``d_hidden`` replicated, ``d_weight`` sharded like the weight)."""
+    if DTensor is None:
+        return args, kwargs, options
+    named = {**dict(zip(POSITIONAL, args)), **kwargs}
+    given = {name: value for name, value in named.items() if isinstance(value, DTensor)}
+    if not given:
+        return args, kwargs, options
+    meshes = {value.device_mesh for value in given.values()}
+    sharded = []
+    for name, value in given.items():
+        if value.device_mesh.ndim != 1 or len(meshes) != 1:
+            raise ValueError("DTensor arguments must share one 1-D device mesh (the tensor-parallel group); "
+                             f"{name} is on {value.device_mesh}")
+        placement = value.placements[0]
+        if name in _VOCABULARY_ROWS and placement == Shard(0):
+            sharded.append(name)
+        elif not placement.is_replicate():
+            raise ValueError(f"{name} is a DTensor with placements {value.placements}: fused_pref takes weight and "
+                             "bias sharded on the vocabulary (Shard(0), as ColwiseParallel leaves an lm_head) and "
+                             "every other DTensor replicated")
+        named[name] = value.to_local()
+    if sharded:
+        unsharded = [name for name in _VOCABULARY_ROWS if named.get(name) is not None and name not in sharded]
+        if unsharded:
+            raise ValueError(f"{', '.join(sharded)} sharded on the vocabulary (DTensor Shard(0)) but "
+                             f"{', '.join(unsharded)} not: shard every lm_head weight and bias of the call alike")
+        if options.process_group is not None or options.vocab_start is not None:
+            raise ValueError("a DTensor weight sharded on the vocabulary brings its own process group and shard "
+                             "offsets: leave process_group and vocab_start unset")
+        options = dataclasses.replace(options, process_group=next(iter(meshes)).get_group())
+    positional = [named.pop(name) for name in POSITIONAL[:len(args)]]
+    return tuple(positional), named, options

@@ -29,7 +29,7 @@ import torch
 
 from . import kto, preference, reference, validation
 from .autograd import CrossEntropyGradientInForward, LinearLogprobs, LogprobParams, PreferenceHead
-from .distributed import resolve_shard
+from .distributed import from_dtensors, resolve_shard
 from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
@@ -38,11 +38,13 @@ from .segments import reduce_token_losses, reduce_weighted_losses, sequence_sums
 
 
 def _public(twin):
-    """The Triton path ``impl`` as a public function: the options as keywords (``takes_options``), and
-    the reference ``twin`` (same signature) run instead where the device policy says so."""
+    """The Triton path ``impl`` as a public function: the options as keywords (``takes_options``),
+    DTensor arguments as the call they describe (``distributed.from_dtensors``), and the reference
+    ``twin`` (same signature) run instead where the device policy says so."""
     def decorate(impl):
         @functools.wraps(impl)
         def dispatch(*args, options: Options, **kwargs):
+            args, kwargs, options = from_dtensors(args, kwargs, options)
             hidden = args[0] if args else kwargs.get("hidden")
             if use_triton(hidden, options):
                 return impl(*args, **kwargs, options=options)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
+from .distributed import from_dtensors
 from .kernels import KERNELS_INTERPRETED, WORKSPACE_BYTES, interpreter_problem
 
 
@@ -76,7 +77,8 @@ def option_parameters(exclude=()) -> list[inspect.Parameter]:
 def takes_options(impl):
     """``impl(hidden, ..., *, <its own keywords>, options)`` as a public function that takes every
     option as a keyword instead of ``options``: its signature lists them with their defaults, and
-    ``.with_options(..., options=...)`` calls ``impl`` with an :class:`Options` already made."""
+    ``.with_options(..., options=...)`` calls ``impl`` with an :class:`Options` already made.
+    DTensor arguments become the call they describe (:func:`fused_pref.distributed.from_dtensors`)."""
     signature = inspect.signature(impl)
     own = [p for name, p in signature.parameters.items() if name != "options"]
     assert len(own) < len(signature.parameters), f"{impl.__name__} takes no options"
@@ -84,6 +86,7 @@ def takes_options(impl):
     @functools.wraps(impl)
     def public(*args, **kwargs):
         options = Options(**{name: kwargs.pop(name) for name in FIELDS if name in kwargs})
+        args, kwargs, options = from_dtensors(args, kwargs, options)
         return impl(*args, **kwargs, options=options)
 
     public.__signature__ = signature.replace(parameters=own + option_parameters())

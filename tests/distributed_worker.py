@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
-    torchrun --standalone --nproc-per-node W tests/distributed_worker.py {vocab-chunk|vocab-split|ddp|fsdp}...
+    torchrun --standalone --nproc-per-node W tests/distributed_worker.py {vocab-chunk|vocab-split|dtensor|ddp|fsdp}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -69,6 +69,65 @@ def vocab_parallel(split):
         assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
 
 
+def dtensor_parallel():
+    """An lm_head split by ``parallelize_module(..., ColwiseParallel())`` (a DTensor weight and bias
+    sharded on the vocabulary) straight into every loss, fused and reference: results equal the
+    unsharded reference, gradients are DTensors with the parameters' placements whose full tensors
+    equal the reference's; a replicated DTensor ``hidden`` gets a replicated gradient."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    R, T, D, V = SHAPE
+    for name, loss in LOSSES.items():
+        full = make_inputs(*SHAPE, seed=5)
+        ref = as_reference(full)
+        expected = loss(fused_pref.reference, ref)
+        expected.backward()
+        for module in (fused_pref, fused_pref.reference):
+            head = torch.nn.Linear(D, V)
+            with torch.no_grad():
+                head.weight.copy_(full["weight"])
+                head.bias.copy_(full["bias"])
+            parallelize_module(head, mesh, ColwiseParallel())
+            assert isinstance(head.weight, DTensor) and head.weight.placements == (Shard(0),)
+            hidden = full["hidden"].detach().clone()
+            if name == "simpo":
+                hidden = distribute_tensor(hidden, mesh, [Replicate()])
+            hidden.requires_grad_()
+            got = loss(module, {"hidden": hidden, "weight": head.weight, "labels": full["labels"],
+                                "bias": head.bias})
+            got.backward()
+            tag = f"dtensor {name}/{module.__name__}"
+            _close(got, expected, f"{tag} value")
+            for what, param, reference in (("d_weight", head.weight, ref["weight"]), ("d_bias", head.bias,
+                                                                                      ref["bias"])):
+                assert isinstance(param.grad, DTensor) and param.grad.placements == (Shard(0),), f"{tag} {what}"
+                _close(param.grad.full_tensor(), reference.grad, f"{tag} {what}")
+            d_hidden = hidden.grad
+            if isinstance(hidden, DTensor):
+                assert d_hidden.placements == (Replicate(),), f"{tag} d_hidden placements {d_hidden.placements}"
+                d_hidden = d_hidden.to_local()
+            _close(d_hidden, ref["hidden"].grad, f"{tag} d_hidden")
+    # What is refused, each with its reason.
+    x = make_inputs(*SHAPE, seed=6)
+    sharded = distribute_tensor(x["weight"].detach(), mesh, [Shard(0)])
+    refused = (
+        ({"weight": distribute_tensor(x["weight"].detach(), mesh, [Shard(1)])}, "placements"),
+        ({"weight": sharded, "bias": x["bias"]}, "weight sharded on the vocabulary (DTensor Shard(0)) but bias not"),
+        ({"weight": sharded, "process_group": dist.group.WORLD}, "leave process_group and vocab_start unset"),
+    )
+    for change, message in refused:
+        call = {"hidden": x["hidden"], "weight": x["weight"], "labels": x["labels"], "bias": None, **change}
+        try:
+            fused_pref.linear_cross_entropy(call.pop("hidden"), call.pop("weight"), call.pop("labels"), **call)
+        except ValueError as error:
+            assert message in str(error), f"rank {dist.get_rank()}: {error}"
+        else:
+            raise AssertionError(f"rank {dist.get_rank()}: not refused: {message}")
+
+
 class TinyLM(torch.nn.Module):
     """Embedding, one hidden layer and an lm_head; the loss is computed in forward (as trainers do)."""
 
@@ -129,6 +188,8 @@ def main(checks):
         for check in checks:
             if check.startswith("vocab-"):
                 vocab_parallel(check.removeprefix("vocab-"))
+            elif check == "dtensor":
+                dtensor_parallel()
             else:
                 data_parallel(check)
             dist.barrier()

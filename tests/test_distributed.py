@@ -1,7 +1,8 @@
 """Vocabulary parallelism, DDP and FSDP on CPU processes with gloo (tests/distributed_worker.py).
 
 Vocab-parallel results and gradients must equal the single-process reference on the unsharded
-weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size.
+weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size, with the
+shard given by hand (process_group) or as a DTensor lm_head from parallelize_module.
 """
 
 import os
@@ -22,8 +23,8 @@ pytestmark = [pytest.mark.cpu_interpreter,
 
 
 @pytest.mark.parametrize("world, checks", [
-    (2, ["vocab-chunk", "vocab-split", "ddp", "fsdp"]),
-    (3, ["vocab-chunk", "vocab-split"]),
+    (2, ["vocab-chunk", "vocab-split", "dtensor", "ddp", "fsdp"]),
+    (3, ["vocab-chunk", "vocab-split", "dtensor"]),
 ], ids=["world2", "world3"])
 def test_distributed(world, checks):
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
