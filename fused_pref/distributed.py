@@ -145,5 +145,30 @@ def from_dtensors(args, kwargs, options):
             raise ValueError("a DTensor weight sharded on the vocabulary brings its own process group and shard "
                              "offsets: leave process_group and vocab_start unset")
         options = dataclasses.replace(options, process_group=next(iter(meshes)).get_group())
+        if options.validate:
+            _check_replicated(named, given, options.process_group)
     positional = [named.pop(name) for name in POSITIONAL[:len(args)]]
     return tuple(positional), named, options
+
+
+def _check_replicated(named, given, group):
+    """The tokens of a vocabulary-sharded call must be the same on every rank of the group.  A
+    weight that FSDP's ``fully_shard`` left sharded is also a ``Shard(0)`` DTensor, but each rank
+    holds its own batch: refused here rather than computed as a silently wrong vocabulary-parallel
+    loss.  One all-reduce of a few numbers per tensor, and a host read (``validate`` has one anyway)."""
+    local = [named[name] for name in ("hidden", "labels") if isinstance(named.get(name), torch.Tensor)
+             and name not in given]   # a replicated DTensor is the same everywhere by construction
+    if not local:
+        return
+    device = local[0].device
+    stats = torch.cat([torch.stack([torch.tensor(float(t.numel()), device=device), t.double().sum(),
+                                    t.double().square().sum()]) for t in local])
+    low, high = stats.clone(), stats.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
+    if not torch.equal(low, high):
+        raise ValueError("weight is a DTensor sharded on the vocabulary, but hidden or labels differ across its "
+                         "mesh's ranks: a vocabulary-parallel loss needs every rank's tokens.  A weight that FSDP "
+                         "(fully_shard) keeps sharded is such a DTensor too: call the loss inside the model's "
+                         "forward, where FSDP has gathered it (fused_pref.integrations.hf.add_fused_forward), or "
+                         "pass weight.full_tensor()")

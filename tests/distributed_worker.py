@@ -117,6 +117,8 @@ def dtensor_parallel():
         ({"weight": distribute_tensor(x["weight"].detach(), mesh, [Shard(1)])}, "placements"),
         ({"weight": sharded, "bias": x["bias"]}, "weight sharded on the vocabulary (DTensor Shard(0)) but bias not"),
         ({"weight": sharded, "process_group": dist.group.WORLD}, "leave process_group and vocab_start unset"),
+        # Each rank's own tokens (as under FSDP, whose sharded weight is such a DTensor too).
+        ({"weight": sharded, "hidden": x["hidden"] + dist.get_rank()}, "hidden or labels differ across"),
     )
     for change, message in refused:
         call = {"hidden": x["hidden"], "weight": x["weight"], "labels": x["labels"], "bias": None, **change}
