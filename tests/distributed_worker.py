@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
-    torchrun --standalone --nproc-per-node W tests/distributed_worker.py {vocab-chunk|vocab-split|dtensor|ddp|fsdp}...
+    torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
+        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp|hf-fsdp-bf16}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -184,6 +185,57 @@ def data_parallel(kind):
         _close(grad, q.grad, f"{kind} {name}")
 
 
+def hf_fsdp(mixed_precision):
+    """A transformers Llama under FSDP2 as accelerate and TRL wrap it (every decoder layer, then the
+    root, which holds the lm_head), our loss through its forward (``integrations.hf.add_fused_forward``,
+    as the TRL trainers call it): each rank's share of the batch, and the loss and every parameter's
+    gradient equal the single-process full batch's (fp32), or to bf16's resolution under a bf16
+    ``MixedPrecisionPolicy``."""
+    import transformers
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    import fused_pref.integrations.hf as fph
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    config = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 301, (2 * world, 11), generator=gen)
+    labels = ids.masked_fill(torch.arange(11) < 3, -100)   # the same valid count in every row
+
+    def loss_of(model, ids, labels):
+        return model(input_ids=ids, fused_pref=lambda h, head: head.apply(fused_pref.linear_cross_entropy, h, labels))
+
+    torch.manual_seed(0)
+    single = fph.add_fused_forward(transformers.LlamaForCausalLM(config))
+    expected = loss_of(single, ids, labels)
+    expected.backward()
+    torch.manual_seed(0)
+    model = fph.add_fused_forward(transformers.LlamaForCausalLM(config))
+    mesh = init_device_mesh("cpu", (world,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    rows = torch.arange(2 * world).chunk(world)[rank]
+    got = loss_of(model, ids[rows], labels[rows])
+    got.backward()
+    total = got.detach().clone()
+    dist.all_reduce(total)
+    tolerance = TOLERANCE[torch.bfloat16 if mixed_precision else torch.float32]
+    tag = "hf-fsdp" + ("-bf16" if mixed_precision else "")
+
+    def close(ours, theirs, what):
+        error = relative_error(ours, theirs)
+        assert error <= tolerance, f"rank {rank}: {tag} {what}: relative error {error:.2e}"
+
+    close(total / world, expected, "loss")   # equal valid counts: the mean of the ranks' means
+    for (name, p), q in zip(model.named_parameters(), single.parameters()):
+        close(p.grad.full_tensor(), q.grad, name)
+
+
 def main(checks):
     dist.init_process_group("gloo")
     try:
@@ -192,6 +244,8 @@ def main(checks):
                 vocab_parallel(check.removeprefix("vocab-"))
             elif check == "dtensor":
                 dtensor_parallel()
+            elif check.startswith("hf-fsdp"):
+                hf_fsdp(mixed_precision=check.endswith("bf16"))
             else:
                 data_parallel(check)
             dist.barrier()

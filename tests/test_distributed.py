@@ -2,7 +2,9 @@
 
 Vocab-parallel results and gradients must equal the single-process reference on the unsharded
 weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size, with the
-shard given by hand (process_group) or as a DTensor lm_head from parallelize_module.
+shard given by hand (process_group) or as a DTensor lm_head from parallelize_module; DDP and FSDP2
+around a module calling the losses, and a transformers model under FSDP2 (per layer and root, fp32
+and a bf16 MixedPrecisionPolicy) through integrations.hf, against the single process.
 """
 
 import os
@@ -23,7 +25,7 @@ pytestmark = [pytest.mark.cpu_interpreter,
 
 
 @pytest.mark.parametrize("world, checks", [
-    (2, ["vocab-chunk", "vocab-split", "dtensor", "ddp", "fsdp"]),
+    (2, ["vocab-chunk", "vocab-split", "dtensor", "ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16"]),
     (3, ["vocab-chunk", "vocab-split", "dtensor"]),
 ], ids=["world2", "world3"])
 def test_distributed(world, checks):
