@@ -116,8 +116,8 @@ def from_dtensors(args, kwargs, options):
     ``vocab_start``); every other DTensor must be replicated and becomes its local tensor.
     ``to_local`` is differentiable, so the gradients come back as DTensors with the inputs'
     placements (``d_hidden`` replicated, ``d_weight`` sharded like the weight)."""
-    if DTensor is None:
-        return args, kwargs, options
+    if DTensor is None or len(args) > len(POSITIONAL):
+        return args, kwargs, options    # (more positional arguments than any function takes: its TypeError)
     named = {**dict(zip(POSITIONAL, args)), **kwargs}
     given = {name: value for name, value in named.items() if isinstance(value, DTensor)}
     if not given:
@@ -155,14 +155,16 @@ def _check_replicated(named, given, group):
     """The tokens of a vocabulary-sharded call must be the same on every rank of the group.  A
     weight that FSDP's ``fully_shard`` left sharded is also a ``Shard(0)`` DTensor, but each rank
     holds its own batch: refused here rather than computed as a silently wrong vocabulary-parallel
-    loss.  One all-reduce of a few numbers per tensor, and a host read (``validate`` has one anyway)."""
+    loss.  Two all-reduces of two numbers per tensor (its size and sum) and a host read (``validate``
+    has one anyway); under ``validate=False`` nothing is checked."""
     local = [named[name] for name in ("hidden", "labels") if isinstance(named.get(name), torch.Tensor)
              and name not in given]   # a replicated DTensor is the same everywhere by construction
     if not local:
         return
     device = local[0].device
-    stats = torch.cat([torch.stack([torch.tensor(float(t.numel()), device=device), t.double().sum(),
-                                    t.double().square().sum()]) for t in local])
+    # nansum accumulates in fp64 without an fp64 copy of hidden; NaNs count as 0 (the loss shows them).
+    stats = torch.cat([torch.stack([torch.tensor(float(t.numel()), device=device), t.nansum(dtype=torch.float64)])
+                       for t in local])
     low, high = stats.clone(), stats.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)

@@ -13,7 +13,10 @@ gradient filtering; benchmarks/NOTES.md), and its atomics made results run-to-ru
 was removed.  (b) is exact, deterministic, spends the two
 D-wide products in cuBLAS, and its extra traffic (3 x N x V_chunk elements per chunk) is small next
 to those products.  The per-row weight ``g = dLoss/dlogp`` is applied outside the workspace, so the
-workspace holds values in [-1, 1]: a fp16 workspace cannot underflow on a small ``g``.
+workspace holds values in [-1, 1]: a fp16 workspace cannot underflow on a small ``g``.  With more
+per-row weights (``ROW_WEIGHTS``: an entropy term, a z-loss, label smoothing) each row is divided
+by its largest weight instead, so the values stay of order 1 (up to about ``log V`` from the
+entropy's ``z - E[z]``, and times the per-class weights of a class-weighted smoothing).
 """
 
 import torch

@@ -121,6 +121,13 @@ def dtensor_parallel():
         # Each rank's own tokens (as under FSDP, whose sharded weight is such a DTensor too).
         ({"weight": sharded, "hidden": x["hidden"] + dist.get_rank()}, "hidden or labels differ across"),
     )
+    # One positional argument too many: the function's own TypeError, not a silently dropped argument.
+    try:
+        fused_pref.linear_cross_entropy(x["hidden"], sharded, x["labels"], None, "sum")
+    except TypeError:
+        pass
+    else:
+        raise AssertionError(f"rank {dist.get_rank()}: a fifth positional argument was accepted")
     for change, message in refused:
         call = {"hidden": x["hidden"], "weight": x["weight"], "labels": x["labels"], "bias": None, **change}
         try:

@@ -53,6 +53,7 @@ CONFIGS = {
                                     init_lora_weights=False),
     "lora_head_with_bias": dict(r=3, lora_alpha=6, lora_dropout=0.0, target_modules=["lm_head"], lora_bias=True),
     "two_adapters_one_active": dict(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["lm_head"]),
+    "two_adapters_both_active": dict(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=["lm_head"]),
     "modules_to_save": dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj"],
                             modules_to_save=["lm_head"]),
 }
@@ -62,13 +63,16 @@ CONFIGS = {
 def test_adapted_head_equals_the_models_own_loss(name):
     device = kernel_device()
     ours = adapted(peft.LoraConfig(**CONFIGS[name]), device)
-    if name == "two_adapters_one_active":
+    if name.startswith("two_adapters"):
         ours.add_adapter("other", peft.LoraConfig(**CONFIGS[name]))
         with torch.no_grad():
             for param_name, param in ours.named_parameters():
                 if "lora_B.other" in param_name:
                     param.normal_(0, 0.5)
-        ours.set_adapter("other")
+        if name.endswith("one_active"):
+            ours.set_adapter("other")
+        else:   # the sum of both adapters' terms
+            ours.base_model.set_adapter(["default", "other"])
     theirs = copy.deepcopy(ours)
     input_ids, labels = batch(device)
     loss = fph.linear_cross_entropy(ours, input_ids, labels)
@@ -96,6 +100,12 @@ def test_disabled_and_merged_adapters_are_the_base_and_merged_weights():
         adapted_loss = fph.linear_cross_entropy(model, input_ids, labels)
         model.merge_adapter()
         assert relative_error(fph.linear_cross_entropy(model, input_ids, labels), adapted_loss) <= 1e-5
+        # Merged, then disabled (a reference pass after a weight sync merged the adapter): the base.
+        with model.disable_adapter():
+            ours = fph.linear_cross_entropy(model, input_ids, labels)
+        with model.disable_adapter():
+            theirs = model(input_ids=input_ids, labels=labels).loss
+        assert relative_error(ours, theirs) <= 1e-5 and relative_error(ours, adapted_loss) > 1e-3
 
 
 def test_lora_dropout_in_training_is_refused():

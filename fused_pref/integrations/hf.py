@@ -138,14 +138,35 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     products ``B @ A`` and its two gradients cost ``O(V D r)``, under 1% of the loss's ``O(N D V)``.
     Refused (``NotImplementedError``), since one weight cannot express them: LoRA dropout while
     training (it drops entries of the hidden states of the low-rank term only) and LoRA variants
-    (DoRA, ...).  A merged or disabled adapter is the base layer's weight."""
+    (DoRA, ...).  A merged adapter is the base layer's weight (which holds it); a disabled one is
+    that weight without the merged adapters, as PEFT's forward unmerges them first."""
     lora_A, lora_B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
     if lora_A is None or lora_B is None or not hasattr(layer, "base_layer"):
         return layer.weight, getattr(layer, "bias", None)
     base = layer.get_base_layer()
     weight, bias = base.weight, getattr(base, "bias", None)
-    if layer.disable_adapters or layer.merged:
+    if layer.disable_adapters:
+        # PEFT's forward unmerges a disabled adapter first: the base weight is W without them.
+        for name in getattr(layer, "merged_adapters", ()):
+            weight, bias = _add_lora(layer, name, weight, bias, sign=-1.0)
         return weight, bias
+    if layer.merged:
+        return weight, bias          # the adapters are in W already, as PEFT's forward has it
+    for name in layer.active_adapters:
+        if name not in lora_A.keys():
+            continue
+        if name in getattr(layer, "lora_variant", {}):
+            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer is a variant "
+                                      f"({type(layer.lora_variant[name]).__name__}, e.g. DoRA): fused_pref applies "
+                                      "plain LoRA only")
+        dropout = layer.lora_dropout[name]
+        if layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer has lora_dropout={dropout.p} in "
+                                      "training: it drops entries of the low-rank term's input only, which one "
+                                      "effective weight cannot express; set lora_dropout=0 or leave lm_head out "
+                                      "of target_modules")
+        weight, bias = _add_lora(layer, name, weight, bias)
+    return weight, bias
     for name in layer.active_adapters:
         if name not in lora_A.keys():
             continue
@@ -166,6 +187,21 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
         if lora_B[name].bias is not None:
             lora_bias = layer.scaling[name] * lora_B[name].bias.to(weight.dtype)
             bias = lora_bias if bias is None else bias + lora_bias
+    return weight, bias
+
+
+def _add_lora(layer, name, weight, bias, sign=1.0):
+    """``weight + sign * s B @ A`` as one product into a fresh ``[V, D]`` (``addmm``), in the weight's
+    dtype, and the adapter's bias alike when it has one."""
+    scale = sign * layer.scaling[name]
+    A, B = layer.lora_A[name].weight.to(weight.dtype), layer.lora_B[name].weight.to(weight.dtype)
+    if getattr(layer, "fan_in_fan_out", False):
+        A, B = B.T, A.T        # the base weight is stored transposed: add (B @ A).T = A.T @ B.T
+    weight = torch.addmm(weight, B, A, alpha=scale)
+    lora_bias = layer.lora_B[name].bias
+    if lora_bias is not None:
+        lora_bias = scale * lora_bias.to(weight.dtype)
+        bias = lora_bias if bias is None else bias + lora_bias
     return weight, bias
 
 

@@ -196,13 +196,13 @@ class FusedDPOTrainer(DPOTrainer):
         metrics["num_tokens"] = [self._total_train_tokens]
         # Token-weighted means across ranks, as TRL's (gather sums and counts): the entropy over
         # every completion token, the logits over each half's, the accuracy over the chosen ones'.
-        for name, mean, tokens in (("logits/chosen", out.chosen_logits_mean, counts[:B].sum()),
-                                   ("logits/rejected", out.rejected_logits_mean, counts[B:].sum()),
-                                   ("entropy", out.entropy, counts.sum()),
-                                   ("mean_token_accuracy", out.mean_token_accuracy, counts[:B].sum())):
-            value_sum = accelerator.gather_for_metrics((mean * tokens).reshape(1)).sum().item()
-            token_sum = accelerator.gather_for_metrics(tokens.reshape(1)).sum().item()
-            metrics[name].append(value_sum / token_sum if token_sum > 0 else 0.0)
+        for name, value, weight in (("logits/chosen", out.chosen_logits_mean, counts[:B].sum()),
+                                    ("logits/rejected", out.rejected_logits_mean, counts[B:].sum()),
+                                    ("entropy", out.entropy, counts.sum()),
+                                    ("mean_token_accuracy", out.mean_token_accuracy, counts[:B].sum())):
+            value_sum = accelerator.gather_for_metrics((value * weight).reshape(1)).sum().item()
+            weight_sum = accelerator.gather_for_metrics(weight.reshape(1)).sum().item()
+            metrics[name].append(value_sum / weight_sum if weight_sum > 0 else 0.0)
         metrics["rewards/chosen"].append(_gather_mean(accelerator, chosen_rewards))
         metrics["rewards/rejected"].append(_gather_mean(accelerator, rejected_rewards))
         metrics["rewards/accuracies"].append(_gather_mean(accelerator, (chosen_rewards > rejected_rewards).float()))
