@@ -167,27 +167,6 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
                                       "of target_modules")
         weight, bias = _add_lora(layer, name, weight, bias)
     return weight, bias
-    for name in layer.active_adapters:
-        if name not in lora_A.keys():
-            continue
-        if name in getattr(layer, "lora_variant", {}):
-            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer is a variant "
-                                      f"({type(layer.lora_variant[name]).__name__}, e.g. DoRA): fused_pref applies "
-                                      "plain LoRA only")
-        dropout = layer.lora_dropout[name]
-        if layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
-            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer has lora_dropout={dropout.p} in "
-                                      "training: it drops entries of the low-rank term's input only, which one "
-                                      "effective weight cannot express; set lora_dropout=0 or leave lm_head out "
-                                      "of target_modules")
-        delta = lora_B[name].weight @ lora_A[name].weight
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
-        weight = weight + layer.scaling[name] * delta.to(weight.dtype)
-        if lora_B[name].bias is not None:
-            lora_bias = layer.scaling[name] * lora_B[name].bias.to(weight.dtype)
-            bias = lora_bias if bias is None else bias + lora_bias
-    return weight, bias
 
 
 def _add_lora(layer, name, weight, bias, sign=1.0):

@@ -124,6 +124,25 @@ def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
     return weight, kwargs, spec.reduction == "mean"
 
 
+@contextlib.contextmanager
+def _reference_model(trainer):
+    """The model that scores the reference, as TRL's trainers pick it, inside the scope to score it
+    in: the reference model, or a PEFT policy with its adapter switched off (a new adapter off gives
+    the base model; an adapter being re-trained was loaded a second time as "ref"); under no_grad,
+    without gradient checkpointing, and under autocast as the policy's forward (which accelerate
+    wraps in it) and TRL's reference: patching the reference's forward after accelerate wrapped it
+    took that wrapper off."""
+    adapter = contextlib.nullcontext()
+    model = trainer.ref_model
+    if trainer.ref_model is None and is_peft_model(trainer.model):
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        model = trainer.model
+    with torch.no_grad(), disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs), \
+            adapter, trainer.accelerator.autocast():
+        yield model
+
+
 def _gather_mean(accelerator, values) -> float:
     return accelerator.gather_for_metrics(values.detach()).float().mean().item()
 
@@ -148,18 +167,7 @@ class FusedDPOTrainer(DPOTrainer):
         def logps(hidden, head):
             return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum")
 
-        adapter = contextlib.nullcontext()
-        model = self.ref_model
-        if self.ref_model is None and is_peft_model(self.model):
-            # As TRL: a new adapter switched off gives the base model; an adapter being re-trained
-            # was loaded a second time as "ref".
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            model = self.model
-        # Under autocast, as the policy's forward (which accelerate wraps in it) and TRL's reference:
-        # patching the reference's forward after accelerate wrapped it took that wrapper off.
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                adapter, self.accelerator.autocast():
+        with _reference_model(self) as model:
             return model(**model_kwargs, fused_pref=logps)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -251,15 +259,7 @@ class FusedKTOTrainer(KTOTrainer):
         precomputed, a PEFT model with its adapter off, or the reference model, under no_grad."""
         if self.precompute_ref_logps:
             return inputs["ref_logps"].float(), inputs["ref_KL_logps"].float() if self.calculate_KL else None
-        adapter = contextlib.nullcontext()
-        model = self.ref_model
-        if self.ref_model is None and is_peft_model(self.model):
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-            model = self.model
-        # Under autocast, as the policy's forward: see FusedDPOTrainer._reference_logps.
-        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs), \
-                adapter, self.accelerator.autocast():
+        with _reference_model(self) as model:
             kl_logps = self._summed_logps(model, kl_kwargs, kl_labels) if self.calculate_KL else None
             return self._summed_logps(model, model_kwargs, labels), kl_logps
 
