@@ -96,6 +96,18 @@ def grpo_spec(*, epsilon_low=0.2, epsilon_high=None, **hyper) -> GRPOSpec:
                     **hyper)
 
 
+# The keywords of grpo_loss (and its twin) that make its spec, and those that are the call's tensors.
+HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(GRPOSpec))
+_TENSORS = ("advantages", "old_logps", "ref_logps", "importance_sampling_ratio", "sampling_logps",
+            "num_items_in_batch", "ref_hidden", "ref_weight", "ref_bias")
+
+
+def _arguments(arguments: dict) -> tuple[GRPOSpec, dict]:
+    """The spec and the per-call tensors from a public function's arguments (its ``locals()``)."""
+    return (grpo_spec(**{name: arguments[name] for name in HYPERPARAMETERS}),
+            {name: arguments[name] for name in _TENSORS})
+
+
 @dataclass
 class GRPOOutput:
     """What :func:`grpo_loss` returns.
@@ -421,17 +433,8 @@ def reference_grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_lo
                         vespo_lambda_neg=2.0, off_policy_mask_threshold=None, sampling_logps=None,
                         top_entropy_quantile=1.0, entropy_coef=0.0, options) -> GRPOOutput:
     """Reference of :func:`grpo_loss`: the same math on :func:`fused_pref.reference.linear_logprobs`."""
-    spec = grpo_spec(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                     importance_sampling_level=importance_sampling_level,
-                     use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
-                     sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                     vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                     vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
-                     top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
-    return _grpo(reference.linear_logprobs, hidden, weight, labels, bias, spec, options, advantages=advantages,
-                 old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, ref_hidden=ref_hidden,
-                 ref_weight=ref_weight, ref_bias=ref_bias)
+    spec, tensors = _arguments(locals())
+    return _grpo(reference.linear_logprobs, hidden, weight, labels, bias, spec, options, **tensors)
 
 
 @_public(reference_grpo_loss)
@@ -503,14 +506,5 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
     >>> out = fused_pref.grpo_loss(h, lm_head.weight, labels, advantages=adv, old_logps=old, loss_type="grpo")
     >>> out.loss.backward()
     """
-    spec = grpo_spec(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                     importance_sampling_level=importance_sampling_level,
-                     use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
-                     sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                     vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                     vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
-                     top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
-    return _grpo(functional.linear_logprobs, hidden, weight, labels, bias, spec, options, advantages=advantages,
-                 old_logps=old_logps, ref_logps=ref_logps, importance_sampling_ratio=importance_sampling_ratio,
-                 sampling_logps=sampling_logps, num_items_in_batch=num_items_in_batch, ref_hidden=ref_hidden,
-                 ref_weight=ref_weight, ref_bias=ref_bias)
+    spec, tensors = _arguments(locals())
+    return _grpo(functional.linear_logprobs, hidden, weight, labels, bias, spec, options, **tensors)

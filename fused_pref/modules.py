@@ -141,13 +141,7 @@ class FusedGRPOLoss(_FusedLoss):
                  sapo_temperature_pos=1.0, sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0,
                  vespo_k_neg=3.0, vespo_lambda_neg=2.0, off_policy_mask_threshold=None, top_entropy_quantile=1.0,
                  entropy_coef=0.0, **options):
-        hyper = dict(loss_type=loss_type, beta=beta, epsilon_low=epsilon_low, epsilon_high=epsilon_high, delta=delta,
-                     importance_sampling_level=importance_sampling_level,
-                     use_bias_correction_kl=use_bias_correction_kl, max_completion_length=max_completion_length,
-                     sapo_temperature_pos=sapo_temperature_pos, sapo_temperature_neg=sapo_temperature_neg,
-                     vespo_k_pos=vespo_k_pos, vespo_lambda_pos=vespo_lambda_pos, vespo_k_neg=vespo_k_neg,
-                     vespo_lambda_neg=vespo_lambda_neg, off_policy_mask_threshold=off_policy_mask_threshold,
-                     top_entropy_quantile=top_entropy_quantile, entropy_coef=entropy_coef)
+        hyper = {name: value for name, value in locals().items() if name in grpo.HYPERPARAMETERS}
         # Checked now, as every module's hyper-parameters are, not at the first batch.
         grpo.grpo_spec(**hyper)
         super().__init__(hyper, options)
