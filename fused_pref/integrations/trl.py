@@ -124,6 +124,17 @@ def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
     return weight, kwargs, spec.reduction == "mean"
 
 
+def _fuse(trainer, unsupported: dict):
+    """Refuse the options named in ``unsupported`` (name: whether set) with ``NotImplementedError``,
+    then give the policy and the reference model our fused forward (``add_fused_forward``)."""
+    for name, present in unsupported.items():
+        if present:
+            raise NotImplementedError(f"{type(trainer).__name__} does not support {name}")
+    add_fused_forward(trainer.model)
+    if trainer.ref_model is not None:
+        add_fused_forward(trainer.accelerator.unwrap_model(trainer.ref_model))
+
+
 @contextlib.contextmanager
 def _reference_model(trainer):
     """The model that scores the reference, as TRL's trainers pick it, inside the scope to score it
@@ -154,9 +165,7 @@ class FusedDPOTrainer(DPOTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._fused_weight, self._fused_kwargs, self._fused_mean = _dpo_arguments(self)
-        add_fused_forward(self.model)
-        if self.ref_model is not None:
-            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+        _fuse(self, {})
 
     def _reference_logps(self, inputs, model_kwargs, labels):
         """Summed reference log-probs ``[2B]``, as TRL's: precomputed, a PEFT model with its
@@ -239,12 +248,7 @@ class FusedKTOTrainer(KTOTrainer):
         super().__init__(*args, **kwargs)
         unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
                        "vision-language datasets": self._is_vision_dataset}
-        for name, present in unsupported.items():
-            if present:
-                raise NotImplementedError(f"FusedKTOTrainer does not support {name}")
-        add_fused_forward(self.model)
-        if self.ref_model is not None:
-            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+        _fuse(self, unsupported)
 
     @staticmethod
     def _summed_logps(model, model_kwargs, labels):
@@ -351,12 +355,7 @@ class FusedGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
                        "cast_lm_head_to_fp32": self.args.cast_lm_head_to_fp32}
-        for name, present in unsupported.items():
-            if present:
-                raise NotImplementedError(f"FusedGRPOTrainer does not support {name}")
-        add_fused_forward(self.model)
-        if self.ref_model is not None:
-            add_fused_forward(self.accelerator.unwrap_model(self.ref_model))
+        _fuse(self, unsupported)
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
