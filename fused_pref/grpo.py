@@ -22,6 +22,7 @@ import torch
 from . import functional, reference, validation
 from .functional import _public
 from .options import Options, takes_options
+from .outputs import pytree_output
 from .segments import sequence_sums, shift_labels
 
 # TRL 1.16's GRPOConfig.loss_type values.
@@ -108,6 +109,7 @@ def _arguments(arguments: dict) -> tuple[GRPOSpec, dict]:
             {name: arguments[name] for name in _TENSORS})
 
 
+@pytree_output
 @dataclass
 class GRPOOutput:
     """What :func:`grpo_loss` returns.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import validation
+from .outputs import pytree_output
 
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -79,6 +80,7 @@ def kto_losses(logps, ref_logps, desirable, kl, spec: KTOSpec) -> torch.Tensor:
     return torch.where(desirable, spec.desirable_weight * losses, spec.undesirable_weight * losses)
 
 
+@pytree_output
 @dataclass
 class KTOOutput:
     """``loss`` is a differentiable scalar; the rest is detached, per sequence ``[R]`` unless noted.

@@ -4,8 +4,18 @@ rewards, TRL's metrics) and per-token log-probs with their statistics."""
 from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 
+def pytree_output(cls):
+    """Register a result dataclass with torch's pytree, so that what looks for a result's tensors
+    finds the ones inside: the hooks that FSDP2 and DeepSpeed put on the output layer, whose
+    forward ``integrations.hf`` runs the loss as (:func:`fused_pref.integrations.hf.run_as_output_layer`)."""
+    pytree.register_dataclass(cls)
+    return cls
+
+
+@pytree_output
 @dataclass
 class TokenLogprobs:
     """What :func:`fused_pref.linear_logprobs` returns when a statistic is asked for, each of the
@@ -27,6 +37,7 @@ class TokenLogprobs:
     argmax: torch.Tensor | None = None
 
 
+@pytree_output
 @dataclass
 class CrossEntropyOutput:
     """What :func:`fused_pref.linear_cross_entropy` returns when ``return_z_loss``,
@@ -52,6 +63,7 @@ def cross_entropy_output(loss, argmax, targets, valid, *, token_accuracy: bool, 
                               argmax if predicted_tokens else None)
 
 
+@pytree_output
 @dataclass
 class PreferenceOutput:
     """``loss`` is a differentiable scalar; every other field is detached.

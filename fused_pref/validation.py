@@ -44,6 +44,17 @@ def check_dtype(name, tensor, dtypes=FUSED_DTYPES):
         _fail(TypeError, f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
 
 
+def check_gathered(name, tensor):
+    """A DeepSpeed ZeRO-3 parameter read outside its module's forward is this rank's partition: an
+    empty tensor, with the whole shape in ``ds_shape``."""
+    shape = getattr(tensor, "ds_shape", None)
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        _fail(ValueError, f"{name} is a DeepSpeed ZeRO-3 parameter partitioned across ranks (shape {tuple(shape)}, "
+                          f"here {tuple(tensor.shape)}): call the loss inside the model's forward, where ZeRO-3 "
+                          "gathers it (fused_pref.integrations.hf, its add_fused_forward, or the TRL trainers), or "
+                          "gather it for the call and its backward with deepspeed.zero.GatheredParameters")
+
+
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, packed=False,
                   name="hidden"):
     """Types, shapes, dtypes and devices of the projection inputs.
@@ -56,6 +67,8 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
             _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         _fail(TypeError, f"{b_name} must be a torch.Tensor or None, got {type(bias).__name__}")
+    for arg, value in ((w_name, weight), (b_name, bias)):
+        check_gathered(arg, value)
     check_dtype(name, hidden, dtypes)
     if weight.dtype != hidden.dtype:
         _fail(TypeError, f"{w_name} dtype {weight.dtype} must match {name} dtype {hidden.dtype}")

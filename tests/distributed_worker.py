@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
     torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
-        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp|hf-fsdp-bf16}...
+        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -192,24 +192,48 @@ def data_parallel(kind):
         _close(grad, q.grad, f"{kind} {name}")
 
 
-def hf_fsdp(mixed_precision):
-    """A transformers Llama under FSDP2 as accelerate and TRL wrap it (every decoder layer, then the
-    root, which holds the lm_head), our loss through its forward (``integrations.hf.add_fused_forward``,
-    as the TRL trainers call it): each rank's share of the batch, and the loss and every parameter's
-    gradient equal the single-process full batch's (fp32), or to bf16's resolution under a bf16
-    ``MixedPrecisionPolicy``."""
+def _fsdp(model, mesh, wrap):
+    """``model`` under FSDP2 as ``wrap`` names: "fsdp" as accelerate and TRL wrap it (every decoder
+    layer, then the root, which holds the lm_head), "-bf16" under a bf16 ``MixedPrecisionPolicy``,
+    "-head" with the lm_head its own unit (resharded after its forward), "-offload" with every
+    parameter on the host between uses (``CPUOffloadPolicy``)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if "bf16" in wrap \
+        else MixedPrecisionPolicy()
+    options = dict(mesh=mesh, mp_policy=policy,
+                   offload_policy=CPUOffloadPolicy() if "offload" in wrap else OffloadPolicy())
+    for layer in model.model.layers:
+        fully_shard(layer, **options)
+    if "head" in wrap:
+        fully_shard(model.lm_head, reshard_after_forward=True, **options)
+    return fully_shard(model, **options)
+
+
+def _zero3(model):
+    """``model`` as DeepSpeed ZeRO-3 runs it: every parameter partitioned across the ranks (none kept
+    whole, however small), gathered by the engine's hooks around each module's forward and backward."""
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "optimizer": {"type": "SGD", "params": {"lr": 0.0}}}
+    engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+    assert engine.module.lm_head.weight.numel() == 0, "the lm_head weight is not partitioned"
+    return engine
+
+
+def hf_sharded(wrap):
+    """A transformers Llama under FSDP2 (:func:`_fsdp`) or DeepSpeed ZeRO-3 (:func:`_zero3`), our loss
+    through its forward (``integrations.hf.add_fused_forward``, as the TRL trainers call it): each
+    rank's share of the batch, and the loss and every parameter's gradient equal the single-process
+    full batch's (fp32), or to bf16's resolution under a bf16 policy."""
     import transformers
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     import fused_pref.integrations.hf as fph
 
-    rank, world = dist.get_rank(), dist.get_world_size()
-    config = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
-    gen = torch.Generator().manual_seed(3)
-    ids = torch.randint(3, 301, (2 * world, 11), generator=gen)
-    labels = ids.masked_fill(torch.arange(11) < 3, -100)   # the same valid count in every row
+    config, ids, labels = _llama_batch()
 
     def loss_of(model, ids, labels):
         return model(input_ids=ids, fused_pref=lambda h, head: head.apply(fused_pref.linear_cross_entropy, h, labels))
@@ -220,27 +244,93 @@ def hf_fsdp(mixed_precision):
     expected.backward()
     torch.manual_seed(0)
     model = fph.add_fused_forward(transformers.LlamaForCausalLM(config))
-    mesh = init_device_mesh("cpu", (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
-        else MixedPrecisionPolicy()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
-    rows = torch.arange(2 * world).chunk(world)[rank]
+    if wrap == "zero3":
+        model = _zero3(model)
+    else:
+        model = _fsdp(model, init_device_mesh("cpu", (dist.get_world_size(),)), wrap)
+    rows = _rows()
     got = loss_of(model, ids[rows], labels[rows])
-    got.backward()
+    if wrap == "zero3":
+        model.backward(got)
+    else:
+        got.backward()
+    _same_as_single(f"hf-{wrap}", model, got, single, expected,
+                    TOLERANCE[torch.bfloat16 if "bf16" in wrap else torch.float32])
+
+
+def _llama_batch():
+    """A tiny transformers Llama config, and a batch of two rows per rank with the same number of
+    valid labels in every row (so the mean of the ranks' mean losses is the full batch's)."""
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 301, (2 * dist.get_world_size(), 11), generator=gen)
+    return config, ids, ids.masked_fill(torch.arange(11) < 3, -100)
+
+
+def _rows():
+    world = dist.get_world_size()
+    return torch.arange(2 * world).chunk(world)[dist.get_rank()]
+
+
+def _same_as_single(tag, model, got, single, expected, tolerance=TOLERANCE[torch.float32]):
+    """This rank's loss ``got`` (its backward done) on its rows, and the gradients of the wrapped
+    ``model`` (an FSDP2 module or a DeepSpeed engine), against the single process's full batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if hasattr(model, "backward"):     # a DeepSpeed engine: each parameter's gradient is partitioned
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = [(name, safe_get_full_grad(p)) for name, p in model.module.named_parameters()]
+    else:
+        grads = [(name, p.grad.full_tensor()) for name, p in model.named_parameters()]
     total = got.detach().clone()
     dist.all_reduce(total)
-    tolerance = TOLERANCE[torch.bfloat16 if mixed_precision else torch.float32]
-    tag = "hf-fsdp" + ("-bf16" if mixed_precision else "")
 
     def close(ours, theirs, what):
         error = relative_error(ours, theirs)
         assert error <= tolerance, f"rank {rank}: {tag} {what}: relative error {error:.2e}"
 
-    close(total / world, expected, "loss")   # equal valid counts: the mean of the ranks' means
-    for (name, p), q in zip(model.named_parameters(), single.parameters()):
-        close(p.grad.full_tensor(), q.grad, name)
+    close(total / world, expected, "loss")
+    for (name, grad), q in zip(grads, single.parameters(), strict=True):
+        close(grad, q.grad, name)
+
+
+def zero3_direct():
+    """ZeRO-3 without ``add_fused_forward``: ``integrations.hf``'s functions on the engine's model
+    (the decoder's hooks and the lm_head's gather as in its forward), and a public function on the
+    lm_head weight, which is refused partitioned and right inside ``GatheredParameters``."""
+    import deepspeed
+    import transformers
+
+    import fused_pref.integrations.hf as fph
+
+    config, ids, labels = _llama_batch()
+    torch.manual_seed(0)
+    single = transformers.LlamaForCausalLM(config)
+    expected = fph.linear_cross_entropy(single, ids, labels)
+    expected.backward()
+    rows = _rows()
+    for how in ("integrations.hf", "GatheredParameters"):
+        torch.manual_seed(0)
+        engine = _zero3(transformers.LlamaForCausalLM(config))
+        if how == "integrations.hf":
+            got = fph.linear_cross_entropy(engine.module, ids[rows], labels[rows])
+            engine.backward(got)
+        else:
+            hidden = fph.hidden_states(engine.module, ids[rows])
+            weight = engine.module.lm_head.weight
+            try:
+                fused_pref.linear_cross_entropy(hidden, weight, labels[rows], shift=True)
+            except ValueError as error:
+                assert "DeepSpeed ZeRO-3 parameter partitioned" in str(error), str(error)
+            else:
+                raise AssertionError("a partitioned weight was not refused")
+            with deepspeed.zero.GatheredParameters([weight]):
+                got = fused_pref.linear_cross_entropy(hidden, weight, labels[rows], shift=True)
+                engine.backward(got)
+        _same_as_single(f"zero3 {how}", engine, got, single, expected)
 
 
 def main(checks):
@@ -251,8 +341,10 @@ def main(checks):
                 vocab_parallel(check.removeprefix("vocab-"))
             elif check == "dtensor":
                 dtensor_parallel()
-            elif check.startswith("hf-fsdp"):
-                hf_fsdp(mixed_precision=check.endswith("bf16"))
+            elif check == "zero3-direct":
+                zero3_direct()
+            elif check.startswith("hf-"):
+                hf_sharded(check.removeprefix("hf-"))
             else:
                 data_parallel(check)
             dist.barrier()

@@ -593,3 +593,17 @@ def test_vocab_start_needs_a_process_group(module, name):
 def test_bad_backward_options(module, name, kwargs, cls, pattern):
     with pytest.raises(cls, match=pattern):
         call(module, name, **kwargs)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name", FUNCTIONS)
+@pytest.mark.parametrize("arg", ["weight", "bias"])
+def test_partitioned_zero3_parameter_names_the_fix(module, name, arg):
+    """A DeepSpeed ZeRO-3 parameter read outside its module's forward: this rank's empty partition,
+    the whole shape in ``ds_shape`` (as DeepSpeed leaves it; DeepSpeed itself runs in
+    tests/test_distributed.py)."""
+    full = make_inputs()[arg]
+    partitioned = torch.empty(0, dtype=full.dtype, device=DEVICE)
+    partitioned.ds_shape = full.shape
+    with pytest.raises(ValueError, match=rf"^{arg} is a DeepSpeed ZeRO-3 parameter partitioned .*GatheredParameters"):
+        call(module, name, **{arg: partitioned})

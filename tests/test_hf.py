@@ -177,3 +177,63 @@ def test_head_follows_autocast_like_nn_linear(device):
         expected = model.get_output_embeddings()(hidden).dtype
     assert h.dtype == w.dtype == b.dtype == expected == torch.bfloat16
     assert fph.output_head(model).inputs(hidden)[1].dtype == torch.float32
+
+
+def test_the_loss_runs_as_the_output_layers_forward_inside_its_hooks(device):
+    """Sharding engines gather the head with hooks around its call (FSDP2, ZeRO-3): the loss runs as
+    that call, its tensors handed to the hooks, which may replace them (as DeepSpeed does); the
+    layer's own forward is back afterwards, after an error too."""
+    model = make_model("llama", device)
+    input_ids, attention_mask, labels = make_batch(device, seed=5)
+    expected = fph.simpo_loss(model, input_ids, labels, attention_mask)
+    expected.loss.backward()
+    expected_grads = grads(model)
+    head = model.get_output_embeddings()
+    seen = []
+    pre = head.register_forward_pre_hook(lambda layer, args: seen.append(("pre", args[0].shape)))
+
+    def replace_outputs(layer, args, output):
+        seen.append(("post", type(output), len(output)))
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in output)
+
+    post = head.register_forward_hook(replace_outputs)
+    out = fph.simpo_loss(model, input_ids, labels, attention_mask)
+    assert isinstance(out, fused_pref.PreferenceOutput) and out.loss.grad_fn.name() == "CloneBackward0"
+    assert seen == [("pre", (4, T, D)), ("post", tuple, 7)]
+    assert out.loss.item() == expected.loss.item()
+    out.loss.backward()
+    assert_close_grads(grads(model), expected_grads, rtol=1e-6)
+    assert "forward" not in vars(head)
+
+    def failing(hidden, head):
+        raise RuntimeError("inside the loss")
+
+    with pytest.raises(RuntimeError, match="inside the loss"):
+        fph.run_as_output_layer(model, failing, torch.zeros(1, 2, D, device=device))
+    assert "forward" not in vars(head)
+    pre.remove(), post.remove()
+    assert model(input_ids).logits.shape == (4, T, V)
+
+
+def test_the_loss_runs_inside_accelerates_hooks(device):
+    """accelerate's hooks (device_map dispatch) replace the layer's forward and call the original as
+    ``_old_forward``: the loss stands in for that one, the hook runs around it."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Counting(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    model = make_model("llama", device)
+    input_ids, attention_mask, labels = make_batch(device, seed=6)
+    expected = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    head = model.get_output_embeddings()
+    hooks.add_hook_to_module(head, Counting())
+    original = head._old_forward
+    got = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    assert Counting.calls == 1 and got.item() == expected.item()
+    assert head._old_forward is original
+    assert model(input_ids).logits.shape == (4, T, V) and Counting.calls == 2

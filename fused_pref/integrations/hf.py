@@ -27,6 +27,7 @@ import types
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 import fused_pref
 
@@ -203,9 +204,46 @@ def hidden_states(model, input_ids=None, attention_mask=None, **model_kwargs) ->
     return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
 
 
+def run_as_output_layer(model, fn, hidden):
+    """``fn(hidden, output_head(model))``, run as the forward of ``model``'s output layer.
+
+    Engines that shard parameters gather a layer's weight with hooks around that layer's call:
+    FSDP2 on a ``fully_shard``-ed output layer unshards it before and reshards it after, unshards it
+    again before the layer's backward and reduce-scatters its gradient after; DeepSpeed ZeRO-3
+    gathers and releases it alike.  The fused loss never runs the layer's own forward (the
+    projection to ``[tokens, vocab]`` logits), so it runs in its place: for one ``layer(hidden)``
+    call the layer's ``forward`` is ``fn``, and every hook runs around the loss as it would around
+    the projection.  Its output is handed to the hooks flattened (torch pytree): they see each
+    tensor, replace it if they need to (DeepSpeed does) and the structure is rebuilt, so ``fn``
+    returns tensors, tuples, lists, dicts or fused_pref's results (registered with the pytree).
+    accelerate's hooks (``device_map`` dispatch) run around it the same way.  Without hooks this is
+    a plain call of ``fn``."""
+    layer = _unwrap(model).get_output_embeddings()
+    structure = None
+
+    def forward(_, hidden):
+        nonlocal structure
+        leaves, structure = pytree.tree_flatten(fn(hidden, output_head(model)))
+        return tuple(leaves)
+
+    # accelerate's hooks (device_map dispatch, offload) replace the instance's forward with one that
+    # calls the original as ``_old_forward``: that is the forward to stand in for.
+    name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
+    previous = vars(layer).get(name)
+    setattr(layer, name, types.MethodType(forward, layer))
+    try:
+        leaves = layer(hidden)
+    finally:
+        if previous is None:
+            delattr(layer, name)
+        else:
+            setattr(layer, name, previous)
+    return pytree.tree_unflatten(list(leaves), structure)
+
+
 def _loss(fn, model, input_ids, labels, attention_mask, model_kwargs, kwargs):
     hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
-    return output_head(model).apply(fn, hidden, labels, **kwargs)
+    return run_as_output_layer(model, lambda hidden, head: head.apply(fn, hidden, labels, **kwargs), hidden)
 
 
 def linear_logprobs(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
@@ -283,7 +321,7 @@ def add_fused_forward(model):
         if fused_pref is None:
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
-        return fused_pref(backbone(self)(*args, **kwargs).last_hidden_state, output_head(self))
+        return run_as_output_layer(self, fused_pref, backbone(self)(*args, **kwargs).last_hidden_state)
 
     target.forward = types.MethodType(forward, target)
     target._fused_pref_forward = True
