@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
     torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
-        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct}...
+        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|grpo-fsdp|grpo-zero3}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -333,6 +333,105 @@ def zero3_direct():
         _same_as_single(f"zero3 {how}", engine, got, single, expected)
 
 
+def trl_sharded(wrap):
+    """``FusedDPOTrainer``'s loss step with the policy and the reference model under FSDP2 (each decoder
+    layer, then the root) or as ZeRO-3 engines: each rank's pairs give the single process's
+    full-batch loss, every gradient and every metric logged.  accelerate turns FSDP and DeepSpeed on
+    for accelerators only, so the models are wrapped here by hand, as accelerate wraps them, and the
+    trainer's own accelerator is the multi-CPU one (its metrics gathered over the ranks)."""
+    import copy
+    import tempfile
+
+    import trl
+    from test_trl import pairs, tiny_llama, tokenizer
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fused_pref.integrations.trl import FusedDPOTrainer
+
+    config = trl.DPOConfig(output_dir=tempfile.mkdtemp(), beta=0.5, bf16=False, per_device_train_batch_size=4,
+                           use_cpu=True, report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = FusedDPOTrainer(model=tiny_llama(seed=0), ref_model=tiny_llama(seed=1), args=config,
+                              train_dataset=pairs(), processing_class=tokenizer())
+    pairs_count = 4
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(pairs_count)])
+    single, single_ref = trainer.model, trainer.ref_model
+    expected = trainer.compute_loss(single, batch)
+    expected.backward()
+    expected_metrics = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+    policy, reference = copy.deepcopy(single), copy.deepcopy(single_ref)
+    policy.zero_grad(set_to_none=True)
+    if wrap == "zero3":
+        policy, reference = _zero3(policy), _zero3(reference)
+    else:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        policy, reference = _fsdp(policy, mesh, wrap), _fsdp(reference, mesh, wrap)
+    trainer.model, trainer.ref_model = policy, reference
+    mine = torch.arange(pairs_count).chunk(dist.get_world_size())[dist.get_rank()]
+    rows = torch.cat([mine, mine + pairs_count])      # this rank's pairs, chosen rows first
+    got = trainer.compute_loss(policy, {name: value[rows] for name, value in batch.items()})
+    if wrap == "zero3":
+        policy.backward(got)
+    else:
+        got.backward()
+    _same_as_single(f"trl-{wrap}", policy, got, single, expected)
+    for name, value in expected_metrics.items():
+        if name != "num_tokens":      # a running total over the steps
+            value_here = trainer._metrics["train"][name][-1]
+            assert abs(value_here - value) <= 1e-5 * max(1.0, abs(value)), f"trl-{wrap} {name}: {value_here} vs {value}"
+
+
+def grpo_sharded(wrap):
+    """``FusedGRPOTrainer``'s per-token log-probs and entropies (the policy's, which TRL's loss then
+    reads) with the policy under FSDP2 or ZeRO-3: each rank's completions give the single process's
+    values, and a weighted sum of both the gradient of every parameter."""
+    import copy
+    import tempfile
+
+    import trl
+    from test_trl import _completion_reward, pairs, tiny_llama, tokenizer
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from fused_pref.integrations.trl import FusedGRPOTrainer
+
+    world = dist.get_world_size()
+    config = trl.GRPOConfig(output_dir=tempfile.mkdtemp(), temperature=0.7, num_generations=4,
+                            max_completion_length=6, per_device_train_batch_size=4, bf16=False, use_cpu=True,
+                            report_to="none", save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = FusedGRPOTrainer(model=tiny_llama(), args=config, train_dataset=pairs(n=8).select_columns(["prompt"]),
+                               reward_funcs=_completion_reward, processing_class=tokenizer())
+    gen = torch.Generator().manual_seed(7)
+    rows_count, T, K = 2 * world, 12, 5
+    ids = torch.randint(3, 67, (rows_count, T), generator=gen)
+    mask = (torch.arange(T) < T - torch.arange(rows_count)[:, None] % 3).long()   # right-padded completions
+    weights = torch.randn(2, rows_count, K, generator=gen)
+
+    def scored(model, rows):
+        logps, entropy, _ = trainer._get_per_token_logps_and_entropies(model, ids[rows], mask[rows], K,
+                                                                       compute_entropy=True)
+        return logps, entropy, (logps * weights[0, rows]).sum() + (entropy * weights[1, rows]).sum()
+
+    single = trainer.model
+    all_rows = torch.arange(rows_count)
+    logps, entropy, expected = scored(single, all_rows)
+    expected.backward()
+    model = copy.deepcopy(single)
+    model.zero_grad(set_to_none=True)
+    model = _zero3(model) if wrap == "zero3" else _fsdp(model, init_device_mesh("cpu", (world,)), wrap)
+    rows = all_rows.chunk(world)[dist.get_rank()]
+    got_logps, got_entropy, got = scored(model, rows)
+    _close(got_logps, logps[rows], f"grpo-{wrap} logps")
+    _close(got_entropy, entropy[rows], f"grpo-{wrap} entropy")
+    # The ranks' gradients are averaged, and their sums add up to the full sum: scaled by the world,
+    # both compare as the mean losses of the other checks do.
+    got = got * world
+    if wrap == "zero3":
+        model.backward(got)
+    else:
+        got.backward()
+    _same_as_single(f"grpo-{wrap}", model, got, single, expected)
+
+
 def main(checks):
     dist.init_process_group("gloo")
     try:
@@ -341,6 +440,10 @@ def main(checks):
                 vocab_parallel(check.removeprefix("vocab-"))
             elif check == "dtensor":
                 dtensor_parallel()
+            elif check.startswith("grpo-"):
+                grpo_sharded(check.removeprefix("grpo-"))
+            elif check.startswith("trl-"):
+                trl_sharded(check.removeprefix("trl-"))
             elif check == "zero3-direct":
                 zero3_direct()
             elif check.startswith("hf-"):

@@ -5,7 +5,8 @@ weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither wor
 shard given by hand (process_group) or as a DTensor lm_head from parallelize_module; DDP and FSDP2
 around a module calling the losses; a transformers model under FSDP2 (per layer and root, fp32 and a
 bf16 MixedPrecisionPolicy, the lm_head its own unit) and under DeepSpeed ZeRO-3 through
-integrations.hf, against the single process.
+integrations.hf, FusedDPOTrainer's loss step with both models so wrapped and FusedGRPOTrainer's
+per-token log-probs, against the single process.
 """
 
 import os
@@ -40,9 +41,10 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed(), reason="DeepSpe
 
 
 @pytest.mark.parametrize("world, checks", [
-    (2, ["vocab-chunk", "vocab-split", "dtensor", "ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16", "hf-fsdp-head"]),
+    (2, ["vocab-chunk", "vocab-split", "dtensor", "ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16", "hf-fsdp-head",
+         "trl-fsdp", "trl-fsdp-head", "grpo-fsdp"]),
     (3, ["vocab-chunk", "vocab-split", "dtensor"]),
-    pytest.param(2, ["hf-zero3", "zero3-direct"], marks=needs_deepspeed),
+    pytest.param(2, ["hf-zero3", "zero3-direct", "trl-zero3", "grpo-zero3"], marks=needs_deepspeed),
 ], ids=["world2", "world3", "deepspeed-zero3"])
 def test_distributed(world, checks):
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo) whatever the machine has.

@@ -2,6 +2,8 @@
 (no download), on the kernels' device: our losses on the decoder's hidden states equal the same
 losses computed from the model's own logits, values and every parameter's gradient."""
 
+import copy
+
 import pytest
 import torch
 
@@ -158,6 +160,15 @@ def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original(de
     assert out.loss.item() == direct.loss.item()
     plain = model(input_ids, attention_mask=attention_mask, labels=labels)
     assert plain.logits.shape == (4, T, V)
+
+
+def test_a_copy_of_a_patched_model_runs_its_own_weights(device):
+    model = fph.add_fused_forward(make_model("llama", device))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.neg_()
+    input_ids = make_batch(device)[0]
+    torch.testing.assert_close(twin(input_ids).logits, -model(input_ids).logits)
 
 
 def test_softcap_and_shift_come_from_the_model(device):

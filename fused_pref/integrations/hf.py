@@ -19,7 +19,8 @@ them and shifted by relabelling (our ``shift=True``).
 Every loss function here is the one of ``fused_pref`` with ``(hidden, weight, labels, bias)``
 replaced by ``(model, input_ids, labels, attention_mask)``; other keyword arguments pass through,
 ``model_kwargs`` goes to the decoder (e.g. ``position_ids``).  Under DDP, FSDP or DeepSpeed, call
-through the wrapper so its forward hooks run: :func:`add_fused_forward`.
+through the wrapper so its forward hooks run: :func:`add_fused_forward`.  Either way the loss runs
+as the output layer's forward (:func:`run_as_output_layer`), inside the hooks an engine put on it.
 """
 
 import functools
@@ -306,8 +307,9 @@ def add_fused_forward(model):
     returns ``fn(hidden, head)`` (``head`` an :class:`OutputHead`, e.g.
     ``fn = lambda h, head: head.apply(fused_pref.simpo_loss, h, labels)``); without ``fused_pref``
     the forward is the original one.  Call the wrapped model (DDP, FSDP, DeepSpeed, PEFT) so its
-    forward hooks run and FSDP gathers the head inside the forward, as TRL's own fused LM head
-    does.  Patch before ``accelerate`` (or a Trainer) prepares the model: the autocast wrapper it
+    forward hooks run: the decoder's layers are gathered as in any forward, and ``fn`` runs as the
+    output layer's forward (:func:`run_as_output_layer`), so an engine gathers the head for it
+    wherever the head's parameters live.  Patch before ``accelerate`` (or a Trainer) prepares the model: the autocast wrapper it
     puts on ``forward`` then wraps this one; patched after, calls run outside that autocast unless
     the caller enters it.  Returns ``model``; patching twice is a no-op."""
     target = _unwrap(model)
@@ -319,6 +321,9 @@ def add_fused_forward(model):
     @functools.wraps(type(target).forward)
     def forward(self, *args, fused_pref=None, **kwargs):
         if fused_pref is None:
+            if isinstance(original, types.MethodType):
+                # Bound to this model, not to the one patched: a deepcopy of it runs its own weights.
+                return original.__func__(self, *args, **kwargs)
             return original(*args, **kwargs)
         kwargs["use_cache"] = False
         return run_as_output_layer(self, fused_pref, backbone(self)(*args, **kwargs).last_hidden_state)
