@@ -1,6 +1,6 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
-    torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
+    [FUSED_PREF_WORKER_DEVICE=cuda] torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
         {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|grpo-fsdp|grpo-zero3}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
@@ -17,6 +17,9 @@ import torch.distributed as dist  # noqa: E402
 import fused_pref  # noqa: E402
 from fused_pref.testing import TOLERANCE, as_reference, count_host_reads, make_inputs, relative_error  # noqa: E402
 
+# The hf-fsdp checks also run on GPUs (NCCL, FUSED_PREF_WORKER_DEVICE=cuda): FSDP2's CPU offload needs
+# an accelerator.  Every other check is CPU-only.
+DEVICE = os.environ.get("FUSED_PREF_WORKER_DEVICE", "cpu")
 SHAPE = (4, 23, 97, 1003)  # V = 1003 is divisible by neither 2 nor 3
 
 
@@ -234,20 +237,21 @@ def hf_sharded(wrap):
     import fused_pref.integrations.hf as fph
 
     config, ids, labels = _llama_batch()
+    ids, labels = ids.to(DEVICE), labels.to(DEVICE)
 
     def loss_of(model, ids, labels):
         return model(input_ids=ids, fused_pref=lambda h, head: head.apply(fused_pref.linear_cross_entropy, h, labels))
 
     torch.manual_seed(0)
-    single = fph.add_fused_forward(transformers.LlamaForCausalLM(config))
+    single = fph.add_fused_forward(transformers.LlamaForCausalLM(config)).to(DEVICE)
     expected = loss_of(single, ids, labels)
     expected.backward()
     torch.manual_seed(0)
-    model = fph.add_fused_forward(transformers.LlamaForCausalLM(config))
+    model = fph.add_fused_forward(transformers.LlamaForCausalLM(config)).to(DEVICE)
     if wrap == "zero3":
         model = _zero3(model)
     else:
-        model = _fsdp(model, init_device_mesh("cpu", (dist.get_world_size(),)), wrap)
+        model = _fsdp(model, init_device_mesh(DEVICE, (dist.get_world_size(),)), wrap)
     rows = _rows()
     got = loss_of(model, ids[rows], labels[rows])
     if wrap == "zero3":
@@ -275,6 +279,17 @@ def _rows():
     return torch.arange(2 * world).chunk(world)[dist.get_rank()]
 
 
+def _full(grad):
+    """The whole gradient from FSDP's sharded one.  Under CPU offload the shards are on the host,
+    which NCCL cannot gather: they go to the GPU first."""
+    if grad.device.type == "cpu" and DEVICE == "cuda":
+        from torch.distributed.tensor import DTensor
+
+        grad = DTensor.from_local(grad.to_local().to(DEVICE), grad.device_mesh, grad.placements, run_check=False,
+                                  shape=grad.shape, stride=grad.stride())
+    return grad.full_tensor()
+
+
 def _same_as_single(tag, model, got, single, expected, tolerance=TOLERANCE[torch.float32]):
     """This rank's loss ``got`` (its backward done) on its rows, and the gradients of the wrapped
     ``model`` (an FSDP2 module or a DeepSpeed engine), against the single process's full batch."""
@@ -284,7 +299,7 @@ def _same_as_single(tag, model, got, single, expected, tolerance=TOLERANCE[torch
 
         grads = [(name, safe_get_full_grad(p)) for name, p in model.module.named_parameters()]
     else:
-        grads = [(name, p.grad.full_tensor()) for name, p in model.named_parameters()]
+        grads = [(name, _full(p.grad)) for name, p in model.named_parameters()]
     total = got.detach().clone()
     dist.all_reduce(total)
 
@@ -433,7 +448,9 @@ def grpo_sharded(wrap):
 
 
 def main(checks):
-    dist.init_process_group("gloo")
+    if DEVICE == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     try:
         for check in checks:
             if check.startswith("vocab-"):

@@ -1,4 +1,5 @@
-"""Vocabulary parallelism, DDP and FSDP on CPU processes with gloo (tests/distributed_worker.py).
+"""Vocabulary parallelism, DDP, FSDP2 and DeepSpeed on CPU processes with gloo, and FSDP2's CPU
+offload on GPUs (tests/distributed_worker.py).
 
 Vocab-parallel results and gradients must equal the single-process reference on the unsharded
 weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size, with the
@@ -15,15 +16,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 
 # The ranks are CPU processes on gloo running the kernels through the interpreter: a single lent GPU
 # cannot host several NCCL ranks.
-pytestmark = [pytest.mark.cpu_interpreter,
-              pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                 reason="torch.distributed with gloo is not available")]
+interpreted = pytest.mark.cpu_interpreter
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _run(world, checks, env):
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(WORKER),
+         *checks], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    # Libraries print too (DeepSpeed, building its ops): only rank 0's "ok" lines count.
+    passed = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
+    assert passed == [f"ok {c} world={world}" for c in checks], done.stdout
 
 
 def _deepspeed_installed():
@@ -46,13 +58,19 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed(), reason="DeepSpe
     (3, ["vocab-chunk", "vocab-split", "dtensor"]),
     pytest.param(2, ["hf-zero3", "zero3-direct", "trl-zero3", "grpo-zero3"], marks=needs_deepspeed),
 ], ids=["world2", "world3", "deepspeed-zero3"])
+@interpreted
+@needs_gloo
 def test_distributed(world, checks):
     # DS_ACCELERATOR: DeepSpeed's CPU accelerator (gloo) whatever the machine has.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}", str(WORKER),
-         *checks], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    # Libraries print too (DeepSpeed, building its ops): only rank 0's "ok" lines count.
-    passed = [line for line in done.stdout.splitlines() if line.startswith("ok ")]
-    assert passed == [f"ok {c} world={world}" for c in checks], done.stdout
+    _run(world, checks, {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_available() or not dist.is_nccl_available(),
+                    reason="FSDP2's CPU offload needs an accelerator (NCCL ranks, one per GPU)")
+def test_fsdp_cpu_offload_on_gpus():
+    """FSDP2 with ``CPUOffloadPolicy`` (parameters on the host between uses, copied to the GPU for
+    each gather), per layer and root and with the lm_head its own unit, one rank per GPU (one
+    rank on a single GPU: the gathers and offload copies still run)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    _run(torch.cuda.device_count(), ["hf-fsdp-offload", "hf-fsdp-head-offload"],
+         {**env, "FUSED_PREF_WORKER_DEVICE": "cuda", "OMP_NUM_THREADS": "1"})
