@@ -11,7 +11,8 @@ def pytree_output(cls):
     """Register a result dataclass with torch's pytree, so that what looks for a result's tensors
     finds the ones inside: the hooks that FSDP2 and DeepSpeed put on the output layer, whose
     forward ``integrations.hf`` runs the loss as (:func:`fused_pref.integrations.hf.run_as_output_layer`)."""
-    pytree.register_dataclass(cls)
+    if cls not in pytree.SUPPORTED_NODES:      # registered already (torch.export.register_dataclass)
+        pytree.register_dataclass(cls)
     return cls
 
 

@@ -114,6 +114,25 @@ def dtensor_parallel():
                 assert d_hidden.placements == (Replicate(),), f"{tag} d_hidden placements {d_hidden.placements}"
                 d_hidden = d_hidden.to_local()
             _close(d_hidden, ref["hidden"].grad, f"{tag} d_hidden")
+    # A transformers model whose lm_head parallelize_module split, through integrations.hf: the
+    # ColwiseParallel hooks (which expect logits) are left alone, the loss takes the DTensor weight.
+    import transformers
+
+    import fused_pref.integrations.hf as fph
+
+    config, ids, labels = _llama_batch()
+    torch.manual_seed(0)
+    single = transformers.LlamaForCausalLM(config)
+    expected = fph.linear_cross_entropy(single, ids, labels)
+    expected.backward()
+    torch.manual_seed(0)
+    model = parallelize_module(transformers.LlamaForCausalLM(config), mesh, {"lm_head": ColwiseParallel()})
+    got = fph.linear_cross_entropy(model, ids, labels)
+    got.backward()
+    _close(got, expected, "dtensor integrations.hf value")
+    for (name, p), q in zip(model.named_parameters(), single.parameters(), strict=True):
+        grad = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        _close(grad, q.grad, f"dtensor integrations.hf {name}")
     # What is refused, each with its reason.
     x = make_inputs(*SHAPE, seed=6)
     sharded = distribute_tensor(x["weight"].detach(), mesh, [Shard(0)])
@@ -346,6 +365,27 @@ def zero3_direct():
                 got = fused_pref.linear_cross_entropy(hidden, weight, labels[rows], shift=True)
                 engine.backward(got)
         _same_as_single(f"zero3 {how}", engine, got, single, expected)
+
+    # DPO with a reference model, both ZeRO-3 engines: the reference's log-probs come from its own
+    # head's gather, reduced as IPO reduces them (averaged).
+    def dpo(model, ref_model, rows):
+        return fph.dpo_loss(model, ids[rows], labels[rows], ref_model=ref_model, loss_type="ipo").loss
+
+    torch.manual_seed(0)
+    single = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(1)
+    single_ref = transformers.LlamaForCausalLM(config)
+    world = dist.get_world_size()
+    expected = dpo(single, single_ref, torch.arange(2 * world))
+    expected.backward()
+    torch.manual_seed(0)
+    engine = _zero3(transformers.LlamaForCausalLM(config))
+    torch.manual_seed(1)
+    ref_engine = _zero3(transformers.LlamaForCausalLM(config))
+    mine = torch.arange(world).chunk(world)[dist.get_rank()]
+    got = dpo(engine.module, ref_engine.module, torch.cat([mine, mine + world]))   # this rank's pair
+    engine.backward(got)
+    _same_as_single("zero3 integrations.hf dpo_loss", engine, got, single, expected)
 
 
 def trl_sharded(wrap):

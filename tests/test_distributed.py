@@ -47,9 +47,10 @@ def _deepspeed_installed():
 
 
 # DeepSpeed is not in the test extras (its sdist builds against the installed torch only without
-# build isolation); .ci/run installs it, so CI runs these.
-needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed(), reason="DeepSpeed is not installed "
-                                     "(pip install --no-build-isolation deepspeed)")
+# build isolation).  .ci/run installs it and sets FUSED_PREF_REQUIRE_DEEPSPEED, so that a broken
+# install fails CI instead of skipping these.
+needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed() and not os.environ.get("FUSED_PREF_REQUIRE_DEEPSPEED"),
+                                     reason="DeepSpeed is not installed (pip install --no-build-isolation deepspeed)")
 
 
 @pytest.mark.parametrize("world, checks", [

@@ -190,10 +190,11 @@ def test_head_follows_autocast_like_nn_linear(device):
     assert fph.output_head(model).inputs(hidden)[1].dtype == torch.float32
 
 
-def test_the_loss_runs_as_the_output_layers_forward_inside_its_hooks(device):
+def test_the_loss_runs_as_the_output_layers_forward_inside_its_hooks(device, monkeypatch):
     """Sharding engines gather the head with hooks around its call (FSDP2, ZeRO-3): the loss runs as
     that call, its tensors handed to the hooks, which may replace them (as DeepSpeed does); the
-    layer's own forward is back afterwards, after an error too."""
+    layer's own forward is back afterwards, after an error too.  Without such an engine, hooks on
+    the head (tensor parallelism's, which expect logits) are left alone."""
     model = make_model("llama", device)
     input_ids, attention_mask, labels = make_batch(device, seed=5)
     expected = fph.simpo_loss(model, input_ids, labels, attention_mask)
@@ -208,6 +209,9 @@ def test_the_loss_runs_as_the_output_layers_forward_inside_its_hooks(device):
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in output)
 
     post = head.register_forward_hook(replace_outputs)
+    fph.simpo_loss(model, input_ids, labels, attention_mask)
+    assert seen == []                 # no engine: a plain call
+    monkeypatch.setattr(fph, "gathered_by_hooks", lambda layer: True)
     out = fph.simpo_loss(model, input_ids, labels, attention_mask)
     assert isinstance(out, fused_pref.PreferenceOutput) and out.loss.grad_fn.name() == "CloneBackward0"
     assert seen == [("pre", (4, T, D)), ("post", tuple, 7)]
@@ -222,7 +226,9 @@ def test_the_loss_runs_as_the_output_layers_forward_inside_its_hooks(device):
     with pytest.raises(RuntimeError, match="inside the loss"):
         fph.run_as_output_layer(model, failing, torch.zeros(1, 2, D, device=device))
     assert "forward" not in vars(head)
-    pre.remove(), post.remove()
+    pre.remove()
+    post.remove()
+    monkeypatch.undo()
     assert model(input_ids).logits.shape == (4, T, V)
 
 
@@ -248,3 +254,20 @@ def test_the_loss_runs_inside_accelerates_hooks(device):
     assert Counting.calls == 1 and got.item() == expected.item()
     assert head._old_forward is original
     assert model(input_ids).logits.shape == (4, T, V) and Counting.calls == 2
+
+
+def test_compiles_through_the_fused_forward(device):
+    """``torch.compile`` of a model patched by ``add_fused_forward``, and of a loss function of this
+    module (TRL's ``torch_compile=True`` compiles the forward)."""
+    model = fph.add_fused_forward(make_model("llama", device))
+    input_ids, attention_mask, labels = make_batch(device, seed=7)
+    expected = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+
+    def loss(h, head):
+        return head.apply(fused_pref.linear_cross_entropy, h, labels)
+
+    compiled = torch.compile(model, backend="eager")
+    assert compiled(input_ids, attention_mask=attention_mask, fused_pref=loss).item() == pytest.approx(
+        expected.item(), rel=1e-6)
+    compiled_fn = torch.compile(fph.linear_cross_entropy, backend="eager")
+    assert compiled_fn(model, input_ids, labels, attention_mask).item() == pytest.approx(expected.item(), rel=1e-6)

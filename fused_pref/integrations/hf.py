@@ -19,11 +19,13 @@ them and shifted by relabelling (our ``shift=True``).
 Every loss function here is the one of ``fused_pref`` with ``(hidden, weight, labels, bias)``
 replaced by ``(model, input_ids, labels, attention_mask)``; other keyword arguments pass through,
 ``model_kwargs`` goes to the decoder (e.g. ``position_ids``).  Under DDP, FSDP or DeepSpeed, call
-through the wrapper so its forward hooks run: :func:`add_fused_forward`.  Either way the loss runs
-as the output layer's forward (:func:`run_as_output_layer`), inside the hooks an engine put on it.
+through the wrapper so its forward hooks run: :func:`add_fused_forward`.  Either way, where an
+engine gathers the output layer with hooks, the loss runs as that layer's forward, inside them
+(:func:`run_as_output_layer`).
 """
 
 import functools
+import inspect
 import types
 from dataclasses import dataclass
 
@@ -31,6 +33,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fused_pref
+from fused_pref.preference import dpo_spec
 
 # Multipliers of the logits applied after the output projection, by text-config attribute, as
 # read in each architecture's modeling file (transformers 5.24).  ``(attribute, model types that
@@ -113,18 +116,25 @@ class OutputHead:
         return fn(hidden, weight, labels, bias, softcap=self.softcap, shift=True, **kwargs)
 
 
-def output_head(model) -> OutputHead:
-    """The output layer of a transformers causal LM (or a PEFT model wrapping one), with a PEFT
-    adapter on it applied (:func:`effective_linear`)."""
+def _output_layer(model) -> torch.nn.Module:
     model = _unwrap(model)
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if lm_head is None or not isinstance(getattr(lm_head, "weight", None), torch.Tensor):
         raise TypeError(f"{type(model).__name__} has no output embeddings with a weight "
                         "(get_output_embeddings()): not a causal LM with a linear head")
-    config = _text_config(model)
-    softcap = getattr(config, "final_logit_softcapping", None)
-    weight, bias = effective_linear(lm_head)
-    return OutputHead(weight, bias, None if softcap is None else float(softcap), logit_multiplier(config))
+    return lm_head
+
+
+def output_head(model) -> OutputHead:
+    """The output layer of a transformers causal LM (or a PEFT model wrapping one), with a PEFT
+    adapter on it applied (:func:`effective_linear`)."""
+    weight, bias = effective_linear(_output_layer(model))
+    return OutputHead(weight, bias, _softcap(model), logit_multiplier(_text_config(_unwrap(model))))
+
+
+def _softcap(model) -> float | None:
+    softcap = getattr(_text_config(_unwrap(model)), "final_logit_softcapping", None)
+    return None if softcap is None else float(softcap)
 
 
 def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,21 +215,33 @@ def hidden_states(model, input_ids=None, attention_mask=None, **model_kwargs) ->
     return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
 
 
-def run_as_output_layer(model, fn, hidden):
-    """``fn(hidden, output_head(model))``, run as the forward of ``model``'s output layer.
+def gathered_by_hooks(layer) -> bool:
+    """Whether an engine gathers ``layer``'s parameters with hooks around its call: an FSDP2 unit of
+    its own, DeepSpeed ZeRO-3 parameters, or accelerate's hooks (``device_map`` dispatch)."""
+    from torch.distributed.fsdp import FSDPModule
 
-    Engines that shard parameters gather a layer's weight with hooks around that layer's call:
-    FSDP2 on a ``fully_shard``-ed output layer unshards it before and reshards it after, unshards it
-    again before the layer's backward and reduce-scatters its gradient after; DeepSpeed ZeRO-3
+    return (isinstance(layer, FSDPModule) or hasattr(layer, "_hf_hook")
+            or any(hasattr(p, "ds_id") for p in layer.parameters()))
+
+
+def run_as_output_layer(model, fn, hidden):
+    """``fn(hidden, output_head(model))``, run as the forward of ``model``'s output layer when an
+    engine gathers that layer with hooks (:func:`gathered_by_hooks`), and as a plain call otherwise.
+
+    FSDP2 on a ``fully_shard``-ed output layer unshards it before its call and reshards it after,
+    unshards it again before its backward and reduce-scatters its gradient after; DeepSpeed ZeRO-3
     gathers and releases it alike.  The fused loss never runs the layer's own forward (the
     projection to ``[tokens, vocab]`` logits), so it runs in its place: for one ``layer(hidden)``
-    call the layer's ``forward`` is ``fn``, and every hook runs around the loss as it would around
-    the projection.  Its output is handed to the hooks flattened (torch pytree): they see each
-    tensor, replace it if they need to (DeepSpeed does) and the structure is rebuilt, so ``fn``
-    returns tensors, tuples, lists, dicts or fused_pref's results (registered with the pytree).
-    accelerate's hooks (``device_map`` dispatch) run around it the same way.  Without hooks this is
-    a plain call of ``fn``."""
-    layer = _unwrap(model).get_output_embeddings()
+    call the layer's ``forward`` (accelerate's ``_old_forward`` under its hooks) is ``fn``, and
+    every hook runs around the loss as it would around the projection.  Its output is handed to the
+    hooks flattened (torch pytree): they see each tensor, replace it if they need to (DeepSpeed
+    does) and the structure is rebuilt, so ``fn`` returns tensors, tuples, lists, dicts or
+    fused_pref's results (registered with the pytree).  Hooks that expect the logits themselves
+    (tensor parallelism's ``ColwiseParallel``, users' own) are why the plain call is kept where no
+    engine needs the swap; the swap is per call, so one model is not to be run from two threads."""
+    layer = _output_layer(model)
+    if not gathered_by_hooks(layer):
+        return fn(hidden, output_head(model))
     structure = None
 
     def forward(_, hidden):
@@ -227,8 +249,6 @@ def run_as_output_layer(model, fn, hidden):
         leaves, structure = pytree.tree_flatten(fn(hidden, output_head(model)))
         return tuple(leaves)
 
-    # accelerate's hooks (device_map dispatch, offload) replace the instance's forward with one that
-    # calls the original as ``_old_forward``: that is the forward to stand in for.
     name = "_old_forward" if hasattr(layer, "_hf_hook") else "forward"
     previous = vars(layer).get(name)
     setattr(layer, name, types.MethodType(forward, layer))
@@ -286,20 +306,35 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
     weight, bias and logit multiplier) the fused forward uses; its softcap must be the policy's."""
     if (ref_model is None) == (ref_logps is None):
         raise ValueError("pass exactly one of ref_model and ref_logps")
-    head = output_head(model)
+    if ref_model is not None and _softcap(ref_model) != _softcap(model):
+        raise ValueError(f"ref_model's final_logit_softcapping ({_softcap(ref_model)}) differs from the "
+                         f"model's ({_softcap(model)}): pass its log-probs as ref_logps instead")
     hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
-    if ref_model is not None:
+    if ref_model is None:
+        kwargs["ref_logps"] = ref_logps
+    elif gathered_by_hooks(_output_layer(ref_model)):
+        # The reference head is gathered only inside its own call: its log-probs come from there,
+        # reduced as the loss reduces the policy's.
+        reduction = _dpo_reduction(kwargs)
+        with torch.no_grad():
+            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
+            kwargs["ref_logps"] = run_as_output_layer(ref_model, lambda h, head: head.apply(
+                fused_pref.sequence_logprobs, h, labels, reduction=reduction), ref_hidden)
+    else:
         ref_head = output_head(ref_model)
-        if ref_head.softcap != head.softcap:
-            raise ValueError(f"ref_model's final_logit_softcapping ({ref_head.softcap}) differs from the "
-                             f"model's ({head.softcap}): pass its log-probs as ref_logps instead")
         with torch.no_grad():
             ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
             ref_hidden, ref_weight, ref_bias = ref_head.inputs(ref_hidden)
         kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
-    else:
-        kwargs["ref_logps"] = ref_logps
-    return head.apply(fused_pref.dpo_loss, hidden, labels, **kwargs)
+    return run_as_output_layer(model, lambda h, head: head.apply(fused_pref.dpo_loss, h, labels, **kwargs), hidden)
+
+
+def _dpo_reduction(kwargs) -> str:
+    """"sum" or "mean": how :func:`fused_pref.dpo_loss` called with ``kwargs`` reduces the log-probs
+    (its own defaults for what is not given)."""
+    defaults = {name: p.default for name, p in inspect.signature(fused_pref.dpo_loss).parameters.items()}
+    names = ("loss_type", "beta", "label_smoothing", "sft_weight", "length_normalize", "discopop_tau")
+    return dpo_spec(**{name: kwargs.get(name, defaults[name]) for name in names}).reduction
 
 
 def add_fused_forward(model):
@@ -308,10 +343,10 @@ def add_fused_forward(model):
     ``fn = lambda h, head: head.apply(fused_pref.simpo_loss, h, labels)``); without ``fused_pref``
     the forward is the original one.  Call the wrapped model (DDP, FSDP, DeepSpeed, PEFT) so its
     forward hooks run: the decoder's layers are gathered as in any forward, and ``fn`` runs as the
-    output layer's forward (:func:`run_as_output_layer`), so an engine gathers the head for it
-    wherever the head's parameters live.  Patch before ``accelerate`` (or a Trainer) prepares the model: the autocast wrapper it
-    puts on ``forward`` then wraps this one; patched after, calls run outside that autocast unless
-    the caller enters it.  Returns ``model``; patching twice is a no-op."""
+    output layer's forward where an engine gathers that layer (:func:`run_as_output_layer`).
+    Patch before ``accelerate`` (or a Trainer) prepares the model: the autocast wrapper it puts
+    on ``forward`` then wraps this one; patched after, calls run outside that autocast unless the
+    caller enters it.  Returns ``model``; patching twice is a no-op."""
     target = _unwrap(model)
     if getattr(target, "_fused_pref_forward", False):
         return model
