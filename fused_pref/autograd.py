@@ -42,12 +42,14 @@ class LinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, class_weight, params: LogprobParams):
         lse, target, logit_sum, entropy, argmax = ops.forward(hidden, weight, bias, labels, rows, n_valid, params,
                                                               class_weight)
+        # The backward's one-hot term at the label is this rank's target logit, as its tiles round it.
+        tile_target = target
         if params.shard is not None:
             # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
             lse, target, logit_sum = combine_partials(lse, target, logit_sum, params.shard)
         logp = torch.where(valid, target - lse, 0.0)
-        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, entropy, class_weight)
+        ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, tile_target, entropy, class_weight)
         ctx.params = params
         if params.logit_sum:
             logit_sum = torch.where(valid, logit_sum, 0.0)
@@ -62,7 +64,7 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_logp, grad_logit_sum, grad_entropy, _grad_argmax, grad_lse):
-        hidden, weight, bias, labels, rows, n_valid, lse, entropy, class_weight = ctx.saved_tensors
+        hidden, weight, bias, labels, rows, n_valid, lse, target, entropy, class_weight = ctx.saved_tensors
         params = ctx.params
         # torch.compile's traced backward gets zeros, not None, for the (empty) outputs not asked for.
         if not params.token_stats:
@@ -77,7 +79,7 @@ class LinearLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(lse)
         needs = ctx.needs_input_grad[:3]
         mean_z = None if grad_entropy is None else lse - entropy
-        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params,
+        grads = ops.backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, needs, params,
                              grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and params.shard is not None:

@@ -43,11 +43,11 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_s
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
-                softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
+                target: torch.Tensor, softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
                 plan: str, grad_lse: torch.Tensor | None, grad_logit_sum: torch.Tensor | None,
                 grad_entropy: torch.Tensor | None, mean_z: torch.Tensor | None,
                 class_weight: torch.Tensor | None) -> list[torch.Tensor]:
-    grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap=softcap,
+    grads = linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, softcap=softcap,
                                  temperature=temperature, needs=tuple(needs), workspace_bytes=workspace_bytes,
                                  plan=plan, grad_lse=grad_lse, grad_logit_sum=grad_logit_sum,
                                  grad_entropy=grad_entropy, mean_z=mean_z, class_weight=class_weight)
@@ -57,7 +57,7 @@ def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Ten
 
 
 @linear_grad.register_fake
-def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, softcap, temperature, needs, workspace_bytes,
+def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, softcap, temperature, needs, workspace_bytes,
       plan, grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight):
     shapes = (hidden.shape, weight.shape, weight.shape[:1])
     dtypes = (hidden.dtype, weight.dtype, weight.dtype if bias is None else bias.dtype)
@@ -109,12 +109,12 @@ def forward(hidden, weight, bias, labels, rows, n_valid, params, class_weight=No
                       params.options.workspace_bytes, params.plan, class_weight)
 
 
-def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, needs, params, grad_lse=None,
+def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, needs, params, grad_lse=None,
              grad_logit_sum=None, grad_entropy=None, mean_z=None, class_weight=None):
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
-    flattened; with ``grad_lse``, ``grad_logit_sum`` (of the ``class_weight``-weighted sum),
+    flattened (``lse`` and ``target`` the forward's); with ``grad_lse``, ``grad_logit_sum`` (of the ``class_weight``-weighted sum),
     ``grad_entropy`` (and ``mean_z``) also their parts."""
-    return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, params.options.softcap,
+    return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, params.options.softcap,
                        params.options.temperature, list(needs), params.options.workspace_bytes, params.plan,
                        grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
 

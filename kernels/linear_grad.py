@@ -25,7 +25,6 @@ import triton.language as tl
 
 from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aligned_launch, aot_logits_variants, group_rows, grouped_tile,
                     chain_to_product, labelled_rows_lse, logits_input_pointers, logits_launch_args, logits_tile,
-                    logp_grad_tile,
                     row_tile_start, tiles_for, workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
@@ -37,7 +36,7 @@ MAX_CHUNK_FRACTION = 16
 @triton.jit
 def linear_grad_kernel(
     # pointers
-    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, dz_ptr,
+    h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, target_ptr, dz_ptr,
     g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr, class_weight_ptr,
     # sizes
     V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
@@ -68,6 +67,9 @@ def linear_grad_kernel(
         return
     offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
                                                                   stride_h_r, stride_h_t, BLOCK_N)
+    # The forward's target logit: the label's z from the same tiles, so the same bits as this
+    # program's z there.
+    z_label = tl.load(target_ptr + row, mask=p_mask, other=0.0)
     if ROW_WEIGHTS:
         # Loaded before the logits loop, as the lse is (labelled_rows_lse says why).
         g = tl.load(g_ptr + row, mask=p_mask, other=0.0)
@@ -81,26 +83,42 @@ def linear_grad_kernel(
         stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
         HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
     )
+    # The tile holds every term but the one-hot's; the label's column is rewritten below.  A
+    # one-hot compared over the whole tile took the 128x256 build past 255 registers (ptxas,
+    # sm_90: 112-168 bytes of spills; 189-234 registers without it).
+    p = tl.exp(z - lse[:, None])
     if ROW_WEIGHTS:
-        p = tl.exp(z - lse[:, None])
-        onehot = tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)
         class_weight = tl.load(class_weight_ptr + offs_v, mask=offs_v < V, other=0.0)
-        dz = (g[:, None] * onehot - p * (g_softmax[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
-              + g_uniform[:, None] * class_weight[None, :])
-        dz = chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        dz = g_uniform[:, None] * class_weight[None, :] - p * (g_softmax[:, None] + g_entropy[:, None] * (z - mean_z[:, None]))
     else:
-        dz = logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        dz = -p
+    dz = chain_to_product(dz, z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
     col_mask = offs_v < v_chunk_end
     dz_offset = offs_p.to(tl.int64)[:, None] * stride_dz_p + (offs_v - v_chunk_start)[None, :]
     tl.store(dz_ptr + dz_offset, dz.to(dz_ptr.dtype.element_ty), mask=p_mask[:, None] & col_mask[None, :])
 
+    # The label's column: the same terms plus the one-hot's, from one value per row.
+    p_label = tl.exp(z_label - lse)
+    if ROW_WEIGHTS:
+        class_weight_label = tl.load(class_weight_ptr + label, mask=p_mask & (label >= 0), other=0.0)
+        dz_label = g + (g_uniform * class_weight_label - p_label * (g_softmax + g_entropy * (z_label - mean_z)))
+    else:
+        dz_label = 1.0 - p_label
+    dz_label = chain_to_product(dz_label, z_label, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    # Stored after every thread's tile store (a barrier orders a CTA's global stores), so it wins.
+    tl.debug_barrier()
+    in_tile = p_mask & (label >= v0) & (label < v0 + BLOCK_V) & (label < v_chunk_end)
+    tl.store(dz_ptr + offs_p.to(tl.int64) * stride_dz_p + (label - v_chunk_start),
+             dz_label.to(dz_ptr.dtype.element_ty), mask=in_tile)
 
-def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start, *,
+
+def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, target, v_start, *,
                       softcap=None, temperature=1.0, weights=None, plan: str = DEFAULT_PLAN):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
-    ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; rows of ``dz`` past the device-side
-    valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
+    ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; ``lse`` and ``target`` are the
+    forward's per-token outputs (fp32 ``[R*T]``, ``target`` the label's logit from the forward's
+    tiles, i.e. of the same plan); rows of ``dz`` past the device-side valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
     or per-token fp32 ``(g, g_softmax, g_entropy, mean_z, g_uniform)`` and the per-class fp32
     ``class_weight`` ``[V]``, applied in the kernel (``ROW_WEIGHTS``).
     """
@@ -112,7 +130,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_st
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
     row_weights = (lse,) * 6 if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
-        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, dz, *row_weights,
+        hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, target, dz, *row_weights,
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
         dz.stride(0),
@@ -129,13 +147,13 @@ def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
     return max(block_v, chunk)
 
 
-def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, *,
+def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, *,
                          softcap=None, temperature=1.0, needs=(True, True, True),
                          workspace_bytes=WORKSPACE_BYTES, plan: str = DEFAULT_PLAN, grad_lse=None,
                          grad_logit_sum=None, grad_entropy=None, mean_z=None, class_weight=None):
     """Gradients of ``sum_i grad_logp[i] * logp[i]`` w.r.t. hidden, weight and bias.
 
-    Shapes as in ``linear_lse_forward``; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
+    Shapes as in ``linear_lse_forward``, whose ``lse`` and ``target`` this takes; ``grad_logp`` is fp32 ``[R*T]``.  ``needs`` says which of
     (hidden, weight, bias) want a gradient; the others come back as None.  Gradients are returned
     in the input dtype, ``d_hidden`` as a contiguous ``[R, T, D]``.  ``plan`` must be the forward's
     (``tiles.PLANS``), so the logits are rounded as they were there.
@@ -181,7 +199,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
-        linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, v_start,
+        linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, target, v_start,
                           softcap=softcap, temperature=temperature, weights=weights,
                           plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
@@ -226,7 +244,7 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
         # Per-row weights run in the stats plan only (tiles.STATS_PLAN): the default plan's larger
         # variant carries them.
         weighted = constexprs["HAS_BIAS"] and " " not in variant
-        pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32,
+        pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "target_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
                     **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr",
                                      "class_weight_ptr"), torch.float32)}
