@@ -23,9 +23,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aligned_launch, aot_logits_variants, group_rows, grouped_tile,
-                    chain_to_product, labelled_rows_lse, logits_input_pointers, logits_launch_args, logits_tile,
-                    row_tile_start, tiles_for, workspace_dtype)
+from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product, group_rows,
+                    grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers, logits_launch_args,
+                    logits_tile, row_tile_start, workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
 # more than 1/16 of the logits it replaces: at 16k tokens and bf16 that is 8k vocabulary columns
@@ -126,7 +126,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
         return
     V, D = weight.shape
     T = hidden.shape[1]
-    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
+    tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
     row_weights = (lse,) * 6 if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
@@ -170,7 +170,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
-    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
+    tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     n_rows = rows.numel()
     rows_long = rows.long()
     weights = _row_weights(grad_logp, grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight, V)
@@ -240,16 +240,17 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This module's ahead-of-time builds at input ``dtype`` (``tiles.AotSpec``): the kernel in
     ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
     specs = []
-    for variant, constexprs, options, layouts in aot_logits_variants(dtype):
+    for build in aot_logits_variants(dtype):
         # Per-row weights run in the stats plan only (tiles.STATS_PLAN): the default plan's larger
         # variant carries them.
-        weighted = constexprs["HAS_BIAS"] and " " not in variant
+        weighted = build.constexprs["HAS_BIAS"] and " " not in build.variant
         pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "target_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
                     **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr",
                                      "class_weight_ptr"), torch.float32)}
-        specs.append(AotSpec("linear_grad", variant + ("+weights" if weighted else ""), linear_grad_kernel, pointers,
-                             {**constexprs, "ROW_WEIGHTS": weighted}, options, layouts))
+        specs.append(AotSpec("linear_grad", build.variant + ("+weights" if weighted else ""), linear_grad_kernel,
+                             pointers, {**build.constexprs, "ROW_WEIGHTS": weighted}, build.options, build.layouts,
+                             build.archs))
     return specs
 
 

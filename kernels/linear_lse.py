@@ -3,13 +3,16 @@
 The grid is (row tile x vocabulary split), in grouped order (``tiles.grouped_tile``).  A program
 owns BLOCK_N valid rows and one vocabulary split of one or more BLOCK_V tiles; each tile is a full
 reduction over D, after which its max and sum of exponentials are taken once (``tiles.TileConfig``
-says how many tiles a split holds).  The program writes one partial log-sum-exp per row; the
+says how many tiles a split holds; with one, ``ONE_TILE``, the program has no loop and no running
+state to rescale).  The program writes one partial log-sum-exp per row; the
 partials of a row's splits are merged after by ``merge_splits_kernel`` in a fixed order, so the
 result does not depend on which program finished first, and no [N, V] tensor is ever stored.  The
 partials' buffer is bounded by ``workspace_bytes``: past that, rows go through in several launches.
 
 The target logit is picked from the same tiles as the lse, with the same rounding, so ``logp =
-target - lse <= 0``; the one split holding a row's label stores it.
+target - lse <= 0`` (a compare-and-sum over each tile of a looped split, a gather by index from a
+one-tile split); the one split holding a row's label stores it, and the backward reads it back
+for the label's column (``linear_grad``).
 
 The sum of a token's logits (for the preference losses' ``logits/*`` metrics) is linear without a
 softcap, ``h . sum_v w_v + sum_v b_v``: ``logit_sum_kernel`` computes it as one dot product per
@@ -22,9 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, WORKSPACE_BYTES, AotSpec, TileConfig, aligned_launch, aot_logits_variants,
-                    group_rows, grouped_tile, labelled_rows, logits_input_pointers, logits_launch_args, logits_tile,
-                    row_tile_start, tiles_for, valid_rows)
+from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants, group_rows,
+                    grouped_tile, labelled_rows, launch_tiles, logits_input_pointers, logits_launch_args, logits_tile,
+                    row_tile_start, valid_rows)
 
 
 @triton.jit
@@ -43,7 +46,7 @@ def linear_lse_kernel(
     TOKEN_STATS: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
-    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, ONE_TILE: tl.constexpr,
 ):
     """One program: BLOCK_N valid rows from position ``p_start`` of the row index against one
     vocabulary split.  Writes their partial log-sum-exp (and, with ``LOGIT_SUM``, sum of logits) at
@@ -65,28 +68,46 @@ def linear_lse_kernel(
     argmax = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
-    for v0 in range(v_start, v_end, BLOCK_V):
+    if ONE_TILE:
+        # A split is one tile (the wide plans): its max and sum taken once, nothing to rescale, and
+        # the target gathered by index.  The compare-and-sum the loop picks it with took the
+        # 128x256 build past 255 registers (ptxas, sm_90, triton 3.9: 188 bytes of spills; 0 and
+        # 241 registers with the gather); the loop's running state cost the rest.
+        tl.static_assert(not (LOGIT_SUM or TOKEN_STATS), "the tile sums and statistics run in the looped plan")
         z, offs_v, v_mask = logits_tile(
-            h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
+            h_ptr, w_ptr, b_ptr, h_offset, p_mask, v_start, V, D,
             stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
             HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
-        # Padded vocabulary columns must never win the max nor match a label.
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        tile_max = tl.max(z, axis=1)
-        new_max = tl.maximum(run_max, tile_max)
-        rescale = tl.exp(run_max - new_max)
-        e = tl.exp(z - new_max[:, None])
-        run_sum = run_sum * rescale + tl.sum(e, axis=1)
-        if TOKEN_STATS:
-            # e is 0 at padded columns, where z is -inf: 0 * -inf would be NaN.
-            z_sum = z_sum * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), axis=1)
-            # Strictly greater: a later tile never takes a tie, so the first column wins (torch.argmax).
-            argmax = tl.where(tile_max > run_max, v0 + tl.argmax(z, axis=1).to(tl.int32), argmax)
-        run_max = new_max
-        target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
-        if LOGIT_SUM:
-            logit_sum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
+        run_max = tl.max(z, axis=1)
+        run_sum = tl.sum(tl.exp(z - run_max[:, None]), axis=1)
+        # A label outside the tile gathers some column; the store below keeps only the split's.
+        column = tl.minimum(tl.maximum(label - v_start, 0), BLOCK_V - 1).to(tl.int32)
+        target = tl.reshape(tl.gather(z, column[:, None], axis=1), (BLOCK_N,))
+    else:
+        for v0 in range(v_start, v_end, BLOCK_V):
+            z, offs_v, v_mask = logits_tile(
+                h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
+                stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
+                HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+            )
+            # Padded vocabulary columns must never win the max nor match a label.
+            z = tl.where(v_mask[None, :], z, float("-inf"))
+            tile_max = tl.max(z, axis=1)
+            new_max = tl.maximum(run_max, tile_max)
+            rescale = tl.exp(run_max - new_max)
+            e = tl.exp(z - new_max[:, None])
+            run_sum = run_sum * rescale + tl.sum(e, axis=1)
+            if TOKEN_STATS:
+                # e is 0 at padded columns, where z is -inf: 0 * -inf would be NaN.
+                z_sum = z_sum * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), axis=1)
+                # Strictly greater: a later tile never takes a tie, so the first column wins (torch.argmax).
+                argmax = tl.where(tile_max > run_max, v0 + tl.argmax(z, axis=1).to(tl.int32), argmax)
+            run_max = new_max
+            target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
+            if LOGIT_SUM:
+                logit_sum += tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
 
     part = split.to(tl.int64) * stride_part_s + (offs_p - p_start)
     tl.store(lse_part_ptr + part, run_max + tl.log(run_sum), mask=p_mask)
@@ -318,7 +339,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     """
     R, T, D = hidden.shape
     N, V = R * T, weight.shape[0]
-    tiles = tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None)
+    tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     n_rows = rows.numel()
     splits, v_per_split = vocab_splits(n_rows, V, hidden.device, tiles)
     tile_sum = logit_sum and softcap is not None
@@ -344,7 +365,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             hidden, weight, bias, labels, rows, n_valid, lse_part, sum_part, stat_part, target,
             V, D, T, p_start, row_tiles, splits, group_rows(tiles, row_tiles), v_per_split,
             hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-            lse_part.stride(0), partials.stride(0), LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, **launch,
+            lse_part.stride(0), partials.stride(0), LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats,
+            ONE_TILE=tiles.vocab_tiles_per_program == 1, **launch,
         )
         merge_splits_kernel[(triton.cdiv(n_positions, MERGE_BLOCK_P),)](
             lse_part, sum_part, stat_part, rows, n_valid, lse, lse if sums is None else sums,
@@ -375,14 +397,16 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     logit_sum_pointers = {"h_ptr": dtype, "w_sum_ptr": torch.float64, "b_sum_ptr": torch.float64,
                           "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
     specs = []
-    for variant, constexprs, options, layouts in aot_logits_variants(dtype):
+    for build in aot_logits_variants(dtype):
         # The tiles sum logits only under a softcap (linear_lse_forward); the token statistics ride
         # in the default plan's larger variant (the only plan they run in: tiles.STATS_PLAN).
-        stats = constexprs["HAS_BIAS"] and " " not in variant
-        specs.append(AotSpec("linear_lse", variant + ("+stats" if stats else ""), linear_lse_kernel,
-                             {**logits_input_pointers(dtype), **partials},
-                             {**constexprs, "LOGIT_SUM": constexprs["HAS_SOFTCAP"], "TOKEN_STATS": stats},
-                             stats_launch_options(dtype, options) if stats else options, layouts))
+        stats = build.constexprs["HAS_BIAS"] and " " not in build.variant
+        constexprs = {**build.constexprs, "LOGIT_SUM": build.constexprs["HAS_SOFTCAP"], "TOKEN_STATS": stats,
+                      "ONE_TILE": build.one_tile}
+        specs.append(AotSpec("linear_lse", build.variant + ("+stats" if stats else ""), linear_lse_kernel,
+                             {**logits_input_pointers(dtype), **partials}, constexprs,
+                             stats_launch_options(dtype, build.options) if stats else build.options, build.layouts,
+                             build.archs))
     for has_bias in (False, True):
         specs.append(AotSpec("logit_sum", DTYPE_NAMES[dtype] + ("+bias" if has_bias else ""), logit_sum_kernel,
                              logit_sum_pointers,

@@ -79,29 +79,33 @@ class TileConfig:
 #
 # "wide" follows DESIGN.md section 4's measured prototype: one output tile per forward program over
 # the whole D in 64-wide steps, 8 warps, 3 stages, grouped order, the tile's max and sum-exp taken
-# once and its partial log-sum-exp merged after.  The prototype's 128x256 tile (22.3 ms at
-# Llama-3-8B / 16k on an H200, against narrow's 58.5) spills in this kernel: 252 bytes aligned on
-# sm_90, 1.2 KB with a bias and softcap (the row gather, masks and softcap cost registers the
-# prototype did not spend); 128x128 compiles with none, aligned, on both archs, without a softcap.
+# once (``ONE_TILE`` in the forward: no loop, the target gathered by index) and its partial
+# log-sum-exp merged after.  128x128: on sm_90 112-120 registers forward and backward (two CTAs an
+# SM fit), on sm_80 176-254.
+#
+# "widest" is "wide" with the prototype's own tile, 128x256 (22.3 ms at Llama-3-8B / 16k on an H200,
+# against narrow's 58.5), on Hopper only (``HOPPER_TILES``): on sm_90 it compiles with no spills
+# since neither kernel compares labels over the tile (forward 241-255 registers, backward
+# 196-234); on sm_80 (mma.sync, no wgmma) it spills 16-84 bytes, so other GPUs run "wide"'s tiles.
+#
 # Strided launches spill at 128x128 (20-500 bytes), and so does the soft-capped forward on sm_80
 # (triton 3.6: 8 bytes, 4 with BLOCK_D 32): those keep narrow's tiles (``tiles_for``), as does fp32.
-# Not timed yet: opt-in (``tile_plan("wide")``) until a GPU run of ``bench`` measures it.
+# Not timed yet: opt-in (``tile_plan("wide")``, ``tile_plan("widest")``) until a GPU run of
+# ``bench`` measures them.
 #
-# Every configuration compiles with no spills for sm_80 and sm_90 in the layouts it runs in
-# (tests/test_aot_compile.py).
+# Every configuration compiles with no spills for sm_80 and sm_90 in the layouts and on the GPUs it
+# runs on (tests/test_aot_compile.py), with triton 3.6 and 3.9.
 _WIDE = TileConfig(block_n=128, block_v=128, block_d=64, vocab_tiles_per_program=1, group_rows=8)
+_WIDEST = TileConfig(block_n=128, block_v=256, block_d=64, vocab_tiles_per_program=1, group_rows=8)
+_NARROW_FP32 = TileConfig(block_d=16, num_stages=2)
 PLANS = {
-    "narrow": {
-        torch.bfloat16: TileConfig(),
-        torch.float16: TileConfig(),
-        torch.float32: TileConfig(block_d=16, num_stages=2),
-    },
-    "wide": {
-        torch.bfloat16: _WIDE,
-        torch.float16: _WIDE,
-        torch.float32: TileConfig(block_d=16, num_stages=2),
-    },
+    "narrow": {torch.bfloat16: TileConfig(), torch.float16: TileConfig(), torch.float32: _NARROW_FP32},
+    "wide": {torch.bfloat16: _WIDE, torch.float16: _WIDE, torch.float32: _NARROW_FP32},
+    "widest": {torch.bfloat16: _WIDE, torch.float16: _WIDE, torch.float32: _NARROW_FP32},
 }
+# Where a plan runs other tiles on Hopper GPUs (compute capability 9.x).
+HOPPER = 90
+HOPPER_TILES = {"widest": {torch.bfloat16: _WIDEST, torch.float16: _WIDEST}}
 DEFAULT_PLAN = "narrow"
 # Calls that ask for per-token statistics, or whose backward takes per-row weights (an entropy
 # term, a z-loss, label smoothing), run this plan, forward and backward alike: the wide forward
@@ -131,11 +135,40 @@ def tile_plan(name: str):
 
 
 def tiles_for(dtype: torch.dtype, plan: str = DEFAULT_PLAN, *, aligned: bool = True,
-              softcap: bool = False) -> TileConfig:
+              softcap: bool = False, arch: int | None = None) -> TileConfig:
     """The tiles of ``plan`` at ``dtype`` for a launch ``aligned`` or not (``aligned_launch``), with a
-    softcap or without.  A strided or soft-capped launch takes the default plan's tiles, the only
+    softcap or without, on a GPU of compute capability ``arch`` (e.g. 90; None: not a GPU, as under
+    the interpreter).  A strided or soft-capped launch takes the default plan's tiles, the only
     ones that compile without spills there."""
-    return PLANS[plan if aligned and not softcap else DEFAULT_PLAN][dtype]
+    if not aligned or softcap:
+        plan = DEFAULT_PLAN
+    if arch is not None and arch // 10 == HOPPER // 10 and dtype in HOPPER_TILES.get(plan, {}):
+        return HOPPER_TILES[plan][dtype]
+    return PLANS[plan][dtype]
+
+
+def distinct_plans(dtype: torch.dtype = torch.bfloat16, arch: int | None = None) -> list[str]:
+    """The plans whose tiles at ``dtype`` differ on a GPU of compute capability ``arch`` (None: the
+    interpreter), each under its first name: off Hopper "widest" runs "wide"'s tiles."""
+    first = {}
+    for plan in PLANS:
+        first.setdefault(tiles_for(dtype, plan, arch=arch), plan)
+    return list(first.values())
+
+
+def gpu_arch(device: torch.device) -> int | None:
+    """The compute capability of ``device`` as one number (8.0 -> 80, 9.0 -> 90), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
+def launch_tiles(plan: str, hidden, weight, bias, softcap) -> TileConfig:
+    """The tiles a logits-tile launch over these inputs runs in ``plan`` (``tiles_for``): the forward
+    and the backward of a call both ask here, so they agree."""
+    return tiles_for(hidden.dtype, plan, aligned=aligned_launch(hidden, weight, bias), softcap=softcap is not None,
+                     arch=gpu_arch(hidden.device))
 
 
 def aligned_launch(*tensors) -> bool:
@@ -227,6 +260,7 @@ class AotSpec:
     constexprs: dict
     options: dict
     layouts: tuple = ("strided", "aligned")   # the layouts the launchers run it in (``aligned_launch``)
+    archs: tuple = (80, 90)                   # the GPUs (compute capability) the launchers run it on
 
 
 def logits_input_pointers(dtype: torch.dtype) -> dict:
@@ -235,18 +269,43 @@ def logits_input_pointers(dtype: torch.dtype) -> dict:
             "rows_ptr": torch.int32, "n_valid_ptr": torch.int32}
 
 
-def aot_logits_variants(dtype: torch.dtype):
-    """``(variant name, constexprs, options, layouts)`` of the logits-tile kernels' ahead-of-time
-    builds at ``dtype``'s tiles in every plan, in the launches that run them (``tiles_for``): the
-    default plan's without bias, softcap and temperature and with all three (the most registers),
-    strided and aligned; another plan's without a softcap, with neither bias nor temperature and with
-    both, aligned only.  Built for a GPU: no
-    interpreter upcast; fp32 dots in tf32 (torch's "high" matmul precision) and, for the soft-capped
-    variant, also in ieee (the default "highest": the most registers)."""
+@dataclass(frozen=True)
+class LogitsBuild:
+    """One ahead-of-time build of a logits-tile kernel (``aot_logits_variants``): its variant name,
+    the constexprs of ``logits_constexprs``, launch options, the layouts and GPUs it runs in, and
+    whether a forward program holds one tile (``ONE_TILE``)."""
+
+    variant: str
+    constexprs: dict
+    options: dict
+    layouts: tuple
+    archs: tuple
+    one_tile: bool
+
+
+def _plan_tiles(dtype: torch.dtype, archs=(80, HOPPER)):
+    """``(plan, tiles, the archs of ``archs`` that run them)``, each plan's tiles once, skipping any
+    that an earlier plan already runs on the same GPU."""
+    seen = set()
     for plan in PLANS:
-        tiles = tiles_for(dtype, plan)
-        if plan != DEFAULT_PLAN and tiles == tiles_for(dtype):
-            continue
+        by_tiles = {}
+        for arch in archs:
+            tiles = tiles_for(dtype, plan, arch=arch)
+            if (tiles, arch) not in seen:
+                seen.add((tiles, arch))
+                by_tiles.setdefault(tiles, []).append(arch)
+        for tiles, on in by_tiles.items():
+            yield plan, tiles, tuple(on)
+
+
+def aot_logits_variants(dtype: torch.dtype):
+    """The ``LogitsBuild`` of the logits-tile kernels' ahead-of-time builds at ``dtype``'s tiles in every
+    plan, in the launches and on the GPUs that run them (``tiles_for``): the default plan's without
+    bias, softcap and temperature and with all three (the most registers), strided and aligned;
+    another plan's without a softcap, with neither bias nor temperature and with both, aligned only.
+    Built for a GPU: no interpreter upcast; fp32 dots in tf32 (torch's "high" matmul precision) and,
+    for the soft-capped variant, also in ieee (the default "highest": the most registers)."""
+    for plan, tiles, archs in _plan_tiles(dtype):
         default = plan == DEFAULT_PLAN
         layouts = ("strided", "aligned") if default else ("aligned",)
         for has_bias, has_softcap in ((False, False), (True, True)) if default else ((False, False), (True, False)):
@@ -259,7 +318,8 @@ def aot_logits_variants(dtype: torch.dtype):
                 constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
                                                has_temperature=has_bias, interpreted=False,
                                                float32_matmul_precision=precision)
-                yield variant, constexprs, launch_options(tiles), layouts
+                yield LogitsBuild(variant, constexprs, launch_options(tiles), layouts, archs,
+                                  tiles.vocab_tiles_per_program == 1)
 
 
 @triton.jit

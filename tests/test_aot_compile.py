@@ -33,9 +33,12 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     assert {r[0] for r in rows} == {"column_sum", "cross_entropy_block", "linear_grad", "linear_lse", "logit_sum",
                                     "merge_splits", "pref_head"}
     assert {r[2] for r in rows} == {"sm_80", "sm_90"} and {r[1] for r in rows} == {"aligned", "strided"}
-    # Every spec, in each layout it runs in, for two archs; the wide plan's tiles only aligned.
-    assert len(rows) == 2 * sum(len(spec.layouts) for spec in aot.shipped_specs())
+    # Every spec, in each layout and on each arch it runs on; the wide plans' tiles only aligned, and
+    # the widest plan's own 128x256 tiles only on Hopper.
+    assert len(rows) == sum(len(spec.layouts) * len(spec.archs) for spec in aot.shipped_specs())
     assert any(" wide" in line for line in lines) and not any(" wide" in line and "strided" in line for line in lines)
+    widest = [line for line in lines if " widest" in line]
+    assert widest and all("sm_90" in line for line in widest)
     assert [r for r in rows if r[4:6] != ("0", "0")] == [], "spills"
     assert re.fullmatch(rf"{len(rows)} builds for sm_80, sm_90 in \d+ s: 0 spill registers", lines[-1]), lines[-1]
 

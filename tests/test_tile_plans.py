@@ -19,9 +19,14 @@ from fused_pref.testing import compare, make_inputs
 WIDE_SHAPE = (6, 211, 80, 517)
 
 
-def _wide_tiles_run(x, softcap=None):
-    return tiles_for(x["hidden"].dtype, "wide", aligned=aligned_launch(x["hidden"], x["weight"], x["bias"]),
-                     softcap=softcap is not None)
+def _tiles_run(x, plan, softcap=None):
+    return tiles.launch_tiles(plan, x["hidden"], x["weight"], x["bias"], softcap)
+
+
+def _on_gpu(monkeypatch, arch):
+    """Make the launchers see a GPU of compute capability ``arch``: the interpreter then runs the
+    tiles that GPU would."""
+    monkeypatch.setattr(tiles, "gpu_arch", lambda device: arch)
 
 
 @pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
@@ -29,10 +34,46 @@ def _wide_tiles_run(x, softcap=None):
 def test_wide_plan_matches_the_reference(dtype, softcap, device):
     x = make_inputs(*WIDE_SHAPE, dtype=dtype, device=device, seed=5)
     # bf16 without a softcap runs the wide tiles; fp32 and soft-capped launches keep the default's.
-    assert (_wide_tiles_run(x, softcap) != tiles_for(dtype)) == (dtype == torch.bfloat16 and softcap is None)
+    assert (_tiles_run(x, "wide", softcap) != tiles_for(dtype)) == (dtype == torch.bfloat16 and softcap is None)
     with tile_plan("wide"):
         compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=softcap,
                                           sft_weight=0.2), x).check(dtype)
+
+
+def test_widest_plan_on_hopper_matches_the_reference(device, monkeypatch):
+    _on_gpu(monkeypatch, 90)
+    x = make_inputs(*WIDE_SHAPE, dtype=torch.bfloat16, device=device, seed=5)
+    run = _tiles_run(x, "widest")
+    # 128 x 256: two vocabulary tiles, the second partial.
+    assert (run.block_n, run.block_v, run.vocab_tiles_per_program) == (128, 256, 1)
+    with tile_plan("widest"):
+        compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.2),
+                x).check(torch.bfloat16)
+
+
+def test_the_widest_tiles_run_on_hopper_only():
+    for arch in (None, 80, 86, 89, 100, 120):
+        assert tiles_for(torch.bfloat16, "widest", arch=arch) == tiles_for(torch.bfloat16, "wide")
+    hopper = tiles_for(torch.bfloat16, "widest", arch=90)
+    assert (hopper.block_n, hopper.block_v, hopper.vocab_tiles_per_program) == (128, 256, 1)
+    assert tiles_for(torch.float32, "widest", arch=90) == tiles_for(torch.float32)
+    assert tiles_for(torch.bfloat16, "widest", aligned=False, arch=90) == tiles_for(torch.bfloat16)
+
+
+@pytest.mark.parametrize("plan, arch", [("wide", None), ("widest", 90)], ids=["wide", "widest-hopper"])
+def test_labels_at_every_column_of_a_tile(plan, arch, device, monkeypatch):
+    _on_gpu(monkeypatch, arch)
+    # Labels at the edges of every tile (128 or 256 columns) and backward chunk (one tile each
+    # here), and at the last real column of the padded last tile: where the forward gathers its
+    # target and the backward rewrites its label column.
+    R, T, D, V = 2, 40, 48, 517
+    x = make_inputs(R, T, D, V, dtype=torch.bfloat16, device=device, seed=11)
+    edges = [0, 1, 127, 128, 129, 255, 256, 257, 383, 384, 511, 512, 515, 516]
+    labels = torch.tensor(edges * (R * T // len(edges) + 1), device=device)[: R * T].view(R, T)
+    x["labels"] = torch.where(x["labels"] == -100, x["labels"], labels)
+    with tile_plan(plan):
+        compare(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                                    workspace_bytes=4096), x).check(torch.bfloat16)
 
 
 @pytest.mark.parametrize("plan", PLANS)
@@ -43,7 +84,7 @@ def test_the_forward_in_several_launches_gives_the_same_bits(plan, device):
     args = (x["hidden"].detach(), x["weight"].detach(), x["labels"])
     with tile_plan(plan):
         whole = fused_pref.linear_logprobs(*args)
-        tile = _wide_tiles_run(x) if plan == "wide" else tiles_for(torch.bfloat16)
+        tile = _tiles_run(x, plan)
         n_rows = int((x["labels"] != -100).sum())
         splits, _ = linear_lse.vocab_splits(n_rows, WIDE_SHAPE[3], x["hidden"].device, tile)
         budget = 4 * splits * tile.block_n   # one row tile's partials per launch
@@ -86,7 +127,7 @@ def test_which_launches_are_aligned():
 
 
 def test_an_unknown_plan_is_refused():
-    with pytest.raises(ValueError, match=r"^tile plan must be one of \('narrow', 'wide'\), got 'tall'"):
+    with pytest.raises(ValueError, match=r"^tile plan must be one of \('narrow', 'wide', 'widest'\), got 'tall'"):
         with tile_plan("tall"):
             pass
     assert tiles.active_plan() == DEFAULT_PLAN

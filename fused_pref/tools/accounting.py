@@ -23,9 +23,9 @@ import torch
 
 from fused_pref.kernels import linear_grad
 from fused_pref.kernels.linear_grad import vocab_chunk_size
-from fused_pref.kernels.tiles import DEFAULT_PLAN, tiles_for
+from fused_pref.kernels.tiles import DEFAULT_PLAN, distinct_plans, tiles_for
 from .memory import LiveBytesRecorder, Peak
-from .workload import MODELS, library_implementations, make_batch
+from .workload import FUSED_PLANS, MODELS, library_implementations, make_batch
 
 DTYPE = torch.bfloat16
 MONOMIALS = ("N·V", "N·D", "V·D", "N")
@@ -70,8 +70,8 @@ class Workspace:
 
 # The workspace of each implementation that has one, by name: every tile plan runs the V-chunked
 # backward, its chunks a multiple of the plan's BLOCK_V.
-WORKSPACES = {"fused-vchunk": Workspace(vchunk_columns),
-              "fused-wide": Workspace(functools.partial(vchunk_columns, plan="wide"))}
+WORKSPACES = {f"fused-{name}": Workspace(functools.partial(vchunk_columns, plan=plan))
+              for name, plan in FUSED_PLANS.items()}
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class Term:
 
 
 # Each backward strategy states its own peak temporaries beside the code that allocates them.
-BACKWARD_TEMPORARIES = {"fused-vchunk": linear_grad.peak_temporaries, "fused-wide": linear_grad.peak_temporaries}
+BACKWARD_TEMPORARIES = dict.fromkeys(WORKSPACES, linear_grad.peak_temporaries)
 
 
 def analytic_terms(implementation: str, loss: str, softcap) -> list[Term]:
@@ -201,7 +201,14 @@ def account(model: str, tokens: int, loss: str) -> list[Accounting]:
     head = MODELS[model]
     return [Accounting(fit_implementation(implementation, loss, head.softcap),
                        analytic_terms(implementation, loss, head.softcap), tokens, head.hidden, head.vocab)
-            for implementation in library_implementations(loss, head.softcap)]
+            for implementation in accounted_implementations(loss, head.softcap)]
+
+
+def accounted_implementations(loss: str, softcap=None) -> list[str]:
+    """``library_implementations`` less the tile plans that repeat another's tiles through the
+    interpreter (where the accounting runs: "widest" runs "wide"'s there)."""
+    repeated = {f"fused-{name}" for name, plan in FUSED_PLANS.items() if plan not in distinct_plans()}
+    return [name for name in library_implementations(loss, softcap) if name not in repeated]
 
 
 def human_bytes(n: float) -> str:

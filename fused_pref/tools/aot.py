@@ -182,7 +182,7 @@ def iter_builds(archs=ARCHS, dtypes=tuple(TORCH_DTYPES), layouts=LAYOUTS):
     specs = [(spec, signature(spec)) for spec in shipped_specs(dtypes)]
     for spec, sig in specs:
         for layout in (layout for layout in layouts if layout in spec.layouts):
-            for arch in archs:
+            for arch in (arch for arch in archs if arch in spec.archs):
                 compiled = compile_kernel(spec.fn, sig, spec.constexprs, spec.options, arch, layout)
                 registers, spill_stores, spill_loads = _ptxas_figures(compiled.asm["ptx"], arch)
                 yield KernelBuild(spec.kernel, spec.variant, layout, arch, registers, spill_stores, spill_loads,

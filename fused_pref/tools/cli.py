@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     bench.add_argument("--all-shapes", action="store_true",
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
-                       help="only these implementations, repeatable: fused-vchunk, fused-wide (tile plans), "
+                       help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest (tile plans), "
                             "fused-inforward (backward='in_forward', cross-entropy), reference, reference-compile, "
                             "liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),

@@ -42,7 +42,7 @@ PROMPT_FRACTIONS = {"quarter": 0.25, "half": 0.5}
 # The library's own implementations: the fused path once per tile plan (kernels/tiles.py), by the
 # name its results rows carry.  "fused-vchunk" (the V-chunked backward, the default plan) keeps the
 # name the GPU results have always had.
-FUSED_PLANS = {"vchunk": "narrow", "wide": "wide"}
+FUSED_PLANS = {"vchunk": "narrow", "wide": "wide", "widest": "widest"}
 
 
 def sequences_for(tokens: int) -> int:
