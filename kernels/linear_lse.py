@@ -73,7 +73,7 @@ def linear_lse_kernel(
         # the target gathered by index.  The compare-and-sum the loop picks it with took the
         # 128x256 build past 255 registers (ptxas, sm_90, triton 3.9: 188 bytes of spills; 0 and
         # 241 registers with the gather); the loop's running state cost the rest.
-        tl.static_assert(not (LOGIT_SUM or TOKEN_STATS), "the tile sums and statistics run in the looped plan")
+        tl.static_assert(not TOKEN_STATS, "the token statistics run in the looped plan (tiles.STATS_PLAN)")
         z, offs_v, v_mask = logits_tile(
             h_ptr, w_ptr, b_ptr, h_offset, p_mask, v_start, V, D,
             stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
@@ -85,6 +85,8 @@ def linear_lse_kernel(
         # A label outside the tile gathers some column; the store below keeps only the split's.
         column = tl.minimum(tl.maximum(label - v_start, 0), BLOCK_V - 1).to(tl.int32)
         target = tl.reshape(tl.gather(z, column[:, None], axis=1), (BLOCK_N,))
+        if LOGIT_SUM:
+            logit_sum = tl.sum(tl.where(v_mask[None, :], z, 0.0), axis=1)
     else:
         for v0 in range(v_start, v_end, BLOCK_V):
             z, offs_v, v_mask = logits_tile(

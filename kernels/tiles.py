@@ -88,8 +88,11 @@ class TileConfig:
 # since neither kernel compares labels over the tile (forward 241-255 registers, backward
 # 196-234); on sm_80 (mma.sync, no wgmma) it spills 16-84 bytes, so other GPUs run "wide"'s tiles.
 #
-# Strided launches spill at 128x128 (20-500 bytes), and so does the soft-capped forward on sm_80
-# (triton 3.6: 8 bytes, 4 with BLOCK_D 32): those keep narrow's tiles (``tiles_for``), as does fp32.
+# A softcap runs "wide"'s 128x128 tiles in both wide plans: with the one-tile forward and no label
+# compare they compile with no spills (forward with the tiles' logit sum 173-255 registers, backward
+# 127-225), where the looped forward spilled 8 bytes on sm_80 (triton 3.6); at 128x256 a softcap
+# spills 16-220 bytes on sm_90.  Strided launches spill at 128x128 (20-500 bytes): they keep
+# narrow's tiles (``tiles_for``), as does fp32.
 # Not timed yet: opt-in (``tile_plan("wide")``, ``tile_plan("widest")``) until a GPU run of
 # ``bench`` measures them.
 #
@@ -138,11 +141,12 @@ def tiles_for(dtype: torch.dtype, plan: str = DEFAULT_PLAN, *, aligned: bool = T
               softcap: bool = False, arch: int | None = None) -> TileConfig:
     """The tiles of ``plan`` at ``dtype`` for a launch ``aligned`` or not (``aligned_launch``), with a
     softcap or without, on a GPU of compute capability ``arch`` (e.g. 90; None: not a GPU, as under
-    the interpreter).  A strided or soft-capped launch takes the default plan's tiles, the only
-    ones that compile without spills there."""
-    if not aligned or softcap:
+    the interpreter).  A strided launch takes the default plan's tiles and a soft-capped one no
+    Hopper tiles: the only ones that compile without spills there."""
+    if not aligned:
         plan = DEFAULT_PLAN
-    if arch is not None and arch // 10 == HOPPER // 10 and dtype in HOPPER_TILES.get(plan, {}):
+    hopper = arch is not None and arch // 10 == HOPPER // 10 and not softcap
+    if hopper and dtype in HOPPER_TILES.get(plan, {}):
         return HOPPER_TILES[plan][dtype]
     return PLANS[plan][dtype]
 
@@ -300,15 +304,17 @@ def _plan_tiles(dtype: torch.dtype, archs=(80, HOPPER)):
 
 def aot_logits_variants(dtype: torch.dtype):
     """The ``LogitsBuild`` of the logits-tile kernels' ahead-of-time builds at ``dtype``'s tiles in every
-    plan, in the launches and on the GPUs that run them (``tiles_for``): the default plan's without
-    bias, softcap and temperature and with all three (the most registers), strided and aligned;
-    another plan's without a softcap, with neither bias nor temperature and with both, aligned only.
+    plan, in the launches and on the GPUs that run them (``tiles_for``): without bias, softcap and
+    temperature, and with all three (the most registers; without the softcap where these tiles do
+    not run it); the default plan's strided and aligned, another plan's aligned only.
     Built for a GPU: no interpreter upcast; fp32 dots in tf32 (torch's "high" matmul precision) and,
     for the soft-capped variant, also in ieee (the default "highest": the most registers)."""
     for plan, tiles, archs in _plan_tiles(dtype):
         default = plan == DEFAULT_PLAN
         layouts = ("strided", "aligned") if default else ("aligned",)
-        for has_bias, has_softcap in ((False, False), (True, True)) if default else ((False, False), (True, False)):
+        # The larger build carries the softcap where these tiles run soft-capped launches too.
+        capped = all(tiles_for(dtype, plan, softcap=True, arch=arch) == tiles for arch in archs)
+        for has_bias, has_softcap in ((False, False), (True, capped)):
             precisions = ("high", "highest") if dtype == torch.float32 and has_softcap else ("high",)
             for precision in precisions:
                 variant = (DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")

@@ -33,8 +33,9 @@ def _on_gpu(monkeypatch, arch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_wide_plan_matches_the_reference(dtype, softcap, device):
     x = make_inputs(*WIDE_SHAPE, dtype=dtype, device=device, seed=5)
-    # bf16 without a softcap runs the wide tiles; fp32 and soft-capped launches keep the default's.
-    assert (_tiles_run(x, "wide", softcap) != tiles_for(dtype)) == (dtype == torch.bfloat16 and softcap is None)
+    # bf16 runs the wide tiles, soft-capped or not (SimPO's logit-sum metric then sums the one-tile
+    # forward's logits); fp32 keeps the default's.
+    assert (_tiles_run(x, "wide", softcap) != tiles_for(dtype)) == (dtype == torch.bfloat16)
     with tile_plan("wide"):
         compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=softcap,
                                           sft_weight=0.2), x).check(dtype)
@@ -58,6 +59,8 @@ def test_the_widest_tiles_run_on_hopper_only():
     assert (hopper.block_n, hopper.block_v, hopper.vocab_tiles_per_program) == (128, 256, 1)
     assert tiles_for(torch.float32, "widest", arch=90) == tiles_for(torch.float32)
     assert tiles_for(torch.bfloat16, "widest", aligned=False, arch=90) == tiles_for(torch.bfloat16)
+    # 128x256 spills under a softcap: a soft-capped launch runs the wide tiles there.
+    assert tiles_for(torch.bfloat16, "widest", softcap=True, arch=90) == tiles_for(torch.bfloat16, "wide")
 
 
 @pytest.mark.parametrize("plan, arch", [("wide", None), ("widest", 90)], ids=["wide", "widest-hopper"])
@@ -119,11 +122,11 @@ def test_which_launches_are_aligned():
     assert not aligned_launch(contiguous.transpose(1, 2), torch.randn(7, 5), None)  # inner stride 5
     assert not aligned_launch(torch.randn(481).as_strided((3, 5, 32), (160, 32, 1), 1), torch.randn(7, 32), None)
     assert not aligned_launch(contiguous, torch.randn(7, 32), torch.randn(9)[1:8])   # a bias 4 bytes in
-    # A strided or soft-capped launch takes the default plan's tiles, whatever the plan: only those
-    # compile without spills there (tests/test_aot_compile.py).
+    # A strided launch takes the default plan's tiles, whatever the plan: only those compile without
+    # spills there (tests/test_aot_compile.py); a soft-capped one keeps the wide tiles.
     for dtype in (torch.bfloat16, torch.float32):
-        assert tiles_for(dtype, "wide", aligned=False) == tiles_for(dtype, "wide", softcap=True) == tiles_for(dtype)
-    assert tiles_for(torch.bfloat16, "wide") != tiles_for(torch.bfloat16)
+        assert tiles_for(dtype, "wide", aligned=False) == tiles_for(dtype)
+    assert tiles_for(torch.bfloat16, "wide") == tiles_for(torch.bfloat16, "wide", softcap=True) != tiles_for(torch.bfloat16)
 
 
 def test_an_unknown_plan_is_refused():
