@@ -67,8 +67,9 @@ def linear_grad_kernel(
         return
     offs_p, row, p_mask, h_offset, label, lse = labelled_rows_lse(rows_ptr, labels_ptr, lse_ptr, n_valid, p0, V, T,
                                                                   stride_h_r, stride_h_t, BLOCK_N)
-    # The forward's target logit: the label's z from the same tiles, so the same bits as this
-    # program's z there.
+    # The forward's target logit, the value its logp used: the label's z from tiles of the same
+    # plan (equal to this program's z there up to the compiler's contractions of what follows the
+    # product, e.g. an FMA into exp's argument).
     z_label = tl.load(target_ptr + row, mask=p_mask, other=0.0)
     if ROW_WEIGHTS:
         # Loaded before the logits loop, as the lse is (labelled_rows_lse says why).

@@ -161,8 +161,9 @@ def distinct_plans(dtype: torch.dtype = torch.bfloat16, arch: int | None = None)
 
 
 def gpu_arch(device: torch.device) -> int | None:
-    """The compute capability of ``device`` as one number (8.0 -> 80, 9.0 -> 90), None off CUDA."""
-    if device.type != "cuda":
+    """The compute capability of ``device`` as one number (8.0 -> 80, 9.0 -> 90); None off CUDA and
+    on ROCm, whose numbers are not NVIDIA's (an MI300 reports 9.4)."""
+    if device.type != "cuda" or torch.version.hip is not None:
         return None
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor

@@ -40,7 +40,10 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
     widest = [line for line in lines if " widest" in line]
     assert widest and all("sm_90" in line for line in widest)
     assert [r for r in rows if r[4:6] != ("0", "0")] == [], "spills"
-    assert re.fullmatch(rf"{len(rows)} builds for sm_80, sm_90 in \d+ s: 0 spill registers", lines[-1]), lines[-1]
+    # The pipelined stages fit each GPU's shared memory (a build over it compiles but cannot launch).
+    assert [r for r in rows if int(r[6]) > aot.SHARED_MEMORY_LIMITS[int(r[2][3:])]] == [], "shared memory"
+    assert re.fullmatch(rf"{len(rows)} builds for sm_80, sm_90 in \d+ s: 0 spill registers, 0 over the shared memory "
+                        "limit", lines[-1]), lines[-1]
 
 
 # ---- The signatures come from the kernels' own arguments ---------------------------------------
@@ -103,3 +106,12 @@ def test_every_shipped_spec_covers_its_kernels_arguments():
     behind = dataclasses.replace(grad, pointers={k: v for k, v in grad.pointers.items() if k != "lse_ptr"})
     with pytest.raises(ValueError, match=r"linear_grad_kernel(.|\n)*\n  lse_ptr: a pointer whose element dtype"):
         aot.signature(behind)
+
+
+def test_a_build_over_its_gpus_shared_memory_fails():
+    # 227 KiB of pipelined stages fit an H100's CTA but not an A100's (163 KiB): it would compile there
+    # and fail to launch.
+    fits = aot.KernelBuild("k", "v", "aligned", 90, 128, 0, 0, 227 * 1024)
+    over = dataclasses.replace(fits, arch=80)
+    assert not aot.failed([fits]) and aot.failed([fits, over])
+    assert aot.verdict([fits, over], 1.0).endswith("0 spill registers, 1 over the shared memory limit: k v aligned sm_80")

@@ -36,6 +36,9 @@ from triton.compiler import ASTSource
 from fused_pref.kernels.tiles import DTYPE_NAMES, AotSpec
 
 ARCHS = (80, 90)
+# The most shared memory one CTA may use (the opt-in maximum): A100 163 KiB, H100/H200 227 KiB.  A
+# build over it compiles but cannot launch.
+SHARED_MEMORY_LIMITS = {80: 163 * 1024, 90: 227 * 1024}
 LAYOUTS = ("strided", "aligned")
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}   # "bf16" -> torch.bfloat16, ...
 
@@ -206,10 +209,23 @@ def format_table(builds) -> str:
     return "\n".join([TABLE_HEADER, *map(format_row, builds)])
 
 
+def over_shared_memory(build: KernelBuild) -> bool:
+    return build.shared_bytes > SHARED_MEMORY_LIMITS[build.arch]
+
+
+def failed(builds) -> bool:
+    """Whether any build spills registers or needs more shared memory than its GPU has."""
+    return any(b.spill_stores or b.spill_loads or over_shared_memory(b) for b in builds)
+
+
 def verdict(builds, seconds: float) -> str:
-    """One line: how many builds, and whether any spills registers (and which)."""
-    spilled = [b for b in builds if b.spill_stores or b.spill_loads]
-    where = "; ".join(f"{b.kernel} {b.variant} {b.layout} sm_{b.arch}" for b in spilled)
-    said = f"{len(spilled)} spill registers: {where}" if spilled else "0 spill registers"
+    """One line: how many builds, whether any spills registers and whether any needs more shared
+    memory than its GPU has (and which)."""
+    def named(bad, what):
+        where = "; ".join(f"{b.kernel} {b.variant} {b.layout} sm_{b.arch}" for b in bad)
+        return f"{len(bad)} {what}: {where}" if bad else f"0 {what}"
+
+    spilled = named([b for b in builds if b.spill_stores or b.spill_loads], "spill registers")
+    over = named([b for b in builds if over_shared_memory(b)], "over the shared memory limit")
     archs = ", ".join(f"sm_{a}" for a in sorted({b.arch for b in builds}))
-    return f"{len(builds)} builds for {archs} in {seconds:.0f} s: {said}"
+    return f"{len(builds)} builds for {archs} in {seconds:.0f} s: {spilled}, {over}"
