@@ -80,13 +80,13 @@ class TileConfig:
 # "wide" follows DESIGN.md section 4's measured prototype: one output tile per forward program over
 # the whole D in 64-wide steps, 8 warps, 3 stages, grouped order, the tile's max and sum-exp taken
 # once (``ONE_TILE`` in the forward: no loop, the target gathered by index) and its partial
-# log-sum-exp merged after.  128x128: on sm_90 112-120 registers forward and backward (two CTAs an
-# SM fit), on sm_80 176-254.
+# log-sum-exp merged after.  128x128 without a softcap: on sm_90 112-126 registers forward and
+# backward with triton 3.9 (two CTAs an SM fit), the forward 156-172 with 3.6; on sm_80 176-253.
 #
 # "widest" is "wide" with the prototype's own tile, 128x256 (22.3 ms at Llama-3-8B / 16k on an H200,
 # against narrow's 58.5), on Hopper only (``HOPPER_TILES``): on sm_90 it compiles with no spills
-# since neither kernel compares labels over the tile (forward 241-255 registers, backward
-# 196-234); on sm_80 (mma.sync, no wgmma) it spills 16-84 bytes, so other GPUs run "wide"'s tiles.
+# since neither kernel compares labels over the tile (forward 198-255 registers, backward
+# 194-244); on sm_80 (mma.sync, no wgmma) it spills 16-84 bytes, so other GPUs run "wide"'s tiles.
 #
 # A softcap runs "wide"'s 128x128 tiles in both wide plans: with the one-tile forward and no label
 # compare they compile with no spills (forward with the tiles' logit sum 173-255 registers, backward
