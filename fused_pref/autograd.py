@@ -107,25 +107,22 @@ class PreferenceHead(torch.autograd.Function):
         return d_chosen * grad_losses, d_rejected * grad_losses, None, None, None
 
 
-class CrossEntropyGradientInForward(torch.autograd.Function):
-    """A mean or summed cross-entropy whose forward also computes its gradients
-    (``fused_pref.gradient_in_forward``; ``needs`` says which); the backward scales them by
+class GradientsInForward(torch.autograd.Function):
+    """A loss whose gradients w.r.t. ``hidden``, ``weight`` and ``bias`` were computed with it
+    (``fused_pref.gradient_in_forward``; None where not needed); the backward scales them by
     ``grad_output``: one product in fp32 rounded to the gradient's dtype (exact when ``grad_output``
     is a power of two, e.g. 1 or a loss scale)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
-        loss, grads = ops.gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options)
-        ctx.save_for_backward(*grads)
-        ctx.needs = needs
+    def forward(ctx, loss, hidden, weight, bias, d_hidden, d_weight, d_bias):
+        ctx.save_for_backward(d_hidden, d_weight, d_bias)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (hidden, weight, bias))
-        return loss
+        return loss.clone()
 
     @staticmethod
     @once_differentiable   # the stored gradients are constants here: a second order would be silently 0
     def backward(ctx, grad_loss):
         # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32; fp16 inputs' gradients
         # come fp32 and are cast after the scaling.
-        grads = ((g * grad_loss).to(dtype) if need else None
-                 for g, need, dtype in zip(ctx.saved_tensors, ctx.needs, ctx.dtypes))
-        return (*grads, None, None, None, None, None, None)
+        grads = (None if g is None else (g * grad_loss).to(dtype) for g, dtype in zip(ctx.saved_tensors, ctx.dtypes))
+        return (None, *grads, None, None, None)

@@ -27,8 +27,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import kto, preference, reference, validation
-from .autograd import CrossEntropyGradientInForward, LinearLogprobs, LogprobParams, PreferenceHead
+from . import kto, ops, preference, reference, validation
+from .autograd import GradientsInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import from_dtensors, resolve_shard
 from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
@@ -252,6 +252,15 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
                                 z_loss=z_loss.detach() if return_z_loss else None)
 
 
+def _needs_gradients(*tensors) -> tuple[bool, ...]:
+    return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
+
+
+def _with_gradients(loss, r: _Rows, weight, bias, needs, grads):
+    """``loss`` carrying the gradients the forward computed (``backward="in_forward"``)."""
+    return GradientsInForward.apply(loss, r.hidden, weight, bias, *(g if need else None for g, need in zip(grads, needs)))
+
+
 def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options):
     """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
     none under ``no_grad`` or when no input needs one."""
@@ -261,9 +270,28 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     if reduction == "mean":
         total = row_scale.sum()
         row_scale = row_scale / torch.where(total > 0, total, 1.0)
-    needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in (hidden, weight, bias))
-    return CrossEntropyGradientInForward.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale,
-                                               needs, options)
+    needs = _needs_gradients(hidden, weight, bias)
+    with torch.no_grad():
+        loss, grads = ops.gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale, needs,
+                                              options)
+    return _with_gradients(loss, r, weight, bias, needs, grads)
+
+
+def _preference_in_forward(spec, hidden, weight, labels, bias, options: Options, ref_logps) -> PreferenceOutput:
+    """``backward="in_forward"`` for a pair loss: the log-probs and the gradients from blocks of whole
+    pairs (``gradient_in_forward.preference_and_gradients``), the output assembled from them as the
+    default path does, its loss carrying the gradients (every other field is detached anyway)."""
+    r = _rows(hidden, weight, labels, options, None, mean_over_sequences=spec.reduction == "mean")
+    needs = _needs_gradients(hidden, weight, bias)
+    with torch.no_grad():
+        logp, logit_sum, grads = ops.preference_gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows,
+                                                                    ref_logps, needs, spec, options)
+        shape = r.checked.valid.shape
+        empty = logp.new_empty(0)
+        tokens = _Tokens(logp.view(shape), r.checked.valid, logit_sum.view(shape), weight.shape[0], r.targets,
+                         empty, empty, empty)
+        out = _preference(tokens, spec, ref_logps, options.cu_seqlens)
+    return replace(out, loss=_with_gradients(out.loss, r, weight, bias, needs, grads))
 
 
 def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens,
@@ -301,7 +329,10 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
                     token_metrics) -> PreferenceOutput:
     """The body of every reference-free preference loss on the Triton path."""
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    validation.check_pair_loss_in_forward(options, spec.sort)
     validation.check_token_stats(options, {"token_metrics": token_metrics})
+    if options.backward == "in_forward":
+        return _preference_in_forward(spec, hidden, weight, labels, bias, options, None)
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
                              logit_sum=True, token_stats=token_metrics)
     return _preference(tokens, spec, None, options.cu_seqlens, token_metrics)
@@ -410,15 +441,20 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
+    validation.check_pair_loss_in_forward(options, spec.sort)
     validation.check_token_stats(options, {"token_metrics": token_metrics})
-    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True, token_stats=token_metrics)
     if ref_logps is None:
         with torch.no_grad():
-            # validate=False: the policy's labels, just checked, are the reference model's too.
-            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
+            # validate=False: the policy's labels, checked above, are the reference model's too.
+            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
+                                         replace(options, validate=False, backward="auto"))
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
-    return _preference(tokens, spec, ref_logps.detach().float(), options.cu_seqlens, token_metrics)
+    ref_logps = ref_logps.detach().float()
+    if options.backward == "in_forward":
+        return _preference_in_forward(spec, hidden, weight, labels, bias, options, ref_logps)
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
+                             logit_sum=True, token_stats=token_metrics)
+    return _preference(tokens, spec, ref_logps, options.cu_seqlens, token_metrics)
 
 
 @_public(reference.kto_loss)

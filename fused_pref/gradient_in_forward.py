@@ -1,12 +1,15 @@
-"""Cross-entropy with its gradients computed inside the forward (``backward="in_forward"``).
+"""Losses with their gradients computed inside the forward (``backward="in_forward"``).
 
-Where ``dLoss/dlogits`` is known during the forward (a mean or summed cross-entropy: ``softmax -
-onehot`` per valid token), the logits need not be computed twice.  Per block of valid rows this
-path runs three cuBLAS products and one Triton pass over an fp32 block of logits::
+Where ``dLoss/dlogits`` is known during the forward, the logits need not be computed twice: a mean
+or summed cross-entropy's is ``s (softmax - onehot)`` per valid token, ``s`` its weight; a pair
+loss's (SimPO, CPO, ORPO, DPO) is the same with ``s = -dLoss/dlogp``, one value per sequence, known
+once the pair's log-probs are (blocks of whole pairs, ``preference_and_gradients``).  Per block of
+valid rows this path runs three cuBLAS products and one Triton pass over an fp32 block of logits::
 
     z    = h_b @ W.T                        fp32 output, cuBLAS
-    loss += s * (lse - z[label]),  dz = softmax - onehot   kernels/cross_entropy_block.py
+    -logp = lse - z[label],  dz = softmax - onehot   kernels/cross_entropy_block.py
                                             (bias, softcap, temperature there; dz in the input dtype)
+    s    = the rows' weights                cross-entropy: given; a pair loss: from the head
     dH_b = s * (dz @ W)                     cuBLAS (fp32 out), the rows' d_hidden, final
     dW  += dz.T @ (s * h_b)                 cuBLAS into an fp32 accumulator
 
@@ -18,7 +21,8 @@ stay fp32, the gradient is exact (no filtering) and every sum runs in a fixed or
 
 The block holds ``rows x V`` of ``dz`` in the input dtype and half as many rows of fp32 logits at a
 time: at most ``workspace_bytes``, and never more than 1/16 of the rows, as the chunked backward
-bounds its workspace.  The ``[N, V]`` logits never exist.
+bounds its workspace; a pair loss's block holds at least one whole pair's ``dz`` (its fp32 logits
+still within the bound).  The ``[N, V]`` logits never exist.
 
 Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
 on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
@@ -28,6 +32,8 @@ interpreter's tests; the copies cost 4VD more there).
 import torch
 
 from .kernels.cross_entropy_block import cross_entropy_block, new_workspace
+from .kernels.pref_head import preference_head_forward
+from .segments import sequence_sums
 
 
 def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
@@ -73,13 +79,14 @@ class _Fp32Products:
             return torch.mm(dz, self.weight, out_dtype=torch.float32).mul_(scale[:, None])
         return torch.mm(dz.to(self.weight.dtype), self.weight).mul_(scale[:, None])
 
-    def accumulate(self, acc, dz, h):
+    def accumulate(self, acc, dz, h, alpha=1.0):
+        """``acc += alpha * dz.T @ h``, in fp32."""
         if not self.cuda_out_dtype:
-            acc.addmm_(dz.t().float(), h.float())
+            acc.addmm_(dz.t().float(), h.float(), alpha=alpha)
             return
         if _ADDMM_INTO_FP32[0]:
             try:
-                torch.addmm(acc, dz.t(), h, out_dtype=torch.float32, out=acc)
+                torch.addmm(acc, dz.t(), h, out_dtype=torch.float32, alpha=alpha, out=acc)
                 return
             except RuntimeError as error:
                 # Some torch versions want addmm.dtype_out's ``self`` in the operands' dtype (it
@@ -88,59 +95,162 @@ class _Fp32Products:
                     raise
                 _ADDMM_INTO_FP32[0] = False
         for v in range(0, acc.shape[0], _SLICE_ROWS):
-            acc[v:v + _SLICE_ROWS] += torch.mm(dz[:, v:v + _SLICE_ROWS].t(), h, out_dtype=torch.float32)
+            acc[v:v + _SLICE_ROWS].add_(torch.mm(dz[:, v:v + _SLICE_ROWS].t(), h, out_dtype=torch.float32),
+                                        alpha=alpha)
 
 
-def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
-                                temperature, workspace_bytes):
-    """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
-    the rows listed in ``rows``; a gradient is None where ``needs`` (hidden, weight, bias) says no,
-    in the input dtype, fp32 for fp16 inputs (the backward casts them after scaling).
+def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, *, sub_rows, softcap,
+                        temperature, logit_sums=False):
+    """Per-token log-probs, and the gradients of ``sum_i s_i * (-logp_i)``, one block of rows at a time.
 
-    ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
-    ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
-    (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
+    ``blocks``: int64 indices into the flat ``R * T`` tokens, each block's rows at once in the ``dz``
+    workspace; ``row_scale_of(b, index, logp)`` gives block ``b``'s row weights ``s`` (fp32, any
+    sign, 0 at ignored rows) once ``logp`` holds its rows' log-probs and every earlier block's.
+    The logits are computed ``sub_rows`` rows at a time.  Returns fp32 ``logp`` ``[R*T]`` (0 outside
+    the blocks and at ignored rows), the per-token sums of logits likewise (or None), and
+    ``d_hidden``, ``d_weight``, ``d_bias`` (None where ``needs`` says no) in the input dtype, fp32
+    for fp16 inputs (the backward casts them after scaling by ``grad_output``)."""
     R, T, D = hidden.shape
     V = weight.shape[0]
     products = _Fp32Products(weight)
-    loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    logp = torch.zeros(R * T, dtype=torch.float32, device=hidden.device)
+    sums = torch.zeros_like(logp) if logit_sums else None
     # fp16 gradients stay fp32 until the backward scales them: rounded to fp16 before the loss scale
     # multiplies them, small ones would be lost (loss scaling exists for exactly that).
     grad_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
     d_hidden = torch.zeros(hidden.shape, dtype=grad_dtype, device=hidden.device) if needs[0] else None
     d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
-    block = rows_per_block(rows.numel(), V, weight.dtype, workspace_bytes)
-    half = -(-block // 2)
-    # The products' operands carry each row's scale relative to the largest (1 for a plain mean),
-    # which multiplies the fp32 accumulators at the end: scaled by 1/n itself an fp16 row would
-    # sink below fp16's normal range.
-    top = row_scale.max() if rows.numel() else row_scale.new_ones(())
-    top = torch.where(top > 0, top, 1.0)
-    for start in range(0, rows.numel(), block):
-        index = rows[start:start + block].long()
+    for b, index in enumerate(blocks):
         seq, pos = index // T, index % T
         h = hidden[seq, pos]
-        # Ignored rows (scale 0) point at label 0: finite, and multiplied away.
-        label = torch.where(valid[index], labels[index], 0)
-        scale = row_scale[index]
-        dz = new_workspace(index.numel(), V, weight.dtype, hidden.device) if any(needs) else None
-        for a in range(0, index.numel(), half):
-            # Half the block's logits at a time: the fp32 block costs what the dz block does.
-            loss += cross_entropy_block(products.logits(h[a:a + half]), bias, label[a:a + half], scale[a:a + half],
-                                        softcap=softcap, temperature=temperature,
-                                        dz=None if dz is None else dz[a:a + half]).sum()
+        kept = valid[index]
+        # Ignored rows (weight 0) point at label 0: finite, and multiplied away.
+        label = torch.where(kept, labels[index], 0)
+        n = index.numel()
+        dz = new_workspace(n, V, weight.dtype, hidden.device) if any(needs) else None
+        nlp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        block_sums = torch.empty_like(nlp) if logit_sums else None
+        for a in range(0, n, sub_rows):
+            # sub_rows rows of fp32 logits at a time: the block's dz holds them all.
+            part = slice(a, a + sub_rows)
+            nlp[part] = cross_entropy_block(products.logits(h[part]), bias, label[part], softcap=softcap,
+                                            temperature=temperature, dz=None if dz is None else dz[part],
+                                            logit_sum=None if block_sums is None else block_sums[part])
+        logp[index] = torch.where(kept, -nlp, 0.0)
+        if sums is not None:
+            sums[index] = torch.where(kept, block_sums, 0.0)
         if dz is None:
             continue
         dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)
-        # dz is unscaled (cross_entropy_block): each row's scale goes on the other operand, as the
-        # default backward applies its per-row weight.
+        scale = row_scale_of(b, index, logp)
+        # dz is unscaled (cross_entropy_block): each row's weight goes on the other operand, as the
+        # default backward applies its per-row weight, relative to the block's largest so that an
+        # fp16 operand keeps its normal range (a mean's 1/n would sink below it); the products'
+        # alpha puts the largest back in fp32.  One host sync per block.
+        top = float(scale.abs().max())
+        top = top if top > 0 else 1.0
         unit = scale / top
         if d_bias is not None:
-            d_bias += torch.mv(dz.t(), unit.to(dz.dtype)).float()
+            d_bias.add_(torch.mv(dz.t(), unit.to(dz.dtype)).float(), alpha=top)
         if d_hidden is not None:
             d_hidden[seq, pos] = products.scaled_rows(dz, scale).to(grad_dtype)
         if d_weight is not None:
-            products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype))
-    return (loss, d_hidden, None if d_weight is None else d_weight.mul_(top).to(grad_dtype),
-            None if d_bias is None else d_bias.mul_(top).to(grad_dtype))
+            products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype), alpha=top)
+    return (logp, sums, d_hidden, None if d_weight is None else d_weight.to(grad_dtype),
+            None if d_bias is None else d_bias.to(grad_dtype))
+
+
+def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
+                                temperature, workspace_bytes):
+    """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
+    the rows listed in ``rows``, as ``gradients_by_blocks`` gives them.
+
+    ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
+    ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
+    (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
+    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes)
+    blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
+    logp, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
+                                          lambda b, index, logp: row_scale[index], needs, sub_rows=-(-block // 2),
+                                          softcap=softcap, temperature=temperature)
+    return (-(row_scale * logp).sum(), *grads)
+
+
+def pair_blocks(rows, sequence_of, num_pairs, rows_per_block):
+    """The valid rows grouped by pair (sequences ``j`` and ``j + B``), whole pairs per block: as many
+    consecutive pairs as fit in ``rows_per_block`` rows, at least one.  Returns the blocks (int64
+    indices) and each block's pairs as a slice.  One host sync (the rows per pair)."""
+    pair = sequence_of(rows.long()) % num_pairs
+    by_pair = rows.long()[torch.argsort(pair, stable=True)]
+    per_pair = torch.bincount(pair, minlength=num_pairs).tolist()
+    blocks, pairs = [], []
+    start = first = taken = 0
+    for j, count in enumerate(per_pair):
+        if taken and taken + count > rows_per_block:
+            blocks.append(by_pair[start:start + taken])
+            pairs.append(slice(first, j))
+            start, first, taken = start + taken, j, 0
+        taken += count
+    blocks.append(by_pair[start:start + taken])
+    pairs.append(slice(first, num_pairs))
+    return blocks, pairs
+
+
+def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, *, head,
+                             reduction, beta, gamma, label_smoothing, tau, sft_weight, softcap, temperature,
+                             workspace_bytes):
+    """Per-token log-probs and sums of logits (fp32 ``[R*T]``, 0 at ignored positions) and the
+    gradients (as ``gradients_by_blocks``) of a pair loss: ``mean_j head(S[j], S[j+B], Ref[j],
+    Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under ``reduction``.
+
+    The gradient w.r.t. a token's log-prob is its sequence's ``dLoss/dS`` (times ``1/count`` under
+    "mean"), known once the pair's every token is: so each block holds whole pairs (``pair_blocks``),
+    its logits computed in sub-blocks within ``workspace_bytes``, its ``dz`` at least one pair's
+    valid tokens by ``V`` (beyond ``workspace_bytes`` when one pair is larger).  The head
+    (``kernels/pref_head.py``) runs on the block's pairs once their log-probs are complete.
+
+    Layout as ``cross_entropy_and_gradients``; ``cu_seqlens`` for a packed batch (``R = 1``) or None
+    for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None."""
+    R, T, _ = hidden.shape
+    num_sequences = R if cu_seqlens is None else cu_seqlens.numel() - 1
+    B = num_sequences // 2
+    if cu_seqlens is None:
+        def sequence_of(index):
+            return index // T
+    else:
+        ends = cu_seqlens[1:].long()
+
+        def sequence_of(index):
+            return torch.searchsorted(ends, index, right=True)
+
+    def per_sequence(values):
+        return sequence_sums(values.view(R, T)) if cu_seqlens is None else sequence_sums(values, cu_seqlens)
+
+    valid_counts = per_sequence(valid).float()
+    counts = valid_counts.clamp(min=1)
+    n_chosen = valid_counts[:B].sum().clamp(min=1)  # the NLL's denominator: every chosen sequence's tokens
+    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes)
+    blocks, pairs = pair_blocks(rows, sequence_of, B, block)
+
+    def row_scale_of(b, index, logp):
+        logps = per_sequence(logp)
+        if reduction == "mean":
+            logps = logps / counts
+        p = pairs[b]
+        ref_chosen, ref_rejected = (None, None) if ref_logps is None else (ref_logps[:B][p], ref_logps[B:][p])
+        _, d_chosen, d_rejected = preference_head_forward(
+            logps[:B][p].contiguous(), logps[B:][p].contiguous(), ref_chosen, ref_rejected, loss=head, beta=beta,
+            gamma=gamma, label_smoothing=label_smoothing, tau=tau)
+        d_sequence = torch.zeros(num_sequences, dtype=torch.float32, device=hidden.device)
+        d_sequence[p] = d_chosen / B
+        d_sequence[B + p.start:B + p.stop] = d_rejected / B
+        if reduction == "mean":
+            d_sequence /= counts
+        seq = sequence_of(index)
+        d_logp = d_sequence[seq] - torch.where(seq < B, sft_weight / n_chosen, 0.0)
+        # The rows' weights are those of -logp (the block kernel's dz is its gradient).
+        return torch.where(valid[index], -d_logp, 0.0)
+
+    return gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs,
+                               sub_rows=-(-block // 2), softcap=softcap, temperature=temperature, logit_sums=True)

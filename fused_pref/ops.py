@@ -2,7 +2,7 @@
 as one opaque node with a known output shape instead of tracing into Triton's launcher.  A custom
 op's schema takes tensors and scalars only: ``forward`` and ``backward`` are where a call's
 ``LogprobParams`` (its ``Options`` included) are flattened into them, ``gradient_in_forward`` is
-``backward="in_forward"``'s (its cuBLAS products and block kernel as one node), and ``head`` is for
+``backward="in_forward"``'s (their cuBLAS products and block kernel as one node each), and ``head`` is for
 a ``PreferenceSpec``: the one place that knows which option each kernel reads.
 
 ``torch.library.triton_op`` / ``wrap_triton`` would let Inductor see inside, but they need real
@@ -12,7 +12,7 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 
 import torch
 
-from .gradient_in_forward import cross_entropy_and_gradients
+from .gradient_in_forward import cross_entropy_and_gradients, preference_and_gradients
 from .kernels import linear_grad_backward, linear_lse_forward, preference_head_forward
 
 
@@ -73,17 +73,45 @@ def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: t
     loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
                                                softcap=softcap, temperature=temperature,
                                                workspace_bytes=workspace_bytes)
+    return loss, _stored_gradients(grads, hidden)
+
+
+def _stored_gradients(grads, hidden):
     # An empty tensor stands for a gradient not asked for, in the dtype the fake gives it.
-    return loss, [g if g is not None else hidden.new_empty(0, dtype=torch.float32 if hidden.dtype == torch.float16
-                                                           else hidden.dtype) for g in grads]
+    dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+    return [g if g is not None else hidden.new_empty(0, dtype=dtype) for g in grads]
+
+
+def _fake_stored_gradients(hidden, weight, needs):
+    shapes = (hidden.shape, weight.shape, weight.shape[:1])
+    dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+    return [hidden.new_empty(shape if need else (0,), dtype=dtype) for shape, need in zip(shapes, needs)]
 
 
 @cross_entropy_in_forward.register_fake
 def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes):
-    shapes = (hidden.shape, weight.shape, weight.shape[:1])
-    dtypes = (torch.float32 if hidden.dtype == torch.float16 else hidden.dtype,) * 3
-    return (hidden.new_empty((), dtype=torch.float32),
-            [hidden.new_empty(shape if need else (0,), dtype=dtype) for shape, dtype, need in zip(shapes, dtypes, needs)])
+    return hidden.new_empty((), dtype=torch.float32), _fake_stored_gradients(hidden, weight, needs)
+
+
+@torch.library.custom_op("fused_pref::preference_in_forward", mutates_args=())
+def preference_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                          valid: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor | None,
+                          ref_logps: torch.Tensor | None, needs: list[bool], head: str, reduction: str, beta: float,
+                          gamma: float, label_smoothing: float, tau: float, sft_weight: float, softcap: float | None,
+                          temperature: float, workspace_bytes: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             list[torch.Tensor]]:
+    logp, sums, *grads = preference_and_gradients(
+        hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, tuple(needs), head=head, reduction=reduction,
+        beta=beta, gamma=gamma, label_smoothing=label_smoothing, tau=tau, sft_weight=sft_weight, softcap=softcap,
+        temperature=temperature, workspace_bytes=workspace_bytes)
+    return logp, sums, _stored_gradients(grads, hidden)
+
+
+@preference_in_forward.register_fake
+def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, head, reduction, beta, gamma,
+      label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes):
+    logp = hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
+    return logp, torch.empty_like(logp), _fake_stored_gradients(hidden, weight, needs)
 
 
 @torch.library.custom_op("fused_pref::preference_head", mutates_args=())
@@ -124,6 +152,14 @@ def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, ne
     ``cross_entropy_in_forward`` with ``options`` flattened."""
     return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
                                     options.softcap, options.temperature, options.workspace_bytes)
+
+
+def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, ref_logps, needs, spec, options):
+    """``(logp, logit sums, [d_hidden, d_weight, d_bias])`` of a pair loss (empty where not in
+    ``needs``): ``preference_in_forward`` with ``spec`` and ``options`` flattened."""
+    return preference_in_forward(hidden, weight, bias, labels, valid, rows, options.cu_seqlens, ref_logps, list(needs),
+                                 spec.head, spec.reduction, spec.beta, spec.gamma, spec.label_smoothing, spec.tau,
+                                 spec.sft_weight, options.softcap, options.temperature, options.workspace_bytes)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):

@@ -34,8 +34,9 @@ class Options:
     ``cu_seqlens``: ``[R + 1]`` sequence boundaries of a packed batch.  ``process_group`` and
     ``vocab_start``: vocabulary parallelism (``fused_pref.distributed``).  ``backward``: ``"auto"``
     or ``"chunked"``, the same exact V-chunked backward (``"fused"``, the atomic one, was removed);
-    ``"in_forward"`` computes a mean or summed cross-entropy's gradients inside its forward
-    (:mod:`fused_pref.gradient_in_forward`: 6NDV instead of 8NDV, for 4VD bytes more memory).
+    ``"in_forward"`` computes the gradients of a mean or summed cross-entropy, or of a pair loss,
+    inside its forward (:mod:`fused_pref.gradient_in_forward`: 6NDV instead of 8NDV, for 4VD bytes
+    more memory).
     ``deterministic``: kept for the callers that pass it; every backward is deterministic.
     ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
     never exceeds 1/16 of the logits, nor goes below one 128-column block), and the forward's

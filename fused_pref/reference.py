@@ -241,6 +241,7 @@ def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
 
 def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_metrics) -> PreferenceOutput:
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
+    validation.check_pair_loss_in_forward(options, spec.sort)
     stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
     return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0], stats)
@@ -282,6 +283,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES)
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
+    validation.check_pair_loss_in_forward(options, spec.sort)
     stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
                                                       spec.reduction)

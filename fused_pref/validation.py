@@ -222,19 +222,28 @@ def check_token_stats(options, flags: dict):
                           "backward='auto'")
 
 
-def check_gradient_in_forward(options, kind, reduction):
+def check_gradient_in_forward(options, kind, reduction, pairs=False):
     """``backward="in_forward"`` needs the loss's gradient in the forward: a mean or summed
-    cross-entropy over the whole vocabulary on one device."""
+    cross-entropy, or a pair loss (``pairs``), over the whole vocabulary on one device."""
     if options.backward != "in_forward":
         return
-    if kind != "cross_entropy" or reduction == "none":
+    if not pairs and (kind != "cross_entropy" or reduction == "none"):
         what = f"reduction={reduction!r}" if kind == "cross_entropy" else "this function"
         _fail(ValueError, "backward='in_forward' computes the gradients inside the forward, which needs the "
-                          "loss's gradient there: linear_cross_entropy with reduction 'mean' or 'sum' only, "
-                          f"not {what}; use backward='auto'")
+                          "loss's gradient there: linear_cross_entropy with reduction 'mean' or 'sum', or a pair "
+                          f"loss (simpo_loss, cpo_loss, orpo_loss, dpo_loss), not {what}; use backward='auto'")
     if options.process_group is not None:
         _fail(ValueError, "backward='in_forward' does not run with vocabulary parallelism (process_group): "
                           "use backward='auto'")
+
+
+def check_pair_loss_in_forward(options, sort):
+    """A pair loss computes its gradients in the forward one block of whole pairs at a time: not
+    one that sorts over the batch (DPO's ``aot`` and ``aot_pair``), where every pair's gradient
+    depends on every other's."""
+    if options.backward == "in_forward" and sort is not None:
+        _fail(ValueError, f"backward='in_forward' does not run with loss_type={sort!r}, which sorts over the whole "
+                          "batch (each pair's gradient depends on every pair): use backward='auto'")
 
 
 def check_interpreter(problem):
@@ -362,7 +371,7 @@ def check_call(hidden, weight, labels, bias, options, *, sequence_level=False, p
     check_cu_seqlens(options.cu_seqlens, hidden)
     if kind is not None:
         check_reduction(reduction, kind)
-    check_gradient_in_forward(options, kind, reduction)
+    check_gradient_in_forward(options, kind, reduction, pairs)
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     if pairs:
         check_pairs(num_sequences)

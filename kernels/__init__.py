@@ -6,7 +6,7 @@ Each module is one kernel stage with its launcher below it:
   (``linear_lse_forward``);
 - ``linear_grad``: the default backward, V-chunked, a ``dz`` workspace of at most
   ``WORKSPACE_BYTES`` and two cuBLAS products per chunk (``linear_grad_backward``);
-- ``cross_entropy_block``: cross-entropy's loss terms and ``dz`` over a block of fp32 logits that
+- ``cross_entropy_block``: each row's ``-logp`` (and sum of logits) and ``dz`` over a block of fp32 logits that
   cuBLAS wrote, for the gradient-in-forward mode (``fused_pref.gradient_in_forward``);
 - ``pref_head``: the per-pair preference loss and its derivatives (``preference_head_forward``);
 - ``tiles``: what they share, the tile plans among it (``tile_plan`` picks one for the calls made

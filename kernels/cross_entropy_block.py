@@ -1,20 +1,22 @@
-"""Cross-entropy over a block of fp32 logits that cuBLAS wrote: each row's loss term and ``dz``.
+"""Cross-entropy over a block of fp32 logits that cuBLAS wrote: each row's ``-logp`` and ``dz``.
 
 The gradient-in-forward mode (``fused_pref.gradient_in_forward``) has cuBLAS write the logits of a
 block of valid rows ``[rows, V]`` in fp32; this kernel turns them, in two passes over each row,
 into
 
-    loss_i = s_i * (lse_i - z_i[label_i])
-    dz_i   = softmax(z_i) - onehot(label_i)   (taken to the product's logits: times 1/T under a
-                                                temperature, 1 - (z T / c)^2 under a softcap)
+    nlp_i = lse_i - z_i[label_i]              (the row's cross-entropy, minus its log-prob)
+    dz_i  = softmax(z_i) - onehot(label_i)    (d nlp_i / d logits: times 1/T under a temperature,
+                                               1 - (z T / c)^2 under a softcap)
 
-with ``z = softcap(logits + bias) / T``, ``s_i`` the row's scale (``1/n`` for a mean, 0 for an
-ignored row).  ``dz`` is stored unscaled, in [-1, 1] as the default backward's workspace: scaled
-by ``1/n`` an fp16 ``dz`` would underflow; the caller applies ``s_i`` to the rows instead.  Pass one keeps a running max and sum of exponentials per lane and reduces them once at the
-row's end; pass two reads the row again and writes ``dz`` in the input dtype, ready for the two
-products.  Per logit: two fp32 reads and one write of the input dtype, where the same in torch
-ops (``logsumexp``, ``exp_``, ``scatter_``, ``mul_``, a cast) reads and writes the block about
-eight times.  Ignored rows (scale 0) point at label 0 and add nothing.
+with ``z = softcap(logits + bias) / T``, and with ``LOGIT_SUM`` also ``sum_v z_i[v]`` (the
+preference losses' ``logits/*`` metrics).  ``dz`` is stored unscaled, in [-1, 1] as the default
+backward's workspace: scaled by a loss's per-row weight (``1/n`` for a mean) an fp16 ``dz`` would
+underflow; the caller applies the weights to the rows instead.  Pass one keeps a running max and
+sum of exponentials per lane and reduces them once at the row's end; pass two reads the row again
+and writes ``dz`` in the input dtype, ready for the two products.  Per logit: two fp32 reads and
+one write of the input dtype, where the same in torch ops (``logsumexp``, ``exp_``, ``scatter_``,
+``mul_``, a cast) reads and writes the block about eight times.  Ignored rows point at label 0;
+the caller gives them no weight.
 """
 
 import torch
@@ -46,21 +48,22 @@ def _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
 
 @triton.jit
 def cross_entropy_block_kernel(
-    z_ptr, b_ptr, labels_ptr, scale_ptr, loss_ptr, dz_ptr,
+    z_ptr, b_ptr, labels_ptr, nlp_ptr, sum_ptr, dz_ptr,
     n_rows, V, stride_z, stride_dz, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, WRITE_DZ: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
+    WRITE_DZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """BLOCK_R rows of the block: their scaled loss terms and, with ``WRITE_DZ``, their ``dz``."""
+    """BLOCK_R rows of the block: their ``-logp``, with ``LOGIT_SUM`` their sums of logits, and with
+    ``WRITE_DZ`` their ``dz``."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < n_rows
     label = tl.load(labels_ptr + offs_r, mask=r_mask, other=0)
-    scale = tl.load(scale_ptr + offs_r, mask=r_mask, other=0.0)
     z_rows = z_ptr + offs_r.to(tl.int64)[:, None] * stride_z
     # A finite floor, so that a lane no column has reached yet never computes inf - inf.
     run_max = tl.full((BLOCK_R, BLOCK_V), -1e30, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     target = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    logit_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
                                         HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
@@ -70,9 +73,13 @@ def cross_entropy_block_kernel(
         run_max = new_max
         # A label past V (validate=False) matches no column, padded or not: its target stays 0.
         target += tl.sum(tl.where((offs_v[None, :] == label[:, None]) & mask, z, 0.0), axis=1)
+        if LOGIT_SUM:
+            logit_sum += tl.where(mask, z, 0.0)
     row_max = tl.max(run_max, axis=1)
     lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1))
-    tl.store(loss_ptr + offs_r, scale * (lse - target), mask=r_mask)
+    tl.store(nlp_ptr + offs_r, lse - target, mask=r_mask)
+    if LOGIT_SUM:
+        tl.store(sum_ptr + offs_r, tl.sum(logit_sum, axis=1), mask=r_mask)
     if WRITE_DZ:
         dz_rows = dz_ptr + offs_r.to(tl.int64)[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
@@ -89,37 +96,42 @@ def new_workspace(n_rows: int, V: int, dtype: torch.dtype, device) -> torch.Tens
     return torch.empty(n_rows, V, dtype=workspace_dtype(dtype), device=device)
 
 
-def cross_entropy_block(logits, bias, labels, scale, *, softcap=None, temperature=1.0, dz=None) -> torch.Tensor:
-    """The loss terms ``[rows]`` (fp32) of an fp32 ``logits`` block (unit column stride), with
-    ``labels`` int64 and ``scale`` fp32 per row; and, when ``dz`` (``[rows, V]``, unit column
-    stride) is given, the unscaled gradient of each row's term written into it."""
+def cross_entropy_block(logits, bias, labels, *, softcap=None, temperature=1.0, dz=None,
+                        logit_sum=None) -> torch.Tensor:
+    """Each row's ``-logp`` ``[rows]`` (fp32) under an fp32 ``logits`` block (unit column stride),
+    with ``labels`` int64 per row; when ``dz`` (``[rows, V]``, unit column stride) is given, the
+    gradient of each row's ``-logp`` written into it, and when ``logit_sum`` (fp32 ``[rows]``) is,
+    each row's sum of (soft-capped, tempered) logits."""
     n_rows, V = logits.shape
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+    nlp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
-        return loss
+        return nlp
     cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        logits, logits if bias is None else bias, labels, scale, loss, loss if dz is None else dz,
+        logits, logits if bias is None else bias, labels, nlp, nlp if logit_sum is None else logit_sum,
+        nlp if dz is None else dz,
         n_rows, V, logits.stride(0), 0 if dz is None else dz.stride(0), 1.0 if softcap is None else float(softcap),
         1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0,
-        WRITE_DZ=dz is not None,
+        LOGIT_SUM=logit_sum is not None, WRITE_DZ=dz is not None,
         BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
     )
-    return loss
+    return nlp
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``), and
-    ``dz`` in the GPU's workspace dtype without and with bias, softcap and temperature."""
-    pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "scale_ptr": torch.float32,
-                "loss_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False), ("dz", False, False, True),
-                ("dz+bias+softcap+temperature", True, True, True)]
+    ``dz`` in the GPU's workspace dtype without and with bias, softcap, temperature and the logit
+    sums (a preference loss's)."""
+    pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "nlp_ptr": torch.float32,
+                "sum_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
+    variants = [("loss", False, False, False, False), ("dz", False, False, False, True),
+                ("dz+sums", False, False, True, True),
+                ("dz+bias+softcap+temperature+sums", True, True, True, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
-                    {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "WRITE_DZ": write_dz,
-                     "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},
+                    {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "LOGIT_SUM": sums,
+                     "WRITE_DZ": write_dz, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},
                     {"num_warps": NUM_WARPS})
-            for name, bias, softcap, write_dz in variants]
+            for name, bias, softcap, sums, write_dz in variants]
 
 
 __all__ = ["aot_specs", "cross_entropy_block", "cross_entropy_block_kernel", "new_workspace"]

@@ -79,13 +79,12 @@ def test_block_kernel_against_torch_in_fp64(softcap, device):
     bias = torch.randn(4099, generator=gen)
     labels = torch.tensor([0, 4098, 17, 2048, 0])
     # A label past V (validate=False) matches no column, not even a padded one of the last step.
-    past = cross_entropy_block(logits.to(device), None, torch.tensor([4099, 4100, 5000, 4099, 4098]).to(device),
-                               torch.ones(5, device=device))
+    past = cross_entropy_block(logits.to(device), None, torch.tensor([4099, 4100, 5000, 4099, 4098]).to(device))
     assert torch.isfinite(past).all()
-    scale = torch.tensor([0.5, 0.25, 1.0, 2.0, 0.0])  # the last row is an ignored one
     dz = torch.empty(5, 4099, device=device)
-    loss = cross_entropy_block(logits.to(device), bias.to(device), labels.to(device), scale.to(device),
-                               softcap=softcap, dz=dz)
+    sums = torch.empty(5, device=device)
+    nlp = cross_entropy_block(logits.to(device), bias.to(device), labels.to(device), softcap=softcap, dz=dz,
+                              logit_sum=sums)
     z = logits.double() + bias.double()
     if softcap is not None:
         z.requires_grad_()
@@ -94,12 +93,12 @@ def test_block_kernel_against_torch_in_fp64(softcap, device):
         capped = z.requires_grad_()
     terms = torch.logsumexp(capped, dim=1) - capped.gather(1, labels[:, None]).squeeze(1)
     terms.sum().backward()
-    # The loss terms are scaled, dz is each term's own gradient (the caller scales the rows).
-    assert relative_error(loss.cpu(), scale.double() * terms.detach()) < 1e-5 and loss[4] == 0
+    # -logp per row, dz its gradient, the sums of the (soft-capped) logits.
+    assert relative_error(nlp.cpu(), terms.detach()) < 1e-5
     assert relative_error(dz.cpu(), z.grad) < 1e-5
-    no_dz = cross_entropy_block(logits.to(device), None, labels.to(device), scale.to(device))
-    assert relative_error(no_dz.cpu(), scale * (torch.logsumexp(logits, 1)
-                                                                 - logits.gather(1, labels[:, None]).squeeze(1))) < 1e-5
+    assert relative_error(sums.cpu(), capped.detach().sum(1)) < 1e-5
+    no_dz = cross_entropy_block(logits.to(device), None, labels.to(device))
+    assert relative_error(no_dz.cpu(), torch.logsumexp(logits, 1) - logits.gather(1, labels[:, None]).squeeze(1)) < 1e-5
 
 
 def test_same_values_and_gradients_as_the_default_path(device):
@@ -170,8 +169,9 @@ def test_the_logits_never_exist(device):
                                          backward="in_forward"), "not reduction='none'"),
     (lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], backward="in_forward"),
      "not this function"),
-    (lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], backward="in_forward"), "not this function"),
-], ids=["reduction-none", "linear_logprobs", "simpo_loss"])
+    (lambda m, x: m.sequence_logprobs(x["hidden"], x["weight"], x["labels"], backward="in_forward"),
+     "not this function"),
+], ids=["reduction-none", "linear_logprobs", "sequence_logprobs"])
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
 def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, message, device):
     x = make_inputs(2, 9, 40, 257, device=device, seed=5)

@@ -174,7 +174,7 @@ def trl_chunked(loss: str, softcap=None):
 
 _PEER_FACTORIES = {"reference-compile": compiled_reference, "liger": liger, "cce": cut_cross_entropy,
                    "trl-chunked": trl_chunked}
-# The opt-in gradient-in-forward mode (fused_pref.gradient_in_forward), cross-entropy's only; not in
+# The opt-in gradient-in-forward mode (fused_pref.gradient_in_forward), every loss bench times; not in
 # the memory accounting, whose CPU run would count the fp32 weight copy only the CPU makes.
 IN_FORWARD = "fused-inforward"
 # Every name ``implementations`` knows, in the order it runs them.
@@ -190,10 +190,7 @@ def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str
         raise ValueError(f"unknown implementations {sorted(unknown)}; known: {list(IMPLEMENTATION_ORDER)}")
     notes = []
     if names is None or IN_FORWARD in names:
-        if loss == "cross_entropy":
-            funcs[IN_FORWARD] = loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward")
-        else:
-            notes.append(f"{IN_FORWARD} skipped for {loss}: backward='in_forward' is cross-entropy's only")
+        funcs[IN_FORWARD] = loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward")
     for name, factory in _PEER_FACTORIES.items():
         if names is not None and name not in names:
             continue
