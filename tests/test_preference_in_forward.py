@@ -48,14 +48,23 @@ def test_softcap_temperature_and_sft(softcap, device):
     assert out.nll_loss is not None
 
 
-def test_many_pairs_per_block(device):
-    # 24 pairs of 1-3 valid tokens each: blocks of several whole pairs, a pair never split.
+def test_many_pairs_per_block(device, monkeypatch):
+    # 24 pairs of 1-4 valid tokens each: blocks of several whole pairs, a pair never split.
+    pairs_per_block, pair_blocks = [], gradient_in_forward.pair_blocks
+
+    def recorded(*args, **kwargs):
+        blocks, pairs = pair_blocks(*args, **kwargs)
+        pairs_per_block.extend(p.stop - p.start for p in pairs)
+        return blocks, pairs
+
+    monkeypatch.setattr(gradient_in_forward, "pair_blocks", recorded)
     compare(lambda m, x: _simpo(m, x, sft_weight=0.5), make_inputs(48, 4, 33, 515, device=device, seed=9)).check(
         torch.float32)
     x = make_inputs(48, 4, 33, 515, device=device, seed=10)
     compare(lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], backward="in_forward",
                                     ref_logps=-torch.arange(48.0, device=device), loss_type="ipo"),
             x).check(torch.float32)
+    assert max(pairs_per_block) > 1 and sum(pairs_per_block) == 2 * 24
 
 
 def test_pair_blocks_hold_whole_pairs():
