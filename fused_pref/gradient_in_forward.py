@@ -16,13 +16,21 @@ valid rows this path runs three cuBLAS products and one Triton pass over an fp32
 6NDV of products where the default path (forward, then the backward's recompute) does 8NDV; the
 backward only multiplies the stored gradients by ``grad_output``.  The price is memory: the fp32
 ``d_weight`` accumulator (4VD bytes: 2.1 GB at Llama-3-8B's head) lives for the whole forward, and
-the gradients are held from the forward to the backward.  Logits and ``d_weight``'s accumulation
+the gradients are held from the forward to the backward: at the forward's end the fp32
+accumulator and its cast to the input dtype coexist (6VD bytes for bf16), and the backward makes
+the scaled gradients beside the stored ones.  Logits and ``d_weight``'s accumulation
 stay fp32, the gradient is exact (no filtering) and every sum runs in a fixed order.
 
 The block holds ``rows x V`` of ``dz`` in the input dtype and half as many rows of fp32 logits at a
-time: at most ``workspace_bytes``, and never more than 1/16 of the rows, as the chunked backward
-bounds its workspace; a pair loss's block holds at least one whole pair's ``dz`` (its fp32 logits
-still within the bound).  The ``[N, V]`` logits never exist.
+time: at most ``workspace_bytes``; a cross-entropy's never more than 1/16 of the rows, as the
+chunked backward bounds its workspace.  A pair loss's block holds whole pairs; a pair larger than
+the block costs one more pass of logits (8NDV for its tokens, the default path's), so its
+``workspace_bytes`` should hold a pair: 4 bytes per logit of its valid tokens in bf16 (about
+0.8 GB for a pair of 1024-token sequences at Llama-3's vocabulary).  The ``[N, V]`` logits never
+exist.
+
+Host reads: a cross-entropy makes none; a pair loss reads its rows per pair once (its blocks'
+layout), and in fp16 each block's largest weight.
 
 Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
 on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
@@ -33,36 +41,35 @@ import torch
 
 from .kernels.cross_entropy_block import cross_entropy_block, new_workspace
 from .kernels.pref_head import preference_head_forward
+from .kernels.products import add_product, has_out_dtype_mm
 from .segments import sequence_sums
 
 
-def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
-    """Rows of ``dz`` (input ``dtype``) each block holds, its logits computed in two halves (fp32):
-    4 bytes per logit of a row in all for 2-byte inputs, within ``workspace_bytes`` and at most a
-    16th of the rows (at least one).  From 128 rows up, a multiple of 128, so the products' row
-    tiles are all full.  The block is the depth of ``d_weight``'s product: each adds into the fp32
-    accumulator, reading and writing its 8VD bytes, so it stays bound by arithmetic only from ~800
-    rows up on an H100/H200 (``workspace_bytes=2**29`` at Llama-3-8B's vocabulary)."""
+def rows_within(vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+    """Rows of ``dz`` (input ``dtype``) a block holds within ``workspace_bytes``, its logits computed
+    in two halves (fp32): 4 bytes per logit of a row in all for 2-byte inputs; at least one.  From
+    128 rows up, a multiple of 128, so the products' row tiles are all full.  The block is the
+    depth of ``d_weight``'s product: each adds into the fp32 accumulator, reading and writing its
+    8VD bytes, so it stays bound by arithmetic only from ~800 rows up on an H100/H200
+    (``workspace_bytes=2**29`` at Llama-3-8B's vocabulary)."""
     by_bytes = workspace_bytes // (vocab * (dtype.itemsize + 2))
     if by_bytes >= 128:
         by_bytes -= by_bytes % 128
-    return max(1, min(by_bytes, -(-n_rows // 16)))
+    return max(1, by_bytes)
 
 
-_ADDMM_INTO_FP32 = [True]   # cleared, for the process, by the first torch that refuses it
-_SLICE_ROWS = 8192          # d_weight rows per product where it is refused: 8192 x D fp32 temporaries
-
-
-def _has_out_dtype_mm() -> bool:
-    return hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+    """A cross-entropy's rows per block: ``rows_within`` the workspace and at most a 16th of the
+    rows, as the chunked backward bounds its workspace (at least one)."""
+    return min(rows_within(vocab, dtype, workspace_bytes), max(1, -(-n_rows // 16)))
 
 
 class _Fp32Products:
-    """``h @ W.T`` and ``acc += dz.T @ h`` with fp32 outputs for operands of ``weight``'s dtype."""
+    """``h @ W.T`` and ``acc += alpha * dz.T @ h`` with fp32 outputs for operands of ``weight``'s dtype."""
 
     def __init__(self, weight: torch.Tensor):
         self.cuda_out_dtype = weight.is_cuda and weight.dtype != torch.float32
-        if self.cuda_out_dtype and not _has_out_dtype_mm():
+        if self.cuda_out_dtype and not has_out_dtype_mm():
             raise RuntimeError(f"backward='in_forward' needs torch.mm's out_dtype on CUDA (torch >= 2.8), "
                                f"this is torch {torch.__version__}: use backward='auto'")
         # CPU with bf16/fp16: an fp32 copy of the weight, made once per call.
@@ -81,26 +88,14 @@ class _Fp32Products:
 
     def accumulate(self, acc, dz, h, alpha=1.0):
         """``acc += alpha * dz.T @ h``, in fp32."""
-        if not self.cuda_out_dtype:
+        if self.cuda_out_dtype:
+            add_product(acc, dz.t(), h, alpha)
+        else:
             acc.addmm_(dz.t().float(), h.float(), alpha=alpha)
-            return
-        if _ADDMM_INTO_FP32[0]:
-            try:
-                torch.addmm(acc, dz.t(), h, out_dtype=torch.float32, alpha=alpha, out=acc)
-                return
-            except RuntimeError as error:
-                # Some torch versions want addmm.dtype_out's ``self`` in the operands' dtype (it
-                # checks before writing): products per vocabulary slice instead, slower.
-                if "dtype" not in str(error) or isinstance(error, torch.OutOfMemoryError):
-                    raise
-                _ADDMM_INTO_FP32[0] = False
-        for v in range(0, acc.shape[0], _SLICE_ROWS):
-            acc[v:v + _SLICE_ROWS].add_(torch.mm(dz[:, v:v + _SLICE_ROWS].t(), h, out_dtype=torch.float32),
-                                        alpha=alpha)
 
 
 def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, *, sub_rows, softcap,
-                        temperature, logit_sums=False):
+                        temperature, logit_sums=False, weight_bound=None):
     """Per-token log-probs, and the gradients of ``sum_i s_i * (-logp_i)``, one block of rows at a time.
 
     ``blocks``: int64 indices into the flat ``R * T`` tokens, each block's rows at once in the ``dz``
@@ -109,7 +104,17 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     The logits are computed ``sub_rows`` rows at a time.  Returns fp32 ``logp`` ``[R*T]`` (0 outside
     the blocks and at ignored rows), the per-token sums of logits likewise (or None), and
     ``d_hidden``, ``d_weight``, ``d_bias`` (None where ``needs`` says no) in the input dtype, fp32
-    for fp16 inputs (the backward casts them after scaling by ``grad_output``)."""
+    for fp16 inputs (the backward casts them after scaling by ``grad_output``).
+
+    ``dz`` is unscaled (``cross_entropy_block``): each row's weight goes on the other operand, as the
+    default backward applies its per-row weight.  In fp16 that operand must keep its normal range
+    (a mean's ``1/n`` would sink below it), so it is scaled relative to ``weight_bound``, a device
+    scalar no smaller than any ``|s|`` when the weights are known before the blocks (a
+    cross-entropy's), and the fp32 accumulators multiplied by it at the end; without one (a pair
+    loss's weights come per block), each fp16 block is scaled relative to its own largest weight,
+    read back to the host (one sync per block) and put back through the products' ``alpha`` (rows
+    more than ~1e4 below their block's largest then keep fewer bits, a negligible share of the sum).
+    bf16 and fp32 have fp32's range: their weights multiply the rows as they are, with no sync."""
     R, T, D = hidden.shape
     V = weight.shape[0]
     products = _Fp32Products(weight)
@@ -117,7 +122,8 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     sums = torch.zeros_like(logp) if logit_sums else None
     # fp16 gradients stay fp32 until the backward scales them: rounded to fp16 before the loss scale
     # multiplies them, small ones would be lost (loss scaling exists for exactly that).
-    grad_dtype = torch.float32 if hidden.dtype == torch.float16 else hidden.dtype
+    fp16 = hidden.dtype == torch.float16
+    grad_dtype = torch.float32 if fp16 else hidden.dtype
     d_hidden = torch.zeros(hidden.shape, dtype=grad_dtype, device=hidden.device) if needs[0] else None
     d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
@@ -144,19 +150,23 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
             continue
         dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)
         scale = row_scale_of(b, index, logp)
-        # dz is unscaled (cross_entropy_block): each row's weight goes on the other operand, as the
-        # default backward applies its per-row weight, relative to the block's largest so that an
-        # fp16 operand keeps its normal range (a mean's 1/n would sink below it); the products'
-        # alpha puts the largest back in fp32.  One host sync per block.
-        top = float(scale.abs().max())
-        top = top if top > 0 else 1.0
-        unit = scale / top
+        alpha = 1.0
+        if weight_bound is not None:
+            unit = scale / weight_bound
+        elif fp16:
+            alpha = float(scale.abs().max()) or 1.0
+            unit = scale / alpha
+        else:
+            unit = scale
         if d_bias is not None:
-            d_bias.add_(torch.mv(dz.t(), unit.to(dz.dtype)).float(), alpha=top)
+            d_bias.add_(torch.mv(dz.t(), unit.to(dz.dtype)).float(), alpha=alpha)
         if d_hidden is not None:
             d_hidden[seq, pos] = products.scaled_rows(dz, scale).to(grad_dtype)
         if d_weight is not None:
-            products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype), alpha=top)
+            products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype), alpha=alpha)
+    if weight_bound is not None:
+        d_weight = None if d_weight is None else d_weight.mul_(weight_bound)
+        d_bias = None if d_bias is None else d_bias.mul_(weight_bound)
     return (logp, sums, d_hidden, None if d_weight is None else d_weight.to(grad_dtype),
             None if d_bias is None else d_bias.to(grad_dtype))
 
@@ -164,37 +174,53 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
                                 temperature, workspace_bytes):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
-    the rows listed in ``rows``, as ``gradients_by_blocks`` gives them.
+    the rows listed in ``rows``, as ``gradients_by_blocks`` gives them, with no host sync.
 
     ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
     ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
     (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
     block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes)
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
+    bound = row_scale.abs().max() if row_scale.numel() else row_scale.new_ones(())
     logp, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
                                           lambda b, index, logp: row_scale[index], needs, sub_rows=-(-block // 2),
-                                          softcap=softcap, temperature=temperature)
+                                          softcap=softcap, temperature=temperature,
+                                          weight_bound=torch.where(bound > 0, bound, 1.0))
     return (-(row_scale * logp).sum(), *grads)
 
 
 def pair_blocks(rows, sequence_of, num_pairs, rows_per_block):
-    """The valid rows grouped by pair (sequences ``j`` and ``j + B``), whole pairs per block: as many
-    consecutive pairs as fit in ``rows_per_block`` rows, at least one.  Returns the blocks (int64
-    indices) and each block's pairs as a slice.  One host sync (the rows per pair)."""
+    """The rows grouped by pair (sequences ``j`` and ``j + B``) into blocks of at most
+    ``rows_per_block`` rows: as many consecutive whole pairs as fit, and a pair larger than that
+    alone, cut into blocks of its own.  Returns the blocks (int64 indices, none empty), each
+    block's pairs as a slice, and the positions of the blocks of cut pairs.  One host sync: the
+    rows per pair."""
     pair = sequence_of(rows.long()) % num_pairs
     by_pair = rows.long()[torch.argsort(pair, stable=True)]
     per_pair = torch.bincount(pair, minlength=num_pairs).tolist()
-    blocks, pairs = [], []
+    blocks, pairs, cut = [], [], []
     start = first = taken = 0
-    for j, count in enumerate(per_pair):
-        if taken and taken + count > rows_per_block:
+
+    def close(stop):
+        nonlocal start, first, taken
+        if taken:
             blocks.append(by_pair[start:start + taken])
-            pairs.append(slice(first, j))
-            start, first, taken = start + taken, j, 0
+            pairs.append(slice(first, stop))
+        start, first, taken = start + taken, stop, 0
+
+    for j, count in enumerate(per_pair):
+        if taken + count > rows_per_block:
+            close(j)
+        if count > rows_per_block:
+            for offset in range(0, count, rows_per_block):
+                cut.append(len(blocks))
+                blocks.append(by_pair[start + offset:start + min(offset + rows_per_block, count)])
+                pairs.append(slice(j, j + 1))
+            start, first = start + count, j + 1
+            continue
         taken += count
-    blocks.append(by_pair[start:start + taken])
-    pairs.append(slice(first, num_pairs))
-    return blocks, pairs
+    close(num_pairs)
+    return blocks, pairs, cut
 
 
 def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, *, head,
@@ -205,10 +231,12 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under ``reduction``.
 
     The gradient w.r.t. a token's log-prob is its sequence's ``dLoss/dS`` (times ``1/count`` under
-    "mean"), known once the pair's every token is: so each block holds whole pairs (``pair_blocks``),
-    its logits computed in sub-blocks within ``workspace_bytes``, its ``dz`` at least one pair's
-    valid tokens by ``V`` (beyond ``workspace_bytes`` when one pair is larger).  The head
-    (``kernels/pref_head.py``) runs on the block's pairs once their log-probs are complete.
+    "mean"), known once the pair's every token is: blocks of at most ``workspace_bytes`` hold whole
+    pairs (``pair_blocks``), and the head (``kernels/pref_head.py``) runs on a block's pairs once its
+    log-probs are in.  A pair too large for one block is cut into several, its log-probs computed
+    first in a pass of logits without gradients: 8NDV for its tokens, as the default path spends,
+    where whole pairs take 6NDV.  Unlike the blocks of a cross-entropy, a pair loss's are not held
+    to 1/16 of the rows, so that a large enough ``workspace_bytes`` holds whole pairs at any batch.
 
     Layout as ``cross_entropy_and_gradients``; ``cu_seqlens`` for a packed batch (``R = 1``) or None
     for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None."""
@@ -230,11 +258,20 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     valid_counts = per_sequence(valid).float()
     counts = valid_counts.clamp(min=1)
     n_chosen = valid_counts[:B].sum().clamp(min=1)  # the NLL's denominator: every chosen sequence's tokens
-    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes)
-    blocks, pairs = pair_blocks(rows, sequence_of, B, block)
+    block = rows_within(weight.shape[0], weight.dtype, workspace_bytes)
+    sub_rows = -(-block // 2)
+    blocks, pairs, cut = pair_blocks(rows, sequence_of, B, block)
+    known = None
+    if cut and any(needs):
+        # The log-probs of the pairs cut into several blocks, before their blocks need them: the
+        # same blocks, so the same products and the same bits as they will give again.
+        cut_blocks = [blocks[i] for i in cut]
+        known, *_ = gradients_by_blocks(hidden, weight, bias, labels, valid, cut_blocks, None, (False, False, False),
+                                        sub_rows=sub_rows, softcap=softcap, temperature=temperature)
+        cut_rows = torch.cat(cut_blocks)
 
     def row_scale_of(b, index, logp):
-        logps = per_sequence(logp)
+        logps = per_sequence(logp if known is None else logp.index_copy(0, cut_rows, known[cut_rows]))
         if reduction == "mean":
             logps = logps / counts
         p = pairs[b]
@@ -252,5 +289,5 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
         # The rows' weights are those of -logp (the block kernel's dz is its gradient).
         return torch.where(valid[index], -d_logp, 0.0)
 
-    return gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs,
-                               sub_rows=-(-block // 2), softcap=softcap, temperature=temperature, logit_sums=True)
+    return gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, sub_rows=sub_rows,
+                               softcap=softcap, temperature=temperature, logit_sums=True)

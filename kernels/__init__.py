@@ -8,6 +8,8 @@ Each module is one kernel stage with its launcher below it:
   ``WORKSPACE_BYTES`` and two cuBLAS products per chunk (``linear_grad_backward``);
 - ``cross_entropy_block``: each row's ``-logp`` (and sum of logits) and ``dz`` over a block of fp32 logits that
   cuBLAS wrote, for the gradient-in-forward mode (``fused_pref.gradient_in_forward``);
+- ``products``: cuBLAS products added into fp32 accumulators (``d_hidden`` over the backward's
+  chunks, ``d_weight`` over the gradient-in-forward mode's blocks), on CUDA;
 - ``pref_head``: the per-pair preference loss and its derivatives (``preference_head_forward``);
 - ``tiles``: what they share, the tile plans among it (``tile_plan`` picks one for the calls made
   inside it, ``active_plan`` names the one in force).  The logits tile ``softcap(h @ w.T + b) / T``

@@ -119,14 +119,15 @@ def cross_entropy_block(logits, bias, labels, *, softcap=None, temperature=1.0, 
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
-    """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``), and
-    ``dz`` in the GPU's workspace dtype without and with bias, softcap, temperature and the logit
-    sums (a preference loss's)."""
+    """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``, and a
+    pair loss's pass for the log-probs of a pair cut into several blocks), and ``dz`` in the GPU's
+    workspace dtype, each without and with the logit sums (a pair loss's) and bias, softcap and
+    temperature."""
     pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "nlp_ptr": torch.float32,
                 "sum_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False, False), ("dz", False, False, False, True),
-                ("dz+sums", False, False, True, True),
-                ("dz+bias+softcap+temperature+sums", True, True, True, True)]
+    variants = [("loss", False, False, False, False), ("loss+sums", False, False, True, False),
+                ("loss+bias+softcap+temperature+sums", True, True, True, False), ("dz", False, False, False, True),
+                ("dz+sums", False, False, True, True), ("dz+bias+softcap+temperature+sums", True, True, True, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
                     {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "LOGIT_SUM": sums,
                      "WRITE_DZ": write_dz, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},

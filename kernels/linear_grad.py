@@ -5,7 +5,8 @@ recomputes the logits of the valid rows (the same ``logits_tile`` and tile shape
 and writes ``dz' = onehot(label) - softmax(z)`` (times ``1 - tanh^2`` under a softcap) into a
 workspace ``[n_rows, V_chunk]`` in the input dtype; two cuBLAS products through torch then give
 
-    d_hidden += dz' @ W[chunk]              (fp32 accumulator, rows scaled by g afterwards)
+    d_hidden += dz' @ W[chunk]              (fp32 accumulator, rows scaled by g afterwards; on
+                                             CUDA cuBLAS adds into it, kernels/products.py)
     d_weight[chunk] = dz'.T @ (g * H)       d_bias[chunk] = dz'.T @ g
 
 Why (b) and not (a), the fully fused kernel with atomics: (a) ran 4.3x slower on an H200 (no
@@ -23,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .products import add_product, fp32_products
 from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product, group_rows,
                     grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers, logits_launch_args,
                     logits_tile, row_tile_start, workspace_dtype)
@@ -196,7 +198,11 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
-    dh_acc = None
+    # On CUDA each chunk's product adds into the fp32 accumulator inside cuBLAS: no [N, D]
+    # temporary, and no rounding to the input dtype before the sum.  Elsewhere (the CPU) the
+    # product is made in the input dtype and added.
+    in_place = need_h and fp32_products(hidden)
+    dh_acc = torch.zeros((n_rows, D), device=hidden.device, dtype=torch.float32) if in_place else None
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
@@ -204,7 +210,9 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
                           softcap=softcap, temperature=temperature, weights=weights,
                           plan=plan)
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
-        if need_h:
+        if in_place:
+            add_product(dh_acc, dz, weight[v_start:v_end])
+        elif need_h:
             # Accumulated without a name that outlives the chunk, so two chunk products never coexist.
             dh_acc = (dz @ weight[v_start:v_end]).float() if dh_acc is None else dh_acc.add_(dz @ weight[v_start:v_end])
         if need_w:
@@ -255,14 +263,16 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     return specs
 
 
-def peak_temporaries(itemsize: int) -> list[tuple[float, str, str]]:
+def peak_temporaries(itemsize: int, fp32_products: bool = False) -> list[tuple[float, str, str]]:
     """What ``linear_grad_backward`` holds at its peak (its last chunk) beyond its inputs, the
     gradients it returns and the ``dz`` workspace, for inputs of ``itemsize`` bytes: ``(bytes per
     unit, monomial, why)`` with N the rows of the row index and D the hidden size.  O(N) terms are
-    left out.  fused_pref/tools/accounting.py checks it against a measurement."""
+    left out.  ``fp32_products``: where cuBLAS adds each chunk's product into the accumulator
+    (CUDA, ``kernels/products.py``), which has no product temporary.  fused_pref/tools/accounting.py
+    checks it (on the CPU, without) against a measurement."""
     return [
         (4, "N·D", "fp32 d_hidden accumulator (dh_acc)"),
-        (itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),
+        *(() if fp32_products else ((itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),)),
         (itemsize, "N·D", "gathered rows scaled by g (h_scaled), input dtype, scaled in place"),
     ]
 

@@ -55,6 +55,10 @@ def test_layouts(layout, device):
 
 
 def test_blocks_of_rows():
+    # A pair loss's blocks are only held to the workspace: 4 bytes per logit of a row in bf16.
+    assert gradient_in_forward.rows_within(128_256, torch.bfloat16, 2**28) == 512
+    assert gradient_in_forward.rows_within(128_256, torch.bfloat16, 2**30) == 2048
+    assert gradient_in_forward.rows_within(1000, torch.bfloat16, 4 * 1000 * 37) == 37
     # dz in the input dtype plus half as many rows of fp32 logits: 4 bytes per logit of a row in
     # bf16, 6 in fp32.  A 16th of the rows at most, fewer when the workspace is smaller; at least
     # one; from 128 rows up a multiple of 128.
@@ -178,21 +182,6 @@ def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, me
     with pytest.raises(ValueError, match=r"^backward='in_forward' computes the gradients inside the forward, .*"
                                          + message + "; use backward='auto'$"):
         call(module, x)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.mm's out_dtype runs on CUDA only")
-def test_cuda_products_accumulate_in_fp32_in_place():
-    # d_weight's product adds into the fp32 accumulator in place (addmm with out_dtype); where a
-    # torch refuses that, the mode falls back to slices with fp32 temporaries, correct but ~2x slower
-    # on that product: this fails then, so the GPU run says which torch does what.
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    dz = torch.randn(384, 1000, device="cuda", generator=gen).bfloat16()
-    h = torch.randn(384, 96, device="cuda", generator=gen).bfloat16()
-    acc = torch.randn(1000, 96, device="cuda", generator=gen)
-    expected = acc.double() + dz.double().t() @ h.double()
-    gradient_in_forward._Fp32Products(h).accumulate(acc, dz, h)
-    assert relative_error(acc, expected) < 1e-6
-    assert gradient_in_forward._ADDMM_INTO_FP32[0], f"torch {torch.__version__} refuses addmm(out_dtype, out=fp32)"
 
 
 def test_fp16_small_row_scales_under_a_loss_scale(device):

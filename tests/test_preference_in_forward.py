@@ -9,14 +9,15 @@ import torch
 
 import fused_pref
 from fused_pref import gradient_in_forward
-from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
+from fused_pref.testing import CASES, compare, count_host_reads, make_inputs, relative_error, run_case
 from fused_pref.tools.memory import AllocationRecorder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PAIR_CASES = {name: case for name, case in CASES.items()
               if name.split("[")[0] in ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss") and "aot" not in name}
-# One row per block: every block then holds exactly one pair (a block is never less than a pair).
-WORKSPACES = {"one-pair-blocks": 1, "default": None}
+# One row per block: every pair cut into blocks of one row, its log-probs computed first; and the
+# default, where the small batches' pairs all fit in one block.
+WORKSPACES = {"one-row-blocks": 1, "default": None}
 
 
 def _in_forward(case, workspace_bytes):
@@ -48,38 +49,87 @@ def test_softcap_temperature_and_sft(softcap, device):
     assert out.nll_loss is not None
 
 
-def test_many_pairs_per_block(device, monkeypatch):
-    # 24 pairs of 1-4 valid tokens each: blocks of several whole pairs, a pair never split.
-    pairs_per_block, pair_blocks = [], gradient_in_forward.pair_blocks
+def test_blocks_of_several_pairs_and_cut_pairs(device, monkeypatch):
+    # 24 pairs of 2-8 valid tokens, blocks of 10 rows (fp32 at V 515: 6 bytes per logit): several
+    # whole pairs per block, and the pairs past 10 rows cut into blocks of their own after a pass
+    # for their log-probs.
+    layouts, pair_blocks = [], gradient_in_forward.pair_blocks
 
     def recorded(*args, **kwargs):
-        blocks, pairs = pair_blocks(*args, **kwargs)
-        pairs_per_block.extend(p.stop - p.start for p in pairs)
-        return blocks, pairs
+        blocks, pairs, cut = pair_blocks(*args, **kwargs)
+        layouts.append(([p.stop - p.start for p in pairs], cut))
+        return blocks, pairs, cut
 
     monkeypatch.setattr(gradient_in_forward, "pair_blocks", recorded)
-    compare(lambda m, x: _simpo(m, x, sft_weight=0.5), make_inputs(48, 4, 33, 515, device=device, seed=9)).check(
-        torch.float32)
-    x = make_inputs(48, 4, 33, 515, device=device, seed=10)
+    workspace = 10 * 515 * 6
+    compare(lambda m, x: _simpo(m, x, sft_weight=0.5, workspace_bytes=workspace),
+            make_inputs(48, 4, 33, 515, device=device, seed=9)).check(torch.float32)
+    x = make_inputs(48, 8, 33, 515, device=device, seed=10)
     compare(lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], backward="in_forward",
-                                    ref_logps=-torch.arange(48.0, device=device), loss_type="ipo"),
-            x).check(torch.float32)
-    assert max(pairs_per_block) > 1 and sum(pairs_per_block) == 2 * 24
+                                    ref_logps=-torch.arange(48.0, device=device), loss_type="ipo",
+                                    workspace_bytes=workspace), x).check(torch.float32)
+    (simpo_pairs, _), (dpo_pairs, dpo_cut) = layouts
+    assert max(simpo_pairs) > 1 and dpo_cut and len(dpo_pairs) > len(dpo_cut)
 
 
-def test_pair_blocks_hold_whole_pairs():
+def test_pair_blocks():
     # Sequences j and j + B are pair j; rows listed valid-first in flat order, as _rows gives them.
-    T, B = 10, 5
-    per_sequence = [3, 1, 4, 1, 5, 9, 2, 2, 5, 3]   # valid rows of sequences 0..9
+    T, B = 10, 6
+    per_sequence = [3, 1, 4, 1, 5, 0, 9, 2, 2, 5, 3, 0]   # valid rows of sequences 0..11
     rows = torch.tensor([s * T + t for s, n in enumerate(per_sequence) for t in range(n)], dtype=torch.int32)
-    blocks, pairs = gradient_in_forward.pair_blocks(rows, lambda index: index // T, B, rows_per_block=9)
-    # Pair sizes 12, 3, 6, 6, 8: the first alone (past the bound), then 3 + 6, then 6, then 8.
-    assert [(p.start, p.stop) for p in pairs] == [(0, 1), (1, 3), (3, 4), (4, 5)]
-    for block, p in zip(blocks, pairs):
+    blocks, pairs, cut = gradient_in_forward.pair_blocks(rows, lambda index: index // T, B, rows_per_block=9)
+    # Pair sizes 12, 3, 6, 6, 8, 0: the first cut into 9 + 3 rows, then 3 + 6, then 6, then 8 (with
+    # the empty last pair); no empty block.
+    assert [(p.start, p.stop) for p in pairs] == [(0, 1), (0, 1), (1, 3), (3, 4), (4, 6)]
+    assert [len(b) for b in blocks] == [9, 3, 9, 6, 8] and cut == [0, 1]
+    for block, p in zip(blocks[2:], pairs[2:]):
         sequences = set((block // T).tolist())
-        assert sequences == set(range(p.start, p.stop)) | set(range(p.start + B, p.stop + B))
+        assert sequences <= set(range(p.start, p.stop)) | set(range(p.start + B, p.stop + B))
         assert len(block) == sum(per_sequence[s] for s in sequences)
+    assert set((torch.cat(blocks[:2]) // T).tolist()) == {0, 6}
     assert sorted(torch.cat(blocks).tolist()) == sorted(rows.tolist())
+    assert gradient_in_forward.pair_blocks(rows[:0], lambda index: index // T, B, 9) == ([], [], [])
+
+
+@pytest.mark.parametrize("workspace", WORKSPACES.values(), ids=WORKSPACES.keys())
+def test_packed_sequences_of_different_lengths(workspace, device):
+    # Packed lengths 5, 9, 3, 12, 7, 4 (pairs 0-3, 1-4, 2-5), the shift and the NLL term, unvalidated.
+    lengths = [5, 9, 3, 12, 7, 4]
+    x = make_inputs(1, sum(lengths), 41, 515, device=device, seed=29)
+    x = {**x, "hidden": x["hidden"][0].detach().requires_grad_(), "labels": x["labels"][0]}
+    cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+    kwargs = dict(backward="in_forward", shift=True, cu_seqlens=cu, validate=False,
+                  **({} if workspace is None else {"workspace_bytes": workspace}))
+    compare(lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.5,
+                                    ref_logps=-torch.arange(6.0, device=device), **kwargs), x).check(torch.float32)
+
+
+@pytest.mark.parametrize("ignored", ["every-label", "last-pair"])
+def test_pairs_without_valid_tokens(ignored, device):
+    x = make_inputs(4, 9, 40, 257, device=device, seed=31)
+    if ignored == "every-label":
+        x["labels"][:] = -100
+    else:
+        x["labels"][[1, 3]] = -100      # pair 1: sequences 1 and 3
+    compare(lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], backward="in_forward",
+                                    ref_logps=-torch.arange(4.0, device=device), workspace_bytes=1),
+            x).check(torch.float32)
+
+
+def test_host_reads(device):
+    # Without validation a cross-entropy reads nothing back; a pair loss reads its rows per pair once
+    # (its blocks' layout), and nothing per block in bf16.
+    x = make_inputs(4, 23, 97, 1003, dtype=torch.bfloat16, device=device, seed=37)
+    calls = {
+        "cross_entropy": lambda: fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                                                 backward="in_forward", validate=False),
+        "simpo": lambda: _simpo(fused_pref, x, validate=False, workspace_bytes=1).loss,
+    }
+    for name, call in calls.items():
+        call().backward()   # compile and warm up first
+        with count_host_reads() as reads:
+            call().backward()
+        assert sum(reads.values()) == (0 if name == "cross_entropy" else 1), (name, reads)
 
 
 def test_same_values_and_gradients_as_the_default_path(device):

@@ -174,9 +174,20 @@ def trl_chunked(loss: str, softcap=None):
 
 _PEER_FACTORIES = {"reference-compile": compiled_reference, "liger": liger, "cce": cut_cross_entropy,
                    "trl-chunked": trl_chunked}
-# The opt-in gradient-in-forward mode (fused_pref.gradient_in_forward), every loss bench times; not in
-# the memory accounting, whose CPU run would count the fp32 weight copy only the CPU makes.
+# The opt-in gradient-in-forward mode (fused_pref.gradient_in_forward), every loss bench times; not
+# in the memory accounting, whose CPU run would count the fp32 weight copy only the CPU makes.
 IN_FORWARD = "fused-inforward"
+
+
+def in_forward(loss: str, softcap=None):
+    """``loss`` with ``backward="in_forward"`` and a workspace that holds one pair of the batch's
+    sequences whole, 2T rows of 4 bytes per logit (a pair loss's pair larger than its block takes
+    one more pass of logits)."""
+    def call(h, w, labels, ref_h, ref_w):
+        workspace = 2 * labels.shape[-1] * w.shape[0] * 4
+        return loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward",
+                       workspace_bytes=workspace)(h, w, labels, ref_h, ref_w)
+    return call
 # Every name ``implementations`` knows, in the order it runs them.
 IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_PLANS), IN_FORWARD, "reference", *_PEER_FACTORIES)
 
@@ -190,7 +201,7 @@ def implementations(loss: str, softcap=None, names=None) -> tuple[dict, list[str
         raise ValueError(f"unknown implementations {sorted(unknown)}; known: {list(IMPLEMENTATION_ORDER)}")
     notes = []
     if names is None or IN_FORWARD in names:
-        funcs[IN_FORWARD] = loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward")
+        funcs[IN_FORWARD] = in_forward(loss, softcap)
     for name, factory in _PEER_FACTORIES.items():
         if names is not None and name not in names:
             continue
