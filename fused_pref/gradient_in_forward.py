@@ -26,11 +26,12 @@ time: at most ``workspace_bytes``; a cross-entropy's never more than 1/16 of the
 chunked backward bounds its workspace.  A pair loss's block holds whole pairs; a pair larger than
 the block costs one more pass of logits (8NDV for its tokens, the default path's), so its
 ``workspace_bytes`` should hold a pair: 4 bytes per logit of its valid tokens in bf16 (about
-0.8 GB for a pair of 1024-token sequences at Llama-3's vocabulary).  The ``[N, V]`` logits never
+0.8 GB for a pair of 1024-token sequences with a quarter prompt at Llama-3's vocabulary).  The ``[N, V]`` logits never
 exist.
 
-Host reads: a cross-entropy makes none; a pair loss reads its rows per pair once (its blocks'
-layout), and in fp16 each block's largest weight.
+Host reads: a cross-entropy makes none (without validation its blocks then span every token, the
+ignored ones adding nothing); a pair loss reads its valid rows per pair once (its blocks' layout),
+and in fp16 each block's largest weight.
 
 Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
 on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
@@ -108,13 +109,14 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
 
     ``dz`` is unscaled (``cross_entropy_block``): each row's weight goes on the other operand, as the
     default backward applies its per-row weight.  In fp16 that operand must keep its normal range
-    (a mean's ``1/n`` would sink below it), so it is scaled relative to ``weight_bound``, a device
-    scalar no smaller than any ``|s|`` when the weights are known before the blocks (a
-    cross-entropy's), and the fp32 accumulators multiplied by it at the end; without one (a pair
-    loss's weights come per block), each fp16 block is scaled relative to its own largest weight,
-    read back to the host (one sync per block) and put back through the products' ``alpha`` (rows
-    more than ~1e4 below their block's largest then keep fewer bits, a negligible share of the sum).
-    bf16 and fp32 have fp32's range: their weights multiply the rows as they are, with no sync."""
+    (a mean's ``1/n`` would sink below it).  With ``weight_bound``, a device scalar no smaller than
+    any ``|s|`` when the weights are known before the blocks (a cross-entropy's), every dtype's
+    operand is scaled relative to it and the fp32 accumulators multiplied by it at the end, with no
+    host sync.  Without one (a pair loss's weights come per block), each fp16 block is scaled
+    relative to its own largest weight, read back to the host (one sync per block) and put back
+    through the products' ``alpha`` (rows more than ~1e4 below their block's largest then keep
+    fewer bits, a negligible share of the sum); bf16 and fp32 have fp32's range and multiply the
+    rows by their weights as they are."""
     R, T, D = hidden.shape
     V = weight.shape[0]
     products = _Fp32Products(weight)
@@ -189,15 +191,19 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
     return (-(row_scale * logp).sum(), *grads)
 
 
-def pair_blocks(rows, sequence_of, num_pairs, rows_per_block):
-    """The rows grouped by pair (sequences ``j`` and ``j + B``) into blocks of at most
-    ``rows_per_block`` rows: as many consecutive whole pairs as fit, and a pair larger than that
-    alone, cut into blocks of its own.  Returns the blocks (int64 indices, none empty), each
-    block's pairs as a slice, and the positions of the blocks of cut pairs.  One host sync: the
-    rows per pair."""
-    pair = sequence_of(rows.long()) % num_pairs
-    by_pair = rows.long()[torch.argsort(pair, stable=True)]
-    per_pair = torch.bincount(pair, minlength=num_pairs).tolist()
+def pair_blocks(rows, valid, sequence_of, num_pairs, rows_per_block):
+    """The ``valid`` rows among ``rows`` grouped by pair (sequences ``j`` and ``j + B``) into blocks
+    of at most ``rows_per_block`` rows: as many consecutive whole pairs as fit, and a pair larger
+    than that alone, cut into blocks of its own.  Returns the blocks (int64 indices, none empty),
+    each block's pairs as a slice, and the positions of the blocks of cut pairs.  One host sync:
+    the rows per pair (which also leaves the ignored rows out when validation made none)."""
+    index = rows.long()
+    # Ignored rows (every row, without validation) go to a last bucket of their own, left out.
+    pair = torch.where(valid[index], sequence_of(index) % num_pairs, num_pairs)
+    by_pair = index[torch.argsort(pair, stable=True)]
+    # index_add_, not bincount: on CUDA bincount reads its range back to the host first.
+    per_pair = torch.zeros(num_pairs + 1, dtype=torch.long, device=rows.device).index_add_(
+        0, pair, torch.ones_like(pair))[:num_pairs].tolist()
     blocks, pairs, cut = [], [], []
     start = first = taken = 0
 
@@ -260,7 +266,7 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     n_chosen = valid_counts[:B].sum().clamp(min=1)  # the NLL's denominator: every chosen sequence's tokens
     block = rows_within(weight.shape[0], weight.dtype, workspace_bytes)
     sub_rows = -(-block // 2)
-    blocks, pairs, cut = pair_blocks(rows, sequence_of, B, block)
+    blocks, pairs, cut = pair_blocks(rows, valid, sequence_of, B, block)
     known = None
     if cut and any(needs):
         # The log-probs of the pairs cut into several blocks, before their blocks need them: the

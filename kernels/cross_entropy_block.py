@@ -27,9 +27,13 @@ from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, transform_logits, works
 
 # A row per program: a block holds a few hundred rows, each a long stream of V logits; 2048-wide
 # steps keep 8 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
-# 4096-wide ones spilled 4-12 bytes on sm_90 with triton 3.6's ptxas (capped at 64-80 registers).
+# 4096-wide ones spilled 4-12 bytes on sm_90 with triton 3.6's ptxas (capped at 64-80 registers),
+# and without dz (no_grad, a pair loss's pass for the log-probs of a cut pair) 2048-wide ones
+# spilled 8 bytes there with bias, softcap and temperature (at 48 registers, and at 96 with four
+# warps): that one-pass kernel takes 1024-wide steps.
 BLOCK_R = 1
 BLOCK_V = 2048
+LOSS_BLOCK_V = 1024
 NUM_WARPS = 8
 
 
@@ -113,7 +117,7 @@ def cross_entropy_block(logits, bias, labels, *, softcap=None, temperature=1.0, 
         1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0,
         LOGIT_SUM=logit_sum is not None, WRITE_DZ=dz is not None,
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS,
+        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V if dz is not None else LOSS_BLOCK_V, num_warps=NUM_WARPS,
     )
     return nlp
 
@@ -125,12 +129,13 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     temperature."""
     pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "nlp_ptr": torch.float32,
                 "sum_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False, False), ("loss+sums", False, False, True, False),
-                ("loss+bias+softcap+temperature+sums", True, True, True, False), ("dz", False, False, False, True),
+    variants = [("loss", False, False, False, False), ("loss+bias+softcap+temperature", True, True, False, False),
+                ("loss+sums", False, False, True, False), ("loss+bias+softcap+temperature+sums", True, True, True, False),
+                ("dz", False, False, False, True),
                 ("dz+sums", False, False, True, True), ("dz+bias+softcap+temperature+sums", True, True, True, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
                     {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "LOGIT_SUM": sums,
-                     "WRITE_DZ": write_dz, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V},
+                     "WRITE_DZ": write_dz, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V if write_dz else LOSS_BLOCK_V},
                     {"num_warps": NUM_WARPS})
             for name, bias, softcap, sums, write_dz in variants]
 

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .products import add_product, fp32_products
+from .products import add_product, adds_into_fp32
 from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product, group_rows,
                     grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers, logits_launch_args,
                     logits_tile, row_tile_start, workspace_dtype)
@@ -198,10 +198,10 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
     chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
-    # On CUDA each chunk's product adds into the fp32 accumulator inside cuBLAS: no [N, D]
-    # temporary, and no rounding to the input dtype before the sum.  Elsewhere (the CPU) the
-    # product is made in the input dtype and added.
-    in_place = need_h and fp32_products(hidden)
+    # Where cuBLAS adds into fp32 (CUDA, kernels/products.py), each chunk's product goes into the
+    # accumulator: no [N, D] temporary, and no rounding to the input dtype before the sum.
+    # Elsewhere (the CPU, a torch that refuses it) the product is made in the input dtype and added.
+    in_place = need_h and adds_into_fp32(hidden)
     dh_acc = torch.zeros((n_rows, D), device=hidden.device, dtype=torch.float32) if in_place else None
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
@@ -263,16 +263,16 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     return specs
 
 
-def peak_temporaries(itemsize: int, fp32_products: bool = False) -> list[tuple[float, str, str]]:
+def peak_temporaries(itemsize: int, adds_into_fp32: bool = False) -> list[tuple[float, str, str]]:
     """What ``linear_grad_backward`` holds at its peak (its last chunk) beyond its inputs, the
     gradients it returns and the ``dz`` workspace, for inputs of ``itemsize`` bytes: ``(bytes per
     unit, monomial, why)`` with N the rows of the row index and D the hidden size.  O(N) terms are
-    left out.  ``fp32_products``: where cuBLAS adds each chunk's product into the accumulator
-    (CUDA, ``kernels/products.py``), which has no product temporary.  fused_pref/tools/accounting.py
-    checks it (on the CPU, without) against a measurement."""
+    left out.  ``adds_into_fp32``: where cuBLAS adds each chunk's product into the accumulator
+    (``kernels/products.py``), which has no product temporary.  fused_pref/tools/accounting.py checks
+    it (on the CPU, without) against a measurement."""
     return [
         (4, "N·D", "fp32 d_hidden accumulator (dh_acc)"),
-        *(() if fp32_products else ((itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),)),
+        *(() if adds_into_fp32 else ((itemsize, "N·D", "the chunk's dz @ W product, input dtype, until it is added"),)),
         (itemsize, "N·D", "gathered rows scaled by g (h_scaled), input dtype, scaled in place"),
     ]
 

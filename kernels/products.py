@@ -2,18 +2,20 @@
 
 The default backward accumulates ``d_hidden`` over vocabulary chunks and the gradient-in-forward
 mode ``d_weight`` over blocks of rows, both in fp32.  On CUDA, ``torch.addmm(acc, a, b,
-out_dtype=torch.float32, out=acc)`` (torch >= 2.8) has cuBLAS add the product into ``acc`` as it
-accumulates in fp32: no temporary, and the product is never rounded to the operands' dtype
-before it is added.  Some torch versions refuse an fp32 ``acc`` there (they want it in the
-operands' dtype); the product then runs in slices of ``SLICE_ROWS`` rows with fp32 temporaries.
-torch has no ``out_dtype`` kernels on the CPU: there ``fp32_products`` is False and the callers
-do without.
+out_dtype=torch.float32, out=acc)`` has cuBLAS add the product into ``acc`` as it accumulates in
+fp32: no temporary, and the product is never rounded to the operands' dtype before it is added.
+torch has ``out_dtype`` products from 2.8, but some versions (2.8 among them) refuse an fp32
+``acc`` there, wanting it in the operands' dtype: ``adds_into_fp32`` asks the device once.  Where
+it is refused, ``add_product`` runs in slices of ``SLICE_ROWS`` rows with fp32 temporaries, and the
+default backward keeps its own way (a product in the input dtype, then added: less memory than
+the slices below 8192 rows).  torch has no ``out_dtype`` kernels on the CPU.
 """
+
+import functools
 
 import torch
 
-_ADDMM_INTO_FP32 = [True]   # cleared, for the process, by the first torch that refuses it
-SLICE_ROWS = 8192           # rows per product where it is refused: SLICE_ROWS x columns fp32 temporaries
+SLICE_ROWS = 8192   # rows per product where addmm into fp32 is refused: SLICE_ROWS x columns fp32 temporaries
 
 
 def has_out_dtype_mm() -> bool:
@@ -21,25 +23,35 @@ def has_out_dtype_mm() -> bool:
     return hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
-def fp32_products(t: torch.Tensor) -> bool:
-    """Whether products of ``t``'s device and dtype get fp32 outputs from cuBLAS here: CUDA,
-    torch >= 2.8, and a dtype narrower than fp32."""
-    return t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and has_out_dtype_mm()
+@functools.cache
+def _addmm_into_fp32(device: torch.device) -> bool:
+    acc = torch.zeros(1, 1, device=device)
+    one = torch.ones(1, 1, device=device, dtype=torch.bfloat16)
+    try:
+        torch.addmm(acc, one, one, out_dtype=torch.float32, out=acc)
+    except RuntimeError as error:
+        if "dtype" not in str(error):
+            raise
+        return False
+    return True
+
+
+def adds_into_fp32(t: torch.Tensor) -> bool:
+    """Whether cuBLAS adds products of ``t``'s device and dtype into an fp32 accumulator here:
+    CUDA, a dtype narrower than fp32, and a torch whose ``addmm`` takes an fp32 ``out``."""
+    return (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and has_out_dtype_mm()
+            and _addmm_into_fp32(t.device))
 
 
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """``acc += alpha * (a @ b)`` with fp32 accumulation and output, for ``fp32_products`` operands
-    and an fp32 ``acc`` (any strides cuBLAS takes)."""
-    if _ADDMM_INTO_FP32[0]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
-            return
-        except RuntimeError as error:
-            if "dtype" not in str(error) or isinstance(error, torch.OutOfMemoryError):
-                raise
-            _ADDMM_INTO_FP32[0] = False
+    """``acc += alpha * (a @ b)`` with fp32 accumulation and output, for CUDA operands with
+    ``out_dtype`` products (torch >= 2.8) and an fp32 ``acc``: in place where ``adds_into_fp32``,
+    else in row slices with fp32 temporaries."""
+    if adds_into_fp32(a):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, alpha=alpha, out=acc)
+        return
     for r in range(0, acc.shape[0], SLICE_ROWS):
         acc[r:r + SLICE_ROWS].add_(torch.mm(a[r:r + SLICE_ROWS], b, out_dtype=torch.float32), alpha=alpha)
 
 
-__all__ = ["SLICE_ROWS", "add_product", "fp32_products", "has_out_dtype_mm"]
+__all__ = ["SLICE_ROWS", "add_product", "adds_into_fp32", "has_out_dtype_mm"]

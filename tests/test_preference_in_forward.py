@@ -77,7 +77,8 @@ def test_pair_blocks():
     T, B = 10, 6
     per_sequence = [3, 1, 4, 1, 5, 0, 9, 2, 2, 5, 3, 0]   # valid rows of sequences 0..11
     rows = torch.tensor([s * T + t for s, n in enumerate(per_sequence) for t in range(n)], dtype=torch.int32)
-    blocks, pairs, cut = gradient_in_forward.pair_blocks(rows, lambda index: index // T, B, rows_per_block=9)
+    valid = torch.ones(2 * B * T, dtype=torch.bool)
+    blocks, pairs, cut = gradient_in_forward.pair_blocks(rows, valid, lambda index: index // T, B, rows_per_block=9)
     # Pair sizes 12, 3, 6, 6, 8, 0: the first cut into 9 + 3 rows, then 3 + 6, then 6, then 8 (with
     # the empty last pair); no empty block.
     assert [(p.start, p.stop) for p in pairs] == [(0, 1), (0, 1), (1, 3), (3, 4), (4, 6)]
@@ -88,7 +89,12 @@ def test_pair_blocks():
         assert len(block) == sum(per_sequence[s] for s in sequences)
     assert set((torch.cat(blocks[:2]) // T).tolist()) == {0, 6}
     assert sorted(torch.cat(blocks).tolist()) == sorted(rows.tolist())
-    assert gradient_in_forward.pair_blocks(rows[:0], lambda index: index // T, B, 9) == ([], [], [])
+    assert gradient_in_forward.pair_blocks(rows[:0], valid, lambda index: index // T, B, 9) == ([], [], [])
+    # Ignored rows among the rows (no validation): left out, as if the index had none.
+    ignored = torch.ones_like(valid)
+    ignored[rows[:4].long()] = False
+    blocks, pairs, _ = gradient_in_forward.pair_blocks(rows, ignored, lambda index: index // T, B, rows_per_block=9)
+    assert sorted(torch.cat(blocks).tolist()) == sorted(rows[4:].tolist())
 
 
 @pytest.mark.parametrize("workspace", WORKSPACES.values(), ids=WORKSPACES.keys())

@@ -9,8 +9,9 @@ monomial (it is capped in bytes), so it is measured apart at the small shapes an
 the fit, then added back at the full shape from the launcher's own rule, in the input dtype as on
 a GPU.  Beside it stands the analytic formula, read off the code, so a wrong derivation or an
 unexpected allocation shows as a disagreement.  The fused backward's figures are the CPU's: on
-CUDA with torch >= 2.8 cuBLAS adds each chunk's ``d_hidden`` product into the fp32 accumulator,
-without the ``2·N·D``-byte product the CPU makes first (``linear_grad.peak_temporaries``).
+CUDA, where torch's ``addmm`` takes an fp32 ``out`` (``kernels/products.py``), cuBLAS adds each
+chunk's ``d_hidden`` product into the fp32 accumulator, without the ``2·N·D``-byte product the CPU
+makes first (``linear_grad.peak_temporaries``).
 Everything is bf16, with ``validate=False`` (no
 host sync, as in a training step), and ``N`` counts every token, since with ``validate=False`` the
 kernels' row index spans all of them.

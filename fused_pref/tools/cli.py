@@ -168,7 +168,7 @@ def main(argv=None) -> int:
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
                        help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest "
-                            "(tile plans), fused-inforward (backward='in_forward', a workspace holding a pair), "
+                            "(tile plans), fused-inforward (backward='in_forward', validated, a workspace holding a pair), "
                             "reference, reference-compile, liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")

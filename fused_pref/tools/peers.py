@@ -180,14 +180,19 @@ IN_FORWARD = "fused-inforward"
 
 
 def in_forward(loss: str, softcap=None):
-    """``loss`` with ``backward="in_forward"`` and a workspace that holds one pair of the batch's
-    sequences whole, 2T rows of 4 bytes per logit (a pair loss's pair larger than its block takes
-    one more pass of logits)."""
+    """``loss`` with ``backward="in_forward"``, as a user should run it: with validation (the
+    default), whose host sync cuts a cross-entropy's blocks to the valid tokens (without it they
+    span every token); for a pair loss, a workspace that holds a pair of the batch's sequences
+    whole, 2T rows rounded up to 128 of 4 bytes per logit (a pair larger than its block takes one
+    more pass of logits)."""
     def call(h, w, labels, ref_h, ref_w):
-        workspace = 2 * labels.shape[-1] * w.shape[0] * 4
-        return loss_fn(fused_pref, loss, softcap=softcap, backward="in_forward",
-                       workspace_bytes=workspace)(h, w, labels, ref_h, ref_w)
+        options = {"backward": "in_forward", "validate": True}
+        if loss != "cross_entropy":
+            options["workspace_bytes"] = -(-2 * labels.shape[-1] // 128) * 128 * w.shape[0] * 4
+        return loss_fn(fused_pref, loss, softcap=softcap, **options)(h, w, labels, ref_h, ref_w)
     return call
+
+
 # Every name ``implementations`` knows, in the order it runs them.
 IMPLEMENTATION_ORDER = (*(f"fused-{name}" for name in FUSED_PLANS), IN_FORWARD, "reference", *_PEER_FACTORIES)
 

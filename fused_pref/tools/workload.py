@@ -108,8 +108,8 @@ def make_batch(R, T, D, V, *, dtype=torch.bfloat16, device="cpu", seed=0, refere
 def loss_fn(module, loss: str, *, softcap=None, **options):
     """``f(hidden, weight, labels, ref_hidden, ref_weight) -> scalar loss`` for ``loss`` through
     ``module`` (``fused_pref`` or ``fused_pref.reference``, which share signatures).
-    ``validate=False``: no host synchronisation inside a timed step."""
-    common = dict(softcap=softcap, validate=False, **options)
+    ``validate=False`` unless ``options`` say otherwise: no host synchronisation inside a timed step."""
+    common = {"softcap": softcap, "validate": False, **options}
     if loss == "cross_entropy":
         return lambda h, w, labels, ref_h, ref_w: module.linear_cross_entropy(h, w, labels, **common)
     if loss == "simpo":
