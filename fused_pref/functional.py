@@ -277,12 +277,12 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     return _with_gradients(loss, r, weight, bias, needs, grads)
 
 
-def _preference_in_forward(spec, hidden, weight, labels, bias, options: Options, ref_logps) -> PreferenceOutput:
-    """``backward="in_forward"`` for a pair loss: the log-probs and the gradients from blocks of whole
-    pairs (``gradient_in_forward.preference_and_gradients``), the output assembled from them as the
-    default path does, its loss carrying the gradients (every other field is detached anyway)."""
-    r = _rows(hidden, weight, labels, options, None, mean_over_sequences=spec.reduction == "mean")
-    needs = _needs_gradients(hidden, weight, bias)
+def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_logps) -> PreferenceOutput:
+    """``backward="in_forward"`` for a pair loss over the tokens ``r``: the log-probs and the gradients
+    from blocks of whole pairs (``gradient_in_forward.preference_and_gradients``), the output
+    assembled from them as the default path does, its loss carrying the gradients (every other
+    field is detached anyway)."""
+    needs = _needs_gradients(r.hidden, weight, bias)
     with torch.no_grad():
         logp, logit_sum, grads = ops.preference_gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows,
                                                                     ref_logps, needs, spec, options)
@@ -332,7 +332,8 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
     validation.check_pair_loss_in_forward(options, spec.sort)
     validation.check_token_stats(options, {"token_metrics": token_metrics})
     if options.backward == "in_forward":
-        return _preference_in_forward(spec, hidden, weight, labels, bias, options, None)
+        r = _rows(hidden, weight, labels, options, None, mean_over_sequences=spec.reduction == "mean")
+        return _preference_in_forward(spec, r, weight, bias, options, None)
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
                              logit_sum=True, token_stats=token_metrics)
     return _preference(tokens, spec, None, options.cu_seqlens, token_metrics)
@@ -443,17 +444,21 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         ref_bias=ref_bias, num_sequences=num_sequences)
     validation.check_pair_loss_in_forward(options, spec.sort)
     validation.check_token_stats(options, {"token_metrics": token_metrics})
+    mean = spec.reduction == "mean"
+    # The policy's tokens first: their labels are checked there, and are the reference model's too.
+    if options.backward == "in_forward":
+        r = _rows(hidden, weight, labels, options, None, mean_over_sequences=mean)
+    else:
+        tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=mean, logit_sum=True,
+                                 token_stats=token_metrics)
     if ref_logps is None:
         with torch.no_grad():
-            # validate=False: the policy's labels, checked above, are the reference model's too.
             ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
                                          replace(options, validate=False, backward="auto"))
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
     ref_logps = ref_logps.detach().float()
     if options.backward == "in_forward":
-        return _preference_in_forward(spec, hidden, weight, labels, bias, options, ref_logps)
-    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
-                             logit_sum=True, token_stats=token_metrics)
+        return _preference_in_forward(spec, r, weight, bias, options, ref_logps)
     return _preference(tokens, spec, ref_logps, options.cu_seqlens, token_metrics)
 
 

@@ -1,6 +1,7 @@
 """``backward="in_forward"``: cross-entropy's gradients computed inside the forward, against the fp64
 reference (which ignores ``backward``), on the shapes of the parity tests, with blocks of rows small
-enough that every call runs several."""
+enough that every call runs several; and what holds for every loss of the mode (the pair losses'
+own tests are in test_preference_in_forward.py)."""
 
 import pytest
 import torch
@@ -115,12 +116,21 @@ def test_same_values_and_gradients_as_the_default_path(device):
         torch.testing.assert_close(x[name].grad, y[name].grad, rtol=1e-5, atol=1e-7)
 
 
-def test_grad_output_scales_the_gradients(device):
+# Each kind of loss this mode runs, its loss as a tensor: the tests below hold for both.
+LOSSES = {
+    "cross_entropy": lambda m, x: _loss(m, x),
+    "simpo": lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.3,
+                                       backward="in_forward").loss,
+}
+
+
+@pytest.mark.parametrize("loss", LOSSES.values(), ids=LOSSES.keys())
+def test_grad_output_scales_the_gradients(loss, device):
     x = make_inputs(2, 9, 40, 257, device=device, seed=3)
     y = {k: (v.detach().clone().requires_grad_() if v.dtype.is_floating_point else v) if v is not None else None
          for k, v in x.items()}
-    (_loss(fused_pref, x) * 4.0).backward()
-    _loss(fused_pref, y).backward()
+    (loss(fused_pref, x) * 4.0).backward()
+    loss(fused_pref, y).backward()
     for name in ("hidden", "weight", "bias"):
         assert torch.equal(x[name].grad, 4.0 * y[name].grad)  # a power of two: exact
 
@@ -132,7 +142,8 @@ def test_only_the_gradients_asked_for(device):
     assert set(comparison.errors) == {"value", "d_hidden", "d_bias"} and x["weight"].grad is None
 
 
-def test_no_gradient_work_without_grad(device):
+@pytest.mark.parametrize("loss", LOSSES.values(), ids=LOSSES.keys())
+def test_no_gradient_work_without_grad(loss, device):
     # Under no_grad the forward computes the loss alone: no fp32 [V, D] accumulator, no [V, D] gradient.
     x = make_inputs(2, 9, 40, 257, device=device, seed=5)
     V, D = x["weight"].shape
@@ -141,9 +152,9 @@ def test_no_gradient_work_without_grad(device):
         return [a for a in recorder.allocations if a.numel >= V * D]
 
     with AllocationRecorder() as with_grad:
-        loss = _loss(fused_pref, x)
+        value = loss(fused_pref, x)
     with torch.no_grad(), AllocationRecorder() as without:
-        assert torch.equal(_loss(fused_pref, x), loss.detach())
+        assert torch.equal(loss(fused_pref, x), value.detach())
     assert weight_sized(with_grad) and not weight_sized(without)
 
 
