@@ -294,6 +294,17 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
     return replace(out, loss=_with_gradients(out.loss, r, weight, bias, needs, grads))
 
 
+def _reference_tokens_in_blocks(r: _Rows, ref_hidden, ref_weight, ref_bias, options: Options) -> _Tokens:
+    """The reference model's per-token log-probs under ``backward="in_forward"``: that mode's cuBLAS
+    products without gradients (``gradient_in_forward.logprobs_by_blocks``), over the policy's rows
+    ``r`` (the same labels, so the same valid rows, checked once)."""
+    ref_hidden = ref_hidden if ref_hidden.dim() == 3 else ref_hidden.unsqueeze(0)
+    logp = ops.logprobs_without_gradients(ref_hidden, ref_weight, ref_bias, r.labels, r.valid, r.rows, options)
+    shape = r.checked.valid.shape
+    empty = logp.new_empty(0)
+    return _Tokens(logp.view(shape), r.checked.valid, empty, ref_weight.shape[0], r.targets, empty, empty, empty)
+
+
 def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens,
                 token_metrics=False) -> PreferenceOutput:
     logps, sums, counts = _sequence_logps(tokens, spec.reduction, cu_seqlens)
@@ -453,8 +464,11 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
                                  token_stats=token_metrics)
     if ref_logps is None:
         with torch.no_grad():
-            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
-                                         replace(options, validate=False, backward="auto"))
+            if options.backward == "in_forward":
+                ref_tokens = _reference_tokens_in_blocks(r, ref_hidden, ref_weight, ref_bias, options)
+            else:
+                ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
+                                             replace(options, validate=False, backward="auto"))
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
     ref_logps = ref_logps.detach().float()
     if options.backward == "in_forward":

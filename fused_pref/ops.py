@@ -2,7 +2,8 @@
 as one opaque node with a known output shape instead of tracing into Triton's launcher.  A custom
 op's schema takes tensors and scalars only: ``forward`` and ``backward`` are where a call's
 ``LogprobParams`` (its ``Options`` included) are flattened into them, ``gradient_in_forward`` is
-``backward="in_forward"``'s (their cuBLAS products and block kernel as one node each), and ``head`` is for
+``backward="in_forward"``'s (their cuBLAS products and block kernel as one node each, its
+gradient-free log-probs too), and ``head`` is for
 a ``PreferenceSpec``: the one place that knows which option each kernel reads.
 
 ``torch.library.triton_op`` / ``wrap_triton`` would let Inductor see inside, but they need real
@@ -12,7 +13,7 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 
 import torch
 
-from .gradient_in_forward import cross_entropy_and_gradients, preference_and_gradients
+from .gradient_in_forward import cross_entropy_and_gradients, logprobs_by_blocks, preference_and_gradients
 from .kernels import linear_grad_backward, linear_lse_forward, preference_head_forward
 
 
@@ -114,6 +115,19 @@ def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, h
     return logp, torch.empty_like(logp), _fake_stored_gradients(hidden, weight, needs)
 
 
+@torch.library.custom_op("fused_pref::logprobs_in_blocks", mutates_args=())
+def logprobs_in_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                       valid: torch.Tensor, rows: torch.Tensor, softcap: float | None, temperature: float,
+                       workspace_bytes: int) -> torch.Tensor:
+    return logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, softcap=softcap, temperature=temperature,
+                              workspace_bytes=workspace_bytes)
+
+
+@logprobs_in_blocks.register_fake
+def _(hidden, weight, bias, labels, valid, rows, softcap, temperature, workspace_bytes):
+    return hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
+
+
 @torch.library.custom_op("fused_pref::preference_head", mutates_args=())
 def preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
                     ref_rejected: torch.Tensor | None, loss: str, beta: float, gamma: float,
@@ -160,6 +174,13 @@ def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, re
     return preference_in_forward(hidden, weight, bias, labels, valid, rows, options.cu_seqlens, ref_logps, list(needs),
                                  spec.head, spec.reduction, spec.beta, spec.gamma, spec.label_smoothing, spec.tau,
                                  spec.sft_weight, options.softcap, options.temperature, options.workspace_bytes)
+
+
+def logprobs_without_gradients(hidden, weight, bias, labels, valid, rows, options):
+    """Per-token log-probs by ``backward="in_forward"``'s products, none of its gradients (a DPO's
+    reference model): ``logprobs_in_blocks`` with ``options`` flattened."""
+    return logprobs_in_blocks(hidden, weight, bias, labels, valid, rows, options.softcap, options.temperature,
+                              options.workspace_bytes)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):

@@ -28,9 +28,10 @@ CASES = {
     # The gradient-in-forward mode: cuBLAS products and a Triton pass per block, one custom op.
     "cross_entropy[in_forward]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, shift=True,
                                                                                       backward="in_forward"),
-    # A pair loss's: blocks of whole pairs and the head per block, inside the one custom op.
-    "simpo[in_forward]": lambda h, w, lab, b: fused_pref.simpo_loss(h, w, lab, b, sft_weight=0.1,
-                                                                    backward="in_forward").loss,
+    # A pair loss's: blocks of whole pairs and the head per block, inside the one custom op; the
+    # reference model's log-probs by the same products, another.
+    "dpo[in_forward]": lambda h, w, lab, b: fused_pref.dpo_loss(h, w, lab, b, ref_hidden=h.detach().flip(0),
+                                                                sft_weight=0.1, backward="in_forward").loss,
 }
 
 

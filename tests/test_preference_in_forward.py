@@ -121,6 +121,29 @@ def test_pairs_without_valid_tokens(ignored, device):
             x).check(torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed,shift,unvalidated"])
+def test_reference_model_through_the_blocks(layout, device, monkeypatch):
+    # The reference model's hidden states (another D, its own bias, a softcap and a temperature) go
+    # through this mode's products, blocks of 3 rows: never through the default path's forward.
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=29)
+    ref = make_inputs(4, 23, 61, 1003, device=device, seed=31)
+    x.update(ref_hidden=ref["hidden"].detach(), ref_weight=ref["weight"].detach(), ref_bias=ref["bias"].detach())
+    kwargs = {"softcap": 20.0, "temperature": 0.8, "workspace_bytes": 3 * 4 * 1003}
+    if layout != "padded":
+        x.update(hidden=x["hidden"].detach().flatten(0, 1).requires_grad_(), labels=x["labels"].flatten(),
+                 ref_hidden=x["ref_hidden"].flatten(0, 1))
+        kwargs.update(cu_seqlens=torch.tensor([0, 20, 23, 50, 92], dtype=torch.int32, device=device), shift=True,
+                      validate=False)
+
+    def no_tile_forward(*args, **kw):
+        raise AssertionError("the default path's forward ran")
+
+    monkeypatch.setattr(fused_pref.ops, "forward", no_tile_forward)
+    compare(lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], ref_hidden=x["ref_hidden"],
+                                    ref_weight=x["ref_weight"], ref_bias=x["ref_bias"], beta=0.5,
+                                    backward="in_forward", **kwargs), x).check(torch.float32)
+
+
 def test_host_reads(device):
     # Without validation a cross-entropy reads nothing back; a pair loss reads its rows per pair once
     # (its blocks' layout), and nothing per block in bf16.
@@ -129,6 +152,10 @@ def test_host_reads(device):
         "cross_entropy": lambda: fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
                                                                  backward="in_forward", validate=False),
         "simpo": lambda: _simpo(fused_pref, x, validate=False, workspace_bytes=1).loss,
+        # The reference model's pass adds none.
+        "dpo": lambda: fused_pref.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                           ref_hidden=x["hidden"].detach().flip(0), backward="in_forward",
+                                           validate=False, workspace_bytes=1).loss,
     }
     for name, call in calls.items():
         call().backward()   # compile and warm up first
