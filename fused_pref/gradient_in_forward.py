@@ -44,25 +44,17 @@ import torch
 
 from .kernels.cross_entropy_block import cross_entropy_block, new_workspace
 from .kernels.pref_head import preference_head_forward
-from .kernels.products import add_product, has_out_dtype_mm
+from .kernels.products import add_product, fp32_logits, has_out_dtype_mm, whole_row_tiles
 from .segments import sequence_sums
 
 
 def rows_within(vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
     """Rows of ``dz`` (input ``dtype``) a block holds within ``workspace_bytes``, its logits computed
-    in two halves (fp32): 4 bytes per logit of a row in all for 2-byte inputs (``_rows_of``).  The block is the
+    in two halves (fp32): 4 bytes per logit of a row in all for 2-byte inputs (``whole_row_tiles``).  The block is the
     depth of ``d_weight``'s product: each adds into the fp32 accumulator, reading and writing its
     8VD bytes, so it stays bound by arithmetic only from ~800 rows up on an H100/H200
     (``workspace_bytes=2**29`` at Llama-3-8B's vocabulary)."""
-    return _rows_of(workspace_bytes // (vocab * (dtype.itemsize + 2)))
-
-
-def _rows_of(fitting: int) -> int:
-    """A block's rows where ``fitting`` fit the workspace: at least one; from 128 up, a multiple of
-    128, so the products' row tiles are all full."""
-    if fitting >= 128:
-        fitting -= fitting % 128
-    return max(1, fitting)
+    return whole_row_tiles(workspace_bytes // (vocab * (dtype.itemsize + 2)))
 
 
 def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
@@ -83,9 +75,7 @@ class _Fp32Products:
         self.weight = weight if self.cuda_out_dtype or weight.dtype == torch.float32 else weight.float()
 
     def logits(self, h):
-        if self.cuda_out_dtype:
-            return torch.mm(h, self.weight.t(), out_dtype=torch.float32)
-        return torch.mm(h.to(self.weight.dtype), self.weight.t())
+        return fp32_logits(h, self.weight)
 
     def scaled_rows(self, dz, scale):
         """``(dz @ W) * scale`` per row in fp32: the product rounded once, when the caller casts it."""
@@ -205,7 +195,7 @@ def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, te
     H200 as measured) and one read of the block, where the default path's Triton forward runs at
     its tiles' speed (58.5 ms measured in the narrow plan).  Layout as
     ``cross_entropy_and_gradients``; no host sync."""
-    block = _rows_of(workspace_bytes // (4 * weight.shape[0]))
+    block = whole_row_tiles(workspace_bytes // (4 * weight.shape[0]))
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     logp, *_ = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, None, (False, False, False),
                                    sub_rows=block, softcap=softcap, temperature=temperature)

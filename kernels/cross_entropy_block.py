@@ -16,14 +16,16 @@ sum of exponentials per lane and reduces them once at the row's end; pass two re
 and writes ``dz`` in the input dtype, ready for the two products.  Per logit: two fp32 reads and
 one write of the input dtype, where the same in torch ops (``logsumexp``, ``exp_``, ``scatter_``,
 ``mul_``, a cast) reads and writes the block about eight times.  Ignored rows point at label 0;
-the caller gives them no weight.
+the caller gives them no weight.  The "cublas" tile plan's forward (``kernels/linear_lse.py``)
+runs the first pass alone over blocks of its own, keeping each row's lse and target logit apart
+(``LSE_AND_TARGET``, ``block_lse_and_target``): its backward needs both.
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, transform_logits, workspace_dtype
+from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, stored_logits, workspace_dtype
 
 # A row per program: a block holds a few hundred rows, each a long stream of V logits; 2048-wide
 # steps keep 8 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
@@ -38,26 +40,14 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
-                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
-                  BLOCK_V: tl.constexpr):
-    offs_v = v0 + tl.arange(0, BLOCK_V)
-    v_mask = offs_v < V
-    mask = r_mask[:, None] & v_mask[None, :]
-    z = tl.load(z_rows + offs_v[None, :], mask=mask, other=0.0)
-    if HAS_BIAS:
-        z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    return transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE), offs_v, mask
-
-
-@triton.jit
 def cross_entropy_block_kernel(
-    z_ptr, b_ptr, labels_ptr, nlp_ptr, sum_ptr, dz_ptr,
+    z_ptr, b_ptr, labels_ptr, nlp_ptr, target_ptr, sum_ptr, dz_ptr,
     n_rows, V, stride_z, stride_dz, softcap, inv_temperature,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
-    WRITE_DZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
+    WRITE_DZ: tl.constexpr, LSE_AND_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """BLOCK_R rows of the block: their ``-logp``, with ``LOGIT_SUM`` their sums of logits, and with
+    """BLOCK_R rows of the block: their ``-logp`` (with ``LSE_AND_TARGET`` their lse instead, and
+    their target logit at ``target_ptr``), with ``LOGIT_SUM`` their sums of logits, and with
     ``WRITE_DZ`` their ``dz``."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < n_rows
@@ -69,7 +59,7 @@ def cross_entropy_block_kernel(
     target = tl.zeros((BLOCK_R,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
-        z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
+        z, offs_v, mask = stored_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
                                         HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
         z = tl.where(mask, z, float("-inf"))
         new_max = tl.maximum(run_max, z)
@@ -81,13 +71,17 @@ def cross_entropy_block_kernel(
             logit_sum += tl.where(mask, z, 0.0)
     row_max = tl.max(run_max, axis=1)
     lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max[:, None]), axis=1))
-    tl.store(nlp_ptr + offs_r, lse - target, mask=r_mask)
+    if LSE_AND_TARGET:
+        tl.store(nlp_ptr + offs_r, lse, mask=r_mask)
+        tl.store(target_ptr + offs_r, target, mask=r_mask)
+    else:
+        tl.store(nlp_ptr + offs_r, lse - target, mask=r_mask)
     if LOGIT_SUM:
         tl.store(sum_ptr + offs_r, tl.sum(logit_sum, axis=1), mask=r_mask)
     if WRITE_DZ:
         dz_rows = dz_ptr + offs_r.to(tl.int64)[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
-            z, offs_v, mask = _block_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
+            z, offs_v, mask = stored_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
                                             HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
             # The loss's gradient is minus logp's.
             dz = -logp_grad_tile(z, offs_v, label, lse, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
@@ -106,20 +100,35 @@ def cross_entropy_block(logits, bias, labels, *, softcap=None, temperature=1.0, 
     with ``labels`` int64 per row; when ``dz`` (``[rows, V]``, unit column stride) is given, the
     gradient of each row's ``-logp`` written into it, and when ``logit_sum`` (fp32 ``[rows]``) is,
     each row's sum of (soft-capped, tempered) logits."""
+    nlp = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    _launch(logits, bias, labels, nlp, None, dz, logit_sum, softcap, temperature)
+    return nlp
+
+
+def block_lse_and_target(logits, bias, labels, *, softcap=None, temperature=1.0,
+                         logit_sum=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's log-sum-exp and target logit (fp32 ``[rows]`` each; 0 for a label outside
+    ``[0, V)``) under an fp32 ``logits`` block, as ``cross_entropy_block`` takes it: the forward of
+    the "cublas" tile plan (``linear_lse``)."""
+    lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    target = torch.empty_like(lse)
+    _launch(logits, bias, labels, lse, target, None, logit_sum, softcap, temperature)
+    return lse, target
+
+
+def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperature):
     n_rows, V = logits.shape
-    nlp = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
-        return nlp
+        return
     cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
-        logits, logits if bias is None else bias, labels, nlp, nlp if logit_sum is None else logit_sum,
-        nlp if dz is None else dz,
+        logits, logits if bias is None else bias, labels, out, out if target is None else target,
+        out if logit_sum is None else logit_sum, out if dz is None else dz,
         n_rows, V, logits.stride(0), 0 if dz is None else dz.stride(0), 1.0 if softcap is None else float(softcap),
         1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0,
-        LOGIT_SUM=logit_sum is not None, WRITE_DZ=dz is not None,
+        LOGIT_SUM=logit_sum is not None, WRITE_DZ=dz is not None, LSE_AND_TARGET=target is not None,
         BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V if dz is not None else LOSS_BLOCK_V, num_warps=NUM_WARPS,
     )
-    return nlp
 
 
 def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
@@ -128,16 +137,22 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     workspace dtype, each without and with the logit sums (a pair loss's) and bias, softcap and
     temperature."""
     pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "nlp_ptr": torch.float32,
-                "sum_ptr": torch.float32, "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False, False), ("loss+bias+softcap+temperature", True, True, False, False),
-                ("loss+sums", False, False, True, False), ("loss+bias+softcap+temperature+sums", True, True, True, False),
-                ("dz", False, False, False, True),
-                ("dz+sums", False, False, True, True), ("dz+bias+softcap+temperature+sums", True, True, True, True)]
+                "target_ptr": torch.float32, "sum_ptr": torch.float32,
+                "dz_ptr": workspace_dtype(dtype, interpreted=False)}
+    variants = [("loss", False, False, False, False, False),
+                ("loss+bias+softcap+temperature", True, True, False, False, False),
+                ("loss+sums", False, False, True, False, False),
+                ("loss+bias+softcap+temperature+sums", True, True, True, False, False),
+                ("dz", False, False, False, True, False),
+                ("dz+sums", False, False, True, True, False),
+                ("dz+bias+softcap+temperature+sums", True, True, True, True, False),
+                ("lse+target", False, False, False, False, True),
+                ("lse+target+bias+softcap+temperature+sums", True, True, True, False, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
                     {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "LOGIT_SUM": sums,
-                     "WRITE_DZ": write_dz, "BLOCK_R": BLOCK_R, "BLOCK_V": BLOCK_V if write_dz else LOSS_BLOCK_V},
-                    {"num_warps": NUM_WARPS})
-            for name, bias, softcap, sums, write_dz in variants]
+                     "WRITE_DZ": write_dz, "LSE_AND_TARGET": parts, "BLOCK_R": BLOCK_R,
+                     "BLOCK_V": BLOCK_V if write_dz else LOSS_BLOCK_V}, {"num_warps": NUM_WARPS})
+            for name, bias, softcap, sums, write_dz, parts in variants]
 
 
-__all__ = ["aot_specs", "cross_entropy_block", "cross_entropy_block_kernel", "new_workspace"]
+__all__ = ["aot_specs", "block_lse_and_target", "cross_entropy_block", "cross_entropy_block_kernel", "new_workspace"]

@@ -9,6 +9,10 @@ workspace ``[n_rows, V_chunk]`` in the input dtype; two cuBLAS products through 
                                              CUDA cuBLAS adds into it, kernels/products.py)
     d_weight[chunk] = dz'.T @ (g * H)       d_bias[chunk] = dz'.T @ g
 
+In the "cublas" tile plan (``tiles.PLANS``) cuBLAS computes each chunk's fp32 logits first and the
+kernel reads them (``LOGITS_GIVEN``) where it would compute its tile: the chunk then holds 4 more
+bytes per entry, and the gathered rows are kept unscaled too (``2·N·D`` bytes more).
+
 Why (b) and not (a), the fully fused kernel with atomics: (a) ran 4.3x slower on an H200 (no
 gradient filtering; benchmarks/NOTES.md), and its atomics made results run-to-run different, so it
 was removed.  (b) is exact, deterministic, spends the two
@@ -24,10 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .products import add_product, adds_into_fp32
+from .products import add_product, adds_into_fp32, fp32_logits
 from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product, group_rows,
                     grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers, logits_launch_args,
-                    logits_tile, row_tile_start, workspace_dtype)
+                    logits_tile, row_tile_start, stored_logits, workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
 # more than 1/16 of the logits it replaces: at 16k tokens and bf16 that is 8k vocabulary columns
@@ -39,16 +43,16 @@ MAX_CHUNK_FRACTION = 16
 def linear_grad_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, labels_ptr, rows_ptr, n_valid_ptr, lse_ptr, target_ptr, dz_ptr,
-    g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr, class_weight_ptr,
+    g_ptr, g_softmax_ptr, g_entropy_ptr, mean_z_ptr, g_uniform_ptr, class_weight_ptr, z_ptr,
     # sizes
     V, D, T, v_chunk_start, v_chunk_end, n_row_tiles, n_vocab_tiles, n_group_rows,
     # strides
-    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_dz_p,
+    stride_h_r, stride_h_t, stride_h_d, stride_w_v, stride_w_d, stride_dz_p, stride_z_p,
     # scalars
     softcap, inv_temperature,
     # variants
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    LOGITS_GIVEN: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
     # tiles
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -56,7 +60,9 @@ def linear_grad_kernel(
     ``v_chunk_start .. v_chunk_end`` (``tiles.grouped_tile`` orders them), stored in ``dz`` at (the
     row's position in the row index, the entry's column in the chunk).  With ``ROW_WEIGHTS`` the
     rows' weights are applied here, per token at ``g``, ``g_softmax``, ``g_entropy``, ``mean_z``
-    and ``g_uniform``::
+    and ``g_uniform``.  With ``LOGITS_GIVEN`` the chunk's logits are read from the fp32 products
+    cuBLAS wrote at ``z`` (a row per position of the row index, a column per entry of the chunk)
+    instead of computed::
 
         dz = g onehot - p (g_softmax + g_entropy (z - E[z])) + g_uniform c_v
 
@@ -81,11 +87,16 @@ def linear_grad_kernel(
         mean_z = tl.load(mean_z_ptr + row, mask=p_mask, other=0.0)
         g_uniform = tl.load(g_uniform_ptr + row, mask=p_mask, other=0.0)
     v0 = v_chunk_start + vocab_tile * BLOCK_V
-    z, offs_v, v_mask = logits_tile(
-        h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
-        stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
-        HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
-    )
+    if LOGITS_GIVEN:
+        z_rows = z_ptr + offs_p.to(tl.int64)[:, None] * stride_z_p - v_chunk_start
+        z, offs_v, _ = stored_logits(z_rows, b_ptr, p_mask, v0, v_chunk_end, softcap, inv_temperature,
+                                     HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, BLOCK_V)
+    else:
+        z, offs_v, _ = logits_tile(
+            h_ptr, w_ptr, b_ptr, h_offset, p_mask, v0, V, D,
+            stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
+            HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
+        )
     # The tile holds every term but the one-hot's; the label's column is rewritten below.  A
     # one-hot compared over the whole tile took the 128x256 build past 255 registers (ptxas,
     # sm_90: 112-168 bytes of spills; 189-234 registers without it).
@@ -116,14 +127,16 @@ def linear_grad_kernel(
 
 
 def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, target, v_start, *,
-                      softcap=None, temperature=1.0, weights=None, plan: str = DEFAULT_PLAN):
+                      softcap=None, temperature=1.0, weights=None, plan: str = DEFAULT_PLAN, logits=None):
     """Write ``dz'`` for vocabulary entries ``v_start .. v_start + dz.shape[1]`` into ``dz``.
 
     ``dz`` is ``[len(rows), V_chunk]`` with unit column stride; ``lse`` and ``target`` are the
     forward's per-token outputs (fp32 ``[R*T]``, ``target`` the label's logit from the forward's
     tiles, i.e. of the same plan); rows of ``dz`` past the device-side valid count are left untouched (the caller zero-fills the workspace once).  ``weights``: None,
     or per-token fp32 ``(g, g_softmax, g_entropy, mean_z, g_uniform)`` and the per-class fp32
-    ``class_weight`` ``[V]``, applied in the kernel (``ROW_WEIGHTS``).
+    ``class_weight`` ``[V]``, applied in the kernel (``ROW_WEIGHTS``).  ``logits``: the chunk's
+    fp32 products ``hidden[rows] @ weight[chunk].T`` (unit column stride), read instead of
+    computed (the "cublas" plan).
     """
     if rows.numel() == 0:
         return
@@ -134,17 +147,20 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
     row_weights = (lse,) * 6 if weights is None else weights
     linear_grad_kernel[(row_tiles * vocab_tiles,)](
         hidden, weight, weight if bias is None else bias, labels, rows, n_valid, lse, target, dz, *row_weights,
+        lse if logits is None else logits,
         V, D, T, v_start, v_start + dz.shape[1], row_tiles, vocab_tiles, group_rows(tiles, row_tiles),
         hidden.stride(0), hidden.stride(1), hidden.stride(2), weight.stride(0), weight.stride(1),
-        dz.stride(0),
-        ROW_WEIGHTS=weights is not None, **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
+        dz.stride(0), 0 if logits is None else logits.stride(0),
+        ROW_WEIGHTS=weights is not None, LOGITS_GIVEN=logits is not None,
+        **logits_launch_args(hidden.dtype, bias, softcap, temperature, tiles),
     )
 
 
-def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
+def vocab_chunk_size(n_rows: int, V: int, entry_bytes: int, block_v: int,
                      workspace_bytes: int = WORKSPACE_BYTES) -> int:
-    """Vocabulary columns per backward chunk: a multiple of BLOCK_V within the workspace bounds."""
-    by_bytes = workspace_bytes // max(1, n_rows * itemsize)
+    """Vocabulary columns per backward chunk, ``entry_bytes`` per row and column of the chunk: a
+    multiple of BLOCK_V within the workspace bounds."""
+    by_bytes = workspace_bytes // max(1, n_rows * entry_bytes)
     by_fraction = triton.cdiv(V, MAX_CHUNK_FRACTION)
     chunk = min(by_bytes, by_fraction) // block_v * block_v
     return max(block_v, chunk)
@@ -193,10 +209,17 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     # The valid rows of hidden, gathered once (cuBLAS takes no row index) and pre-scaled by g.
     picked = (rows_long // T, rows_long % T)
     g_in = g.to(hidden.dtype)
-    # In place, in the input dtype: the product is rounded once, as an fp32 product cast back
-    # would be, without an fp32 [N, D] temporary.
-    h_scaled = hidden[picked].mul_(g_in[:, None]) if need_w else None
-    chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes)
+    # The "cublas" plan's logits take the rows unscaled: a second gathered copy.
+    rows_h = hidden[picked] if tiles.cublas_logits else None
+    # In the input dtype: the product is rounded once, as an fp32 product cast back would be,
+    # without an fp32 [N, D] temporary (in place on the gather where nothing else reads it).
+    if need_w:
+        h_scaled = hidden[picked].mul_(g_in[:, None]) if rows_h is None else rows_h * g_in[:, None]
+    else:
+        h_scaled = None
+    # The "cublas" plan's chunk holds its fp32 logits beside dz: 4 more bytes per entry.
+    chunk = vocab_chunk_size(n_rows, V, hidden.element_size() + 4 * tiles.cublas_logits, tiles.block_v,
+                             workspace_bytes)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
     # Where cuBLAS adds into fp32 (CUDA, kernels/products.py), each chunk's product goes into the
     # accumulator: no [N, D] temporary, and no rounding to the input dtype before the sum.
@@ -206,9 +229,11 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     for v_start in range(0, V, chunk):
         v_end = min(v_start + chunk, V)
         dz = workspace[:, : v_end - v_start]
+        logits = fp32_logits(rows_h, weight[v_start:v_end]) if tiles.cublas_logits else None
         linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, target, v_start,
                           softcap=softcap, temperature=temperature, weights=weights,
-                          plan=plan)
+                          plan=plan, logits=logits)
+        del logits  # before the products' outputs exist
         dz = dz.to(hidden.dtype)    # a no-op except under the interpreter (see workspace_dtype)
         if in_place:
             add_product(dh_acc, dz, weight[v_start:v_end])
@@ -220,7 +245,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
         if need_b:
             d_bias[v_start:v_end] = dz.t() @ g_in
     if need_h:
-        del workspace, h_scaled, dz  # the temporaries go before d_hidden's cast is made
+        del workspace, h_scaled, rows_h, dz  # the temporaries go before d_hidden's cast is made
         d_hidden[picked] = dh_acc.mul_(g[:, None]).to(hidden.dtype)
     return d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
@@ -256,10 +281,13 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
         pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "target_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
                     **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr",
-                                     "class_weight_ptr"), torch.float32)}
+                                     "class_weight_ptr", "z_ptr"), torch.float32)}
+        # The "cublas" plan's build reads the logits; it reads no input but through stored_logits, so
+        # its aligned build stands for every layout it runs in.
         specs.append(AotSpec("linear_grad", build.variant + ("+weights" if weighted else ""), linear_grad_kernel,
-                             pointers, {**build.constexprs, "ROW_WEIGHTS": weighted}, build.options, build.layouts,
-                             build.archs))
+                             pointers, {**build.constexprs, "ROW_WEIGHTS": weighted,
+                                        "LOGITS_GIVEN": build.cublas_logits},
+                             build.options, build.layouts, build.archs))
     return specs
 
 

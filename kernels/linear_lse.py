@@ -19,15 +19,22 @@ softcap, ``h . sum_v w_v + sum_v b_v``: ``logit_sum_kernel`` computes it as one 
 token.  As a third row reduction per logits tile it cost the forward 40% on an H200
 (benchmarks/NOTES.md), so the tiles sum logits only under a softcap (``LOGIT_SUM``), as one more
 partial per split.
+
+In the "cublas" tile plan (``tiles.PLANS``) no logits kernel runs: cuBLAS computes each block of
+rows' fp32 logits against the whole vocabulary and ``cross_entropy_block`` reduces them
+(``_forward_by_cublas``).
 """
 
 import torch
 import triton
 import triton.language as tl
 
-from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants, group_rows,
-                    grouped_tile, labelled_rows, launch_tiles, logits_input_pointers, logits_launch_args, logits_tile,
-                    row_tile_start, valid_rows)
+from .cross_entropy_block import block_lse_and_target
+from .linear_grad import MAX_CHUNK_FRACTION
+from .products import fp32_logits, whole_row_tiles
+from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, STATS_PLAN, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants,
+                    group_rows, grouped_tile, labelled_rows, launch_tiles, logits_input_pointers, logits_launch_args,
+                    logits_tile, row_tile_start, valid_rows)
 
 
 @triton.jit
@@ -339,11 +346,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     per-split partials hold at most ``workspace_bytes`` (and one row tile's worth at least); ``plan``
     names the tiles (``tiles.PLANS``); the logits are ``softcap(hidden @ weight.T + bias) / temperature``.
     """
-    R, T, D = hidden.shape
-    N, V = R * T, weight.shape[0]
+    N = hidden.shape[0] * hidden.shape[1]
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
-    n_rows = rows.numel()
-    splits, v_per_split = vocab_splits(n_rows, V, hidden.device, tiles)
     tile_sum = logit_sum and softcap is not None
     if tile_sum and class_weight is not None:
         raise ValueError("a class-weighted sum of soft-capped logits is not computed (the tiles sum unweighted)")
@@ -352,6 +356,30 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
     entropy = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
     argmax = torch.empty(N, device=hidden.device, dtype=torch.int64) if token_stats else None
+    if tiles.cublas_logits:
+        if token_stats:
+            raise ValueError(f"the token statistics run in the {STATS_PLAN!r} plan (tiles.STATS_PLAN), not {plan!r}")
+        _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, softcap=softcap,
+                           temperature=temperature, workspace_bytes=workspace_bytes)
+    else:
+        _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, tiles,
+                          softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
+    if logit_sum and not tile_sum:
+        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
+        if temperature != 1.0:
+            sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
+    return lse, target, sums, entropy, argmax
+
+
+def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, tiles, *,
+                      softcap, temperature, workspace_bytes):
+    """``linear_lse_forward``'s tiles: the logits kernel over (row tile x vocabulary split), then the
+    merge of the splits, in launches whose partials fit ``workspace_bytes``."""
+    _, T, D = hidden.shape
+    V = weight.shape[0]
+    n_rows = rows.numel()
+    splits, v_per_split = vocab_splits(n_rows, V, hidden.device, tiles)
+    tile_sum, token_stats = sums is not None, entropy is not None
     # Partials, one [splits, rows] plane each: the lse, the logit sums, the three token statistics.
     kinds = 1 + tile_sum + 3 * token_stats
     per_launch = rows_per_launch(n_rows, splits, kinds, tiles.block_n, workspace_bytes)
@@ -376,11 +404,28 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
             p_start, n_positions, splits, lse_part.stride(0), partials.stride(0),
             LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
         )
-    if logit_sum and not tile_sum:
-        sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
-        if temperature != 1.0:
-            sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
-    return lse, target, sums, entropy, argmax
+
+
+def _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, *, softcap, temperature,
+                       workspace_bytes):
+    """``linear_lse_forward`` in the "cublas" plan: blocks of the listed rows, as many as
+    ``workspace_bytes`` holds of their fp32 logits against the whole vocabulary (and no more bytes
+    than the backward's chunk may hold, a 16th of the logits in the input dtype), each block's logits from cuBLAS
+    (``fp32_logits``) and its lse, target logit (and sum of logits) from one pass of
+    ``block_lse_and_target``.  Every row of ``rows`` is computed: without validation's host sync,
+    the ignored ones too."""
+    T, V = hidden.shape[1], weight.shape[0]
+    most = -(-rows.numel() * hidden.element_size() // (4 * MAX_CHUNK_FRACTION))
+    block = min(whole_row_tiles(workspace_bytes // (4 * V)), max(1, most))
+    for start in range(0, rows.numel(), block):
+        index = rows[start:start + block].long()
+        logits = fp32_logits(hidden[index // T, index % T], weight)
+        block_sums = None if sums is None else torch.empty(index.numel(), device=hidden.device, dtype=torch.float32)
+        lse[index], target[index] = block_lse_and_target(logits, bias, labels[index], softcap=softcap,
+                                                         temperature=temperature, logit_sum=block_sums)
+        del logits
+        if sums is not None:
+            sums[index] = block_sums
 
 
 def stats_launch_options(dtype: torch.dtype, options: dict) -> dict:
@@ -400,6 +445,8 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
                           "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "out_ptr": torch.float32}
     specs = []
     for build in aot_logits_variants(dtype):
+        if build.cublas_logits:
+            continue  # that plan's forward runs cuBLAS and cross_entropy_block
         # The tiles sum logits only under a softcap (linear_lse_forward); the token statistics ride
         # in the default plan's larger variant (the only plan they run in: tiles.STATS_PLAN).
         stats = build.constexprs["HAS_BIAS"] and " " not in build.variant

@@ -1,4 +1,5 @@
-"""cuBLAS products of bf16/fp16 operands added into fp32 accumulators, with no fp32 temporary.
+"""cuBLAS products of bf16/fp16 operands with fp32 outputs: logits (``fp32_logits``), and products
+added into fp32 accumulators with no fp32 temporary (``add_product``).
 
 The default backward accumulates ``d_hidden`` over vocabulary chunks and the gradient-in-forward
 mode ``d_weight`` over blocks of rows, both in fp32.  On CUDA, ``torch.addmm(acc, a, b,
@@ -16,6 +17,7 @@ import functools
 import torch
 
 SLICE_ROWS = 8192   # rows per product where addmm into fp32 is refused: SLICE_ROWS x columns fp32 temporaries
+CPU_SLICE_ROWS = 1024   # rows of a weight ``fp32_logits`` copies to fp32 at a time off CUDA
 
 
 def has_out_dtype_mm() -> bool:
@@ -43,6 +45,32 @@ def adds_into_fp32(t: torch.Tensor) -> bool:
             and _addmm_into_fp32(t.device))
 
 
+def fp32_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h @ w.T`` with fp32 accumulation and output: on CUDA cuBLAS's ``out_dtype`` product, with no
+    fp32 copy of either operand; elsewhere products of fp32 copies, ``w`` copied ``SLICE_ROWS`` rows
+    at a time (the interpreter's tests: no copy of a whole weight, which no GPU makes)."""
+    if h.is_cuda and h.dtype != torch.float32:
+        if not has_out_dtype_mm():
+            raise RuntimeError(f"fp32 logits from {h.dtype} operands need torch.mm's out_dtype on CUDA (torch >= 2.8), "
+                               f"this is torch {torch.__version__}")
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    if h.dtype == w.dtype == torch.float32:
+        return torch.mm(h, w.t())
+    h = h.float()
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+    for v in range(0, w.shape[0], CPU_SLICE_ROWS):
+        out[:, v:v + CPU_SLICE_ROWS] = h @ w[v:v + CPU_SLICE_ROWS].float().t()
+    return out
+
+
+def whole_row_tiles(fitting: int) -> int:
+    """Rows per block of a cuBLAS product where ``fitting`` fit its workspace: at least one; from 128
+    up, a multiple of 128, so the product's row tiles are all full."""
+    if fitting >= 128:
+        fitting -= fitting % 128
+    return max(1, fitting)
+
+
 def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
     """``acc += alpha * (a @ b)`` with fp32 accumulation and output, for CUDA operands with
     ``out_dtype`` products (torch >= 2.8) and an fp32 ``acc``: in place where ``adds_into_fp32``,
@@ -54,4 +82,4 @@ def add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: floa
         acc[r:r + SLICE_ROWS].add_(torch.mm(a[r:r + SLICE_ROWS], b, out_dtype=torch.float32), alpha=alpha)
 
 
-__all__ = ["SLICE_ROWS", "add_product", "adds_into_fp32", "has_out_dtype_mm"]
+__all__ = ["SLICE_ROWS", "add_product", "adds_into_fp32", "fp32_logits", "has_out_dtype_mm", "whole_row_tiles"]

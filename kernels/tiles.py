@@ -57,7 +57,9 @@ class TileConfig:
     max / sum-exp before writing a partial log-sum-exp; None splits the vocabulary only as far as
     it takes to give the GPU two programs per SM.  ``group_rows``: row tiles that walk the vocabulary
     side by side (grouped program order, so a weight tile read from HBM serves them all from L2);
-    None puts every row tile in one group, i.e. row-tile-fastest order."""
+    None puts every row tile in one group, i.e. row-tile-fastest order.  ``cublas_logits``: cuBLAS
+    computes the logits (fp32 out) and the kernels read them from memory (``stored_logits``) instead
+    of computing tiles; ``block_n`` x ``block_v`` is then the backward's elementwise tile."""
 
     block_n: int = 64
     block_v: int = 128
@@ -66,6 +68,7 @@ class TileConfig:
     num_stages: int = 3
     vocab_tiles_per_program: int | None = None
     group_rows: int | None = None
+    cublas_logits: bool = False
 
 
 # Tile plans: one configuration per input dtype each.  The forward and the backward of a call use
@@ -93,18 +96,28 @@ class TileConfig:
 # 127-225), where the looped forward spilled 8 bytes on sm_80 (triton 3.6); at 128x256 a softcap
 # spills 16-220 bytes on sm_90.  Strided launches spill at 128x128 (20-500 bytes): they keep
 # narrow's tiles (``tiles_for``), as does fp32.
-# Not timed yet: opt-in (``tile_plan("wide")``, ``tile_plan("widest")``) until a GPU run of
-# ``bench`` measures them.
+# "cublas" has cuBLAS compute every logit, in fp32 (``torch.mm(..., out_dtype=torch.float32)``, the
+# speed measured for it: 19.0 ms at Llama-3-8B / 12k valid tokens on an H200, against 22.3 for the
+# best Triton prototype): the forward takes blocks of valid rows against the whole vocabulary and
+# one pass of ``cross_entropy_block`` per row (lse, target, logit sum); the backward, per
+# vocabulary chunk, the chunk's fp32 logits and then the ``dz`` kernel reading them
+# (``LOGITS_GIVEN``), before the same two products.  Its speed is cuBLAS's whatever Triton's
+# codegen for wide tiles does, for ~4 bytes of traffic per logit and pass more than a tile's; any
+# layout, a softcap and fp32 run it (the kernels read the logits, not the inputs).
+# Not timed yet: opt-in (``tile_plan("wide")``, ``tile_plan("widest")``, ``tile_plan("cublas")``)
+# until a GPU run of ``bench`` measures them.
 #
 # Every configuration compiles with no spills for sm_80 and sm_90 in the layouts and on the GPUs it
 # runs on (tests/test_aot_compile.py), with triton 3.6 and 3.9.
 _WIDE = TileConfig(block_n=128, block_v=128, block_d=64, vocab_tiles_per_program=1, group_rows=8)
 _WIDEST = TileConfig(block_n=128, block_v=256, block_d=64, vocab_tiles_per_program=1, group_rows=8)
 _NARROW_FP32 = TileConfig(block_d=16, num_stages=2)
+_CUBLAS = TileConfig(num_stages=1, cublas_logits=True)
 PLANS = {
     "narrow": {torch.bfloat16: TileConfig(), torch.float16: TileConfig(), torch.float32: _NARROW_FP32},
     "wide": {torch.bfloat16: _WIDE, torch.float16: _WIDE, torch.float32: _NARROW_FP32},
     "widest": {torch.bfloat16: _WIDE, torch.float16: _WIDE, torch.float32: _NARROW_FP32},
+    "cublas": dict.fromkeys((torch.bfloat16, torch.float16, torch.float32), _CUBLAS),
 }
 # Where a plan runs other tiles on Hopper GPUs (compute capability 9.x).
 HOPPER = 90
@@ -142,8 +155,8 @@ def tiles_for(dtype: torch.dtype, plan: str = DEFAULT_PLAN, *, aligned: bool = T
     """The tiles of ``plan`` at ``dtype`` for a launch ``aligned`` or not (``aligned_launch``), with a
     softcap or without, on a GPU of compute capability ``arch`` (e.g. 90; None: not a GPU, as under
     the interpreter).  A strided launch takes the default plan's tiles and a soft-capped one no
-    Hopper tiles: the only ones that compile without spills there."""
-    if not aligned:
+    Hopper tiles: the only ones that compile without spills there.  cuBLAS's logits take any layout."""
+    if not aligned and not PLANS[plan][dtype].cublas_logits:
         plan = DEFAULT_PLAN
     hopper = arch is not None and arch // 10 == HOPPER // 10 and not softcap
     if hopper and dtype in HOPPER_TILES.get(plan, {}):
@@ -278,7 +291,8 @@ def logits_input_pointers(dtype: torch.dtype) -> dict:
 class LogitsBuild:
     """One ahead-of-time build of a logits-tile kernel (``aot_logits_variants``): its variant name,
     the constexprs of ``logits_constexprs``, launch options, the layouts and GPUs it runs in, and
-    whether a forward program holds one tile (``ONE_TILE``)."""
+    whether a forward program holds one tile (``ONE_TILE``) and whether the kernels read cuBLAS's
+    logits (``TileConfig.cublas_logits``)."""
 
     variant: str
     constexprs: dict
@@ -286,6 +300,7 @@ class LogitsBuild:
     layouts: tuple
     archs: tuple
     one_tile: bool
+    cublas_logits: bool = False
 
 
 def _plan_tiles(dtype: torch.dtype, archs=(80, HOPPER)):
@@ -326,7 +341,7 @@ def aot_logits_variants(dtype: torch.dtype):
                                                has_temperature=has_bias, interpreted=False,
                                                float32_matmul_precision=precision)
                 yield LogitsBuild(variant, constexprs, launch_options(tiles), layouts, archs,
-                                  tiles.vocab_tiles_per_program == 1)
+                                  tiles.vocab_tiles_per_program == 1, tiles.cublas_logits)
 
 
 @triton.jit
@@ -446,6 +461,22 @@ def logits_tile(
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
     return transform_logits(acc, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE), offs_v, v_mask
+
+
+@triton.jit
+def stored_logits(z_rows, b_ptr, r_mask, v0, v_end, softcap, inv_temperature,
+                  HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                  BLOCK_V: tl.constexpr):
+    """``logits_tile``'s logits from products cuBLAS stored in fp32: columns ``v0 .. v0+BLOCK_V`` (those
+    before ``v_end``) of the rows at ``z_rows`` (``[rows, 1]`` pointers to each row's column 0),
+    plus the bias, transformed.  Returns ``(z, offs_v, mask)``, the mask 2-D."""
+    offs_v = v0 + tl.arange(0, BLOCK_V)
+    v_mask = offs_v < v_end
+    mask = r_mask[:, None] & v_mask[None, :]
+    z = tl.load(z_rows + offs_v[None, :], mask=mask, other=0.0)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    return transform_logits(z, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE), offs_v, mask
 
 
 @triton.jit

@@ -75,7 +75,7 @@ class Workspace:
 # The workspace of each implementation that has one, by name: every tile plan runs the V-chunked
 # backward, its chunks a multiple of the plan's BLOCK_V.
 WORKSPACES = {f"fused-{name}": Workspace(functools.partial(vchunk_columns, plan=plan))
-              for name, plan in FUSED_PLANS.items()}
+              for name, plan in FUSED_PLANS.items() if not tiles_for(DTYPE, plan).cublas_logits}
 
 
 @dataclass(frozen=True)
@@ -210,9 +210,12 @@ def account(model: str, tokens: int, loss: str) -> list[Accounting]:
 
 def accounted_implementations(loss: str, softcap=None) -> list[str]:
     """``library_implementations`` less the tile plans that repeat another's tiles through the
-    interpreter (where the accounting runs: "widest" runs "wide"'s there)."""
-    repeated = {f"fused-{name}" for name, plan in FUSED_PLANS.items() if plan not in distinct_plans()}
-    return [name for name in library_implementations(loss, softcap) if name not in repeated]
+    interpreter (where the accounting runs: "widest" runs "wide"'s there), and the "cublas" plan,
+    whose products make fp32 copies on the CPU that a GPU never makes (as the gradient-in-forward
+    mode, also left out)."""
+    left_out = {f"fused-{name}" for name, plan in FUSED_PLANS.items() if plan not in distinct_plans()}
+    left_out |= {f"fused-{name}" for name in FUSED_PLANS} - WORKSPACES.keys()
+    return [name for name in library_implementations(loss, softcap) if name not in left_out]
 
 
 def human_bytes(n: float) -> str:

@@ -167,8 +167,8 @@ def main(argv=None) -> int:
     bench.add_argument("--all-shapes", action="store_true",
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append",
-                       help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest "
-                            "(tile plans), fused-inforward (backward='in_forward', validated, a workspace holding a pair), "
+                       help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest, "
+                            "fused-cublas (tile plans), fused-inforward (backward='in_forward', validated, a workspace holding a pair), "
                             "reference, reference-compile, liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")

@@ -10,6 +10,7 @@ import torch
 
 import fused_pref
 from fused_pref.kernels import tile_plan
+from fused_pref.kernels.tiles import tiles_for
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ PROMPT_FRACTIONS = {"quarter": 0.25, "half": 0.5}
 # The library's own implementations: the fused path once per tile plan (kernels/tiles.py), by the
 # name its results rows carry.  "fused-vchunk" (the V-chunked backward, the default plan) keeps the
 # name the GPU results have always had.
-FUSED_PLANS = {"vchunk": "narrow", "wide": "wide", "widest": "widest"}
+FUSED_PLANS = {"vchunk": "narrow", "wide": "wide", "widest": "widest", "cublas": "cublas"}
 
 
 def sequences_for(tokens: int) -> int:
@@ -130,8 +131,11 @@ def in_plan(fn, plan: str):
 
 def library_implementations(loss: str, softcap=None) -> dict:
     """This library's implementations of ``loss`` by name, as ``loss_fn`` functions: the fused path
-    once per tile plan, then the reference."""
-    impls = {f"fused-{name}": in_plan(loss_fn(fused_pref, loss, softcap=softcap), plan)
+    once per tile plan, then the reference.  A plan whose logits come from cuBLAS runs validated, as a
+    user should run it: cuBLAS takes its sizes from the host, so without validation's host read its
+    products span every token, prompt or not (the tiles skip the ignored ones on the device)."""
+    impls = {f"fused-{name}": in_plan(loss_fn(fused_pref, loss, softcap=softcap,
+                                              validate=tiles_for(torch.bfloat16, plan).cublas_logits), plan)
              for name, plan in FUSED_PLANS.items()}
     impls["reference"] = loss_fn(fused_pref.reference, loss, softcap=softcap)
     return impls
