@@ -12,9 +12,8 @@ inputs, gradients included) and the TFLOP/s achieved against the FLOP floor in `
 import pytest
 import torch
 
-import fused_pref
 from fused_pref.tools.workload import (FUSED_PLANS, LOSSES, MODELS, SEQUENCE_LENGTH, TOKENS_PER_STEP, floor_flops,
-                                       in_plan, loss_fn, make_batch, sequences_for)
+                                       library_implementations, make_batch, sequences_for)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU microbenchmarks need CUDA")
 
@@ -37,7 +36,7 @@ def test_fused(benchmark, plan, loss, model, tokens, mode):
     head = MODELS[model]
     batch = make_batch(sequences_for(tokens), SEQUENCE_LENGTH, head.hidden, head.vocab, device="cuda",
                        reference_model=loss == "dpo")
-    fn = in_plan(loss_fn(fused_pref, loss, softcap=head.softcap), FUSED_PLANS[plan])
+    fn = library_implementations(loss, head.softcap)[f"fused-{plan}"]   # as bench runs it
 
     def clear_grads():
         for t in batch.grads:

@@ -120,6 +120,7 @@ def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperatu
     n_rows, V = logits.shape
     if n_rows == 0:
         return
+    assert logits.stride(1) == 1, "the kernel reads the logits with unit column stride"
     cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
         logits, logits if bias is None else bias, labels, out, out if target is None else target,
         out if logit_sum is None else logit_sum, out if dz is None else dz,

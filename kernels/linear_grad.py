@@ -140,6 +140,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
     """
     if rows.numel() == 0:
         return
+    assert logits is None or logits.stride(1) == 1, "the kernel reads the logits with unit column stride"
     V, D = weight.shape
     T = hidden.shape[1]
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
@@ -156,12 +157,15 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
     )
 
 
-def vocab_chunk_size(n_rows: int, V: int, entry_bytes: int, block_v: int,
-                     workspace_bytes: int = WORKSPACE_BYTES) -> int:
-    """Vocabulary columns per backward chunk, ``entry_bytes`` per row and column of the chunk: a
-    multiple of BLOCK_V within the workspace bounds."""
+def vocab_chunk_size(n_rows: int, V: int, itemsize: int, block_v: int,
+                     workspace_bytes: int = WORKSPACE_BYTES, logits_bytes: int = 0) -> int:
+    """Vocabulary columns per backward chunk: a multiple of BLOCK_V within the workspace bounds, the
+    chunk's ``dz`` (``itemsize`` bytes an entry) and, in the "cublas" plan, its fp32 logits
+    (``logits_bytes``) holding at most ``workspace_bytes`` and a 16th of the logits' bytes in the
+    input dtype (at least one BLOCK_V-wide chunk)."""
+    entry_bytes = itemsize + logits_bytes
     by_bytes = workspace_bytes // max(1, n_rows * entry_bytes)
-    by_fraction = triton.cdiv(V, MAX_CHUNK_FRACTION)
+    by_fraction = triton.cdiv(V * itemsize, MAX_CHUNK_FRACTION * entry_bytes)
     chunk = min(by_bytes, by_fraction) // block_v * block_v
     return max(block_v, chunk)
 
@@ -218,8 +222,8 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     else:
         h_scaled = None
     # The "cublas" plan's chunk holds its fp32 logits beside dz: 4 more bytes per entry.
-    chunk = vocab_chunk_size(n_rows, V, hidden.element_size() + 4 * tiles.cublas_logits, tiles.block_v,
-                             workspace_bytes)
+    chunk = vocab_chunk_size(n_rows, V, hidden.element_size(), tiles.block_v, workspace_bytes,
+                             logits_bytes=4 * tiles.cublas_logits)
     workspace = torch.zeros((n_rows, min(chunk, V)), device=hidden.device, dtype=workspace_dtype(hidden.dtype))
     # Where cuBLAS adds into fp32 (CUDA, kernels/products.py), each chunk's product goes into the
     # accumulator: no [N, D] temporary, and no rounding to the input dtype before the sum.

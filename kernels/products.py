@@ -47,7 +47,7 @@ def adds_into_fp32(t: torch.Tensor) -> bool:
 
 def fp32_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``h @ w.T`` with fp32 accumulation and output: on CUDA cuBLAS's ``out_dtype`` product, with no
-    fp32 copy of either operand; elsewhere products of fp32 copies, ``w`` copied ``SLICE_ROWS`` rows
+    fp32 copy of either operand; elsewhere products of fp32 copies, ``w`` copied ``CPU_SLICE_ROWS`` rows
     at a time (the interpreter's tests: no copy of a whole weight, which no GPU makes)."""
     if h.is_cuda and h.dtype != torch.float32:
         if not has_out_dtype_mm():

@@ -102,7 +102,8 @@ class TileConfig:
 # one pass of ``cross_entropy_block`` per row (lse, target, logit sum); the backward, per
 # vocabulary chunk, the chunk's fp32 logits and then the ``dz`` kernel reading them
 # (``LOGITS_GIVEN``), before the same two products.  Its speed is cuBLAS's whatever Triton's
-# codegen for wide tiles does, for ~4 bytes of traffic per logit and pass more than a tile's; any
+# codegen for wide tiles does, for ~8 bytes of traffic per logit and pass more than a tile's
+# (cuBLAS's fp32 write, the kernel's read); any
 # layout, a softcap and fp32 run it (the kernels read the logits, not the inputs).
 # Not timed yet: opt-in (``tile_plan("wide")``, ``tile_plan("widest")``, ``tile_plan("cublas")``)
 # until a GPU run of ``bench`` measures them.
@@ -331,7 +332,9 @@ def aot_logits_variants(dtype: torch.dtype):
         # The larger build carries the softcap where these tiles run soft-capped launches too.
         capped = all(tiles_for(dtype, plan, softcap=True, arch=arch) == tiles for arch in archs)
         for has_bias, has_softcap in ((False, False), (True, capped)):
-            precisions = ("high", "highest") if dtype == torch.float32 and has_softcap else ("high",)
+            # The "cublas" plan's kernels take no dot: their one fp32 build stands for both precisions.
+            both = dtype == torch.float32 and has_softcap and not tiles.cublas_logits
+            precisions = ("high", "highest") if both else ("high",)
             for precision in precisions:
                 variant = (DTYPE_NAMES[dtype] + ("+bias" if has_bias else "") + ("+softcap" if has_softcap else "")
                            + ("+temperature" if has_bias else "")

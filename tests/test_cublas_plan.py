@@ -8,7 +8,7 @@ import torch
 
 from fused_pref.kernels import linear_grad, linear_lse, products
 from fused_pref.kernels.tiles import STATS_PLAN, tile_plan, tiles_for
-from fused_pref.testing import CASES, compare, make_inputs, run_case
+from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -33,28 +33,60 @@ def _counted(monkeypatch, module):
 
 @pytest.mark.parametrize("validate", [True, False], ids=["validated", "unvalidated"])
 def test_blocks_and_chunks_of_cublas_products(validate, device, monkeypatch):
-    # A workspace of 5 rows of fp32 logits: the forward in blocks of 5 rows (fewer where a 16th of the
-    # logits in bf16 is fewer), the backward in chunks of one 128-column tile (the smallest); no
-    # logits kernel runs.
+    # A workspace of 3 rows of fp32 logits: the forward in blocks of 3 rows, the backward in chunks
+    # of one 128-column tile (the smallest); no logits kernel runs.  SimPO under a softcap: the block
+    # kernel sums the logits too (the logits/* metrics).
     def no_tiles(*args, **kwargs):
         raise AssertionError("the logits kernel ran")
 
     monkeypatch.setattr(linear_lse, "_forward_by_tiles", no_tiles)
     forward, backward = _counted(monkeypatch, linear_lse), _counted(monkeypatch, linear_grad)
-    R, T, D, V = 4, 23, 97, 1003
+    R, T, D, V = 8, 41, 97, 1003
     x = make_inputs(R, T, D, V, dtype=torch.bfloat16, device=device, seed=41)
     with tile_plan("cublas"):
-        compare(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=25.0,
-                                                    workspace_bytes=5 * 4 * V, validate=validate), x).check(torch.bfloat16)
+        compare(lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], softcap=25.0,
+                                          workspace_bytes=3 * 4 * V, validate=validate), x).check(torch.bfloat16)
     rows = int((x["labels"] != -100).sum()) if validate else R * T
-    block = min(5, -(-rows // 32))
-    assert [n for n, _ in forward] == [block] * (rows // block) + ([rows % block] if rows % block else [])
+    # The workspace bounds the blocks, not the 16th of the logits' bytes (ceil(rows / 32) rows here).
+    assert -(-rows // 32) > 3
+    assert [n for n, _ in forward] == [3] * (rows // 3) + ([rows % 3] if rows % 3 else [])
     assert all(v == V for _, v in forward)
     # One fp32 product per chunk over every listed row, its columns summing to V.
     assert {n for n, _ in backward} == {rows} and sum(v for _, v in backward) == V and len(backward) == 8
 
 
-def test_strided_inputs_run_it_and_token_statistics_run_theirs(device):
+@pytest.mark.parametrize("n_rows, V", [(4096, 128256), (16384, 128256), (12288, 32768), (16384, 256000)])
+def test_a_chunk_holds_at_most_a_16th_of_the_logits(n_rows, V):
+    # dz in bf16 and, in this plan, fp32 logits beside it: a third as many columns, the same bytes.
+    for logits_bytes in (0, 4):
+        columns = linear_grad.vocab_chunk_size(n_rows, V, 2, 128, logits_bytes=logits_bytes)
+        assert columns % 128 == 0 and n_rows * columns * (2 + logits_bytes) <= n_rows * V * 2 / 16
+
+
+def test_labels_outside_the_vocabulary_match_no_column(device):
+    # A vocabulary shard's labels (relative to its first row) and unvalidated ones: outside [0, V)
+    # they match no column, so the target is 0 and no label column is rewritten, as in the tiles.
+    V = 257
+    x = make_inputs(2, 9, 48, V, device=device, seed=53)
+    hidden, weight, bias = x["hidden"].detach(), x["weight"].detach(), x["bias"].detach()
+    labels = torch.tensor([-300, -1, 0, 5, 256, 257, 400, 3] * 2 + [100, -5], device=device)
+    rows = torch.arange(18, dtype=torch.int32, device=device)
+    n_valid = torch.tensor([18], dtype=torch.int32, device=device)
+    grad_logp = torch.randn(18, generator=torch.Generator().manual_seed(3)).to(device)
+    results = {}
+    for plan in ("narrow", "cublas"):
+        lse, target, *_ = linear_lse.linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, plan=plan)
+        grads = linear_grad.linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target,
+                                                 plan=plan)
+        results[plan] = (lse, target, *grads)
+    outside = (labels < 0) | (labels >= V)
+    assert outside.sum() == 9 and (results["cublas"][1][outside] == 0).all()
+    for ours, tiles in zip(results["cublas"], results["narrow"]):
+        # fp32 both ways, the products summed in different orders.
+        assert relative_error(ours, tiles) < 1e-6
+
+
+def test_strided_inputs_run_it_and_token_statistics_run_theirs(device, monkeypatch):
     x = make_inputs(4, 24, 97, 1003, device=device, seed=43)
     # cuBLAS reads any layout: a strided launch keeps the plan's configuration (other plans take
     # the default's tiles there).
@@ -62,10 +94,11 @@ def test_strided_inputs_run_it_and_token_statistics_run_theirs(device):
     with tile_plan("cublas"):
         compare(lambda m, x: m.simpo_loss(x["hidden"][:, :-1], x["weight"], x["labels"][:, :-1], x["bias"],
                                           sft_weight=0.3), x).check(torch.float32)
-        x = make_inputs(4, 24, 97, 1003, device=device, seed=44)
-        out = compare(lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                                     return_entropy=True).entropy, x)
-    out.check(torch.float32)
+    x = make_inputs(4, 24, 97, 1003, device=device, seed=44)
+    monkeypatch.setattr(linear_lse, "_forward_by_cublas", None)   # the statistics must not come here
+    with tile_plan("cublas"):
+        compare(lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                               return_entropy=True).entropy, x).check(torch.float32)
     assert not tiles_for(torch.float32, STATS_PLAN).cublas_logits
 
 
