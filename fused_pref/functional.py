@@ -100,9 +100,16 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
-                    logit_sum=False, token_stats=False, lse_terms=False, class_weight=None) -> _Tokens:
+                    logit_sum=False, token_stats=False, lse_terms=False, class_weight=None,
+                    rows: _Rows | None = None) -> _Tokens:
+    """``rows``: the tokens as a call on the same ``labels`` laid them out, taken for ``hidden``
+    instead of checked again: a reference model's pass reuses the policy's, validated or not (the
+    "cublas" plan's products then cover the valid rows only, when the policy's were counted)."""
     shard = resolve_shard(weight, options)
-    r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
+    if rows is None:
+        r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
+    else:
+        r = replace(rows, hidden=hidden if hidden.dim() == 3 else hidden.unsqueeze(0))
     # Statistics and per-row weights in the backward run the plan built and checked with them.
     plan = STATS_PLAN if token_stats or lse_terms else active_plan()
     params = LogprobParams(options, plan, shard, logit_sum, token_stats, lse_terms)
@@ -457,18 +464,17 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     validation.check_token_stats(options, {"token_metrics": token_metrics})
     mean = spec.reduction == "mean"
     # The policy's tokens first: their labels are checked there, and are the reference model's too.
-    if options.backward == "in_forward":
-        r = _rows(hidden, weight, labels, options, None, mean_over_sequences=mean)
-    else:
-        tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=mean, logit_sum=True,
-                                 token_stats=token_metrics)
+    r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
+    if options.backward != "in_forward":
+        tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics,
+                                 rows=r)
     if ref_logps is None:
         with torch.no_grad():
             if options.backward == "in_forward":
                 ref_tokens = _reference_tokens_in_blocks(r, ref_hidden, ref_weight, ref_bias, options)
             else:
                 ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
-                                             replace(options, validate=False, backward="auto"))
+                                             replace(options, validate=False, backward="auto"), rows=r)
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
     ref_logps = ref_logps.detach().float()
     if options.backward == "in_forward":
@@ -507,11 +513,13 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R")
     validation.check_token_stats(options, {"token_metrics": token_metrics})
-    tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics)
+    r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
+    tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics, rows=r)
     logps, _, counts = _sequence_logps(tokens, "sum", options.cu_seqlens)
     if ref_logps is None:
         with torch.no_grad():
-            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False))
+            ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias, replace(options, validate=False),
+                                         rows=r)
             ref_logps = _sequence_logps(ref_tokens, "sum", options.cu_seqlens)[0]
     ref_logps = ref_logps.detach().float()
     loss = kto.kto_losses(logps, ref_logps, desirable, kl, spec).mean()

@@ -138,7 +138,8 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
     # The benchmark must time the same work: each installed peer's loss and gradients equal the fused
     # path's on one batch.
     peers = ["reference-compile", "liger", "trl-chunked"]
-    funcs, notes = implementations(loss, None, ["fused-vchunk", "fused-wide", "fused-inforward", *peers])
+    funcs, notes = implementations(loss, None, ["fused-vchunk", "fused-wide", "fused-cublas", "fused-inforward",
+                                                *peers])
     for optional in ("liger", "trl-chunked"):
         if optional not in funcs:
             assert any(n.startswith(f"{optional} skipped") for n in notes), notes
@@ -149,7 +150,7 @@ def test_peers_compute_the_same_loss_and_gradients_as_ours(loss, device):
         value = fn(*batch.inputs())
         value.backward()
         results[name] = [value.detach(), *(t.grad for t in batch.grads)]
-    assert {"reference-compile", "fused-wide"} <= set(results)
+    assert {"reference-compile", "fused-wide", "fused-cublas"} <= set(results)
     for name, got in results.items():
         for what, a, b in zip(("loss", "d_hidden", "d_weight"), got, results["fused-vchunk"], strict=True):
             assert relative_error(a, b) < 1e-5, (name, what, relative_error(a, b))

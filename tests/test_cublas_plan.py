@@ -102,6 +102,26 @@ def test_strided_inputs_run_it_and_token_statistics_run_theirs(device, monkeypat
     assert not tiles_for(torch.float32, STATS_PLAN).cublas_logits
 
 
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_the_reference_model_reuses_the_policys_rows(loss, device, monkeypatch):
+    # Validated, the policy's rows are the valid ones: the reference model's pass covers those
+    # only, where unvalidated rows of its own would span every token.
+    forward = _counted(monkeypatch, linear_lse)
+    x = make_inputs(4, 23, 97, 1003, dtype=torch.bfloat16, device=device, seed=59)
+    x["ref_hidden"] = x["hidden"].detach().flip(0) * 1.5
+    kto = {"desirable": torch.tensor([True, False, False, True]), "kl": 0.2} if loss == "kto" else {}
+
+    def call(m, x):
+        out = getattr(m, f"{loss}_loss")(x["hidden"], x["weight"], x["labels"], x["bias"], ref_hidden=x["ref_hidden"],
+                                         **{k: v.to(x["labels"].device) if k == "desirable" else v
+                                            for k, v in kto.items()})
+        return out.loss if loss == "kto" else out   # compare knows a PreferenceOutput's fields
+
+    with tile_plan("cublas"):
+        compare(call, x).check(torch.bfloat16)
+    assert sum(n for n, _ in forward) == 2 * int((x["labels"] != -100).sum())
+
+
 def test_fp16(device):
     x = make_inputs(4, 23, 97, 1003, dtype=torch.float16, device=device, seed=47)
     with tile_plan("cublas"):
