@@ -134,6 +134,17 @@ def test_check_command_passes():
     assert re.fullmatch(r"4 of 4 cases within tolerance \(.*\), 0 failed, in \d+ s", lines[-1]), lines[-1]
 
 
+def test_check_runs_the_plan_it_is_given(device, monkeypatch):
+    from fused_pref.kernels import linear_lse
+    from fused_pref.tools.check import run_check
+
+    blocks, forward = [], linear_lse._forward_by_cublas
+    monkeypatch.setattr(linear_lse, "_forward_by_cublas", lambda *a, **k: blocks.append(1) or forward(*a, **k))
+    lines = []
+    assert run_check(device, dtypes=(torch.float32,), cases=["simpo_loss"], out=lines.append, plan="cublas") == 0
+    assert blocks and lines[-1].startswith("1 of 1 cases within tolerance"), lines
+
+
 def test_check_command_names_the_cases_it_knows():
     done = subprocess.run([sys.executable, "-m", "fused_pref", "check", "--case", "simpo"], capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})

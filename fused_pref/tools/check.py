@@ -10,6 +10,8 @@ import time
 
 import torch
 
+from fused_pref.kernels import tile_plan
+from fused_pref.kernels.tiles import DEFAULT_PLAN
 from fused_pref.testing import CASES, TOLERANCE, run_case
 
 DTYPES = (torch.float32, torch.bfloat16)
@@ -20,16 +22,18 @@ def header() -> str:
     return f"{'case':<34} {'dtype':<9}" + "".join(f" {name:>9}" for name in OUTPUTS) + "  within tolerance"
 
 
-def run_check(device, dtypes=DTYPES, cases=None, out=print) -> int:
+def run_check(device, dtypes=DTYPES, cases=None, out=print, plan: str = DEFAULT_PLAN) -> int:
     """Print one line per (case, dtype) as it runs, then the verdict; return the number that failed.
-    ``cases``: names of ``CASES`` to run (default all)."""
+    ``cases``: names of ``CASES`` to run (default all); ``plan``: the tile plan the kernels run
+    (``kernels.tile_plan``), for a user about to opt in to one."""
     names = list(CASES) if cases is None else list(dict.fromkeys(cases))
     out(header())
     failed, start = 0, time.perf_counter()
     for dtype in dtypes:
         for name in names:
             try:
-                comparison = run_case(CASES[name], dtype, device, seed=list(CASES).index(name))
+                with tile_plan(plan):
+                    comparison = run_case(CASES[name], dtype, device, seed=list(CASES).index(name))
                 problems, errors = comparison.failures(dtype), comparison.errors
             except Exception as error:  # one broken case is a failed line, not the end of the check
                 problems, errors = [f"{type(error).__name__}: {error}"], {}

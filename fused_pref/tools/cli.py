@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from fused_pref.kernels import interpreter_problem
+from fused_pref.kernels.tiles import DEFAULT_PLAN, PLANS
 from fused_pref.testing import CASES
 
 from .workload import LOSSES, MODELS, PROMPT_FRACTION, PROMPT_FRACTIONS, TOKENS_PER_STEP
@@ -52,8 +53,9 @@ def _check(args) -> int:
     device = "cuda" if cuda else "cpu"
     torch.set_float32_matmul_precision("highest")
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (about 35 s on two cores)"
-    print(f"fused_pref check on {where}: fused vs fp64 reference, ||out - ref|| / ||ref||", flush=True)
-    return 1 if run_check(device, cases=args.case, out=lambda line: print(line, flush=True)) else 0
+    print(f"fused_pref check on {where}, tile plan {args.plan}: fused vs fp64 reference, ||out - ref|| / ||ref||",
+          flush=True)
+    return 1 if run_check(device, cases=args.case, out=lambda line: print(line, flush=True), plan=args.plan) else 0
 
 
 def _kernels(args) -> int:
@@ -138,6 +140,8 @@ def main(argv=None) -> int:
     check = commands.add_parser("check", help="fused vs reference errors of every public function")
     check.add_argument("--case", action="append", choices=CASES, metavar="CASE",
                        help=f"only this case, repeatable (default all: {', '.join(CASES)})")
+    check.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
+                       help=f"the tile plan the kernels run (default {DEFAULT_PLAN}; see the README's tile plans)")
     check.set_defaults(run=_check)
     commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
         run=_kernels)
