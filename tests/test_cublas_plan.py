@@ -1,6 +1,6 @@
 """The "cublas" tile plan (``kernels/tiles.py``): cuBLAS computes every logit in fp32, the forward
 reduces blocks of rows with ``cross_entropy_block`` and the backward's ``dz`` kernel reads each
-chunk's logits.  Against the fp64 reference on the shared table, in several blocks and chunks,
+chunk's logits.  Against the fp64 reference on the shared table (one DPO loss type), in several blocks and chunks,
 strided, unvalidated, and with the token statistics (which run the statistics' plan)."""
 
 import pytest
@@ -11,10 +11,13 @@ from fused_pref.kernels.tiles import STATS_PLAN, tile_plan, tiles_for
 from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The shared table but one DPO loss type: the others differ only in the per-pair head, which no plan
+# touches (tests/test_parity.py runs each in the default plan).
+LOGITS_CASES = [name for name in CASES if not name.startswith("dpo_loss[") or name == "dpo_loss[sigmoid]"]
 
 
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", LOGITS_CASES)
 def test_every_case_matches_the_reference(name, dtype, device):
     with tile_plan("cublas"):
         run_case(CASES[name], dtype, device, seed=list(CASES).index(name)).check(dtype)
