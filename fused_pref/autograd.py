@@ -40,14 +40,20 @@ class LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, valid, rows, n_valid, class_weight, params: LogprobParams):
-        lse, target, logit_sum, entropy, argmax = ops.forward(hidden, weight, bias, labels, rows, n_valid, params,
-                                                              class_weight)
+        lse, target, logit_sum, entropy, argmax, max_logit = ops.forward(hidden, weight, bias, labels, rows, n_valid,
+                                                                         params, class_weight)
         # The backward's one-hot term at the label is this rank's target logit, as its tiles round it.
         tile_target = target
         if params.shard is not None:
             # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
-            lse, target, logit_sum = combine_partials(lse, target, logit_sum, params.shard)
+            stats = None
+            if params.token_stats:
+                stats = (torch.where(valid, entropy, 0.0), torch.where(valid, argmax, 0),
+                         torch.where(valid, max_logit, 0.0))
+            lse, target, logit_sum, stats = combine_partials(lse, target, logit_sum, params.shard, stats)
+            if params.token_stats:
+                entropy, argmax = stats
         logp = torch.where(valid, target - lse, 0.0)
         ctx.save_for_backward(hidden, weight, bias, labels, rows, n_valid, lse, tile_target, entropy, class_weight)
         ctx.params = params

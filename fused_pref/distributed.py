@@ -2,8 +2,9 @@
 lm_head (rows ``vocab_start .. vocab_start + V_local``), as Megatron-LM's tensor parallelism does.
 
 The fused path exchanges only O(N) per-token numbers: the forward all-reduces the partial
-log-sum-exp (MAX, then SUM of rescaled exponentials), the target logit (only its owner has it)
-and the logit sums; the backward all-reduces the partial ``d_hidden``.  ``d_weight`` and
+log-sum-exp (MAX, then SUM of rescaled exponentials), the target logit (only its owner has it),
+the logit sums and, for the per-token statistics, each shard's softmax-mean logit, max logit and
+argmax; the backward all-reduces the partial ``d_hidden``.  ``d_weight`` and
 ``d_bias`` stay on their shard.  The reference gathers the whole weight instead (for checking).
 """
 
@@ -60,14 +61,38 @@ def _shard_spans(device, group, start, size):
     return spans
 
 
-def combine_partials(lse, target, logit_sum, shard: VocabShard):
-    """Global per-token (lse, target, logit_sum) from every rank's partials; ``lse`` must be finite."""
-    top = lse.clone()
+def combine_partials(lse, target, logit_sum, shard: VocabShard, stats=None):
+    """Global per-token ``(lse, target, logit_sum, stats)`` from every rank's partials; ``lse`` must
+    be finite.  ``stats``: None, or this rank's ``(entropy, argmax, max_logit)`` over its shard (the
+    argmax a column of the shard, every value finite), which come back as the global ``(entropy,
+    argmax)``: the entropy is ``lse - E[z]`` with ``E[z] = sum_r exp(l_r - lse) (l_r - H_r)`` over
+    the ranks' partial lse ``l_r`` and entropies ``H_r``, and the argmax the lowest vocabulary id
+    holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, three with ``stats``."""
+    top = lse.clone() if stats is None else torch.stack([lse, stats[2]])
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
-    parts = [torch.exp(lse - top), target] + ([logit_sum] if logit_sum.numel() else [])
+    top, best = (top, None) if stats is None else top
+    weight = torch.exp(lse - top)
+    parts = [weight, target] + ([logit_sum] if logit_sum.numel() else [])
+    if stats is not None:
+        parts.append(weight * (lse - stats[0]))
     summed = torch.stack(parts)
     dist.all_reduce(summed, group=shard.group)
-    return top + torch.log(summed[0]), summed[1], summed[2] if logit_sum.numel() else logit_sum
+    total_lse = top + torch.log(summed[0])
+    total_sum = summed[2] if logit_sum.numel() else logit_sum
+    if stats is None:
+        return total_lse, summed[1], total_sum, None
+    entropy = total_lse - summed[-1] / summed[0]
+    argmax = torch.where(stats[2] == best, stats[1] + shard.start, torch.iinfo(torch.int64).max)
+    dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=shard.group)
+    return total_lse, summed[1], total_sum, (entropy, argmax)
+
+
+def shard_rows(tensor, shard: VocabShard):
+    """This rank's rows of a whole-vocabulary ``tensor`` (``[V, ...]``), without a host read when
+    the shard's start is a device tensor."""
+    if isinstance(shard.start, int):
+        return tensor[shard.start: shard.start + shard.size]
+    return tensor.index_select(0, shard.start + torch.arange(shard.size, device=tensor.device))
 
 
 def all_reduce_sum(tensor, shard: VocabShard):

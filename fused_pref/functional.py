@@ -19,7 +19,8 @@ last position of each sequence predicts nothing; per-token outputs keep the shap
 Vocabulary parallelism: with ``process_group``, ``weight`` (and ``bias``) is this rank's contiguous
 shard of the vocabulary, starting at ``vocab_start`` (default ``rank * weight.shape[0]``, the
 ``torch.chunk`` split); labels are global ids; every rank gets the whole result and the full
-``d_hidden``, and its own shard's ``d_weight`` / ``d_bias``.  See :mod:`fused_pref.distributed`.
+``d_hidden``, and its own shard's ``d_weight`` / ``d_bias``; per-token statistics and
+cross-entropy's extra terms are the whole vocabulary's too.  See :mod:`fused_pref.distributed`.
 """
 
 import functools
@@ -29,7 +30,7 @@ import torch
 
 from . import kto, ops, preference, reference, validation
 from .autograd import GradientsInForward, LinearLogprobs, LogprobParams, PreferenceHead
-from .distributed import from_dtensors, resolve_shard
+from .distributed import from_dtensors, resolve_shard, shard_rows
 from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
@@ -102,10 +103,15 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
                     logit_sum=False, token_stats=False, lse_terms=False, class_weight=None,
                     rows: _Rows | None = None) -> _Tokens:
-    """``rows``: the tokens as a call on the same ``labels`` laid them out, taken for ``hidden``
-    instead of checked again: a reference model's pass reuses the policy's, validated or not (the
-    "cublas" plan's products then cover the valid rows only, when the policy's were counted)."""
+    """``class_weight``: ``[V]`` per-class weights of the logit sum (the whole vocabulary's, under
+    vocabulary parallelism too).  ``rows``: the tokens as a call on the same ``labels`` laid them
+    out, taken for ``hidden`` instead of checked again: a reference model's pass reuses the
+    policy's, validated or not (the "cublas" plan's products then cover the valid rows only, when
+    the policy's were counted)."""
     shard = resolve_shard(weight, options)
+    if class_weight is not None and shard is not None:
+        validation.check_class_weight_size(class_weight, shard.total)
+        class_weight = shard_rows(class_weight, shard)
     if rows is None:
         r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
     else:
@@ -204,7 +210,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
     ``ce_weight``: per-class weights ``[V]`` (``F.cross_entropy``'s ``weight``; Liger-Kernel's name):
     each token's loss times its label's weight, ``"mean"`` divided by the valid tokens' weights (0
-    when they sum to 0).  Not differentiable.
+    when they sum to 0).  Not differentiable.  Under vocabulary parallelism, still the whole
+    vocabulary's ``[V]``, the same on every rank.
 
     ``label_smoothing`` (eps, in [0, 1]): the target is ``1 - eps`` on the label plus ``eps / V``
     on every class, as ``F.cross_entropy``: per token ``(1 - eps) c_label (lse - z_label) + eps
@@ -227,7 +234,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     >>> out = fused_pref.linear_cross_entropy(h, w, labels, lse_square_scale=1e-4, return_z_loss=True)
     """
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
-    validation.check_class_weights(ce_weight, weight, labels, options)
+    # A sharded vocabulary's size is known once the shards are: _token_logprobs checks it then.
+    validation.check_class_weights(ce_weight, None if options.process_group is not None else weight.shape[0], labels)
     validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)
@@ -236,7 +244,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     stats = any(flags.values())
     lse_terms = label_smoothing > 0 or lse_square_scale > 0
     tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats, lse_terms=lse_terms,
-                             logit_sum=label_smoothing > 0, class_weight=ce_weight if label_smoothing > 0 else None)
+                             logit_sum=label_smoothing > 0, class_weight=ce_weight)
     weights = token_weights(tokens.valid, tokens.targets, ce_weight)
     losses = -tokens.logp * weights
     if label_smoothing > 0:

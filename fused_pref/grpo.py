@@ -117,8 +117,7 @@ class GRPOOutput:
     ``loss``: the differentiable scalar.  ``logps``: the per-token log-probs (detached, fp32 (fp64 from
     an fp64 reference), shape of ``labels``, 0 where ignored), TRL's ``per_token_logps``: the next
     iteration's ``old_logps``.
-    ``entropy``: the per-token entropies alike (None only under vocabulary parallelism, which computes
-    none).  ``stats``: 0-d detached tensors under the names TRL logs: ``entropy``, ``kl`` (beta != 0),
+    ``entropy``: the per-token entropies alike (None only from :func:`grpo_from_logprobs` given none).  ``stats``: 0-d detached tensors under the names TRL logs: ``entropy``, ``kl`` (beta != 0),
     ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``clip_ratio/low_min``,
     ``clip_ratio/high_max`` (the clipped loss types), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
     ``policy_loss`` (the loss before the entropy bonus, when ``entropy_coef != 0``).
@@ -414,12 +413,9 @@ def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Optio
                                                  ref_logps=tensors["ref_logps"], ref_hidden=ref_hidden,
                                                  ref_weight=ref_weight, ref_bias=ref_bias)
     _check_inputs(labels, num_sequences, spec, **tensors)
-    # The entropy comes from the same pass; vocabulary parallelism has none yet, which only the bonus
-    # and the entropy mask need (the `entropy` metric is then left out).
-    needs_entropy = spec.entropy_coef != 0 or spec.top_entropy_quantile < 1.0
-    with_entropy = options.process_group is None or needs_entropy
-    out = logprobs.with_options(hidden, weight, labels, bias, return_entropy=with_entropy, options=options)
-    logp, entropy = (out.logp, out.entropy) if with_entropy else (out, None)
+    # The entropy comes from the same pass (the `entropy` metric, the bonus, the entropy mask).
+    out = logprobs.with_options(hidden, weight, labels, bias, return_entropy=True, options=options)
+    logp, entropy = out.logp, out.entropy
     targets = shift_labels(labels, options.ignore_index, options.cu_seqlens) if options.shift else labels
     return grpo_from_logprobs(logp, entropy, targets != options.ignore_index, spec=spec,
                               cu_seqlens=options.cu_seqlens, **tensors)

@@ -22,13 +22,13 @@ def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None, temperature: float,
                logit_sum: bool, token_stats: bool, workspace_bytes: int, plan: str,
                class_weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]:
-    lse, target, sums, entropy, argmax = linear_lse_forward(
+                                                           torch.Tensor, torch.Tensor]:
+    lse, target, sums, entropy, argmax, max_logit = linear_lse_forward(
         hidden, weight, bias, labels, rows, n_valid, softcap=softcap, temperature=temperature, logit_sum=logit_sum,
         token_stats=token_stats, workspace_bytes=workspace_bytes, plan=plan, class_weight=class_weight)
     # A custom op returns tensors only: an empty tensor stands for "not requested".
     return (lse, target, sums if logit_sum else lse.new_empty(0), entropy if token_stats else lse.new_empty(0),
-            argmax if token_stats else labels.new_empty(0))
+            argmax if token_stats else labels.new_empty(0), max_logit if token_stats else lse.new_empty(0))
 
 
 @linear_lse.register_fake
@@ -38,7 +38,8 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_s
     out = hidden.new_empty(n, dtype=torch.float32)
     return (out, torch.empty_like(out), hidden.new_empty(n if logit_sum else 0, dtype=torch.float32),
             hidden.new_empty(n if token_stats else 0, dtype=torch.float32),
-            labels.new_empty(n if token_stats else 0, dtype=torch.int64))
+            labels.new_empty(n if token_stats else 0, dtype=torch.int64),
+            hidden.new_empty(n if token_stats else 0, dtype=torch.float32))
 
 
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
@@ -143,9 +144,9 @@ def _(chosen, rejected, ref_chosen, ref_rejected, loss, beta, gamma, label_smoot
 
 
 def forward(hidden, weight, bias, labels, rows, n_valid, params, class_weight=None):
-    """``(lse, target, logit sums, entropy, argmax)`` per token (the last three empty unless asked
-    for; the logit sums weighted by ``class_weight`` when given): ``linear_lse`` with ``params``
-    flattened."""
+    """``(lse, target, logit sums, entropy, argmax, max logit)`` per token (the last four empty
+    unless asked for; the logit sums weighted by ``class_weight`` when given): ``linear_lse`` with
+    ``params`` flattened."""
     return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap,
                       params.options.temperature, params.logit_sum, params.token_stats,
                       params.options.workspace_bytes, params.plan, class_weight)

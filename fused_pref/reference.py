@@ -136,7 +136,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
                          return_predicted_tokens=False, options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
     weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
-    validation.check_class_weights(ce_weight, weight, labels, options)
+    validation.check_class_weights(ce_weight, weight.shape[0], labels)
     validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
     validation.check_token_stats(options, flags)

@@ -172,20 +172,26 @@ def check_backward(backward, deterministic):
         _fail(TypeError, f"deterministic must be a bool or None, got {type(deterministic).__name__}")
 
 
-def check_class_weights(ce_weight, weight, labels, options):
+def check_class_weights(ce_weight, vocab_size, labels):
     """``ce_weight``: None, or a floating ``[V]`` tensor on the labels' device, the whole vocabulary
-    on one device (not under vocabulary parallelism yet)."""
+    (under vocabulary parallelism too).  ``vocab_size``: V, or None where not known yet (a sharded
+    vocabulary's, checked by ``check_class_weight_size`` once the shards are)."""
     if ce_weight is None:
         return
     if not isinstance(ce_weight, torch.Tensor) or not ce_weight.dtype.is_floating_point:
         _fail(TypeError, "ce_weight must be a floating-point torch.Tensor [V] or None, got "
                          + (str(ce_weight.dtype) if isinstance(ce_weight, torch.Tensor) else type(ce_weight).__name__))
-    if options.process_group is not None:
-        _fail(ValueError, "ce_weight does not run with vocabulary parallelism (process_group) yet")
-    if isinstance(weight, torch.Tensor) and tuple(ce_weight.shape) != (weight.shape[0],):
-        _fail(ValueError, f"ce_weight must be [V] = [{weight.shape[0]}], got shape {tuple(ce_weight.shape)}")
+    if ce_weight.dim() != 1:
+        _fail(ValueError, f"ce_weight must be [V], got shape {tuple(ce_weight.shape)}")
+    check_class_weight_size(ce_weight, vocab_size)
     if isinstance(labels, torch.Tensor) and ce_weight.device != labels.device:
         _fail(ValueError, f"ce_weight is on {ce_weight.device}, labels on {labels.device}")
+
+
+def check_class_weight_size(ce_weight, vocab_size):
+    """``ce_weight`` covers the whole vocabulary, where its size ``vocab_size`` is a known int."""
+    if isinstance(vocab_size, int) and ce_weight.shape[0] != vocab_size:
+        _fail(ValueError, f"ce_weight must be [V] = [{vocab_size}], got shape {tuple(ce_weight.shape)}")
 
 
 def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options):
@@ -203,20 +209,15 @@ def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, 
                           "sum of soft-capped logits): drop one of the three")
     if terms and options.backward == "in_forward":
         _fail(ValueError, f"{' and '.join(terms)} do not run with backward='in_forward' yet: use backward='auto'")
-    if terms and options.process_group is not None:
-        _fail(ValueError, f"{' and '.join(terms)} do not run with vocabulary parallelism (process_group) yet")
 
 
 def check_token_stats(options, flags: dict):
-    """The ``return_*`` flags of per-token statistics: bools, and not under vocabulary parallelism
-    (whose shards would each see part of the softmax) nor ``backward="in_forward"``."""
+    """The ``return_*`` flags of per-token statistics: bools, and not under ``backward="in_forward"``."""
     for name, value in flags.items():
         check_flag(name, value)
     if not any(flags.values()):
         return
     asked = ", ".join(name for name, value in flags.items() if value)
-    if options.process_group is not None:
-        _fail(ValueError, f"per-token statistics ({asked}) do not run with vocabulary parallelism (process_group) yet")
     if options.backward == "in_forward":
         _fail(ValueError, f"per-token statistics ({asked}) do not run with backward='in_forward' yet: use "
                           "backward='auto'")

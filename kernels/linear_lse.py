@@ -135,7 +135,7 @@ def linear_lse_kernel(
 @triton.jit
 def merge_splits_kernel(
     lse_part_ptr, sum_part_ptr, stat_part_ptr, rows_ptr, n_valid_ptr, lse_ptr, logit_sum_ptr, entropy_ptr,
-    argmax_ptr,
+    argmax_ptr, max_logit_ptr,
     p_start, n_positions, n_splits, stride_part_s, stride_part_k,
     LOGIT_SUM: tl.constexpr, TOKEN_STATS: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -143,7 +143,8 @@ def merge_splits_kernel(
     order:  ``lse = M + log(sum_s exp(l_s - M))``, ``M`` the running max (the online-softmax merge:
     rescaling to the largest cannot overflow); and, with ``LOGIT_SUM``, the sum of its partial sums;
     with ``TOKEN_STATS``, the entropy ``lse - E[z]`` (``E[z] = sum_s exp(l_s - lse) E_s[z]``, merged
-    as the sum is) and the argmax (the first split's on a tie).  Stored at the row's token, for
+    as the sum is), the argmax (the first split's on a tie) and the max logit (which vocabulary
+    shards compare to find the global argmax).  Stored at the row's token, for
     positions ``p_start .. p_start + n_positions`` of the row index."""
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (offs < n_positions) & (p_start + offs < tl.load(n_valid_ptr))
@@ -177,6 +178,7 @@ def merge_splits_kernel(
     if TOKEN_STATS:
         tl.store(entropy_ptr + row, lse - z_sum / run_sum, mask=mask)
         tl.store(argmax_ptr + row, argmax.to(tl.int64), mask=mask)
+        tl.store(max_logit_ptr + row, best, mask=mask)
 
 
 # 1024 rows per program, 4 warps: 8 rows per thread, each split's partials a coalesced 4 KiB read.
@@ -336,7 +338,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
                        plan: str = DEFAULT_PLAN, class_weight=None):
     """Per-token ``lse``, ``target`` logit, (optionally) sum of logits over the vocabulary (in
     the logits tiles under a softcap, else by ``linear_logit_sums``) and (``token_stats``) the
-    entropy of the softmax and the argmax column (int64), each None when not asked for.
+    entropy of the softmax, the argmax column (int64) and the max logit, each None when not asked
+    for.
 
     ``hidden`` is ``[R, T, D]`` (any strides), ``weight`` ``[V, D]``, ``bias`` ``[V]`` or None,
     ``labels`` ``[R*T]`` int64, ``rows`` the int32 valid-first row index (its length bounds the
@@ -356,23 +359,24 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
     entropy = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
     argmax = torch.empty(N, device=hidden.device, dtype=torch.int64) if token_stats else None
+    max_logit = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
     if tiles.cublas_logits:
         if token_stats:
             raise ValueError(f"the token statistics run in the {STATS_PLAN!r} plan (tiles.STATS_PLAN), not {plan!r}")
         _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, softcap=softcap,
                            temperature=temperature, workspace_bytes=workspace_bytes)
     else:
-        _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, tiles,
-                          softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
+        _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, max_logit,
+                          tiles, softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
     if logit_sum and not tile_sum:
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
         if temperature != 1.0:
             sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
-    return lse, target, sums, entropy, argmax
+    return lse, target, sums, entropy, argmax, max_logit
 
 
-def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, tiles, *,
-                      softcap, temperature, workspace_bytes):
+def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, max_logit,
+                      tiles, *, softcap, temperature, workspace_bytes):
     """``linear_lse_forward``'s tiles: the logits kernel over (row tile x vocabulary split), then the
     merge of the splits, in launches whose partials fit ``workspace_bytes``."""
     _, T, D = hidden.shape
@@ -401,7 +405,7 @@ def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, 
         merge_splits_kernel[(triton.cdiv(n_positions, MERGE_BLOCK_P),)](
             lse_part, sum_part, stat_part, rows, n_valid, lse, lse if sums is None else sums,
             lse if entropy is None else entropy, target if argmax is None else argmax,
-            p_start, n_positions, splits, lse_part.stride(0), partials.stride(0),
+            lse if max_logit is None else max_logit, p_start, n_positions, splits, lse_part.stride(0), partials.stride(0),
             LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
         )
 
@@ -474,7 +478,8 @@ def merge_aot_specs() -> list[AotSpec]:
     """The merge's builds: fp32 partials whatever the inputs, with and without partial sums."""
     pointers = {"lse_part_ptr": torch.float32, "sum_part_ptr": torch.float32, "stat_part_ptr": torch.float32,
                 "rows_ptr": torch.int32, "n_valid_ptr": torch.int32, "lse_ptr": torch.float32,
-                "logit_sum_ptr": torch.float32, "entropy_ptr": torch.float32, "argmax_ptr": torch.int64}
+                "logit_sum_ptr": torch.float32, "entropy_ptr": torch.float32, "argmax_ptr": torch.int64,
+                "max_logit_ptr": torch.float32}
     return [AotSpec("merge_splits", "fp32" + ("+sum+stats" if more else ""), merge_splits_kernel, pointers,
                     {"LOGIT_SUM": more, "TOKEN_STATS": more, "BLOCK_P": MERGE_BLOCK_P}, {"num_warps": MERGE_NUM_WARPS})
             for more in (False, True)]

@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
     [FUSED_PREF_WORKER_DEVICE=cuda] torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
-        {vocab-chunk|vocab-split|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|grpo-fsdp|grpo-zero3}...
+        {vocab-chunk|vocab-split|vocab-stats|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|trl-dtensor|grpo-fsdp|grpo-zero3|grpo-dtensor}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -71,6 +71,85 @@ def vocab_parallel(split):
         with count_host_reads() as reads:
             loss(fused_pref, local, validate=False, **kwargs).backward()
         assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
+
+
+def vocab_parallel_statistics():
+    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's TRL metrics) and
+    cross-entropy's z-loss and class-weighted label smoothing, each rank holding a vocabulary shard: values,
+    argmaxes and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column
+    V - 5 (the last rank's) and tokens point at it: their max ties across shards, and the argmax must
+    be the first column, 3, as torch.argmax's."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    V = SHAPE[3]
+    sizes = [len(c) for c in torch.arange(V).chunk(world)]
+    start, tied = sum(sizes[:rank]), V - 5
+    full = make_inputs(*SHAPE, seed=9)
+    with torch.no_grad():
+        full["weight"][tied] = full["weight"][3]
+        full["bias"][tied] = full["bias"][3]
+        full["hidden"][:, 5:9] = full["weight"][3] / full["weight"][3].norm() * 3.0
+    full["labels"][:, 5:7] = tied
+    full["labels"][:, 7:9] = 3
+    gen = torch.Generator().manual_seed(4)
+    scale = torch.randn(2, *full["labels"].shape, generator=gen)
+    classes = torch.rand(V, generator=gen) + 0.5
+
+    def statistics(m, x, **kw):
+        out = m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], return_entropy=True,
+                                return_token_accuracy=True, return_argmax=True, softcap=30.0, **kw)
+        loss = (out.logp * scale[0].to(out.logp)).sum() + (out.entropy * scale[1].to(out.entropy)).sum()
+        return loss, {"entropy": out.entropy, "argmax": out.argmax, "token_accuracy": out.token_accuracy}
+
+    def cross_entropy(m, x, **kw):
+        out = m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.1,
+                                     ce_weight=classes.to(x["hidden"].dtype),
+                                     lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=True,
+                                     return_predicted_tokens=True, **kw)
+        return out.loss, {"z_loss": out.z_loss, "token_accuracy": out.token_accuracy,
+                          "predicted_tokens": out.predicted_tokens}
+
+    def simpo(m, x, **kw):
+        out = m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], token_metrics=True, **kw)
+        return out.loss, {name: getattr(out, name) for name in ("entropy", "mean_token_accuracy", "chosen_logps",
+                                                                 "rejected_logps", "chosen_logits_mean")}
+
+    for name, loss in (("statistics", statistics), ("cross_entropy", cross_entropy), ("simpo", simpo)):
+        ref = as_reference(full)
+        expected, expected_more = loss(fused_pref.reference, ref)
+        expected.backward()
+        if "argmax" in expected_more:
+            assert (expected_more["argmax"][:, 5:9] == 3).all(), "the tie is not one"
+        local = {**full, "weight": full["weight"][start:start + sizes[rank]].detach().clone().requires_grad_(),
+                 "bias": full["bias"][start:start + sizes[rank]].detach().clone().requires_grad_()}
+        for module in (fused_pref, fused_pref.reference):
+            for t in local.values():
+                t.grad = None
+            inputs = local if module is fused_pref else as_reference(local)
+            got, more = loss(module, inputs, process_group=dist.group.WORLD)
+            got.backward()
+            tag = f"stats {name}/{module.__name__}"
+            _close(got, expected, f"{tag} value")
+            for what, value in more.items():
+                if value.dtype.is_floating_point:
+                    _close(value, expected_more[what], f"{tag} {what}")
+                else:
+                    assert torch.equal(value, expected_more[what]), f"rank {rank}: {tag} {what}"
+            _close(inputs["hidden"].grad, ref["hidden"].grad, f"{tag} d_hidden")
+            _close(inputs["weight"].grad, ref["weight"].grad[start:start + sizes[rank]], f"{tag} d_weight shard")
+            _close(inputs["bias"].grad, ref["bias"].grad[start:start + sizes[rank]], f"{tag} d_bias shard")
+        with count_host_reads() as reads:
+            loss(fused_pref, local, validate=False, process_group=dist.group.WORLD)[0].backward()
+        assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
+    # The class weights cover the whole vocabulary, not this rank's shard.
+    local = {**full, "weight": full["weight"][start:start + sizes[rank]], "bias": None}
+    for wrong in (classes[:sizes[rank]], classes[:-1]):
+        try:
+            fused_pref.linear_cross_entropy(local["hidden"], local["weight"], local["labels"], ce_weight=wrong,
+                                            process_group=dist.group.WORLD)
+        except ValueError as error:
+            assert f"ce_weight must be [V] = [{V}]" in str(error), f"rank {rank}: {error}"
+        else:
+            raise AssertionError(f"rank {rank}: ce_weight of shape {tuple(wrong.shape)} accepted")
 
 
 def dtensor_parallel():
@@ -298,12 +377,22 @@ def _rows():
     return torch.arange(2 * world).chunk(world)[dist.get_rank()]
 
 
-def _full(grad):
-    """The whole gradient from FSDP's sharded one.  Under CPU offload the shards are on the host,
-    which NCCL cannot gather: they go to the GPU first."""
-    if grad.device.type == "cpu" and DEVICE == "cuda":
-        from torch.distributed.tensor import DTensor
+def _tensor_parallel_head(model):
+    """``model`` with its lm_head split on the vocabulary by ``parallelize_module(..., ColwiseParallel())``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
+    return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), {"lm_head": ColwiseParallel()})
+
+
+def _full(grad):
+    """The whole gradient from FSDP's sharded one (or tensor parallelism's; a plain tensor as it is).
+    Under CPU offload the shards are on the host, which NCCL cannot gather: they go to the GPU first."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(grad, DTensor):
+        return grad
+    if grad.device.type == "cpu" and DEVICE == "cuda":
         grad = DTensor.from_local(grad.to_local().to(DEVICE), grad.device_mesh, grad.placements, run_check=False,
                                   shape=grad.shape, stride=grad.stride())
     return grad.full_tensor()
@@ -390,8 +479,9 @@ def zero3_direct():
 
 def trl_sharded(wrap):
     """``FusedDPOTrainer``'s loss step with the policy and the reference model under FSDP2 (each decoder
-    layer, then the root) or as ZeRO-3 engines: each rank's pairs give the single process's
-    full-batch loss, every gradient and every metric logged.  accelerate turns FSDP and DeepSpeed on
+    layer, then the root), as ZeRO-3 engines or with their lm_heads tensor-parallel (``dtensor``:
+    every rank runs the whole batch): each rank's pairs give the single process's full-batch loss,
+    every gradient and every metric logged (the entropy and token accuracy among them).  accelerate turns FSDP and DeepSpeed on
     for accelerators only, so the models are wrapped here by hand, as accelerate wraps them, and the
     trainer's own accelerator is the multi-CPU one (its metrics gathered over the ranks)."""
     import copy
@@ -416,13 +506,16 @@ def trl_sharded(wrap):
 
     policy, reference = copy.deepcopy(single), copy.deepcopy(single_ref)
     policy.zero_grad(set_to_none=True)
+    mine = torch.arange(pairs_count).chunk(dist.get_world_size())[dist.get_rank()]
     if wrap == "zero3":
         policy, reference = _zero3(policy), _zero3(reference)
+    elif wrap == "dtensor":    # the lm_heads split on the vocabulary; every rank runs every pair
+        policy, reference = _tensor_parallel_head(policy), _tensor_parallel_head(reference)
+        mine = torch.arange(pairs_count)
     else:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         policy, reference = _fsdp(policy, mesh, wrap), _fsdp(reference, mesh, wrap)
     trainer.model, trainer.ref_model = policy, reference
-    mine = torch.arange(pairs_count).chunk(dist.get_world_size())[dist.get_rank()]
     rows = torch.cat([mine, mine + pairs_count])      # this rank's pairs, chosen rows first
     got = trainer.compute_loss(policy, {name: value[rows] for name, value in batch.items()})
     if wrap == "zero3":
@@ -438,8 +531,9 @@ def trl_sharded(wrap):
 
 def grpo_sharded(wrap):
     """``FusedGRPOTrainer``'s per-token log-probs and entropies (the policy's, which TRL's loss then
-    reads) with the policy under FSDP2 or ZeRO-3: each rank's completions give the single process's
-    values, and a weighted sum of both the gradient of every parameter."""
+    reads) with the policy under FSDP2 or ZeRO-3, or its lm_head tensor-parallel (``dtensor``): each
+    rank's completions give the single process's values, and a weighted sum of both the gradient
+    of every parameter."""
     import copy
     import tempfile
 
@@ -472,14 +566,20 @@ def grpo_sharded(wrap):
     expected.backward()
     model = copy.deepcopy(single)
     model.zero_grad(set_to_none=True)
-    model = _zero3(model) if wrap == "zero3" else _fsdp(model, init_device_mesh("cpu", (world,)), wrap)
     rows = all_rows.chunk(world)[dist.get_rank()]
+    if wrap == "zero3":
+        model = _zero3(model)
+    elif wrap == "dtensor":    # the lm_head split on the vocabulary; every rank scores every completion
+        model, rows = _tensor_parallel_head(model), all_rows
+    else:
+        model = _fsdp(model, init_device_mesh("cpu", (world,)), wrap)
     got_logps, got_entropy, got = scored(model, rows)
     _close(got_logps, logps[rows], f"grpo-{wrap} logps")
     _close(got_entropy, entropy[rows], f"grpo-{wrap} entropy")
     # The ranks' gradients are averaged, and their sums add up to the full sum: scaled by the world,
-    # both compare as the mean losses of the other checks do.
-    got = got * world
+    # both compare as the mean losses of the other checks do.  (Under tensor parallelism each rank's
+    # loss is the full sum already.)
+    got = got if wrap == "dtensor" else got * world
     if wrap == "zero3":
         model.backward(got)
     else:
@@ -493,7 +593,9 @@ def main(checks):
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     try:
         for check in checks:
-            if check.startswith("vocab-"):
+            if check == "vocab-stats":
+                vocab_parallel_statistics()
+            elif check.startswith("vocab-"):
                 vocab_parallel(check.removeprefix("vocab-"))
             elif check == "dtensor":
                 dtensor_parallel()

@@ -428,7 +428,7 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                 shown = "<tensor>" if isinstance(value, torch.Tensor) else repr(value)
                 raise NotImplementedError(f"{name}={shown} is not supported: fused_pref.linear_cross_entropy has no "
                                           f"{what}")
-        validation.check_class_weights(ce_weight, None, None, self.options)
+        validation.check_class_weights(ce_weight, None, None)
         validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, self.options)
         validation.check_token_stats(self.options, {"return_token_accuracy": return_token_accuracy,
                                                     "return_predicted_tokens": return_predicted_tokens})
