@@ -82,9 +82,11 @@ def combine_partials(lse, target, logit_sum, shard: VocabShard, stats=None):
     if stats is None:
         return total_lse, summed[1], total_sum, None
     entropy = total_lse - summed[-1] / summed[0]
-    argmax = torch.where(stats[2] == best, stats[1] + shard.start, torch.iinfo(torch.int64).max)
+    none = torch.iinfo(torch.int64).max
+    argmax = torch.where(stats[2] == best, stats[1] + shard.start, none)
     dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=shard.group)
-    return total_lse, summed[1], total_sum, (entropy, argmax)
+    # A NaN max logit equals nothing on any rank: -1, as at an ignored row, not an id past V.
+    return total_lse, summed[1], total_sum, (entropy, torch.where(argmax == none, -1, argmax))
 
 
 def shard_rows(tensor, shard: VocabShard):

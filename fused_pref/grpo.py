@@ -117,7 +117,8 @@ class GRPOOutput:
     ``loss``: the differentiable scalar.  ``logps``: the per-token log-probs (detached, fp32 (fp64 from
     an fp64 reference), shape of ``labels``, 0 where ignored), TRL's ``per_token_logps``: the next
     iteration's ``old_logps``.
-    ``entropy``: the per-token entropies alike (None only from :func:`grpo_from_logprobs` given none).  ``stats``: 0-d detached tensors under the names TRL logs: ``entropy``, ``kl`` (beta != 0),
+    ``entropy``: the per-token entropies alike (None only from :func:`grpo_from_logprobs` given
+    none).  ``stats``: 0-d detached tensors under the names TRL logs: ``entropy``, ``kl`` (beta != 0),
     ``clip_ratio/low_mean``, ``clip_ratio/high_mean``, ``clip_ratio/region_mean``, ``clip_ratio/low_min``,
     ``clip_ratio/high_max`` (the clipped loss types), ``cispo_clip_ratio``, ``vespo/phi_seq_mean``,
     ``policy_loss`` (the loss before the entropy bonus, when ``entropy_coef != 0``).

@@ -188,10 +188,15 @@ def check_class_weights(ce_weight, vocab_size, labels):
         _fail(ValueError, f"ce_weight is on {ce_weight.device}, labels on {labels.device}")
 
 
-def check_class_weight_size(ce_weight, vocab_size):
-    """``ce_weight`` covers the whole vocabulary, where its size ``vocab_size`` is a known int."""
+def check_class_weight_size(ce_weight, vocab_size, shard_size=0):
+    """``ce_weight`` covers the whole vocabulary, where its size ``vocab_size`` is a known int; a
+    sharded vocabulary's is a device tensor under ``validate=False`` (reading it is a host sync), and
+    then ``ce_weight`` is only checked to cover this rank's ``shard_size`` rows."""
     if isinstance(vocab_size, int) and ce_weight.shape[0] != vocab_size:
         _fail(ValueError, f"ce_weight must be [V] = [{vocab_size}], got shape {tuple(ce_weight.shape)}")
+    if ce_weight.shape[0] < shard_size:
+        _fail(ValueError, f"ce_weight must be [V], the whole vocabulary's, got shape {tuple(ce_weight.shape)}, "
+                          f"fewer than this rank's {shard_size} rows")
 
 
 def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options):

@@ -366,8 +366,8 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
         _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, softcap=softcap,
                            temperature=temperature, workspace_bytes=workspace_bytes)
     else:
-        _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, max_logit,
-                          tiles, softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
+        _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax,
+                          max_logit, tiles, softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
     if logit_sum and not tile_sum:
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
         if temperature != 1.0:

@@ -74,25 +74,44 @@ def vocab_parallel(split):
 
 
 def vocab_parallel_statistics():
-    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's TRL metrics) and
-    cross-entropy's z-loss and class-weighted label smoothing, each rank holding a vocabulary shard: values,
-    argmaxes and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column
-    V - 5 (the last rank's) and tokens point at it: their max ties across shards, and the argmax must
-    be the first column, 3, as torch.argmax's."""
+    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's TRL metrics;
+    GRPO's entropy bonus and mask) and cross-entropy's z-loss and label smoothing (class-weighted,
+    and under a softcap), each rank holding a vocabulary shard, validated and not: values, argmaxes
+    and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column V - 5 (the
+    last rank's) and tokens point at it: their max ties across shards (checked: both ranks' kernels
+    give the same max logit), and the argmax must be the first column, 3, as torch.argmax's."""
+    from fused_pref.kernels import linear_lse_forward
+    from fused_pref.kernels.tiles import STATS_PLAN
+
     rank, world = dist.get_rank(), dist.get_world_size()
-    V = SHAPE[3]
+    R, T, D, V = SHAPE
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
     start, tied = sum(sizes[:rank]), V - 5
     full = make_inputs(*SHAPE, seed=9)
     with torch.no_grad():
         full["weight"][tied] = full["weight"][3]
         full["bias"][tied] = full["bias"][3]
-        full["hidden"][:, 5:9] = full["weight"][3] / full["weight"][3].norm() * 3.0
+        # Logit 8 at the tied columns (plus their bias), the max by far; no larger, where fp32's
+        # error in a logit of 30 made GRPO's d_weight (one weight per sequence) miss fp64's by 1e-5.
+        full["hidden"][:, 5:9] = 8.0 * full["weight"][3] / full["weight"][3].norm() ** 2
     full["labels"][:, 5:7] = tied
     full["labels"][:, 7:9] = 3
     gen = torch.Generator().manual_seed(4)
-    scale = torch.randn(2, *full["labels"].shape, generator=gen)
+    scale = torch.randn(2, R, T, generator=gen)
     classes = torch.rand(V, generator=gen) + 0.5
+    advantages = torch.randn(R, generator=gen)
+    mine = slice(start, start + sizes[rank])
+
+    # The tie is one in the kernels' own fp32 logits: rank 0's column 3 and the last rank's V - 5.
+    n = R * T
+    *_, max_logit = linear_lse_forward(full["hidden"].detach(), full["weight"][mine].detach(),
+                                       full["bias"][mine].detach(), torch.zeros(n, dtype=torch.int64),
+                                       torch.arange(n, dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
+                                       softcap=30.0, token_stats=True, plan=STATS_PLAN)
+    pointed = max_logit.view(R, T)[:, 5:9].contiguous()
+    every = [torch.empty_like(pointed) for _ in range(world)]
+    dist.all_gather(every, pointed)
+    assert torch.equal(every[0], every[-1]), f"rank {rank}: the max logits at columns 3 and {tied} differ"
 
     def statistics(m, x, **kw):
         out = m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], return_entropy=True,
@@ -102,32 +121,45 @@ def vocab_parallel_statistics():
 
     def cross_entropy(m, x, **kw):
         out = m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.1,
-                                     ce_weight=classes.to(x["hidden"].dtype),
-                                     lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=True,
-                                     return_predicted_tokens=True, **kw)
+                                     ce_weight=classes.to(x["hidden"].dtype), lse_square_scale=1e-2,
+                                     return_z_loss=True, return_token_accuracy=True, return_predicted_tokens=True,
+                                     **kw)
         return out.loss, {"z_loss": out.z_loss, "token_accuracy": out.token_accuracy,
                           "predicted_tokens": out.predicted_tokens}
+
+    def smoothed_under_softcap(m, x, **kw):
+        # The tiles sum the soft-capped logits (the sum of a plain head comes from a column sum).
+        return m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.2,
+                                      softcap=20.0, reduction="sum", **kw), {}
 
     def simpo(m, x, **kw):
         out = m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], token_metrics=True, **kw)
         return out.loss, {name: getattr(out, name) for name in ("entropy", "mean_token_accuracy", "chosen_logps",
                                                                  "rejected_logps", "chosen_logits_mean")}
 
-    for name, loss in (("statistics", statistics), ("cross_entropy", cross_entropy), ("simpo", simpo)):
+    def grpo(m, x, **kw):
+        out = m.grpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], advantages=advantages.to(x["hidden"]),
+                          loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, **kw)
+        return out.loss, {"entropy": out.entropy, "mean entropy": out.stats["entropy"]}
+
+    losses = (("statistics", statistics), ("cross_entropy", cross_entropy),
+              ("smoothed_under_softcap", smoothed_under_softcap), ("simpo", simpo), ("grpo", grpo))
+    for name, loss in losses:
         ref = as_reference(full)
         expected, expected_more = loss(fused_pref.reference, ref)
         expected.backward()
         if "argmax" in expected_more:
-            assert (expected_more["argmax"][:, 5:9] == 3).all(), "the tie is not one"
-        local = {**full, "weight": full["weight"][start:start + sizes[rank]].detach().clone().requires_grad_(),
-                 "bias": full["bias"][start:start + sizes[rank]].detach().clone().requires_grad_()}
-        for module in (fused_pref, fused_pref.reference):
+            assert (expected_more["argmax"][:, 5:9] == 3).all(), "the reference's argmax is not the first column"
+        local = {**full, "weight": full["weight"][mine].detach().clone().requires_grad_(),
+                 "bias": full["bias"][mine].detach().clone().requires_grad_()}
+        # validate=False: the shard's start and size stay on the device (no host read).
+        for module, options in ((fused_pref, {}), (fused_pref, {"validate": False}), (fused_pref.reference, {})):
             for t in local.values():
                 t.grad = None
             inputs = local if module is fused_pref else as_reference(local)
-            got, more = loss(module, inputs, process_group=dist.group.WORLD)
+            got, more = loss(module, inputs, process_group=dist.group.WORLD, **options)
             got.backward()
-            tag = f"stats {name}/{module.__name__}"
+            tag = f"stats {name}/{module.__name__} {options}"
             _close(got, expected, f"{tag} value")
             for what, value in more.items():
                 if value.dtype.is_floating_point:
@@ -135,19 +167,22 @@ def vocab_parallel_statistics():
                 else:
                     assert torch.equal(value, expected_more[what]), f"rank {rank}: {tag} {what}"
             _close(inputs["hidden"].grad, ref["hidden"].grad, f"{tag} d_hidden")
-            _close(inputs["weight"].grad, ref["weight"].grad[start:start + sizes[rank]], f"{tag} d_weight shard")
-            _close(inputs["bias"].grad, ref["bias"].grad[start:start + sizes[rank]], f"{tag} d_bias shard")
+            _close(inputs["weight"].grad, ref["weight"].grad[mine], f"{tag} d_weight shard")
+            _close(inputs["bias"].grad, ref["bias"].grad[mine], f"{tag} d_bias shard")
         with count_host_reads() as reads:
             loss(fused_pref, local, validate=False, process_group=dist.group.WORLD)[0].backward()
         assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
-    # The class weights cover the whole vocabulary, not this rank's shard.
-    local = {**full, "weight": full["weight"][start:start + sizes[rank]], "bias": None}
-    for wrong in (classes[:sizes[rank]], classes[:-1]):
+    # The class weights cover the whole vocabulary, not this rank's shard; without validation only
+    # the shard's rows are known without a host read.
+    local = {**full, "weight": full["weight"][mine], "bias": None}
+    for wrong, validate, message in ((classes[:sizes[rank]], True, f"ce_weight must be [V] = [{V}]"),
+                                     (classes[:-1], True, f"ce_weight must be [V] = [{V}]"),
+                                     (classes[:sizes[rank] - 1], False, f"fewer than this rank's {sizes[rank]} rows")):
         try:
             fused_pref.linear_cross_entropy(local["hidden"], local["weight"], local["labels"], ce_weight=wrong,
-                                            process_group=dist.group.WORLD)
+                                            validate=validate, process_group=dist.group.WORLD)
         except ValueError as error:
-            assert f"ce_weight must be [V] = [{V}]" in str(error), f"rank {rank}: {error}"
+            assert message in str(error), f"rank {rank}: {error}"
         else:
             raise AssertionError(f"rank {rank}: ce_weight of shape {tuple(wrong.shape)} accepted")
 
@@ -382,7 +417,8 @@ def _tensor_parallel_head(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
-    return parallelize_module(model, init_device_mesh("cpu", (dist.get_world_size(),)), {"lm_head": ColwiseParallel()})
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return parallelize_module(model, mesh, {"lm_head": ColwiseParallel()})
 
 
 def _full(grad):
@@ -506,12 +542,14 @@ def trl_sharded(wrap):
 
     policy, reference = copy.deepcopy(single), copy.deepcopy(single_ref)
     policy.zero_grad(set_to_none=True)
-    mine = torch.arange(pairs_count).chunk(dist.get_world_size())[dist.get_rank()]
+    if wrap == "dtensor":    # the lm_heads split on the vocabulary; every rank runs every pair
+        mine = torch.arange(pairs_count)
+    else:
+        mine = torch.arange(pairs_count).chunk(dist.get_world_size())[dist.get_rank()]
     if wrap == "zero3":
         policy, reference = _zero3(policy), _zero3(reference)
-    elif wrap == "dtensor":    # the lm_heads split on the vocabulary; every rank runs every pair
+    elif wrap == "dtensor":
         policy, reference = _tensor_parallel_head(policy), _tensor_parallel_head(reference)
-        mine = torch.arange(pairs_count)
     else:
         mesh = init_device_mesh("cpu", (dist.get_world_size(),))
         policy, reference = _fsdp(policy, mesh, wrap), _fsdp(reference, mesh, wrap)

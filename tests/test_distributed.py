@@ -58,7 +58,7 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed() and not os.envir
 @pytest.mark.parametrize("world, checks", [
     (2, ["vocab-chunk", "vocab-split", "vocab-stats", "dtensor", "ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16",
          "hf-fsdp-head", "trl-fsdp", "trl-fsdp-head", "trl-dtensor", "grpo-fsdp", "grpo-dtensor"]),
-    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "dtensor"]),
+    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "dtensor", "trl-dtensor"]),
     pytest.param(2, ["hf-zero3", "zero3-direct", "trl-zero3", "grpo-zero3"], marks=needs_deepspeed),
 ], ids=["world2", "world3", "deepspeed-zero3"])
 @interpreted
