@@ -45,7 +45,7 @@ def resolve_shard(weight, options) -> VocabShard | None:
     rows = spans[:, 1]
     starts = torch.where(spans[:, 0] < 0, rows.cumsum(0) - rows, spans[:, 0])
     start, total = starts[dist.get_rank(group)], rows.sum()
-    if options.validate:
+    if validation.reads_back(options.validate):
         table = torch.stack([starts, rows], dim=1).tolist()
         validation.check_shards(table)
         start, total = table[dist.get_rank(group)][0], sum(size for _, size in table)
@@ -67,10 +67,15 @@ def combine_partials(lse, target, logit_sum, shard: VocabShard, stats=None):
     argmax a column of the shard, every value finite), which come back as the global ``(entropy,
     argmax)``: the entropy is ``lse - E[z]`` with ``E[z] = sum_r exp(l_r - lse) (l_r - H_r)`` over
     the ranks' partial lse ``l_r`` and entropies ``H_r``, and the argmax the lowest vocabulary id
-    holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, three with ``stats``."""
-    top = lse.clone() if stats is None else torch.stack([lse, stats[2]])
+    holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, four with ``stats``."""
+    # Copies reduced in place, read after beside the originals.  Not one stacked tensor: Inductor
+    # (torch 2.13) wrote the stack's inputs into the stack's own buffer, so the in-place reduce
+    # changed them too and a compiled call gave wrong log-probs.
+    top = lse.clone()
     dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
-    top, best = (top, None) if stats is None else top
+    if stats is not None:
+        best = stats[2].clone()
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=shard.group)
     weight = torch.exp(lse - top)
     parts = [weight, target] + ([logit_sum] if logit_sum.numel() else [])
     if stats is not None:
@@ -172,7 +177,7 @@ def from_dtensors(args, kwargs, options):
             raise ValueError("a DTensor weight sharded on the vocabulary brings its own process group and shard "
                              "offsets: leave process_group and vocab_start unset")
         options = dataclasses.replace(options, process_group=next(iter(meshes)).get_group())
-        if options.validate:
+        if validation.reads_back(options.validate):
             _check_replicated(named, given, options.process_group)
     positional = [named.pop(name) for name in POSITIONAL[:len(args)]]
     return tuple(positional), named, options

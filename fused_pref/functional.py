@@ -82,7 +82,8 @@ class _Rows:
 def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequences=False) -> _Rows:
     if options.shift:
         labels = shift_labels(labels, options.ignore_index, options.cu_seqlens)
-    vocab_size = weight.shape[0] if shard is None or not options.validate else int(shard.total)
+    whole = shard is not None and validation.reads_back(options.validate)
+    vocab_size = int(shard.total) if whole else weight.shape[0]
     checked = validation.check_labels(labels, vocab_size, ignore_index=options.ignore_index,
                                       validate=options.validate, mean_over_sequences=mean_over_sequences,
                                       cu_seqlens=options.cu_seqlens)

@@ -281,13 +281,18 @@ def check_hyper(*, beta, label_smoothing, gamma=0.0, sft_weight=0.0):
         _fail(ValueError, f"sft_weight must be a finite number >= 0, got {sft_weight!r}")
 
 
+def reads_back(validate: bool) -> bool:
+    """Whether the value checks that read back to the host run: under ``validate``, outside a
+    ``torch.compile``d region, where a host sync would break the graph (they are skipped there
+    exactly as with ``validate=False``: README, "torch.compile")."""
+    return validate and not torch.compiler.is_compiling()
+
+
 def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequences=False, cu_seqlens=None):
     """Valid-token mask, and with ``validate`` the label-range, ``cu_seqlens`` and empty-sequence
     checks, all read with one host synchronisation."""
     valid = labels != ignore_index
-    # Under torch.compile a host sync would break the graph, so the value checks are skipped there
-    # exactly as with validate=False (README, "torch.compile").
-    if not validate or torch.compiler.is_compiling():
+    if not reads_back(validate):
         return Checked(valid=valid, n_valid=None)
     out_of_range = valid & ((labels < 0) | (labels >= vocab_size))
     stats = [out_of_range.sum(), valid.sum()]
