@@ -74,8 +74,8 @@ def vocab_parallel(split):
 
 
 def vocab_parallel_statistics():
-    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's TRL metrics;
-    GRPO's entropy bonus and mask) and cross-entropy's z-loss and label smoothing (class-weighted,
+    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's and KTO's TRL
+    metrics; GRPO's entropy bonus and mask) and cross-entropy's z-loss and label smoothing (class-weighted,
     and under a softcap), each rank holding a vocabulary shard, validated and not: values, argmaxes
     and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column V - 5 (the
     last rank's) and tokens point at it: their max ties across shards (checked: both ranks' kernels
@@ -100,6 +100,7 @@ def vocab_parallel_statistics():
     scale = torch.randn(2, R, T, generator=gen)
     classes = torch.rand(V, generator=gen) + 0.5
     advantages = torch.randn(R, generator=gen)
+    desirable = torch.tensor([True, False, True, True])
     mine = slice(start, start + sizes[rank])
 
     # The tie is one in the kernels' own fp32 logits: rank 0's column 3 and the last rank's V - 5.
@@ -142,8 +143,13 @@ def vocab_parallel_statistics():
                           loss_type="grpo", entropy_coef=0.05, top_entropy_quantile=0.5, **kw)
         return out.loss, {"entropy": out.entropy, "mean entropy": out.stats["entropy"]}
 
+    def kto(m, x, **kw):
+        out = m.kto_loss(x["hidden"], x["weight"], x["labels"], x["bias"], desirable=desirable,
+                         ref_hidden=x["hidden"].detach().flip(0), kl=0.1, token_metrics=True, **kw)
+        return out.loss, {name: getattr(out, name) for name in ("logps", "kl", "logit_sums", "entropy_sums")}
+
     losses = (("statistics", statistics), ("cross_entropy", cross_entropy),
-              ("smoothed_under_softcap", smoothed_under_softcap), ("simpo", simpo), ("grpo", grpo))
+              ("smoothed_under_softcap", smoothed_under_softcap), ("simpo", simpo), ("grpo", grpo), ("kto", kto))
     for name, loss in losses:
         ref = as_reference(full)
         expected, expected_more = loss(fused_pref.reference, ref)
