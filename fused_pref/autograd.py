@@ -51,7 +51,8 @@ class LinearLogprobs(torch.autograd.Function):
             if params.token_stats:
                 stats = (torch.where(valid, entropy, 0.0), torch.where(valid, argmax, 0),
                          torch.where(valid, max_logit, 0.0))
-            lse, target, logit_sum, stats = combine_partials(lse, target, logit_sum, params.shard, stats)
+            lse, target, logit_sum, stats = combine_partials(lse, target, logit_sum, params.shard.group, stats,
+                                                              params.shard.start)
             if params.token_stats:
                 entropy, argmax = stats
         logp = torch.where(valid, target - lse, 0.0)
@@ -89,7 +90,7 @@ class LinearLogprobs(torch.autograd.Function):
                              grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
         d_hidden, d_weight, d_bias = (g if need else None for g, need in zip(grads, needs))
         if d_hidden is not None and params.shard is not None:
-            d_hidden = all_reduce_sum(d_hidden, params.shard)  # each rank saw only its vocabulary
+            d_hidden = all_reduce_sum(d_hidden, params.shard.group)  # each rank saw only its vocabulary
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
 

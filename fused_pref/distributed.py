@@ -61,10 +61,11 @@ def _shard_spans(device, group, start, size):
     return spans
 
 
-def combine_partials(lse, target, logit_sum, shard: VocabShard, stats=None):
-    """Global per-token ``(lse, target, logit_sum, stats)`` from every rank's partials; ``lse`` must
-    be finite.  ``stats``: None, or this rank's ``(entropy, argmax, max_logit)`` over its shard (the
-    argmax a column of the shard, every value finite), which come back as the global ``(entropy,
+def combine_partials(lse, target, logit_sum, group, stats=None, start=0):
+    """Global per-token ``(lse, target, logit_sum, stats)`` from the partials of every rank of
+    ``group``; ``lse`` must be finite.  ``stats``: None, or this rank's ``(entropy, argmax,
+    max_logit)`` over its shard (the argmax a column of the shard, whose first vocabulary id is
+    ``start``; every value finite), which come back as the global ``(entropy,
     argmax)``: the entropy is ``lse - E[z]`` with ``E[z] = sum_r exp(l_r - lse) (l_r - H_r)`` over
     the ranks' partial lse ``l_r`` and entropies ``H_r``, and the argmax the lowest vocabulary id
     holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, four with ``stats``."""
@@ -72,24 +73,24 @@ def combine_partials(lse, target, logit_sum, shard: VocabShard, stats=None):
     # (torch 2.13) wrote the stack's inputs into the stack's own buffer, so the in-place reduce
     # changed them too and a compiled call gave wrong log-probs.
     top = lse.clone()
-    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=shard.group)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     if stats is not None:
         best = stats[2].clone()
-        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=shard.group)
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
     weight = torch.exp(lse - top)
     parts = [weight, target] + ([logit_sum] if logit_sum.numel() else [])
     if stats is not None:
         parts.append(weight * (lse - stats[0]))
     summed = torch.stack(parts)
-    dist.all_reduce(summed, group=shard.group)
+    dist.all_reduce(summed, group=group)
     total_lse = top + torch.log(summed[0])
     total_sum = summed[2] if logit_sum.numel() else logit_sum
     if stats is None:
         return total_lse, summed[1], total_sum, None
     entropy = total_lse - summed[-1] / summed[0]
     none = torch.iinfo(torch.int64).max
-    argmax = torch.where(stats[2] == best, stats[1] + shard.start, none)
-    dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=shard.group)
+    argmax = torch.where(stats[2] == best, stats[1] + start, none)
+    dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=group)
     # A NaN max logit equals nothing on any rank: -1, as at an ignored row, not an id past V.
     return total_lse, summed[1], total_sum, (entropy, torch.where(argmax == none, -1, argmax))
 
@@ -102,9 +103,25 @@ def shard_rows(tensor, shard: VocabShard):
     return tensor.index_select(0, shard.start + torch.arange(shard.size, device=tensor.device))
 
 
-def all_reduce_sum(tensor, shard: VocabShard):
-    dist.all_reduce(tensor, group=shard.group)
+def all_reduce_sum(tensor, group):
+    dist.all_reduce(tensor, group=group)
     return tensor
+
+
+# Process groups by name: a custom op's schema takes strings, not groups (fused_pref.ops).
+_GROUPS = {}
+
+
+def group_name(group) -> str | None:
+    """``group``'s name (None for None), under which ``group_named`` finds it again."""
+    if group is None:
+        return None
+    _GROUPS[group.group_name] = group
+    return group.group_name
+
+
+def group_named(name: str | None):
+    return None if name is None else _GROUPS[name]
 
 
 class _GatherShards(torch.autograd.Function):

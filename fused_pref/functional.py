@@ -77,6 +77,7 @@ class _Rows:
     n_valid: torch.Tensor       # int32 [1], on the device
     checked: validation.Checked
     targets: torch.Tensor       # the labels after the shift, shape of labels
+    vocab_size: object          # the whole vocabulary's: an int, or a 0-d tensor for a sharded one
 
 
 def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequences=False) -> _Rows:
@@ -98,7 +99,8 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
     if checked.n_valid is not None:
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
-    return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked, labels)
+    return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked, labels,
+                 weight.shape[0] if shard is None else shard.total)
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
@@ -282,7 +284,9 @@ def _with_gradients(loss, r: _Rows, weight, bias, needs, grads):
 def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options):
     """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
     none under ``no_grad`` or when no input needs one."""
-    r = _rows(hidden, weight, labels, options, None)
+    r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
+    if ce_weight is not None:
+        validation.check_class_weight_size(ce_weight, r.vocab_size, weight.shape[0])
     # Each row's share of the loss: its weight, divided by their sum under "mean".
     row_scale = token_weights(r.valid, r.targets.reshape(-1), ce_weight)
     if reduction == "mean":
@@ -306,7 +310,7 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
                                                                     ref_logps, needs, spec, options)
         shape = r.checked.valid.shape
         empty = logp.new_empty(0)
-        tokens = _Tokens(logp.view(shape), r.checked.valid, logit_sum.view(shape), weight.shape[0], r.targets,
+        tokens = _Tokens(logp.view(shape), r.checked.valid, logit_sum.view(shape), r.vocab_size, r.targets,
                          empty, empty, empty)
         out = _preference(tokens, spec, ref_logps, options.cu_seqlens)
     return replace(out, loss=_with_gradients(out.loss, r, weight, bias, needs, grads))
@@ -320,7 +324,7 @@ def _reference_tokens_in_blocks(r: _Rows, ref_hidden, ref_weight, ref_bias, opti
     logp = ops.logprobs_without_gradients(ref_hidden, ref_weight, ref_bias, r.labels, r.valid, r.rows, options)
     shape = r.checked.valid.shape
     empty = logp.new_empty(0)
-    return _Tokens(logp.view(shape), r.checked.valid, empty, ref_weight.shape[0], r.targets, empty, empty, empty)
+    return _Tokens(logp.view(shape), r.checked.valid, empty, r.vocab_size, r.targets, empty, empty, empty)
 
 
 def _preference(tokens: _Tokens, spec: preference.PreferenceSpec, ref_logps, cu_seqlens,
@@ -361,7 +365,8 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
     validation.check_pair_loss_in_forward(options, spec.sort)
     validation.check_token_stats(options, {"token_metrics": token_metrics})
     if options.backward == "in_forward":
-        r = _rows(hidden, weight, labels, options, None, mean_over_sequences=spec.reduction == "mean")
+        r = _rows(hidden, weight, labels, options, resolve_shard(weight, options),
+                  mean_over_sequences=spec.reduction == "mean")
         return _preference_in_forward(spec, r, weight, bias, options, None)
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
                              logit_sum=True, token_stats=token_metrics)

@@ -35,6 +35,10 @@ Host reads: a cross-entropy makes none (without validation its blocks then span 
 ignored ones adding nothing); a pair loss reads its valid rows per pair once (its blocks' layout),
 and in fp16 each block's largest weight.
 
+Under vocabulary parallelism each rank's block holds its shard's fp32 logits whole, the shard's
+lse and target logit merged across the ranks before ``dz`` (``_block_over_shards``: two
+all-reduces of the block's rows), and ``d_hidden`` summed across the ranks in fp32 at the end.
+
 Products with fp32 outputs from bf16/fp16 operands are ``torch.mm(..., out_dtype=torch.float32)``
 on CUDA.  torch has no such kernel on the CPU, where the same math runs on fp32 copies (the
 interpreter's tests; the copies cost 4VD more there).
@@ -42,25 +46,41 @@ interpreter's tests; the copies cost 4VD more there).
 
 import torch
 
-from .kernels.cross_entropy_block import cross_entropy_block, new_workspace
+from .distributed import all_reduce_sum, combine_partials
+from .kernels.cross_entropy_block import block_dz_from_lse, block_lse_and_target, cross_entropy_block, new_workspace
 from .kernels.pref_head import preference_head_forward
 from .kernels.products import add_product, fp32_logits, has_out_dtype_mm, whole_row_tiles
 from .segments import sequence_sums
 
 
-def rows_within(vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+def rows_within(vocab: int, dtype: torch.dtype, workspace_bytes: int, sharded: bool = False) -> int:
     """Rows of ``dz`` (input ``dtype``) a block holds within ``workspace_bytes``, its logits computed
-    in two halves (fp32): 4 bytes per logit of a row in all for 2-byte inputs (``whole_row_tiles``).  The block is the
+    in two halves (fp32): 4 bytes per logit of a row in all for 2-byte inputs (``whole_row_tiles``);
+    on a ``sharded`` vocabulary the whole block's fp32 logits at once (6 bytes), since ``dz`` waits
+    for the lse merged across the ranks.  The block is the
     depth of ``d_weight``'s product: each adds into the fp32 accumulator, reading and writing its
     8VD bytes, so it stays bound by arithmetic only from ~800 rows up on an H100/H200
     (``workspace_bytes=2**29`` at Llama-3-8B's vocabulary)."""
-    return whole_row_tiles(workspace_bytes // (vocab * (dtype.itemsize + 2)))
+    return whole_row_tiles(workspace_bytes // (vocab * (dtype.itemsize + (4 if sharded else 2))))
 
 
-def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int) -> int:
+def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes: int, sharded: bool = False) -> int:
     """A cross-entropy's rows per block: ``rows_within`` the workspace and at most a 16th of the
     rows, as the chunked backward bounds its workspace (at least one)."""
-    return min(rows_within(vocab, dtype, workspace_bytes), max(1, -(-n_rows // 16)))
+    return min(rows_within(vocab, dtype, workspace_bytes, sharded), max(1, -(-n_rows // 16)))
+
+
+def _block_over_shards(logits, bias, label, dz, logit_sums, group, *, softcap, temperature):
+    """A block's ``-logp`` (and logit sums) over the whole vocabulary when this rank holds a shard
+    of it: the shard's lse and target logit (and sums) merged across ``group``, then ``dz`` from
+    the merged lse, the one-hot only where this shard holds the label.  Every row's lse is finite
+    here (the block's rows all have their logits), as ``combine_partials`` needs."""
+    sums = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) if logit_sums else None
+    lse, target = block_lse_and_target(logits, bias, label, softcap=softcap, temperature=temperature, logit_sum=sums)
+    lse, target, sums, _ = combine_partials(lse, target, lse.new_empty(0) if sums is None else sums, group)
+    if dz is not None:
+        block_dz_from_lse(logits, bias, label, lse, dz, softcap=softcap, temperature=temperature)
+    return lse - target, sums if logit_sums else None
 
 
 class _Fp32Products:
@@ -92,13 +112,16 @@ class _Fp32Products:
 
 
 def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, *, sub_rows, softcap,
-                        temperature, logit_sums=False, weight_bound=None):
+                        temperature, logit_sums=False, weight_bound=None, group=None):
     """Per-token log-probs, and the gradients of ``sum_i s_i * (-logp_i)``, one block of rows at a time.
 
     ``blocks``: int64 indices into the flat ``R * T`` tokens, each block's rows at once in the ``dz``
     workspace; ``row_scale_of(b, index, logp)`` gives block ``b``'s row weights ``s`` (fp32, any
     sign, 0 at ignored rows) once ``logp`` holds its rows' log-probs and every earlier block's.
-    The logits are computed ``sub_rows`` rows at a time.  Returns fp32 ``logp`` ``[R*T]`` (0 outside
+    The logits are computed ``sub_rows`` rows at a time; with ``group``, ``weight`` and ``bias`` are
+    this rank's shard of the vocabulary (``labels`` relative to it) and a block's logits are computed
+    at once (``_block_over_shards``), ``d_hidden`` summed across the group in fp32 at the end, and
+    ``d_weight`` / ``d_bias`` are the shard's.  Returns fp32 ``logp`` ``[R*T]`` (0 outside
     the blocks and at ignored rows), the per-token sums of logits likewise (or None), and
     ``d_hidden``, ``d_weight``, ``d_bias`` (None where ``needs`` says no) in the input dtype, fp32
     for fp16 inputs (the backward casts them after scaling by ``grad_output``).
@@ -122,7 +145,9 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     # multiplies them, small ones would be lost (loss scaling exists for exactly that).
     fp16 = hidden.dtype == torch.float16
     grad_dtype = torch.float32 if fp16 else hidden.dtype
-    d_hidden = torch.zeros(hidden.shape, dtype=grad_dtype, device=hidden.device) if needs[0] else None
+    # A shard's d_hidden is partial (its own columns): kept fp32 until the ranks' sum.
+    hidden_dtype = grad_dtype if group is None else torch.float32
+    d_hidden = torch.zeros(hidden.shape, dtype=hidden_dtype, device=hidden.device) if needs[0] else None
     d_weight = torch.zeros(V, D, dtype=torch.float32, device=weight.device) if needs[1] else None
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
     for b, index in enumerate(blocks):
@@ -135,7 +160,10 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
         dz = new_workspace(n, V, weight.dtype, hidden.device) if any(needs) else None
         nlp = torch.empty(n, dtype=torch.float32, device=hidden.device)
         block_sums = torch.empty_like(nlp) if logit_sums else None
-        for a in range(0, n, sub_rows):
+        if group is not None:
+            nlp, block_sums = _block_over_shards(products.logits(h), bias, label, dz, logit_sums, group,
+                                                 softcap=softcap, temperature=temperature)
+        for a in range(0, n if group is None else 0, sub_rows):
             # sub_rows rows of fp32 logits at a time: the block's dz holds them all.
             part = slice(a, a + sub_rows)
             nlp[part] = cross_entropy_block(products.logits(h[part]), bias, label[part], softcap=softcap,
@@ -159,35 +187,39 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
         if d_bias is not None:
             d_bias.add_(torch.mv(dz.t(), unit.to(dz.dtype)).float(), alpha=alpha)
         if d_hidden is not None:
-            d_hidden[seq, pos] = products.scaled_rows(dz, scale).to(grad_dtype)
+            d_hidden[seq, pos] = products.scaled_rows(dz, scale).to(hidden_dtype)
         if d_weight is not None:
             products.accumulate(d_weight, dz, (h.float() * unit[:, None]).to(h.dtype), alpha=alpha)
     if weight_bound is not None:
         d_weight = None if d_weight is None else d_weight.mul_(weight_bound)
         d_bias = None if d_bias is None else d_bias.mul_(weight_bound)
+    if d_hidden is not None and group is not None:
+        d_hidden = all_reduce_sum(d_hidden, group).to(grad_dtype)
     return (logp, sums, d_hidden, None if d_weight is None else d_weight.to(grad_dtype),
             None if d_bias is None else d_bias.to(grad_dtype))
 
 
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
-                                temperature, workspace_bytes):
+                                temperature, workspace_bytes, group=None):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
     the rows listed in ``rows``, as ``gradients_by_blocks`` gives them, with no host sync.
 
     ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
     ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
-    (every row when validation made no host sync: invalid ones then cost products but add nothing)."""
-    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes)
+    (every row when validation made no host sync: invalid ones then cost products but add nothing);
+    ``group``: a sharded vocabulary's process group (``gradients_by_blocks``)."""
+    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes, sharded=group is not None)
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     bound = row_scale.abs().max() if row_scale.numel() else row_scale.new_ones(())
     logp, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
                                           lambda b, index, logp: row_scale[index], needs, sub_rows=-(-block // 2),
                                           softcap=softcap, temperature=temperature,
-                                          weight_bound=torch.where(bound > 0, bound, 1.0))
+                                          weight_bound=torch.where(bound > 0, bound, 1.0), group=group)
     return (-(row_scale * logp).sum(), *grads)
 
 
-def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, temperature, workspace_bytes):
+def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, temperature, workspace_bytes,
+                       group=None):
     """Per-token log-probs, fp32 ``[R*T]`` (0 at ignored positions), with no gradient: the rows
     listed in ``rows`` as ``gradients_by_blocks`` computes them, as many rows at once as
     ``workspace_bytes`` holds of their fp32 logits.  This mode's forward without gradients, for
@@ -198,7 +230,7 @@ def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, te
     block = whole_row_tiles(workspace_bytes // (4 * weight.shape[0]))
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     logp, *_ = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, None, (False, False, False),
-                                   sub_rows=block, softcap=softcap, temperature=temperature)
+                                   sub_rows=block, softcap=softcap, temperature=temperature, group=group)
     return logp
 
 
@@ -242,7 +274,7 @@ def pair_blocks(rows, valid, sequence_of, num_pairs, rows_per_block):
 
 def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, *, head,
                              reduction, beta, gamma, label_smoothing, tau, sft_weight, softcap, temperature,
-                             workspace_bytes):
+                             workspace_bytes, group=None):
     """Per-token log-probs and sums of logits (fp32 ``[R*T]``, 0 at ignored positions) and the
     gradients (as ``gradients_by_blocks``) of a pair loss: ``mean_j head(S[j], S[j+B], Ref[j],
     Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under ``reduction``.
@@ -256,7 +288,8 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     to 1/16 of the rows, so that a large enough ``workspace_bytes`` holds whole pairs at any batch.
 
     Layout as ``cross_entropy_and_gradients``; ``cu_seqlens`` for a packed batch (``R = 1``) or None
-    for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None."""
+    for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None; ``group`` a sharded
+    vocabulary's process group (``gradients_by_blocks``)."""
     R, T, _ = hidden.shape
     num_sequences = R if cu_seqlens is None else cu_seqlens.numel() - 1
     B = num_sequences // 2
@@ -275,7 +308,7 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     valid_counts = per_sequence(valid).float()
     counts = valid_counts.clamp(min=1)
     n_chosen = valid_counts[:B].sum().clamp(min=1)  # the NLL's denominator: every chosen sequence's tokens
-    block = rows_within(weight.shape[0], weight.dtype, workspace_bytes)
+    block = rows_within(weight.shape[0], weight.dtype, workspace_bytes, sharded=group is not None)
     sub_rows = -(-block // 2)
     blocks, pairs, cut = pair_blocks(rows, valid, sequence_of, B, block)
     known = None
@@ -284,7 +317,7 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
         # same blocks, so the same products and the same bits as they will give again.
         cut_blocks = [blocks[i] for i in cut]
         known, *_ = gradients_by_blocks(hidden, weight, bias, labels, valid, cut_blocks, None, (False, False, False),
-                                        sub_rows=sub_rows, softcap=softcap, temperature=temperature)
+                                        sub_rows=sub_rows, softcap=softcap, temperature=temperature, group=group)
         cut_rows = torch.cat(cut_blocks)
 
     def row_scale_of(b, index, logp):
@@ -307,4 +340,4 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
         return torch.where(valid[index], -d_logp, 0.0)
 
     return gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, sub_rows=sub_rows,
-                               softcap=softcap, temperature=temperature, logit_sums=True)
+                               softcap=softcap, temperature=temperature, logit_sums=True, group=group)

@@ -230,7 +230,7 @@ def check_token_stats(options, flags: dict):
 
 def check_gradient_in_forward(options, kind, reduction, pairs=False):
     """``backward="in_forward"`` needs the loss's gradient in the forward: a mean or summed
-    cross-entropy, or a pair loss (``pairs``), over the whole vocabulary on one device."""
+    cross-entropy, or a pair loss (``pairs``)."""
     if options.backward != "in_forward":
         return
     if not pairs and (kind != "cross_entropy" or reduction == "none"):
@@ -238,9 +238,6 @@ def check_gradient_in_forward(options, kind, reduction, pairs=False):
         _fail(ValueError, "backward='in_forward' computes the gradients inside the forward, which needs the "
                           "loss's gradient there: linear_cross_entropy with reduction 'mean' or 'sum', or a pair "
                           f"loss (simpo_loss, cpo_loss, orpo_loss, dpo_loss), not {what}; use backward='auto'")
-    if options.process_group is not None:
-        _fail(ValueError, "backward='in_forward' does not run with vocabulary parallelism (process_group): "
-                          "use backward='auto'")
 
 
 def check_pair_loss_in_forward(options, sort):

@@ -40,19 +40,10 @@ NUM_WARPS = 8
 
 
 @triton.jit
-def cross_entropy_block_kernel(
-    z_ptr, b_ptr, labels_ptr, nlp_ptr, target_ptr, sum_ptr, dz_ptr,
-    n_rows, V, stride_z, stride_dz, softcap, inv_temperature,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
-    WRITE_DZ: tl.constexpr, LSE_AND_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    """BLOCK_R rows of the block: their ``-logp`` (with ``LSE_AND_TARGET`` their lse instead, and
-    their target logit at ``target_ptr``), with ``LOGIT_SUM`` their sums of logits, and with
-    ``WRITE_DZ`` their ``dz``."""
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < n_rows
-    label = tl.load(labels_ptr + offs_r, mask=r_mask, other=0)
-    z_rows = z_ptr + offs_r.to(tl.int64)[:, None] * stride_z
+def _first_pass(z_rows, b_ptr, label, r_mask, nlp_ptr, target_ptr, sum_ptr, offs_r, V, softcap, inv_temperature,
+                HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+                LOGIT_SUM: tl.constexpr, LSE_AND_TARGET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The rows' lse (returned) and, stored, their ``-logp`` or lse and target, and logit sums."""
     # A finite floor, so that a lane no column has reached yet never computes inf - inf.
     run_max = tl.full((BLOCK_R, BLOCK_V), -1e30, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
@@ -78,6 +69,32 @@ def cross_entropy_block_kernel(
         tl.store(nlp_ptr + offs_r, lse - target, mask=r_mask)
     if LOGIT_SUM:
         tl.store(sum_ptr + offs_r, tl.sum(logit_sum, axis=1), mask=r_mask)
+    return lse
+
+
+@triton.jit
+def cross_entropy_block_kernel(
+    z_ptr, b_ptr, labels_ptr, nlp_ptr, target_ptr, sum_ptr, dz_ptr,
+    n_rows, V, stride_z, stride_dz, softcap, inv_temperature,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, LOGIT_SUM: tl.constexpr,
+    WRITE_DZ: tl.constexpr, LSE_AND_TARGET: tl.constexpr, LSE_GIVEN: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """BLOCK_R rows of the block: their ``-logp`` (with ``LSE_AND_TARGET`` their lse instead, and
+    their target logit at ``target_ptr``), with ``LOGIT_SUM`` their sums of logits, and with
+    ``WRITE_DZ`` their ``dz``.  With ``LSE_GIVEN`` only ``dz``, from the lse read at ``nlp_ptr``
+    (a sharded vocabulary's, merged across the ranks): the first pass is left out."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < n_rows
+    label = tl.load(labels_ptr + offs_r, mask=r_mask, other=0)
+    z_rows = z_ptr + offs_r.to(tl.int64)[:, None] * stride_z
+    if LSE_GIVEN:
+        tl.static_assert(WRITE_DZ and not LSE_AND_TARGET and not LOGIT_SUM, "a given lse only writes dz")
+        lse = tl.load(nlp_ptr + offs_r, mask=r_mask, other=0.0)
+    else:
+        lse = _first_pass(z_rows, b_ptr, label, r_mask, nlp_ptr, target_ptr, sum_ptr, offs_r, V, softcap,
+                          inv_temperature, HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, LOGIT_SUM, LSE_AND_TARGET,
+                          BLOCK_R, BLOCK_V)
     if WRITE_DZ:
         dz_rows = dz_ptr + offs_r.to(tl.int64)[:, None] * stride_dz
         for v0 in range(0, V, BLOCK_V):
@@ -116,7 +133,15 @@ def block_lse_and_target(logits, bias, labels, *, softcap=None, temperature=1.0,
     return lse, target
 
 
-def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperature):
+def block_dz_from_lse(logits, bias, labels, lse, dz, *, softcap=None, temperature=1.0):
+    """``dz`` of each row's ``-logp`` under an fp32 ``logits`` block, as ``cross_entropy_block``
+    writes it, from a given fp32 ``lse`` ``[rows]``: a vocabulary shard's block under the whole
+    vocabulary's lse, merged across the ranks (``fused_pref.gradient_in_forward``).  A label outside
+    ``[0, V)`` (another shard's) has no one-hot here."""
+    _launch(logits, bias, labels, lse, None, dz, None, softcap, temperature, lse_given=True)
+
+
+def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperature, lse_given=False):
     n_rows, V = logits.shape
     if n_rows == 0:
         return
@@ -128,7 +153,7 @@ def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperatu
         1.0 / temperature,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0,
         LOGIT_SUM=logit_sum is not None, WRITE_DZ=dz is not None, LSE_AND_TARGET=target is not None,
-        BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V if dz is not None else LOSS_BLOCK_V, num_warps=NUM_WARPS,
+        LSE_GIVEN=lse_given, BLOCK_R=BLOCK_R, BLOCK_V=BLOCK_V if dz is not None else LOSS_BLOCK_V, num_warps=NUM_WARPS,
     )
 
 
@@ -136,24 +161,28 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     """This kernel's ahead-of-time builds for inputs of ``dtype``: the loss alone (``no_grad``, and a
     pair loss's pass for the log-probs of a pair cut into several blocks), and ``dz`` in the GPU's
     workspace dtype, each without and with the logit sums (a pair loss's) and bias, softcap and
-    temperature."""
+    temperature; the lse and target apart (the "cublas" plan's forward, a sharded vocabulary's
+    first pass), and ``dz`` from a given lse (a sharded vocabulary's second)."""
     pointers = {"z_ptr": torch.float32, "b_ptr": dtype, "labels_ptr": torch.int64, "nlp_ptr": torch.float32,
                 "target_ptr": torch.float32, "sum_ptr": torch.float32,
                 "dz_ptr": workspace_dtype(dtype, interpreted=False)}
-    variants = [("loss", False, False, False, False, False),
-                ("loss+bias+softcap+temperature", True, True, False, False, False),
-                ("loss+sums", False, False, True, False, False),
-                ("loss+bias+softcap+temperature+sums", True, True, True, False, False),
-                ("dz", False, False, False, True, False),
-                ("dz+sums", False, False, True, True, False),
-                ("dz+bias+softcap+temperature+sums", True, True, True, True, False),
-                ("lse+target", False, False, False, False, True),
-                ("lse+target+bias+softcap+temperature+sums", True, True, True, False, True)]
+    variants = [("loss", False, False, False, False, False, False),
+                ("loss+bias+softcap+temperature", True, True, False, False, False, False),
+                ("loss+sums", False, False, True, False, False, False),
+                ("loss+bias+softcap+temperature+sums", True, True, True, False, False, False),
+                ("dz", False, False, False, True, False, False),
+                ("dz+sums", False, False, True, True, False, False),
+                ("dz+bias+softcap+temperature+sums", True, True, True, True, False, False),
+                ("lse+target", False, False, False, False, True, False),
+                ("lse+target+bias+softcap+temperature+sums", True, True, True, False, True, False),
+                ("dz-from-lse", False, False, False, True, False, True),
+                ("dz-from-lse+bias+softcap+temperature", True, True, False, True, False, True)]
     return [AotSpec("cross_entropy_block", f"{DTYPE_NAMES[dtype]} {name}", cross_entropy_block_kernel, pointers,
                     {"HAS_BIAS": bias, "HAS_SOFTCAP": softcap, "HAS_TEMPERATURE": softcap, "LOGIT_SUM": sums,
-                     "WRITE_DZ": write_dz, "LSE_AND_TARGET": parts, "BLOCK_R": BLOCK_R,
+                     "WRITE_DZ": write_dz, "LSE_AND_TARGET": parts, "LSE_GIVEN": given, "BLOCK_R": BLOCK_R,
                      "BLOCK_V": BLOCK_V if write_dz else LOSS_BLOCK_V}, {"num_warps": NUM_WARPS})
-            for name, bias, softcap, sums, write_dz, parts in variants]
+            for name, bias, softcap, sums, write_dz, parts, given in variants]
 
 
-__all__ = ["aot_specs", "block_lse_and_target", "cross_entropy_block", "cross_entropy_block_kernel", "new_workspace"]
+__all__ = ["aot_specs", "block_dz_from_lse", "block_lse_and_target", "cross_entropy_block", "cross_entropy_block_kernel",
+           "new_workspace"]

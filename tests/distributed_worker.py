@@ -1,7 +1,7 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
     [FUSED_PREF_WORKER_DEVICE=cuda] torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
-        {vocab-chunk|vocab-split|vocab-stats|vocab-compile|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|trl-dtensor|grpo-fsdp|grpo-zero3|grpo-dtensor}...
+        {vocab-chunk|vocab-split|vocab-stats|vocab-compile|vocab-inforward|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|trl-dtensor|grpo-fsdp|grpo-zero3|grpo-dtensor}...
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -191,6 +191,58 @@ def vocab_parallel_statistics():
             assert message in str(error), f"rank {rank}: {error}"
         else:
             raise AssertionError(f"rank {rank}: ce_weight of shape {tuple(wrong.shape)} accepted")
+
+
+def vocab_parallel_in_forward():
+    """``backward="in_forward"`` on a sharded vocabulary, by hand and as a DTensor lm_head: each block's
+    lse merged across the ranks before its ``dz``, ``d_hidden`` summed; values and gradients equal
+    the unsharded reference, for cross-entropy (class weights, softcap, temperature), SimPO, DPO with
+    a reference model (its log-probs by the same blocks) and a pair loss whose pairs are cut into
+    several blocks, validated or not."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    V = SHAPE[3]
+    sizes = [len(c) for c in torch.arange(V).chunk(world)]
+    mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
+    mesh = init_device_mesh("cpu", (world,))
+    classes = torch.rand(V, generator=torch.Generator().manual_seed(2)) + 0.5
+    losses = {
+        "cross_entropy": lambda m, x, **kw: m.linear_cross_entropy(
+            x["hidden"], x["weight"], x["labels"], x["bias"], ce_weight=classes.to(x["hidden"].dtype), softcap=20.0,
+            temperature=0.7, **kw),
+        "simpo": lambda m, x, **kw: m.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], sft_weight=0.3,
+                                                 **kw).loss,
+        "dpo": lambda m, x, **kw: m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], shift=True,
+                                             ref_hidden=x["hidden"].detach().flip(0), **kw).loss,
+        # 64 KiB: a block holds fewer rows than a pair, so every pair is cut into several.
+        "cpo (cut pairs)": lambda m, x, **kw: m.cpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                                         workspace_bytes=1 << 16, **kw).loss,
+    }
+    for name, loss in losses.items():
+        full = make_inputs(*SHAPE, seed=13)
+        ref = as_reference(full)
+        expected = loss(fused_pref.reference, ref)
+        expected.backward()
+        for given, validate in (("process_group", True), ("process_group", False), ("dtensor", True)):
+            if given == "dtensor":
+                weight, bias = (distribute_tensor(full[k].detach(), mesh, [Shard(0)]).requires_grad_()
+                                for k in ("weight", "bias"))
+                kwargs = {}
+            else:
+                weight, bias = (full[k][mine].detach().clone().requires_grad_() for k in ("weight", "bias"))
+                kwargs = {"process_group": dist.group.WORLD}
+            hidden = full["hidden"].detach().clone().requires_grad_()
+            got = loss(fused_pref, {"hidden": hidden, "weight": weight, "bias": bias, "labels": full["labels"]},
+                       backward="in_forward", validate=validate, **kwargs)
+            got.backward()
+            tag = f"in_forward {name} ({given}, validate={validate})"
+            _close(got, expected, f"{tag} value")
+            _close(hidden.grad, ref["hidden"].grad, f"{tag} d_hidden")
+            for what, param, reference in (("d_weight", weight, ref["weight"]), ("d_bias", bias, ref["bias"])):
+                grad = param.grad.full_tensor() if given == "dtensor" else param.grad
+                _close(grad, reference.grad if given == "dtensor" else reference.grad[mine], f"{tag} {what}")
 
 
 def vocab_parallel_compiled():
@@ -698,6 +750,8 @@ def main(checks):
                 vocab_parallel_statistics()
             elif check == "vocab-compile":
                 vocab_parallel_compiled()
+            elif check == "vocab-inforward":
+                vocab_parallel_in_forward()
             elif check.startswith("vocab-"):
                 vocab_parallel(check.removeprefix("vocab-"))
             elif check == "dtensor":

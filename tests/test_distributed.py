@@ -5,7 +5,8 @@ Vocab-parallel results and gradients must equal the single-process reference on 
 weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size, with the
 shard given by hand (process_group) or as a DTensor lm_head from parallelize_module; so must the
 per-token statistics (an argmax tied across shards among them), the z-loss and label smoothing,
-the compiled calls, and the TRL trainers' steps on a tensor-parallel lm_head; DDP and FSDP2
+the compiled calls, backward="in_forward", and the TRL trainers' steps on a tensor-parallel
+lm_head; DDP and FSDP2
 around a module calling the losses; a transformers model under FSDP2 (per layer and root, fp32 and a
 bf16 MixedPrecisionPolicy, the lm_head its own unit) and under DeepSpeed ZeRO-3 through
 integrations.hf, FusedDPOTrainer's loss step with both models so wrapped and FusedGRPOTrainer's
@@ -56,9 +57,10 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed() and not os.envir
 
 
 @pytest.mark.parametrize("world, checks", [
-    (2, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-compile", "dtensor", "trl-dtensor", "grpo-dtensor"]),
+    (2, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-compile", "vocab-inforward", "dtensor", "trl-dtensor",
+         "grpo-dtensor"]),
     (2, ["ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16", "hf-fsdp-head", "trl-fsdp", "trl-fsdp-head", "grpo-fsdp"]),
-    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "dtensor", "trl-dtensor"]),
+    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-inforward", "dtensor", "trl-dtensor"]),
     pytest.param(2, ["hf-zero3", "zero3-direct", "trl-zero3", "grpo-zero3"], marks=needs_deepspeed),
 ], ids=["world2-vocabulary", "world2-data", "world3", "deepspeed-zero3"])
 @interpreted
