@@ -28,6 +28,7 @@ class VocabShard:
     start: object        # first vocabulary id of this rank's shard: an int, or a 0-d device tensor
     size: int            # rows of this rank's weight
     total: object        # the whole vocabulary: an int, or a 0-d device tensor (reading it is a host sync)
+    widest: object       # the largest shard's rows, likewise
 
 
 def resolve_shard(weight, options) -> VocabShard | None:
@@ -44,12 +45,13 @@ def resolve_shard(weight, options) -> VocabShard | None:
     spans = _shard_spans(weight.device, group, vocab_start, weight.shape[0])
     rows = spans[:, 1]
     starts = torch.where(spans[:, 0] < 0, rows.cumsum(0) - rows, spans[:, 0])
-    start, total = starts[dist.get_rank(group)], rows.sum()
+    start, total, widest = starts[dist.get_rank(group)], rows.sum(), rows.max()
     if validation.reads_back(options.validate):
         table = torch.stack([starts, rows], dim=1).tolist()
         validation.check_shards(table)
         start, total = table[dist.get_rank(group)][0], sum(size for _, size in table)
-    return VocabShard(group, start, weight.shape[0], total)
+        widest = max(size for _, size in table)
+    return VocabShard(group, start, weight.shape[0], total, widest)
 
 
 def _shard_spans(device, group, start, size):
@@ -108,20 +110,16 @@ def all_reduce_sum(tensor, group):
     return tensor
 
 
-# Process groups by name: a custom op's schema takes strings, not groups (fused_pref.ops).
-_GROUPS = {}
-
-
 def group_name(group) -> str | None:
-    """``group``'s name (None for None), under which ``group_named`` finds it again."""
-    if group is None:
-        return None
-    _GROUPS[group.group_name] = group
-    return group.group_name
+    """``group``'s name (None for None), under which ``group_named`` finds it again: a custom op's
+    schema takes strings, not groups (``fused_pref.ops``)."""
+    return None if group is None else group.group_name
 
 
 def group_named(name: str | None):
-    return None if name is None else _GROUPS[name]
+    # torch's own registry of live groups, as its functional collectives resolve theirs (a dict of
+    # our own, filled where the op is called, is not filled by a torch.compile'd caller).
+    return None if name is None else dist.distributed_c10d._resolve_process_group(name)
 
 
 class _GatherShards(torch.autograd.Function):

@@ -78,6 +78,7 @@ class _Rows:
     checked: validation.Checked
     targets: torch.Tensor       # the labels after the shift, shape of labels
     vocab_size: object          # the whole vocabulary's: an int, or a 0-d tensor for a sharded one
+    shard: object               # this rank's VocabShard under vocabulary parallelism, else None
 
 
 def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequences=False) -> _Rows:
@@ -100,7 +101,14 @@ def _rows(hidden, weight, labels, options: Options, shard, *, mean_over_sequence
         rows = rows[: checked.n_valid]
     n_valid = valid_flat.sum(dtype=torch.int32).reshape(1)
     return _Rows(hidden3, labels_flat, valid_flat, rows, n_valid, checked, labels,
-                 weight.shape[0] if shard is None else shard.total)
+                 weight.shape[0] if shard is None else shard.total, shard)
+
+
+def _block_vocab(r: _Rows, weight) -> int:
+    """The vocabulary width that sizes ``backward="in_forward"``'s blocks: ``weight``'s rows, or
+    under vocabulary parallelism the largest shard's, so that every rank cuts the same blocks and
+    makes the same collectives (a host read when validation made none)."""
+    return weight.shape[0] if r.shard is None else int(r.shard.widest)
 
 
 def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over_sequences=False,
@@ -295,7 +303,7 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     needs = _needs_gradients(hidden, weight, bias)
     with torch.no_grad():
         loss, grads = ops.gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale, needs,
-                                              options)
+                                              options, _block_vocab(r, weight))
     return _with_gradients(loss, r, weight, bias, needs, grads)
 
 
@@ -307,7 +315,8 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
     needs = _needs_gradients(r.hidden, weight, bias)
     with torch.no_grad():
         logp, logit_sum, grads = ops.preference_gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows,
-                                                                    ref_logps, needs, spec, options)
+                                                                    ref_logps, needs, spec, options,
+                                                                    _block_vocab(r, weight))
         shape = r.checked.valid.shape
         empty = logp.new_empty(0)
         tokens = _Tokens(logp.view(shape), r.checked.valid, logit_sum.view(shape), r.vocab_size, r.targets,
@@ -321,7 +330,8 @@ def _reference_tokens_in_blocks(r: _Rows, ref_hidden, ref_weight, ref_bias, opti
     products without gradients (``gradient_in_forward.logprobs_by_blocks``), over the policy's rows
     ``r`` (the same labels, so the same valid rows, checked once)."""
     ref_hidden = ref_hidden if ref_hidden.dim() == 3 else ref_hidden.unsqueeze(0)
-    logp = ops.logprobs_without_gradients(ref_hidden, ref_weight, ref_bias, r.labels, r.valid, r.rows, options)
+    logp = ops.logprobs_without_gradients(ref_hidden, ref_weight, ref_bias, r.labels, r.valid, r.rows, options,
+                                          _block_vocab(r, ref_weight))
     shape = r.checked.valid.shape
     empty = logp.new_empty(0)
     return _Tokens(logp.view(shape), r.checked.valid, empty, r.vocab_size, r.targets, empty, empty, empty)

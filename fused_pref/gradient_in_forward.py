@@ -200,15 +200,18 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
 
 
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
-                                temperature, workspace_bytes, group=None):
+                                temperature, workspace_bytes, group=None, block_vocab=None):
     """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
     the rows listed in ``rows``, as ``gradients_by_blocks`` gives them, with no host sync.
 
     ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
     ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
     (every row when validation made no host sync: invalid ones then cost products but add nothing);
-    ``group``: a sharded vocabulary's process group (``gradients_by_blocks``)."""
-    block = rows_per_block(rows.numel(), weight.shape[0], weight.dtype, workspace_bytes, sharded=group is not None)
+    ``group``: a sharded vocabulary's process group (``gradients_by_blocks``), and ``block_vocab`` the
+    width that sizes the blocks: its largest shard's rows, the same on every rank, so that every rank
+    cuts the same blocks and makes the same collectives (``weight``'s rows by default)."""
+    block = rows_per_block(rows.numel(), block_vocab or weight.shape[0], weight.dtype, workspace_bytes,
+                           sharded=group is not None)
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     bound = row_scale.abs().max() if row_scale.numel() else row_scale.new_ones(())
     logp, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
@@ -219,7 +222,7 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
 
 
 def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, temperature, workspace_bytes,
-                       group=None):
+                       group=None, block_vocab=None):
     """Per-token log-probs, fp32 ``[R*T]`` (0 at ignored positions), with no gradient: the rows
     listed in ``rows`` as ``gradients_by_blocks`` computes them, as many rows at once as
     ``workspace_bytes`` holds of their fp32 logits.  This mode's forward without gradients, for
@@ -227,7 +230,7 @@ def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, te
     H200 as measured) and one read of the block, where the default path's Triton forward runs at
     its tiles' speed (58.5 ms measured in the narrow plan).  Layout as
     ``cross_entropy_and_gradients``; no host sync."""
-    block = whole_row_tiles(workspace_bytes // (4 * weight.shape[0]))
+    block = whole_row_tiles(workspace_bytes // (4 * (block_vocab or weight.shape[0])))
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     logp, *_ = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, None, (False, False, False),
                                    sub_rows=block, softcap=softcap, temperature=temperature, group=group)
@@ -274,7 +277,7 @@ def pair_blocks(rows, valid, sequence_of, num_pairs, rows_per_block):
 
 def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, *, head,
                              reduction, beta, gamma, label_smoothing, tau, sft_weight, softcap, temperature,
-                             workspace_bytes, group=None):
+                             workspace_bytes, group=None, block_vocab=None):
     """Per-token log-probs and sums of logits (fp32 ``[R*T]``, 0 at ignored positions) and the
     gradients (as ``gradients_by_blocks``) of a pair loss: ``mean_j head(S[j], S[j+B], Ref[j],
     Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under ``reduction``.
@@ -288,8 +291,8 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     to 1/16 of the rows, so that a large enough ``workspace_bytes`` holds whole pairs at any batch.
 
     Layout as ``cross_entropy_and_gradients``; ``cu_seqlens`` for a packed batch (``R = 1``) or None
-    for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None; ``group`` a sharded
-    vocabulary's process group (``gradients_by_blocks``)."""
+    for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None; ``group`` and
+    ``block_vocab`` as in ``cross_entropy_and_gradients``."""
     R, T, _ = hidden.shape
     num_sequences = R if cu_seqlens is None else cu_seqlens.numel() - 1
     B = num_sequences // 2
@@ -308,7 +311,7 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
     valid_counts = per_sequence(valid).float()
     counts = valid_counts.clamp(min=1)
     n_chosen = valid_counts[:B].sum().clamp(min=1)  # the NLL's denominator: every chosen sequence's tokens
-    block = rows_within(weight.shape[0], weight.dtype, workspace_bytes, sharded=group is not None)
+    block = rows_within(block_vocab or weight.shape[0], weight.dtype, workspace_bytes, sharded=group is not None)
     sub_rows = -(-block // 2)
     blocks, pairs, cut = pair_blocks(rows, valid, sequence_of, B, block)
     known = None

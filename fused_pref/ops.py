@@ -72,10 +72,12 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, softc
 def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor,
                              needs: list[bool], softcap: float | None, temperature: float,
-                             workspace_bytes: int, group: str | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                             workspace_bytes: int, group: str | None,
+                             block_vocab: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
     loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
                                                softcap=softcap, temperature=temperature,
-                                               workspace_bytes=workspace_bytes, group=group_named(group))
+                                               workspace_bytes=workspace_bytes, group=group_named(group),
+                                               block_vocab=block_vocab)
     return loss, _stored_gradients(grads, hidden)
 
 
@@ -92,7 +94,8 @@ def _fake_stored_gradients(hidden, weight, needs):
 
 
 @cross_entropy_in_forward.register_fake
-def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes, group):
+def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes, group,
+      block_vocab):
     return hidden.new_empty((), dtype=torch.float32), _fake_stored_gradients(hidden, weight, needs)
 
 
@@ -101,19 +104,18 @@ def preference_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           valid: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor | None,
                           ref_logps: torch.Tensor | None, needs: list[bool], head: str, reduction: str, beta: float,
                           gamma: float, label_smoothing: float, tau: float, sft_weight: float, softcap: float | None,
-                          temperature: float, workspace_bytes: int, group: str | None) -> tuple[torch.Tensor,
-                                                                                                torch.Tensor,
-                                                                                                list[torch.Tensor]]:
+                          temperature: float, workspace_bytes: int, group: str | None,
+                          block_vocab: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     logp, sums, *grads = preference_and_gradients(
         hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, tuple(needs), head=head, reduction=reduction,
         beta=beta, gamma=gamma, label_smoothing=label_smoothing, tau=tau, sft_weight=sft_weight, softcap=softcap,
-        temperature=temperature, workspace_bytes=workspace_bytes, group=group_named(group))
+        temperature=temperature, workspace_bytes=workspace_bytes, group=group_named(group), block_vocab=block_vocab)
     return logp, sums, _stored_gradients(grads, hidden)
 
 
 @preference_in_forward.register_fake
 def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, head, reduction, beta, gamma,
-      label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes, group):
+      label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes, group, block_vocab):
     logp = hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
     return logp, torch.empty_like(logp), _fake_stored_gradients(hidden, weight, needs)
 
@@ -121,13 +123,13 @@ def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, h
 @torch.library.custom_op("fused_pref::logprobs_in_blocks", mutates_args=())
 def logprobs_in_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                        valid: torch.Tensor, rows: torch.Tensor, softcap: float | None, temperature: float,
-                       workspace_bytes: int, group: str | None) -> torch.Tensor:
+                       workspace_bytes: int, group: str | None, block_vocab: int) -> torch.Tensor:
     return logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, softcap=softcap, temperature=temperature,
-                              workspace_bytes=workspace_bytes, group=group_named(group))
+                              workspace_bytes=workspace_bytes, group=group_named(group), block_vocab=block_vocab)
 
 
 @logprobs_in_blocks.register_fake
-def _(hidden, weight, bias, labels, valid, rows, softcap, temperature, workspace_bytes, group):
+def _(hidden, weight, bias, labels, valid, rows, softcap, temperature, workspace_bytes, group, block_vocab):
     return hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
 
 
@@ -164,28 +166,30 @@ def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target
                        grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
 
 
-def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options):
+def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options, block_vocab):
     """``(loss, [d_hidden, d_weight, d_bias])`` (empty where not in ``needs``; under vocabulary
-    parallelism ``weight``'s shard's): ``cross_entropy_in_forward`` with ``options`` flattened."""
+    parallelism ``weight``'s shard's, ``block_vocab`` the largest shard's rows):
+    ``cross_entropy_in_forward`` with ``options`` flattened."""
     return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
                                     options.softcap, options.temperature, options.workspace_bytes,
-                                    group_name(options.process_group))
+                                    group_name(options.process_group), block_vocab)
 
 
-def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, ref_logps, needs, spec, options):
+def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, ref_logps, needs, spec, options,
+                                   block_vocab):
     """``(logp, logit sums, [d_hidden, d_weight, d_bias])`` of a pair loss (empty where not in
     ``needs``): ``preference_in_forward`` with ``spec`` and ``options`` flattened."""
     return preference_in_forward(hidden, weight, bias, labels, valid, rows, options.cu_seqlens, ref_logps, list(needs),
                                  spec.head, spec.reduction, spec.beta, spec.gamma, spec.label_smoothing, spec.tau,
                                  spec.sft_weight, options.softcap, options.temperature, options.workspace_bytes,
-                                 group_name(options.process_group))
+                                 group_name(options.process_group), block_vocab)
 
 
-def logprobs_without_gradients(hidden, weight, bias, labels, valid, rows, options):
+def logprobs_without_gradients(hidden, weight, bias, labels, valid, rows, options, block_vocab):
     """Per-token log-probs by ``backward="in_forward"``'s products, none of its gradients (a DPO's
     reference model): ``logprobs_in_blocks`` with ``options`` flattened."""
     return logprobs_in_blocks(hidden, weight, bias, labels, valid, rows, options.softcap, options.temperature,
-                              options.workspace_bytes, group_name(options.process_group))
+                              options.workspace_bytes, group_name(options.process_group), block_vocab)
 
 
 def head(chosen, rejected, ref_chosen, ref_rejected, spec):
