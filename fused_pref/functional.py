@@ -115,10 +115,10 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
                     logit_sum=False, token_stats=False, lse_terms=False, class_weight=None,
                     rows: _Rows | None = None) -> _Tokens:
     """``class_weight``: ``[V]`` per-class weights (the whole vocabulary's, under vocabulary
-    parallelism too: checked against it there), which weigh the logit sum.  ``rows``: the tokens as a call on the same ``labels`` laid them
-    out, taken for ``hidden`` instead of checked again: a reference model's pass reuses the
-    policy's, validated or not (the "cublas" plan's products then cover the valid rows only, when
-    the policy's were counted)."""
+    parallelism too: checked against it there), which weigh the logit sum.  ``rows``: the tokens as
+    a call on the same ``labels`` laid them out, taken for ``hidden`` instead of checked again: a
+    reference model's pass reuses the policy's, validated or not (the "cublas" plan's products then
+    cover the valid rows only, when the policy's were counted)."""
     shard = resolve_shard(weight, options)
     if class_weight is not None and shard is not None:
         validation.check_class_weight_size(class_weight, shard.total, shard.size)

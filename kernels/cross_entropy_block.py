@@ -184,5 +184,5 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
             for name, bias, softcap, sums, write_dz, parts, given in variants]
 
 
-__all__ = ["aot_specs", "block_dz_from_lse", "block_lse_and_target", "cross_entropy_block", "cross_entropy_block_kernel",
-           "new_workspace"]
+__all__ = ["aot_specs", "block_dz_from_lse", "block_lse_and_target", "cross_entropy_block",
+           "cross_entropy_block_kernel", "new_workspace"]

@@ -405,7 +405,8 @@ def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, 
         merge_splits_kernel[(triton.cdiv(n_positions, MERGE_BLOCK_P),)](
             lse_part, sum_part, stat_part, rows, n_valid, lse, lse if sums is None else sums,
             lse if entropy is None else entropy, target if argmax is None else argmax,
-            lse if max_logit is None else max_logit, p_start, n_positions, splits, lse_part.stride(0), partials.stride(0),
+            lse if max_logit is None else max_logit, p_start, n_positions, splits, lse_part.stride(0),
+            partials.stride(0),
             LOGIT_SUM=tile_sum, TOKEN_STATS=token_stats, BLOCK_P=MERGE_BLOCK_P, num_warps=MERGE_NUM_WARPS,
         )
 

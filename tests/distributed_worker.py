@@ -1,7 +1,11 @@
 """Run by tests/test_distributed.py under torchrun (gloo, CPU, kernels under the interpreter).
 
     [FUSED_PREF_WORKER_DEVICE=cuda] torchrun --standalone --nproc-per-node W tests/distributed_worker.py \
-        {vocab-chunk|vocab-split|vocab-stats|vocab-compile|vocab-inforward|dtensor|ddp|fsdp|hf-fsdp[-bf16][-head][-offload]|hf-zero3|zero3-direct|trl-fsdp[-head]|trl-zero3|trl-dtensor|grpo-fsdp|grpo-zero3|grpo-dtensor}...
+        CHECK...
+
+    CHECK: vocab-chunk | vocab-split | vocab-stats | vocab-compile | vocab-inforward | dtensor | ddp | fsdp
+         | hf-fsdp[-bf16][-head][-offload] | hf-zero3 | zero3-direct | trl-fsdp[-head] | trl-zero3
+         | trl-dtensor | grpo-fsdp | grpo-zero3 | grpo-dtensor
 
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
@@ -193,20 +197,32 @@ def vocab_parallel_statistics():
             raise AssertionError(f"rank {rank}: ce_weight of shape {tuple(wrong.shape)} accepted")
 
 
+def _sharded_head(full, given, mine):
+    """This rank's lm_head weight and bias as leaves, and the keywords that say they are shards:
+    rows ``mine`` by hand under ``process_group``, or (``given == "dtensor"``) DTensors sharded on
+    the vocabulary over a 1-D mesh of every rank, which bring their own group."""
+    if given == "dtensor":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
+
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        weight, bias = (distribute_tensor(full[k].detach(), mesh, [Shard(0)]).requires_grad_()
+                        for k in ("weight", "bias"))
+        return weight, bias, {}
+    weight, bias = (full[k][mine].detach().clone().requires_grad_() for k in ("weight", "bias"))
+    return weight, bias, {"process_group": dist.group.WORLD}
+
+
 def vocab_parallel_in_forward():
     """``backward="in_forward"`` on a sharded vocabulary, by hand and as a DTensor lm_head: each block's
     lse merged across the ranks before its ``dz``, ``d_hidden`` summed; values and gradients equal
     the unsharded reference, for cross-entropy (class weights, softcap, temperature), SimPO, DPO with
     a reference model (its log-probs by the same blocks) and a pair loss whose pairs are cut into
     several blocks, validated or not."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
     rank, world = dist.get_rank(), dist.get_world_size()
     V = SHAPE[3]
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
     mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
-    mesh = init_device_mesh("cpu", (world,))
     classes = torch.rand(V, generator=torch.Generator().manual_seed(2)) + 0.5
     losses = {
         "cross_entropy": lambda m, x, **kw: m.linear_cross_entropy(
@@ -228,13 +244,7 @@ def vocab_parallel_in_forward():
         expected = loss(fused_pref.reference, ref)
         expected.backward()
         for given, validate in (("process_group", True), ("process_group", False), ("dtensor", True)):
-            if given == "dtensor":
-                weight, bias = (distribute_tensor(full[k].detach(), mesh, [Shard(0)]).requires_grad_()
-                                for k in ("weight", "bias"))
-                kwargs = {}
-            else:
-                weight, bias = (full[k][mine].detach().clone().requires_grad_() for k in ("weight", "bias"))
-                kwargs = {"process_group": dist.group.WORLD}
+            weight, bias, kwargs = _sharded_head(full, given, mine)
             hidden = full["hidden"].detach().clone().requires_grad_()
             got = loss(fused_pref, {"hidden": hidden, "weight": weight, "bias": bias, "labels": full["labels"]},
                        backward="in_forward", validate=validate, **kwargs)
@@ -252,14 +262,10 @@ def vocab_parallel_compiled():
     are skipped in the compiled region, as on one device), the shard given by hand and as a DTensor
     lm_head, with the per-token statistics, without, and under ``backward="in_forward"``: values
     and gradients equal the unsharded reference."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import distribute_tensor, Shard
-
     rank, world = dist.get_rank(), dist.get_world_size()
     V = SHAPE[3]
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
     mine = slice(sum(sizes[:rank]), sum(sizes[:rank + 1]))
-    mesh = init_device_mesh("cpu", (world,))
     gen = torch.Generator().manual_seed(8)
     scale = torch.randn(SHAPE[0], SHAPE[1], generator=gen)
 
@@ -279,13 +285,7 @@ def vocab_parallel_compiled():
         expected = loss(fused_pref.reference, ref)
         (expected[0] if isinstance(expected, tuple) else expected).backward()
         for given in ("process_group", "dtensor"):
-            if given == "dtensor":
-                weight, bias = (distribute_tensor(full[k].detach(), mesh, [Shard(0)]).requires_grad_()
-                                for k in ("weight", "bias"))
-                kwargs = {}
-            else:
-                weight, bias = (full[k][mine].detach().clone().requires_grad_() for k in ("weight", "bias"))
-                kwargs = {"process_group": dist.group.WORLD}
+            weight, bias, kwargs = _sharded_head(full, given, mine)
             hidden = full["hidden"].detach().clone().requires_grad_()
             inputs = {"hidden": hidden, "weight": weight, "bias": bias, "labels": full["labels"]}
             torch._dynamo.reset()
@@ -635,9 +635,10 @@ def trl_sharded(wrap):
     """``FusedDPOTrainer``'s loss step with the policy and the reference model under FSDP2 (each decoder
     layer, then the root), as ZeRO-3 engines or with their lm_heads tensor-parallel (``dtensor``:
     every rank runs the whole batch): each rank's pairs give the single process's full-batch loss,
-    every gradient and every metric logged (the entropy and token accuracy among them).  accelerate turns FSDP and DeepSpeed on
-    for accelerators only, so the models are wrapped here by hand, as accelerate wraps them, and the
-    trainer's own accelerator is the multi-CPU one (its metrics gathered over the ranks)."""
+    every gradient and every metric logged (the entropy and token accuracy among them).
+    accelerate turns FSDP and DeepSpeed on for accelerators only, so the models are wrapped here by
+    hand, as accelerate wraps them, and the trainer's own accelerator is the multi-CPU one (its
+    metrics gathered over the ranks)."""
     import copy
     import tempfile
 
