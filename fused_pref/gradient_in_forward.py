@@ -158,17 +158,18 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
         label = torch.where(kept, labels[index], 0)
         n = index.numel()
         dz = new_workspace(n, V, weight.dtype, hidden.device) if any(needs) else None
-        nlp = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        block_sums = torch.empty_like(nlp) if logit_sums else None
         if group is not None:
             nlp, block_sums = _block_over_shards(products.logits(h), bias, label, dz, logit_sums, group,
                                                  softcap=softcap, temperature=temperature)
-        for a in range(0, n if group is None else 0, sub_rows):
-            # sub_rows rows of fp32 logits at a time: the block's dz holds them all.
-            part = slice(a, a + sub_rows)
-            nlp[part] = cross_entropy_block(products.logits(h[part]), bias, label[part], softcap=softcap,
-                                            temperature=temperature, dz=None if dz is None else dz[part],
-                                            logit_sum=None if block_sums is None else block_sums[part])
+        else:
+            nlp = torch.empty(n, dtype=torch.float32, device=hidden.device)
+            block_sums = torch.empty_like(nlp) if logit_sums else None
+            for a in range(0, n, sub_rows):
+                # sub_rows rows of fp32 logits at a time: the block's dz holds them all.
+                part = slice(a, a + sub_rows)
+                nlp[part] = cross_entropy_block(products.logits(h[part]), bias, label[part], softcap=softcap,
+                                                temperature=temperature, dz=None if dz is None else dz[part],
+                                                logit_sum=None if block_sums is None else block_sums[part])
         logp[index] = torch.where(kept, -nlp, 0.0)
         if sums is not None:
             sums[index] = torch.where(kept, block_sums, 0.0)
