@@ -93,11 +93,16 @@ def vocab_parallel_statistics():
     start, tied = sum(sizes[:rank]), V - 5
     full = make_inputs(*SHAPE, seed=9)
     with torch.no_grad():
-        full["weight"][tied] = full["weight"][3]
+        # The tied rows' entries on a grid of 1/4 and the pointing hidden states 1/8 of them: every
+        # product and partial sum of the tied logits is exact in fp32 and fp64, so they tie in any
+        # summation order (a CPU's fp64 matmul may sum its last columns in another order, which
+        # broke the tie in the reference on some machines).  Logit |row|^2 / 8 ~ 7.8 (plus the
+        # bias), the max by far; no larger, where fp32's error in a logit of 30 made GRPO's d_weight
+        # (one weight per sequence) miss fp64's by 1e-5.
+        row = (full["weight"][3] * 3.2).round() / 4
+        full["weight"][3] = full["weight"][tied] = row
         full["bias"][tied] = full["bias"][3]
-        # Logit 8 at the tied columns (plus their bias), the max by far; no larger, where fp32's
-        # error in a logit of 30 made GRPO's d_weight (one weight per sequence) miss fp64's by 1e-5.
-        full["hidden"][:, 5:9] = 8.0 * full["weight"][3] / full["weight"][3].norm() ** 2
+        full["hidden"][:, 5:9] = row / 8
     full["labels"][:, 5:7] = tied
     full["labels"][:, 7:9] = 3
     gen = torch.Generator().manual_seed(4)
