@@ -15,6 +15,7 @@ import torch
 
 import fused_pref
 from fused_pref.tools import benchmark
+from fused_pref.tools.kernel_times import COPIES, GEMM, INDUCTOR, TORCH_KERNELS, by_family, kernel_family, kernel_times
 from fused_pref.tools.peers import implementations
 from fused_pref.testing import kernel_device
 from fused_pref.testing import TOLERANCE, relative_error
@@ -53,7 +54,9 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
                                                            "torch": "t", "triton": "tr", "fused_pref": "0"})
     fake = {"fused-vchunk": (10.0, 1.0), "reference": (30.0, 8.0)}
 
-    def measure(fn, batch, mode):
+    def measure(fn, batch, mode, profile=False):
+        name = [k for k, f in funcs.items() if f is fn][0]
+        profiled.add((name, mode, profile))
         ignored = int((batch.labels == -100).sum())
         assert ignored == {0.25: 2 * 2, 0.5: 2 * 4}[batch.prompt_fraction]  # of 2 sequences of 8 tokens
         loss = fn(*batch.inputs())
@@ -61,10 +64,10 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
         if mode == "fwd+bwd":
             loss.backward()
             assert all(t.grad is not None for t in batch.grads)
-        ms, gb = fake[[k for k, f in funcs.items() if f is fn][0]]
-        return {"ms": ms, "peak_gb": gb}
+        ms, gb = fake[name]
+        return {"ms": ms, "peak_gb": gb, **({"kernels_ms": {"linear_lse_kernel": 6.0, GEMM: 3.0}} if profile else {})}
 
-    funcs = {}
+    funcs, profiled = {}, set()
     real_implementations = benchmark.implementations
 
     def recording_implementations(*args, **kwargs):
@@ -89,7 +92,47 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert "cce skipped for simpo: Cut Cross-Entropy has no preference losses" in results["notes"]
     table = capsys.readouterr().out
     assert "Fake GPU 1" in table and "   3.00     8.0" in table
-    assert {line.split()[3] for line in table.splitlines() if line.startswith(("simpo ", "dpo "))} == {"0.25", "0.5"}
+    # The kernel split: every implementation but the reference, each mode, printed after the table.
+    assert profiled == {(name, mode, name == "fused-vchunk") for name in fake for mode in ("fwd", "fwd+bwd")}
+    assert sum("kernels_ms" in r for r in results["rows"]) == 8
+    breakdown = table[table.index("GPU time of one profiled call"):table.index("note:")].splitlines()
+    assert len(breakdown) == 1 + 8 and all(line.endswith("fused-vchunk       linear_lse_kernel 6.0, cuBLAS products 3.0")
+                                           for line in breakdown[1:]), breakdown
+
+
+def test_kernel_families_name_triton_kernels_and_group_the_rest():
+    assert kernel_family("linear_lse_kernel") == "linear_lse_kernel"
+    assert kernel_family("_cce_backward_kernel") == "_cce_backward_kernel"
+    gemms = ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN",
+             "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off"
+             "_kernel__5x_cublas",
+             "void cutlass::Kernel2<cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_32x3_tn_align8>"
+             "(cutlass_80_tensorop_bf16_s16816gemm_bf16_256x128_32x3_tn_align8::Params)",
+             "ampere_bf16_s16816gemm_bf16_128x128_ldg8_f2f_stages_64x3_tn")
+    assert {kernel_family(name) for name in gemms} == {GEMM}
+    assert kernel_family("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+                         "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)") \
+        == TORCH_KERNELS
+    assert kernel_family("Memset (Device)") == kernel_family("Memcpy DtoD (Device -> Device)") == COPIES
+    assert kernel_family("triton_red_fused_sum_0") == INDUCTOR
+    times = by_family([("linear_grad_kernel", 1500.0), (gemms[0], 1000.0), (gemms[1], 2500.0),
+                       ("Memset (Device)", 10.0)])
+    assert list(times.items()) == [(GEMM, 3.5), ("linear_grad_kernel", 1.5), (COPIES, 0.01)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the profiler sees GPU kernels on CUDA only")
+def test_kernel_times_split_a_fused_step_on_the_gpu(device):
+    funcs, _ = implementations("simpo", None, ["fused-vchunk"])
+    batch = make_batch(4, 256, 512, 1003, dtype=torch.bfloat16, device=device, seed=0)
+
+    def step():
+        funcs["fused-vchunk"](*batch.inputs()).backward()
+
+    step()
+    times = kernel_times(step)
+    # The narrow plan's forward and dz kernels, and the backward's two cuBLAS products.
+    assert times["linear_lse_kernel"] > 0 and times["linear_grad_kernel"] > 0 and times[GEMM] > 0, times
+    assert list(times.values()) == sorted(times.values(), reverse=True)
 
 
 def test_bench_takes_prompt_fractions_by_name_or_number(monkeypatch):

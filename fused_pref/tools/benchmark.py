@@ -5,8 +5,10 @@ For each case (model, tokens per step, loss, prompt fraction), implementation an
 forward+backward) the inputs are made afresh, random (never zeros) and identical across
 implementations; a first call outside every figure compiles and autotunes; peak memory is the growth of
 ``torch.cuda.max_memory_allocated`` over the inputs during one call (gradients included, since a
-training step allocates them); time is the median of ``triton.testing.do_bench``.  The results
-file is rewritten after every case, so a run cut short keeps what it measured.
+training step allocates them); time is the median of ``triton.testing.do_bench``; and, unless
+``--no-profile``, one more call under torch's profiler splits its GPU time by kernel
+(``kernel_times``: which part of a path is slow, not only how slow).  The results file is rewritten
+after every case, so a run cut short keeps what it measured.
 """
 
 import datetime
@@ -19,8 +21,9 @@ from pathlib import Path
 import torch
 
 from fused_pref import __version__
+from .kernel_times import kernel_times
 from .peers import implementations
-from .results import format_table, plot, ratios, results_path, write_results
+from .results import format_breakdown, format_table, plot, ratios, results_path, write_results
 from .workload import MODELS, SEQUENCE_LENGTH, floor_flops, make_batch, sequences_for
 
 MODES = ("fwd", "fwd+bwd")
@@ -59,8 +62,10 @@ def _clear_grads(batch):
         t.grad = None
 
 
-def measure(fn, batch, mode: str) -> dict:
-    """``ms`` (median) and ``peak_gb`` of ``fn(*batch.inputs())``, with ``.backward()`` for "fwd+bwd"."""
+def measure(fn, batch, mode: str, profile: bool = False) -> dict:
+    """``ms`` (median) and ``peak_gb`` of ``fn(*batch.inputs())``, with ``.backward()`` for "fwd+bwd";
+    with ``profile``, ``kernels_ms``: one more call's GPU time per kernel family (``kernel_times``),
+    or ``kernels_error`` where the profiler failed (the timing is kept)."""
     from triton.testing import do_bench
 
     def step():
@@ -78,7 +83,14 @@ def measure(fn, batch, mode: str) -> dict:
     peak = torch.cuda.max_memory_allocated() - base
     _clear_grads(batch)
     ms = do_bench(step, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=batch.grads, return_mode="median")
-    return {"ms": ms, "peak_gb": peak / 1e9}
+    out = {"ms": ms, "peak_gb": peak / 1e9}
+    if profile:
+        _clear_grads(batch)
+        try:
+            out["kernels_ms"] = kernel_times(step)
+        except Exception as error:  # CUPTI unavailable, say: the timing above still stands
+            out["kernels_error"] = f"{type(error).__name__}: {error}"[:300]
+    return out
 
 
 def _progress(items):
@@ -92,8 +104,9 @@ def _progress(items):
     yield from tqdm(items, unit="case")
 
 
-def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
-    """Rows (one per implementation and mode) and notes (skipped peers) for one case."""
+def run_case(case: Case, names=None, *, seed=0, profile=True) -> tuple[list[dict], list[str]]:
+    """Rows (one per implementation and mode) and notes (skipped peers) for one case; ``profile``:
+    the kernel split of every implementation but the plain-PyTorch reference (``measure``)."""
     head = MODELS[case.model]
     R = sequences_for(case.tokens)
     funcs, notes = implementations(case.loss, head.softcap, names)
@@ -106,7 +119,7 @@ def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
                    "valid_tokens": batch.valid_tokens, "loss": case.loss, "D": head.hidden, "V": head.vocab,
                    "softcap": head.softcap, "impl": name, "mode": mode}
             try:
-                row.update(measure(fn, batch, mode))
+                row.update(measure(fn, batch, mode, profile=profile and not name.startswith("reference")))
                 flops = floor_flops(case.loss, batch.valid_tokens, head.hidden, head.vocab,
                                     backward=mode == "fwd+bwd")
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
@@ -122,8 +135,9 @@ def run_case(case: Case, names=None, *, seed=0) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def run(selected: list[Case], out_dir: Path, names=None, *, make_plot=True) -> Path:
-    """Measure every case, write ``out_dir/<gpu>-<date>.json`` (and a PNG), print the table."""
+def run(selected: list[Case], out_dir: Path, names=None, *, make_plot=True, profile=True) -> Path:
+    """Measure every case, write ``out_dir/<gpu>-<date>.json`` (and a PNG), print the table and
+    (``profile``) where each implementation's GPU time went."""
     now = datetime.datetime.now()
     results = {**environment(), "date": now.strftime("%Y-%m-%d"), "created": now.isoformat(timespec="seconds"),
                "dtype": "bfloat16", "sequence_length": SEQUENCE_LENGTH,
@@ -132,12 +146,14 @@ def run(selected: list[Case], out_dir: Path, names=None, *, make_plot=True) -> P
                "notes": [], "rows": [], "ratios": []}
     path = results_path(out_dir, results["gpu"], results["date"])
     for case in _progress(selected):
-        rows, notes = run_case(case, names)
+        rows, notes = run_case(case, names, profile=profile)
         results["rows"] += rows
         results["notes"] += [n for n in notes if n not in results["notes"]]
         results["ratios"] = ratios(results["rows"])
         write_results(path, results)
     print(format_table(results))
+    if profile:
+        print(format_breakdown(results))
     for note in results["notes"]:
         print("note:", note)
     print("wrote", path)

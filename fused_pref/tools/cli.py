@@ -108,7 +108,8 @@ def _bench(args) -> int:
         return 0
     from .benchmark import cases, run
 
-    run(cases(models, tokens, losses, prompt_fractions), args.out, args.impl, make_plot=not args.no_plot)
+    run(cases(models, tokens, losses, prompt_fractions), args.out, args.impl, make_plot=not args.no_plot,
+        profile=not args.no_profile)
     return 0
 
 
@@ -177,6 +178,8 @@ def main(argv=None) -> int:
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")
+    bench.add_argument("--no-profile", action="store_true",
+                       help="leave out the profiled call that splits each implementation's GPU time by kernel")
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)

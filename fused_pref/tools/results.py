@@ -4,7 +4,8 @@ repository's README is ``benchmarks/publish.py``, which is not part of the packa
 
 A results file is JSON with the environment (``gpu``, ``driver``, ``cuda``, ``torch``, ``triton``),
 ``date`` and ``created``, and ``rows``: one per (model, tokens, prompt_fraction, loss, impl, mode)
-with ``valid_tokens``, ``ms``, ``peak_gb`` and ``tflops``, or ``error``.
+with ``valid_tokens``, ``ms``, ``peak_gb`` and ``tflops``, or ``error``; profiled rows also have
+``kernels_ms`` (one call's GPU time per kernel family, ``kernel_times``) or ``kernels_error``.
 """
 
 import itertools
@@ -101,6 +102,22 @@ def format_table(results: dict) -> str:
                        if fused and fused["peak_gb"] > 0 else "")
                 lines.append(f"{head} {r['ms']:>9.2f} {r['peak_gb']:>8.2f} {r['tflops']:>8.1f} {rel}")
     return "\n".join(lines)
+
+
+def format_breakdown(results: dict, top: int = 5) -> str:
+    """Console lines: for every profiled row, where one call's GPU time went (``kernels_ms``), its
+    ``top`` kernel families in milliseconds and the rest as "other"."""
+    lines = ["GPU time of one profiled call per kernel family, ms (Triton kernels by name):"]
+    for r in results["rows"]:
+        head = f"{r['loss']:<14} {r['model']:<11} {r['tokens']:>6} {prompt_fraction(r):>6g} {r['mode']:<8} {r['impl']:<18}"
+        if "kernels_error" in r:
+            lines.append(f"{head} profiler failed: {r['kernels_error'][:80]}")
+        elif "kernels_ms" in r:
+            times = list(r["kernels_ms"].items())
+            parts = [f"{name} {ms:.1f}" for name, ms in times[:top]]
+            rest = sum(ms for _, ms in times[top:])
+            lines.append(f"{head} {', '.join(parts + ([f'other {rest:.1f}'] if rest else []))}")
+    return "\n".join(lines) if len(lines) > 1 else "no row was profiled"
 
 
 def plot(results: dict, png: Path) -> str:
