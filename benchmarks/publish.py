@@ -37,6 +37,8 @@ def newest_results(results_dir) -> Path | None:
 
 
 ENVIRONMENT = ("gpu", "driver", "cuda", "torch", "triton", "fused_pref")
+# Results files from before ``bench`` recorded how it called the fused path (``fused_calls``).
+LEGACY_FUSED_CALLS = "unvalidated (validate=False: its products spanned every token, prompt or not)"
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -76,7 +78,9 @@ def readme_section(results: dict | None, source: str = "") -> str:
              "(growth of `torch.cuda.max_memory_allocated`, gradients included); for a peer, its time and "
              f"memory over `{fused_names[0] if fused_names else 'fused'}`'s in brackets.  "
              "TFLOP/s divides the FLOP floor (8·N·D·V over the N valid tokens, those after the prompt, 10·N·D·V "
-             f"for DPO) by the fused path's time.  Generated from `{source}` by `python benchmarks/publish.py readme`.",
+             f"for DPO) by the fused path's time.  The fused path was called "
+             f"{results.get('fused_calls', LEGACY_FUSED_CALLS)}.  Generated from `{source}` by "
+             "`python benchmarks/publish.py readme`.",
              "",
              "| loss | model | tokens | prompt | " + " | ".join(impls) + " | fused TFLOP/s |",
              "| --- | --- | ---: | ---: | " + " | ".join("---" for _ in impls) + " | ---: |"]

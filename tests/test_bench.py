@@ -19,7 +19,7 @@ from fused_pref.tools.kernel_times import COPIES, GEMM, INDUCTOR, TORCH_KERNELS,
 from fused_pref.tools.peers import implementations
 from fused_pref.testing import kernel_device
 from fused_pref.testing import TOLERANCE, relative_error
-from fused_pref.tools.workload import LOSSES, MODELS, HeadShape, make_batch
+from fused_pref.tools.workload import FUSED_PLANS, LOSSES, MODELS, HeadShape, library_implementations, make_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -84,6 +84,7 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     results = json.loads(path.read_text())
     assert len(results["rows"]) == 2 * 2 * 2 * 2  # losses x prompt fractions x implementations x modes
     assert {r["impl"] for r in results["rows"]} == {"fused-vchunk", "reference"}
+    assert results["fused_calls"] == benchmark.FUSED_CALLS   # how the fused path was called, recorded
     # 2 sequences of 8 tokens: 6 valid each after a quarter of prompt, 4 after half.
     assert {(r["prompt_fraction"], r["valid_tokens"]) for r in results["rows"]} == {(0.25, 12), (0.5, 8)}
     assert all(r["tflops"] > 0 for r in results["rows"])
@@ -98,6 +99,22 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     breakdown = table[table.index("GPU time of one profiled call"):table.index("note:")].splitlines()
     assert len(breakdown) == 1 + 8 and all(line.endswith("fused-vchunk       linear_lse_kernel 6.0, cuBLAS products 3.0")
                                            for line in breakdown[1:]), breakdown
+
+
+def test_bench_runs_the_fused_calls_validated_and_the_accounting_not():
+    # Validated, as a user's default call: the backward's products then cover the valid tokens only.
+    # A label outside the vocabulary is what only validation sees.
+    batch = make_batch(2, 8, 16, 50, dtype=torch.float32, seed=0)
+    batch.labels[0, -1] = 50
+    timed, _ = implementations("simpo", None, [f"fused-{name}" for name in FUSED_PLANS] + ["fused-inforward"])
+    assert len(timed) == len(FUSED_PLANS) + 1
+    for name, fn in timed.items():
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 50\)"):
+            fn(*batch.inputs())
+    accounted = {name: fn for name, fn in library_implementations("simpo", validate=False).items()
+                 if name.startswith("fused-")}
+    for name, fn in accounted.items():
+        fn(*batch.inputs())   # no host read: the label goes unchecked
 
 
 def test_kernel_families_name_triton_kernels_and_group_the_rest():

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fused_pref.tools import results
+from fused_pref.tools import benchmark, results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,6 +112,12 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
             "| simpo | llama3-8b | 16384 | 0.5 | 60.0 ms, 1.50 GB | - | 150.0 ms, 30.00 GB (2.5x, 20.0x) | - | 500 |"
             ) in text
     assert "Cut Cross-Entropy has no preference losses" in text
+    # How the fused path was called: a file from before bench recorded it ran it unvalidated.
+    assert f"The fused path was called {publish.LEGACY_FUSED_CALLS}." in text
+    new["fused_calls"] = benchmark.FUSED_CALLS
+    results.write_results(results_dir / "a.json", new)
+    publish.main(["readme", "--results", str(results_dir), "--readme-path", str(readme)])
+    assert f"The fused path was called {new['fused_calls']}." in readme.read_text()
 
     for path in results_dir.glob("*.json"):
         path.unlink()

@@ -13,8 +13,9 @@ CUDA, where torch's ``addmm`` takes an fp32 ``out`` (``kernels/products.py``), c
 chunk's ``d_hidden`` product into the fp32 accumulator, without the ``2·N·D``-byte product the CPU
 makes first (``linear_grad.peak_temporaries``).
 Everything is bf16, with ``validate=False`` (no
-host sync, as in a training step), and ``N`` counts every token, since with ``validate=False`` the
-kernels' row index spans all of them.
+host sync), and ``N`` counts every token, since with ``validate=False`` the kernels' row index spans
+all of them: an upper bound on a validated call's (``bench``'s), whose ``N·D`` terms count the
+valid tokens only.
 """
 
 import functools
@@ -155,7 +156,7 @@ def peak_extra(step, batch) -> Peak:
 def fit_implementation(implementation: str, loss: str, softcap=None, design=DESIGN) -> Fit:
     """Measured at the ``design`` shapes and fitted; once per process for each argument set (a fit
     depends on the loss and the softcap, not on the model's sizes)."""
-    step = library_implementations(loss, softcap)[implementation]
+    step = library_implementations(loss, softcap, validate=False)[implementation]
     workspace = WORKSPACES.get(implementation)
     points, rows, targets = [], [], []
     for seed, (T, D, V) in enumerate(design):

@@ -27,6 +27,8 @@ from .results import format_breakdown, format_table, plot, ratios, results_path,
 from .workload import MODELS, SEQUENCE_LENGTH, floor_flops, make_batch, sequences_for
 
 MODES = ("fwd", "fwd+bwd")
+# How the fused path is called (``workload.library_implementations``), as every results file records it.
+FUSED_CALLS = "validated (validate=True, the default): products over the valid tokens"
 DEVICE = "cuda"
 # do_bench's budgets: warm-up and timed repetitions, in milliseconds of GPU time per figure.
 WARMUP_MS, REP_MS = 100, 500
@@ -143,6 +145,7 @@ def run(selected: list[Case], out_dir: Path, names=None, *, make_plot=True, prof
                "dtype": "bfloat16", "sequence_length": SEQUENCE_LENGTH,
                "timing": f"triton.testing.do_bench median, warmup {WARMUP_MS} ms, rep {REP_MS} ms",
                "memory": "torch.cuda.max_memory_allocated growth over the inputs, gradients included",
+               "fused_calls": FUSED_CALLS,
                "notes": [], "rows": [], "ratios": []}
     path = results_path(out_dir, results["gpu"], results["date"])
     for case in _progress(selected):

@@ -10,7 +10,6 @@ import torch
 
 import fused_pref
 from fused_pref.kernels import tile_plan
-from fused_pref.kernels.tiles import tiles_for
 
 
 @dataclass(frozen=True)
@@ -129,13 +128,14 @@ def in_plan(fn, plan: str):
     return call
 
 
-def library_implementations(loss: str, softcap=None) -> dict:
+def library_implementations(loss: str, softcap=None, *, validate: bool = True) -> dict:
     """This library's implementations of ``loss`` by name, as ``loss_fn`` functions: the fused path
-    once per tile plan, then the reference.  A plan whose logits come from cuBLAS runs validated, as a
-    user should run it: cuBLAS takes its sizes from the host, so without validation's host read its
-    products span every token, prompt or not (the tiles skip the ignored ones on the device)."""
-    impls = {f"fused-{name}": in_plan(loss_fn(fused_pref, loss, softcap=softcap,
-                                              validate=tiles_for(torch.bfloat16, plan).cublas_logits), plan)
+    once per tile plan, then the reference.  The fused calls are ``validate``d by default, as a user's
+    call is: cuBLAS takes its sizes from the host, so only after validation's host read do the
+    backward's products (and the "cublas" plan's logits) cover just the valid tokens; without it they
+    span every token, prompt or not (a third more product work at a quarter of prompt; the tiles
+    skip the ignored rows on the device either way).  The memory accounting runs them unvalidated."""
+    impls = {f"fused-{name}": in_plan(loss_fn(fused_pref, loss, softcap=softcap, validate=validate), plan)
              for name, plan in FUSED_PLANS.items()}
     impls["reference"] = loss_fn(fused_pref.reference, loss, softcap=softcap)
     return impls
