@@ -49,6 +49,8 @@ def merge_results(runs: list[dict]) -> dict:
         raise ValueError("no results to merge")
     for run in runs[1:]:
         differing = [k for k in ENVIRONMENT if run.get(k) != runs[0].get(k)]
+        if run.get("fused_calls", LEGACY_FUSED_CALLS) != runs[0].get("fused_calls", LEGACY_FUSED_CALLS):
+            differing.append("fused_calls")
         if differing:
             raise ValueError(f"results from different environments cannot be merged: {differing} differ")
     rows = {}

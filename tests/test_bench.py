@@ -54,9 +54,8 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
                                                            "torch": "t", "triton": "tr", "fused_pref": "0"})
     fake = {"fused-vchunk": (10.0, 1.0), "reference": (30.0, 8.0)}
 
-    def measure(fn, batch, mode, profile=False):
+    def measure(fn, batch, mode):
         name = [k for k, f in funcs.items() if f is fn][0]
-        profiled.add((name, mode, profile))
         ignored = int((batch.labels == -100).sum())
         assert ignored == {0.25: 2 * 2, 0.5: 2 * 4}[batch.prompt_fraction]  # of 2 sequences of 8 tokens
         loss = fn(*batch.inputs())
@@ -65,7 +64,11 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
             loss.backward()
             assert all(t.grad is not None for t in batch.grads)
         ms, gb = fake[name]
-        return {"ms": ms, "peak_gb": gb, **({"kernels_ms": {"linear_lse_kernel": 6.0, GEMM: 3.0}} if profile else {})}
+        return {"ms": ms, "peak_gb": gb}
+
+    def profile_kernels(fn, batch, mode):
+        profiled.add(([k for k, f in funcs.items() if f is fn][0], mode))
+        return {"kernels_ms": {"linear_lse_kernel": 6.0, GEMM: 3.0}}
 
     funcs, profiled = {}, set()
     real_implementations = benchmark.implementations
@@ -76,6 +79,7 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
         return found, notes
 
     monkeypatch.setattr(benchmark, "measure", measure)
+    monkeypatch.setattr(benchmark, "profile_kernels", profile_kernels)
     monkeypatch.setattr(benchmark, "implementations", recording_implementations)
     path = benchmark.run(benchmark.cases(["tiny"], [16], ["simpo", "dpo"], [0.25, 0.5]), tmp_path,
                          ["fused-vchunk", "reference", "cce"], make_plot=False)
@@ -94,17 +98,17 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     table = capsys.readouterr().out
     assert "Fake GPU 1" in table and "   3.00     8.0" in table
     # The kernel split: every implementation but the reference, each mode, printed after the table.
-    assert profiled == {(name, mode, name == "fused-vchunk") for name in fake for mode in ("fwd", "fwd+bwd")}
+    assert profiled == {("fused-vchunk", "fwd"), ("fused-vchunk", "fwd+bwd")}
     assert sum("kernels_ms" in r for r in results["rows"]) == 8
     breakdown = table[table.index("GPU time of one profiled call"):table.index("note:")].splitlines()
     assert len(breakdown) == 1 + 8 and all(line.endswith("fused-vchunk       linear_lse_kernel 6.0, cuBLAS products 3.0")
                                            for line in breakdown[1:]), breakdown
 
 
-def test_bench_runs_the_fused_calls_validated_and_the_accounting_not():
+def test_bench_runs_the_fused_calls_validated_and_the_accounting_not(device):
     # Validated, as a user's default call: the backward's products then cover the valid tokens only.
     # A label outside the vocabulary is what only validation sees.
-    batch = make_batch(2, 8, 16, 50, dtype=torch.float32, seed=0)
+    batch = make_batch(2, 8, 16, 50, dtype=torch.float32, device=device, seed=0)
     batch.labels[0, -1] = 50
     timed, _ = implementations("simpo", None, [f"fused-{name}" for name in FUSED_PLANS] + ["fused-inforward"])
     assert len(timed) == len(FUSED_PLANS) + 1
@@ -115,6 +119,18 @@ def test_bench_runs_the_fused_calls_validated_and_the_accounting_not():
                  if name.startswith("fused-")}
     for name, fn in accounted.items():
         fn(*batch.inputs())   # no host read: the label goes unchecked
+
+
+def test_a_profiler_that_sees_nothing_leaves_the_row_its_timing(monkeypatch, device):
+    def sees_nothing(step):
+        step()
+        raise RuntimeError("the profiler recorded no GPU kernel (is CUPTI available?)")
+
+    monkeypatch.setattr(benchmark, "kernel_times", sees_nothing)
+    batch = make_batch(2, 8, 16, 50, dtype=torch.float32, device=device)
+    fn = library_implementations("simpo")["fused-vchunk"]
+    assert benchmark.profile_kernels(fn, batch, "fwd+bwd") == {
+        "kernels_error": "RuntimeError: the profiler recorded no GPU kernel (is CUPTI available?)"}
 
 
 def test_kernel_families_name_triton_kernels_and_group_the_rest():

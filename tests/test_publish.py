@@ -73,6 +73,11 @@ def test_runs_split_over_calls_merge_into_one_results_file():
         ("reference", 0.25, 990.0 / 170.0)]
     with pytest.raises(ValueError, match=r"different environments.*\['gpu'\]"):
         publish.merge_results([first, _results("NVIDIA H100", "2026-11-26T10:00:00", [])])
+    # A run that called the fused path validated does not merge with one from before it was recorded.
+    validated = {**_results("NVIDIA H200", "2026-11-26T10:00:00", []), "fused_calls": benchmark.FUSED_CALLS}
+    with pytest.raises(ValueError, match=r"different environments.*\['fused_calls'\]"):
+        publish.merge_results([first, validated])
+    assert publish.merge_results([validated, validated])["fused_calls"] == benchmark.FUSED_CALLS
 
 
 def test_readme_section_comes_from_the_newest_results_file(tmp_path):

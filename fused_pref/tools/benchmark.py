@@ -6,8 +6,9 @@ forward+backward) the inputs are made afresh, random (never zeros) and identical
 implementations; a first call outside every figure compiles and autotunes; peak memory is the growth of
 ``torch.cuda.max_memory_allocated`` over the inputs during one call (gradients included, since a
 training step allocates them); time is the median of ``triton.testing.do_bench``; and, unless
-``--no-profile``, one more call under torch's profiler splits its GPU time by kernel
-(``kernel_times``: which part of a path is slow, not only how slow).  The results file is rewritten
+``--no-profile``, once a case's timings are done, one more call of each implementation under torch's
+profiler splits its GPU time by kernel (``kernel_times``: which part of a path is slow, not only how
+slow; after the timings, so that no profiler state can weigh on them).  The results file is rewritten
 after every case, so a run cut short keeps what it measured.
 """
 
@@ -64,17 +65,19 @@ def _clear_grads(batch):
         t.grad = None
 
 
-def measure(fn, batch, mode: str, profile: bool = False) -> dict:
-    """``ms`` (median) and ``peak_gb`` of ``fn(*batch.inputs())``, with ``.backward()`` for "fwd+bwd";
-    with ``profile``, ``kernels_ms``: one more call's GPU time per kernel family (``kernel_times``),
-    or ``kernels_error`` where the profiler failed (the timing is kept)."""
-    from triton.testing import do_bench
-
+def _step(fn, batch, mode: str):
     def step():
         loss = fn(*batch.inputs())
         if mode == "fwd+bwd":
             loss.backward()
+    return step
 
+
+def measure(fn, batch, mode: str) -> dict:
+    """``ms`` (median) and ``peak_gb`` of ``fn(*batch.inputs())``, with ``.backward()`` for "fwd+bwd"."""
+    from triton.testing import do_bench
+
+    step = _step(fn, batch, mode)
     step()
     _clear_grads(batch)
     torch.cuda.synchronize()
@@ -85,14 +88,19 @@ def measure(fn, batch, mode: str, profile: bool = False) -> dict:
     peak = torch.cuda.max_memory_allocated() - base
     _clear_grads(batch)
     ms = do_bench(step, warmup=WARMUP_MS, rep=REP_MS, grad_to_none=batch.grads, return_mode="median")
-    out = {"ms": ms, "peak_gb": peak / 1e9}
-    if profile:
-        _clear_grads(batch)
-        try:
-            out["kernels_ms"] = kernel_times(step)
-        except Exception as error:  # CUPTI unavailable, say: the timing above still stands
-            out["kernels_error"] = f"{type(error).__name__}: {error}"[:300]
-    return out
+    return {"ms": ms, "peak_gb": peak / 1e9}
+
+
+def profile_kernels(fn, batch, mode: str) -> dict:
+    """``kernels_ms``: one call's GPU time per kernel family (``kernel_times``, after a warm call), or
+    ``kernels_error`` where the profiler failed."""
+    step = _step(fn, batch, mode)
+    step()
+    _clear_grads(batch)
+    try:
+        return {"kernels_ms": kernel_times(step)}
+    except Exception as error:  # CUPTI unavailable, say: the row's timing still stands
+        return {"kernels_error": f"{type(error).__name__}: {error}"[:300]}
 
 
 def _progress(items):
@@ -108,20 +116,30 @@ def _progress(items):
 
 def run_case(case: Case, names=None, *, seed=0, profile=True) -> tuple[list[dict], list[str]]:
     """Rows (one per implementation and mode) and notes (skipped peers) for one case; ``profile``:
-    the kernel split of every implementation but the plain-PyTorch reference (``measure``)."""
+    then the kernel split of every measured implementation but the plain-PyTorch reference
+    (``profile_kernels``)."""
     head = MODELS[case.model]
     R = sequences_for(case.tokens)
     funcs, notes = implementations(case.loss, head.softcap, names)
+
+    def fresh_batch():
+        return make_batch(R, SEQUENCE_LENGTH, head.hidden, head.vocab, dtype=torch.bfloat16, device=DEVICE,
+                          seed=seed, reference_model=case.loss == "dpo", prompt_fraction=case.prompt_fraction)
+
+    def release(batch):
+        del batch
+        gc.collect()
+        torch.cuda.empty_cache()
+
     rows = []
     for name, fn in funcs.items():
         for mode in MODES:
-            batch = make_batch(R, SEQUENCE_LENGTH, head.hidden, head.vocab, dtype=torch.bfloat16, device=DEVICE,
-                               seed=seed, reference_model=case.loss == "dpo", prompt_fraction=case.prompt_fraction)
+            batch = fresh_batch()
             row = {"model": case.model, "tokens": case.tokens, "prompt_fraction": case.prompt_fraction,
                    "valid_tokens": batch.valid_tokens, "loss": case.loss, "D": head.hidden, "V": head.vocab,
                    "softcap": head.softcap, "impl": name, "mode": mode}
             try:
-                row.update(measure(fn, batch, mode, profile=profile and not name.startswith("reference")))
+                row.update(measure(fn, batch, mode))
                 flops = floor_flops(case.loss, batch.valid_tokens, head.hidden, head.vocab,
                                     backward=mode == "fwd+bwd")
                 row["tflops"] = flops / (row["ms"] * 1e-3) / 1e12
@@ -131,9 +149,12 @@ def run_case(case: Case, names=None, *, seed=0, profile=True) -> tuple[list[dict
                 row["error"] = f"{type(error).__name__}: {error}"[:300]
                 print(f"{name} {mode} {case}: {row['error']}", file=sys.stderr, flush=True)
             rows.append(row)
-            del batch
-            gc.collect()
-            torch.cuda.empty_cache()
+            release(batch)
+    for row in rows if profile else ():
+        if "ms" in row and row["impl"] != "reference":
+            batch = fresh_batch()
+            row.update(profile_kernels(funcs[row["impl"]], batch, row["mode"]))
+            release(batch)
     return rows, notes
 
 

@@ -15,6 +15,8 @@ GEMM = "cuBLAS products"
 TORCH_KERNELS = "torch's kernels"
 COPIES = "copies and fills"
 INDUCTOR = "Inductor's kernels"
+# GPU-side events that are waits, not work (recorded where CUDA sync events are switched on).
+_WAITS = ("Context Sync", "Stream Sync", "Event Sync")
 # Substrings of the names of cuBLAS's (and cuBLASLt's) kernels: sm90_xmma_gemm_..., nvjet_... on
 # Hopper with CUDA 12.8 and later, cutlass_80_tensorop_... and ..._gemm_... elsewhere.
 _GEMM_MARKERS = ("gemm", "nvjet", "cutlass", "xmma")
@@ -45,7 +47,8 @@ def by_family(kernels) -> dict[str, float]:
 
 
 def kernel_times(step) -> dict[str, float]:
-    """Milliseconds of GPU time per kernel family in one call of ``step`` (CUDA)."""
+    """Milliseconds of GPU time per kernel family in one call of ``step`` (CUDA); raises where the
+    profiler saw no GPU work (CUPTI unavailable), so that no row reads as profiled and empty."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -54,9 +57,13 @@ def kernel_times(step) -> dict[str, float]:
         step()
         torch.cuda.synchronize()
     # GPU-side events only (kernels, copies, fills); user annotations mirrored on the GPU span
-    # kernels already counted.
-    return by_family((event.name, event.time_range.elapsed_us()) for event in profiler.events()
-                     if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False))
+    # kernels already counted, and sync events are waits.
+    times = by_family((event.name, event.time_range.elapsed_us()) for event in profiler.events()
+                      if event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+                      and event.name not in _WAITS)
+    if not times:
+        raise RuntimeError("the profiler recorded no GPU kernel (is CUPTI available?)")
+    return times
 
 
 __all__ = ["by_family", "kernel_family", "kernel_times"]
