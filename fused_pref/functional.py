@@ -307,21 +307,29 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     return _with_gradients(loss, r, weight, bias, needs, grads)
 
 
-def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_logps) -> PreferenceOutput:
-    """``backward="in_forward"`` for a pair loss over the tokens ``r``: the log-probs and the gradients
-    from blocks of whole pairs (``gradient_in_forward.preference_and_gradients``), the output
-    assembled from them as the default path does, its loss carrying the gradients (every other
-    field is detached anyway)."""
+def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_logps,
+                           token_metrics=False) -> PreferenceOutput:
+    """``backward="in_forward"`` for a pair loss over the tokens ``r``: the log-probs (and with
+    ``token_metrics`` the per-token entropy and argmax) and the gradients from blocks of whole pairs
+    (``gradient_in_forward.preference_and_gradients``), the output assembled from them as the
+    default path does, its loss carrying the gradients (every other field is detached anyway)."""
     needs = _needs_gradients(r.hidden, weight, bias)
     with torch.no_grad():
-        logp, logit_sum, grads = ops.preference_gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows,
-                                                                    ref_logps, needs, spec, options,
-                                                                    _block_vocab(r, weight))
+        # A shard's first vocabulary id as a device tensor for the argmax merge: an int's is a fill,
+        # not a copy from the host.
+        vocab_start = None
+        if r.shard is not None and token_metrics:
+            vocab_start = r.shard.start if torch.is_tensor(r.shard.start) else torch.full(
+                (), r.shard.start, dtype=torch.int64, device=r.hidden.device)
+        logp, logit_sum, entropy, argmax, grads = ops.preference_gradient_in_forward(
+            r.hidden, weight, bias, r.labels, r.valid, r.rows, ref_logps, needs, spec, options, _block_vocab(r, weight),
+            token_metrics, vocab_start)
         shape = r.checked.valid.shape
         empty = logp.new_empty(0)
+        stats = (entropy.view(shape), argmax.view(shape)) if token_metrics else (empty, empty)
         tokens = _Tokens(logp.view(shape), r.checked.valid, logit_sum.view(shape), r.vocab_size, r.targets,
-                         empty, empty, empty)
-        out = _preference(tokens, spec, ref_logps, options.cu_seqlens)
+                         *stats, empty)
+        out = _preference(tokens, spec, ref_logps, options.cu_seqlens, token_metrics)
     return replace(out, loss=_with_gradients(out.loss, r, weight, bias, needs, grads))
 
 
@@ -373,11 +381,11 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
     """The body of every reference-free preference loss on the Triton path."""
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats(options, {"token_metrics": token_metrics})
+    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=True)
     if options.backward == "in_forward":
         r = _rows(hidden, weight, labels, options, resolve_shard(weight, options),
                   mean_over_sequences=spec.reduction == "mean")
-        return _preference_in_forward(spec, r, weight, bias, options, None)
+        return _preference_in_forward(spec, r, weight, bias, options, None, token_metrics)
     tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=spec.reduction == "mean",
                              logit_sum=True, token_stats=token_metrics)
     return _preference(tokens, spec, None, options.cu_seqlens, token_metrics)
@@ -487,7 +495,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats(options, {"token_metrics": token_metrics})
+    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=True)
     mean = spec.reduction == "mean"
     # The policy's tokens first: their labels are checked there, and are the reference model's too.
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
@@ -504,7 +512,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
             ref_logps = _sequence_logps(ref_tokens, spec.reduction, options.cu_seqlens)[0]
     ref_logps = ref_logps.detach().float()
     if options.backward == "in_forward":
-        return _preference_in_forward(spec, r, weight, bias, options, ref_logps)
+        return _preference_in_forward(spec, r, weight, bias, options, ref_logps, token_metrics)
     return _preference(tokens, spec, ref_logps, options.cu_seqlens, token_metrics)
 
 

@@ -47,7 +47,8 @@ interpreter's tests; the copies cost 4VD more there).
 import torch
 
 from .distributed import all_reduce_sum, combine_partials
-from .kernels.cross_entropy_block import block_dz_from_lse, block_lse_and_target, cross_entropy_block, new_workspace
+from .kernels.cross_entropy_block import (block_dz_from_lse, block_lse_and_target, cross_entropy_block, new_stats,
+                                          new_workspace)
 from .kernels.pref_head import preference_head_forward
 from .kernels.products import add_product, fp32_logits, has_out_dtype_mm, whole_row_tiles
 from .segments import sequence_sums
@@ -70,17 +71,20 @@ def rows_per_block(n_rows: int, vocab: int, dtype: torch.dtype, workspace_bytes:
     return min(rows_within(vocab, dtype, workspace_bytes, sharded), max(1, -(-n_rows // 16)))
 
 
-def _block_over_shards(logits, bias, label, dz, logit_sums, group, *, softcap, temperature):
-    """A block's ``-logp`` (and logit sums) over the whole vocabulary when this rank holds a shard
-    of it: the shard's lse and target logit (and sums) merged across ``group``, then ``dz`` from
+def _block_over_shards(logits, bias, label, dz, logit_sums, stats, group, vocab_start, *, softcap, temperature):
+    """A block's ``-logp`` (and logit sums, and with ``stats`` its rows' entropy and argmax) over the
+    whole vocabulary when this rank holds a shard of it, the shard's first id ``vocab_start``: the
+    shard's lse and target logit (and sums and statistics) merged across ``group``, then ``dz`` from
     the merged lse, the one-hot only where this shard holds the label.  Every row's lse is finite
     here (the block's rows all have their logits), as ``combine_partials`` needs."""
     sums = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) if logit_sums else None
-    lse, target = block_lse_and_target(logits, bias, label, softcap=softcap, temperature=temperature, logit_sum=sums)
-    lse, target, sums, _ = combine_partials(lse, target, lse.new_empty(0) if sums is None else sums, group)
+    lse, target = block_lse_and_target(logits, bias, label, softcap=softcap, temperature=temperature, logit_sum=sums,
+                                       stats=stats)
+    lse, target, sums, stats = combine_partials(lse, target, lse.new_empty(0) if sums is None else sums, group, stats,
+                                                vocab_start)
     if dz is not None:
         block_dz_from_lse(logits, bias, label, lse, dz, softcap=softcap, temperature=temperature)
-    return lse - target, sums if logit_sums else None
+    return lse - target, sums if logit_sums else None, stats
 
 
 class _Fp32Products:
@@ -112,7 +116,8 @@ class _Fp32Products:
 
 
 def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, *, sub_rows, softcap,
-                        temperature, logit_sums=False, weight_bound=None, group=None):
+                        temperature, logit_sums=False, token_stats=False, weight_bound=None, group=None,
+                        vocab_start=None):
     """Per-token log-probs, and the gradients of ``sum_i s_i * (-logp_i)``, one block of rows at a time.
 
     ``blocks``: int64 indices into the flat ``R * T`` tokens, each block's rows at once in the ``dz``
@@ -121,10 +126,12 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     The logits are computed ``sub_rows`` rows at a time; with ``group``, ``weight`` and ``bias`` are
     this rank's shard of the vocabulary (``labels`` relative to it) and a block's logits are computed
     at once (``_block_over_shards``), ``d_hidden`` summed across the group in fp32 at the end, and
-    ``d_weight`` / ``d_bias`` are the shard's.  Returns fp32 ``logp`` ``[R*T]`` (0 outside
-    the blocks and at ignored rows), the per-token sums of logits likewise (or None), and
-    ``d_hidden``, ``d_weight``, ``d_bias`` (None where ``needs`` says no) in the input dtype, fp32
-    for fp16 inputs (the backward casts them after scaling by ``grad_output``).
+    ``d_weight`` / ``d_bias`` are the shard's (its first vocabulary id ``vocab_start``, a device
+    scalar, for the argmax).  Returns fp32 ``logp`` ``[R*T]`` (0 outside the blocks and at ignored
+    rows), the per-token sums of logits likewise (or None), with ``token_stats`` the per-token
+    ``(entropy, argmax)`` (fp32 0 and int64 -1 at ignored rows; else None), and ``d_hidden``,
+    ``d_weight``, ``d_bias`` (None where ``needs`` says no) in the input dtype, fp32 for fp16 inputs
+    (the backward casts them after scaling by ``grad_output``).
 
     ``dz`` is unscaled (``cross_entropy_block``): each row's weight goes on the other operand, as the
     default backward applies its per-row weight.  In fp16 that operand must keep its normal range
@@ -141,6 +148,7 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     products = _Fp32Products(weight)
     logp = torch.zeros(R * T, dtype=torch.float32, device=hidden.device)
     sums = torch.zeros_like(logp) if logit_sums else None
+    stats = (torch.zeros_like(logp), torch.full_like(logp, -1, dtype=torch.int64)) if token_stats else None
     # fp16 gradients stay fp32 until the backward scales them: rounded to fp16 before the loss scale
     # multiplies them, small ones would be lost (loss scaling exists for exactly that).
     fp16 = hidden.dtype == torch.float16
@@ -158,9 +166,12 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
         label = torch.where(kept, labels[index], 0)
         n = index.numel()
         dz = new_workspace(n, V, weight.dtype, hidden.device) if any(needs) else None
+        # This block's (entropy, argmax, max logit); a shard's are merged into the whole vocabulary's.
+        block_stats = new_stats(n, hidden.device) if token_stats else None
         if group is not None:
-            nlp, block_sums = _block_over_shards(products.logits(h), bias, label, dz, logit_sums, group,
-                                                 softcap=softcap, temperature=temperature)
+            nlp, block_sums, block_stats = _block_over_shards(products.logits(h), bias, label, dz, logit_sums,
+                                                              block_stats, group, vocab_start, softcap=softcap,
+                                                              temperature=temperature)
         else:
             nlp = torch.empty(n, dtype=torch.float32, device=hidden.device)
             block_sums = torch.empty_like(nlp) if logit_sums else None
@@ -169,10 +180,14 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
                 part = slice(a, a + sub_rows)
                 nlp[part] = cross_entropy_block(products.logits(h[part]), bias, label[part], softcap=softcap,
                                                 temperature=temperature, dz=None if dz is None else dz[part],
-                                                logit_sum=None if block_sums is None else block_sums[part])
+                                                logit_sum=None if block_sums is None else block_sums[part],
+                                                stats=None if block_stats is None else [t[part] for t in block_stats])
         logp[index] = torch.where(kept, -nlp, 0.0)
         if sums is not None:
             sums[index] = torch.where(kept, block_sums, 0.0)
+        if stats is not None:
+            stats[0][index] = torch.where(kept, block_stats[0], 0.0)
+            stats[1][index] = torch.where(kept, block_stats[1], -1)
         if dz is None:
             continue
         dz = dz.to(weight.dtype)  # a no-op on a GPU; the interpreter's workspace is fp32 (tiles.workspace_dtype)
@@ -196,7 +211,7 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
         d_bias = None if d_bias is None else d_bias.mul_(weight_bound)
     if d_hidden is not None and group is not None:
         d_hidden = all_reduce_sum(d_hidden, group).to(grad_dtype)
-    return (logp, sums, d_hidden, None if d_weight is None else d_weight.to(grad_dtype),
+    return (logp, sums, stats, d_hidden, None if d_weight is None else d_weight.to(grad_dtype),
             None if d_bias is None else d_bias.to(grad_dtype))
 
 
@@ -215,7 +230,7 @@ def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_s
                            sharded=group is not None)
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     bound = row_scale.abs().max() if row_scale.numel() else row_scale.new_ones(())
-    logp, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
+    logp, _, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
                                           lambda b, index, logp: row_scale[index], needs, sub_rows=-(-block // 2),
                                           softcap=softcap, temperature=temperature,
                                           weight_bound=torch.where(bound > 0, bound, 1.0), group=group)
@@ -278,10 +293,12 @@ def pair_blocks(rows, valid, sequence_of, num_pairs, rows_per_block):
 
 def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, *, head,
                              reduction, beta, gamma, label_smoothing, tau, sft_weight, softcap, temperature,
-                             workspace_bytes, group=None, block_vocab=None):
-    """Per-token log-probs and sums of logits (fp32 ``[R*T]``, 0 at ignored positions) and the
-    gradients (as ``gradients_by_blocks``) of a pair loss: ``mean_j head(S[j], S[j+B], Ref[j],
-    Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under ``reduction``.
+                             workspace_bytes, token_stats=False, group=None, block_vocab=None, vocab_start=None):
+    """Per-token log-probs and sums of logits (fp32 ``[R*T]``, 0 at ignored positions), with
+    ``token_stats`` the per-token entropy and argmax (the token metrics, from the blocks' first
+    pass), and the gradients (as ``gradients_by_blocks``) of a pair loss: ``mean_j head(S[j],
+    S[j+B], Ref[j], Ref[j+B]) + sft_weight * NLL(chosen)``, ``S`` the per-sequence log-probs under
+    ``reduction``.
 
     The gradient w.r.t. a token's log-prob is its sequence's ``dLoss/dS`` (times ``1/count`` under
     "mean"), known once the pair's every token is: blocks of at most ``workspace_bytes`` hold whole
@@ -293,7 +310,8 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
 
     Layout as ``cross_entropy_and_gradients``; ``cu_seqlens`` for a packed batch (``R = 1``) or None
     for padded sequences ``[2B, T]``; ``ref_logps`` ``[2B]`` fp32 or None; ``group`` and
-    ``block_vocab`` as in ``cross_entropy_and_gradients``."""
+    ``block_vocab`` as in ``cross_entropy_and_gradients``, ``vocab_start`` as in
+    ``gradients_by_blocks``."""
     R, T, _ = hidden.shape
     num_sequences = R if cu_seqlens is None else cu_seqlens.numel() - 1
     B = num_sequences // 2
@@ -344,4 +362,5 @@ def preference_and_gradients(hidden, weight, bias, labels, valid, rows, cu_seqle
         return torch.where(valid[index], -d_logp, 0.0)
 
     return gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_of, needs, sub_rows=sub_rows,
-                               softcap=softcap, temperature=temperature, logit_sums=True, group=group)
+                               softcap=softcap, temperature=temperature, logit_sums=True, token_stats=token_stats,
+                               group=group, vocab_start=vocab_start)

@@ -104,20 +104,26 @@ def preference_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
                           valid: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor | None,
                           ref_logps: torch.Tensor | None, needs: list[bool], head: str, reduction: str, beta: float,
                           gamma: float, label_smoothing: float, tau: float, sft_weight: float, softcap: float | None,
-                          temperature: float, workspace_bytes: int, group: str | None,
-                          block_vocab: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    logp, sums, *grads = preference_and_gradients(
+                          temperature: float, workspace_bytes: int, token_stats: bool, group: str | None,
+                          block_vocab: int, vocab_start: torch.Tensor | None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    logp, sums, stats, *grads = preference_and_gradients(
         hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, tuple(needs), head=head, reduction=reduction,
         beta=beta, gamma=gamma, label_smoothing=label_smoothing, tau=tau, sft_weight=sft_weight, softcap=softcap,
-        temperature=temperature, workspace_bytes=workspace_bytes, group=group_named(group), block_vocab=block_vocab)
-    return logp, sums, _stored_gradients(grads, hidden)
+        temperature=temperature, workspace_bytes=workspace_bytes, token_stats=token_stats, group=group_named(group),
+        block_vocab=block_vocab, vocab_start=vocab_start)
+    entropy, argmax = stats if token_stats else (logp.new_empty(0), logp.new_empty(0, dtype=torch.int64))
+    return logp, sums, entropy, argmax, _stored_gradients(grads, hidden)
 
 
 @preference_in_forward.register_fake
 def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, head, reduction, beta, gamma,
-      label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes, group, block_vocab):
+      label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes, token_stats, group, block_vocab,
+      vocab_start):
     logp = hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
-    return logp, torch.empty_like(logp), _fake_stored_gradients(hidden, weight, needs)
+    stats = logp.numel() if token_stats else 0
+    return (logp, torch.empty_like(logp), logp.new_empty(stats), logp.new_empty(stats, dtype=torch.int64),
+            _fake_stored_gradients(hidden, weight, needs))
 
 
 @torch.library.custom_op("fused_pref::logprobs_in_blocks", mutates_args=())
@@ -176,13 +182,15 @@ def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, ne
 
 
 def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, ref_logps, needs, spec, options,
-                                   block_vocab):
-    """``(logp, logit sums, [d_hidden, d_weight, d_bias])`` of a pair loss (empty where not in
-    ``needs``): ``preference_in_forward`` with ``spec`` and ``options`` flattened."""
+                                   block_vocab, token_stats=False, vocab_start=None):
+    """``(logp, logit sums, entropy, argmax, [d_hidden, d_weight, d_bias])`` of a pair loss (the
+    statistics empty unless ``token_stats``, a gradient where not in ``needs``; ``vocab_start`` a
+    shard's first id, a device scalar): ``preference_in_forward`` with ``spec`` and ``options``
+    flattened."""
     return preference_in_forward(hidden, weight, bias, labels, valid, rows, options.cu_seqlens, ref_logps, list(needs),
                                  spec.head, spec.reduction, spec.beta, spec.gamma, spec.label_smoothing, spec.tau,
                                  spec.sft_weight, options.softcap, options.temperature, options.workspace_bytes,
-                                 group_name(options.process_group), block_vocab)
+                                 token_stats, group_name(options.process_group), block_vocab, vocab_start)
 
 
 def logprobs_without_gradients(hidden, weight, bias, labels, valid, rows, options, block_vocab):

@@ -229,12 +229,14 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size, st
                              **(stats or {}))
 
 
-def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
-    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None."""
-    validation.check_token_stats(options, {"token_metrics": token_metrics})
+def _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=False):
+    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None;
+    a pair loss (``pairs``) has them under ``backward="in_forward"`` too."""
+    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=pairs)
     if not token_metrics:
         return None
-    _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options, token_stats=True)
+    _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias,
+                                                            replace(options, backward="auto"), token_stats=True)
     return dict(entropy_sums=_per_sequence(entropy, labels, options.cu_seqlens),
                 correct_counts=_per_sequence(((argmax == targets) & valid).long(), labels, options.cu_seqlens))
 
@@ -242,7 +244,7 @@ def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
 def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_metrics) -> PreferenceOutput:
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics)
+    stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=True)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
     return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0], stats)
 
@@ -284,7 +286,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
+    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics, pairs=True)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
                                                       spec.reduction)
     if ref_logps is None:

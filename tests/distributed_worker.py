@@ -10,6 +10,7 @@
 Each check raises on a mismatch (non-zero exit) and rank 0 prints one "ok <check>" line.
 """
 
+import math
 import os
 import sys
 
@@ -223,7 +224,7 @@ def vocab_parallel_in_forward():
     lse merged across the ranks before its ``dz``, ``d_hidden`` summed; values and gradients equal
     the unsharded reference, for cross-entropy (class weights, softcap, temperature), SimPO, DPO with
     a reference model (its log-probs by the same blocks) and a pair loss whose pairs are cut into
-    several blocks, validated or not."""
+    several blocks, validated or not; and SimPO's token metrics."""
     rank, world = dist.get_rank(), dist.get_world_size()
     V = SHAPE[3]
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
@@ -260,6 +261,22 @@ def vocab_parallel_in_forward():
             for what, param, reference in (("d_weight", weight, ref["weight"]), ("d_bias", bias, ref["bias"])):
                 grad = param.grad.full_tensor() if given == "dtensor" else param.grad
                 _close(grad, reference.grad if given == "dtensor" else reference.grad[mine], f"{tag} {what}")
+
+    # TRL's token metrics (entropy, mean token accuracy) from each shard's first pass, merged across
+    # the ranks: the unsharded reference's, with whole pairs per block and with pairs cut.
+    full = make_inputs(*SHAPE, seed=17)
+    ref = as_reference(full)
+    expected = fused_pref.reference.simpo_loss(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                               token_metrics=True).metrics()
+    assert expected["mean_token_accuracy"] > 0
+    for given, validate in (("process_group", True), ("process_group", False), ("dtensor", True)):
+        weight, bias, kwargs = _sharded_head(full, given, mine)
+        for workspace in ({}, {"workspace_bytes": 64128}):
+            got = fused_pref.simpo_loss(full["hidden"], weight, full["labels"], bias, token_metrics=True,
+                                        backward="in_forward", validate=validate, **workspace, **kwargs).metrics()
+            for key in ("entropy", "mean_token_accuracy"):
+                assert math.isclose(got[key], expected[key], rel_tol=1e-5), (rank, given, validate, workspace, key,
+                                                                             got[key], expected[key])
 
 
 def vocab_parallel_compiled():

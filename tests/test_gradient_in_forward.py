@@ -3,12 +3,14 @@ reference (which ignores ``backward``), on the shapes of the parity tests, with 
 enough that every call runs several; and what holds for every loss of the mode (the pair losses'
 own tests are in test_preference_in_forward.py)."""
 
+import math
+
 import pytest
 import torch
 
 import fused_pref
 from fused_pref import gradient_in_forward
-from fused_pref.kernels.cross_entropy_block import cross_entropy_block
+from fused_pref.kernels.cross_entropy_block import block_lse_and_target, cross_entropy_block, new_stats
 from fused_pref.testing import compare, make_inputs, relative_error
 from fused_pref.tools.memory import AllocationRecorder
 
@@ -71,6 +73,37 @@ def test_blocks_of_rows():
     # of the rows, 768.
     assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, 2**28) == 512
     assert gradient_in_forward.rows_per_block(12_288, 128_256, torch.bfloat16, 2**29) == 768
+
+
+@pytest.mark.parametrize("write_dz", [True, False], ids=["dz", "loss-alone"])
+def test_block_kernel_statistics(write_dz, device):
+    # Entropy, argmax and max logit from the first pass, against torch in fp64: ties inside one lane
+    # (columns 3 and 3 + 2048, two steps apart) and across lanes (10 and 7) go to the first column,
+    # as torch.argmax; a flat row has the largest entropy, log V, and argmax 0; V past two steps.
+    gen = torch.Generator().manual_seed(1)
+    V = 4099
+    logits = torch.randn(5, V, generator=gen) * 4
+    logits[0, [3, 2051]] = 30.0
+    logits[1, [10, 7]] = 30.0
+    logits[2, V - 1] = 30.0
+    logits[3] = 0.25
+    logits[4] += 100
+    labels = torch.tensor([3, 7, 0, 1, 5])
+    stats = new_stats(5, device)
+    dz = torch.empty(5, V, device=device) if write_dz else None
+    cross_entropy_block(logits.to(device), None, labels.to(device), temperature=0.5, dz=dz, stats=stats)
+    z = logits.double() / 0.5
+    p = torch.softmax(z, dim=1)
+    entropy = torch.logsumexp(z, dim=1) - (p * z).sum(1)
+    assert relative_error(stats[0].cpu(), entropy) < 1e-5
+    assert abs(stats[0][3].item() - math.log(V)) < 1e-5
+    assert stats[1].cpu().tolist() == z.argmax(1).tolist() == [3, 7, V - 1, 0, z[4].argmax().item()]
+    assert relative_error(stats[2].cpu(), z.max(1).values) < 1e-6
+    # The same statistics from the first pass that keeps the lse and target apart (a shard's).
+    apart = new_stats(5, device)
+    block_lse_and_target(logits.to(device), None, labels.to(device), temperature=0.5, stats=apart)
+    for mine, theirs in zip(apart, stats, strict=True):
+        assert torch.equal(mine, theirs)
 
 
 @pytest.mark.parametrize("softcap", [None, 30.0], ids=["nocap", "softcap"])

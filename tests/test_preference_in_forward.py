@@ -180,6 +180,32 @@ def test_same_values_and_gradients_as_the_default_path(device):
         assert relative_error(x[name].grad, y[name].grad) < 1e-6, name
 
 
+@pytest.mark.parametrize("workspace", WORKSPACES.values(), ids=WORKSPACES.keys())
+@pytest.mark.parametrize("softcap", [None, 20.0], ids=["nocap", "softcap"])
+def test_token_metrics(softcap, workspace, device):
+    # TRL DPOTrainer's entropy and mean_token_accuracy, from the blocks' first pass (pairs cut into
+    # blocks of one row too): against the fp64 reference, and the accuracy against the default path's
+    # to the last token (both take the first column of a tie, as torch.argmax).
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=29)
+    y = {k: (v.detach().clone().requires_grad_() if v.dtype.is_floating_point else v) if v is not None else None
+         for k, v in x.items()}
+    ref_logps = -torch.arange(1.0, 5.0, device=device)
+    kwargs = dict(ref_logps=ref_logps, softcap=softcap, temperature=0.7, loss_type="ipo",
+                  **({} if workspace is None else {"workspace_bytes": workspace}))
+
+    def dpo(m, x, token_metrics=True, **extra):
+        return m.dpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], token_metrics=token_metrics, **kwargs,
+                          **extra)
+
+    out = compare(lambda m, x: dpo(m, x, backward="in_forward"), x).check(torch.float32).fused
+    default = dpo(fused_pref, y)
+    assert {"entropy", "mean_token_accuracy"} <= out.metrics().keys()
+    assert out.metrics()["mean_token_accuracy"] == default.metrics()["mean_token_accuracy"] > 0
+    assert out.metrics()["entropy"] == pytest.approx(default.metrics()["entropy"], rel=1e-6)
+    # Without token_metrics the blocks compute no statistics, and the output has none.
+    assert "entropy" not in dpo(fused_pref, y, backward="in_forward", token_metrics=False).metrics()
+
+
 def test_unvalidated_rows(device):
     # validate=False: no host sync, so every row is in a block; the ignored ones add nothing.
     x = make_inputs(4, 23, 97, 1003, device=device, seed=13)
@@ -207,12 +233,10 @@ def test_fp16_small_row_weights_under_a_loss_scale(device):
     (lambda m, x: m.dpo_loss(x["hidden"], x["weight"], x["labels"], ref_logps=torch.zeros(4), loss_type="aot_pair",
                              backward="in_forward"),
      r"^backward='in_forward' does not run with loss_type='aot_pair', .*: use backward='auto'$"),
-    (lambda m, x: m.simpo_loss(x["hidden"], x["weight"], x["labels"], token_metrics=True, backward="in_forward"),
-     r"^per-token statistics \(token_metrics\) do not run with backward='in_forward' yet: use backward='auto'$"),
     (lambda m, x: m.kto_loss(x["hidden"], x["weight"], x["labels"], desirable=torch.tensor([True, False] * 2),
                              ref_logps=torch.zeros(4), backward="in_forward"),
      r"^backward='in_forward' computes the gradients inside the forward, .* not this function; use backward='auto'$"),
-], ids=["aot", "aot_pair", "token_metrics", "kto"])
+], ids=["aot", "aot_pair", "kto"])
 @pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
 def test_refused(module, call, error):
     x = make_inputs(4, 9, 40, 257, seed=5)
