@@ -85,24 +85,49 @@ def assert_same_logs(ours, theirs, skip=(), required=("rewards/accuracies", "log
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), f"step {step}: grad_norm"
 
 
-@pytest.mark.parametrize("loss_type", [["sigmoid"], ["ipo", "sft"], ["bco_pair"]], ids=["sigmoid", "ipo+sft", "bco_pair"])
-def test_dpo_trainer_matches_trl(loss_type, tmp_path):
+# The gradient-in-forward mode through the trainers' fused_options: a small workspace cuts pairs.
+IN_FORWARD = {"backward": "in_forward", "workspace_bytes": 4 * V * 6}
+
+
+def blocks_of_pairs(monkeypatch):
+    """The calls of the gradient-in-forward mode's pair loss, as they happen."""
+    calls, real = [], fused_pref.ops.preference_and_gradients
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["head"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_pref.ops, "preference_and_gradients", recorded)
+    return calls
+
+
+@pytest.mark.parametrize("loss_type, fused_options", [(["sigmoid"], None), (["ipo", "sft"], None), (["bco_pair"], None),
+                                                      (["sigmoid"], IN_FORWARD), (["ipo", "sft"], IN_FORWARD)],
+                         ids=["sigmoid", "ipo+sft", "bco_pair", "sigmoid-in_forward", "ipo+sft-in_forward"])
+def test_dpo_trainer_matches_trl(loss_type, fused_options, tmp_path, monkeypatch):
     config = trl.DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, **COMMON)
     model = tiny_llama()
     theirs = run(trl.DPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
-    ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
+    in_forward = blocks_of_pairs(monkeypatch)
+    ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model),
+               fused_options=fused_options)
+    assert len(in_forward) == (STEPS if fused_options else 0)
     assert ours[0].keys() == theirs[0].keys() and {"entropy", "mean_token_accuracy"} <= ours[0].keys()
     assert_same_logs(ours, theirs)
     assert ours[-1]["loss"] != ours[0]["loss"]    # it trained
 
 
-@pytest.mark.parametrize("loss_type,cpo_alpha", [("sigmoid", 1.0), ("simpo", 0.5)], ids=["cpo", "cpo-simpo"])
-def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, tmp_path):
+@pytest.mark.parametrize("loss_type, cpo_alpha, fused_options", [("sigmoid", 1.0, None), ("simpo", 0.5, None),
+                                                                  ("simpo", 0.5, IN_FORWARD)],
+                         ids=["cpo", "cpo-simpo", "cpo-simpo-in_forward"])
+def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, fused_options, tmp_path, monkeypatch):
     config = CPOConfig(output_dir=str(tmp_path), loss_type=loss_type, cpo_alpha=cpo_alpha, beta=2.0,
                        simpo_gamma=0.5, max_length=32, **COMMON)
     model = tiny_llama()
     theirs = run(CPOTrainer, config, copy.deepcopy(model))
-    ours = run(FusedCPOTrainer, config, copy.deepcopy(model))
+    in_forward = blocks_of_pairs(monkeypatch)
+    ours = run(FusedCPOTrainer, config, copy.deepcopy(model), fused_options=fused_options)
+    assert len(in_forward) == (STEPS if fused_options else 0)
     assert ours[0].keys() == theirs[0].keys()
     # CPOTrainer's logits/* averages over every position (prompt, padding) of the full logits.
     assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
@@ -167,3 +192,22 @@ def test_unsupported_options_are_refused(tmp_path):
     model = tiny_llama()
     with pytest.raises(NotImplementedError, match="one preference loss type"):
         run(FusedDPOTrainer, config, model, ref_model=copy.deepcopy(model))
+
+
+@pytest.mark.parametrize("trainer, options, error, message", [
+    ("dpo", {"shift": False}, TypeError, r"^fused_options takes backward, workspace_bytes, validate, got 'shift'$"),
+    ("dpo", {"backward": "fast"}, ValueError, r"^backward must be one of .*'fast'"),
+    ("kto", {"backward": "in_forward"}, ValueError,
+     r"^FusedKTOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\): "
+     r"use backward='auto'$"),
+], ids=["unknown", "bad-value", "kto-in_forward"])
+def test_fused_options_are_checked_when_the_trainer_is_built(trainer, options, error, message, tmp_path):
+    model = tiny_llama()
+    if trainer == "dpo":
+        config, cls, dataset = trl.DPOConfig(output_dir=str(tmp_path), **COMMON), FusedDPOTrainer, pairs()
+    else:
+        config, cls = trl.KTOConfig(output_dir=str(tmp_path), **COMMON), FusedKTOTrainer
+        dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6))
+    with pytest.raises(error, match=message):
+        cls(model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=dataset,
+            processing_class=tokenizer(), fused_options=options)

@@ -28,6 +28,13 @@ CPOTrainer's ``logits/*`` averages the logits over
 every position of the batch (prompt, padding and the final position included), which only the
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
+``fused_options`` (a keyword of every trainer) passes ``backward``, ``workspace_bytes`` and
+``validate`` to the call that computes the loss: ``fused_options={"backward": "in_forward",
+"workspace_bytes": 2**30}`` has DPO's and CPO's loss compute its gradients in the forward (6NDV
+instead of 8NDV, README "Gradient in the forward"; not KTO's or GRPO's, whose gradients need the
+whole batch, refused when the trainer is built).  A tile plan applies to whatever runs inside it:
+``with tile_plan("cublas"): trainer.train()``.
+
 Options whose math our losses do not have raise ``NotImplementedError`` when the trainer is built,
 rather than train something else: more than one preference loss type
 (MPO-style mixtures; one type plus ``"sft"`` is supported), ``f_divergence_type`` other than
@@ -41,6 +48,7 @@ import warnings
 import torch
 
 import fused_pref
+from fused_pref.options import Options
 from fused_pref.preference import dpo_spec
 
 from .hf import add_fused_forward
@@ -124,6 +132,26 @@ def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
     return weight, kwargs, spec.reduction == "mean"
 
 
+# The options of fused_pref's calls a trainer takes from ``fused_options``; the others come from the
+# model (softcap), Hugging Face's label alignment (shift) and the batch.
+FUSED_OPTIONS = ("backward", "workspace_bytes", "validate")
+
+
+def _fused_options(trainer, fused_options, *, in_forward: bool) -> dict:
+    """``fused_options`` checked when the trainer is built: names among ``FUSED_OPTIONS``, values as
+    fused_pref checks them, and ``backward="in_forward"`` only where the trainer's loss computes its
+    gradients in the forward (``in_forward``)."""
+    options = dict(fused_options or {})
+    unknown = sorted(options.keys() - set(FUSED_OPTIONS))
+    if unknown:
+        raise TypeError(f"fused_options takes {', '.join(FUSED_OPTIONS)}, got {', '.join(map(repr, unknown))}")
+    Options(**options)   # a wrong value raises here, not at the first step
+    if options.get("backward") == "in_forward" and not in_forward:
+        raise ValueError(f"{type(trainer).__name__}'s loss does not run with backward='in_forward' (its gradients "
+                         "need the whole batch): use backward='auto'")
+    return options
+
+
 def _fuse(trainer, unsupported: dict):
     """Refuse the options named in ``unsupported`` (name: whether set) with ``NotImplementedError``,
     then give the policy and the reference model our fused forward (``add_fused_forward``)."""
@@ -162,9 +190,10 @@ class FusedDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` whose loss is ``fused_pref.dpo_loss``; same arguments.  See the module
     docstring for what is logged and which options are refused."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_options=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._fused_weight, self._fused_kwargs, self._fused_mean = _dpo_arguments(self)
+        self._fused_options = _fused_options(self, fused_options, in_forward=True)
         _fuse(self, {})
 
     def _reference_logps(self, inputs, model_kwargs, labels):
@@ -195,7 +224,8 @@ class FusedDPOTrainer(DPOTrainer):
         ref_logps = ref_sums / counts.clamp(min=1) if mean else ref_sums
 
         def loss(hidden, head):
-            return head.apply(fused_pref.dpo_loss, hidden, labels, ref_logps=ref_logps, token_metrics=True, **kwargs)
+            return head.apply(fused_pref.dpo_loss, hidden, labels, ref_logps=ref_logps, token_metrics=True, **kwargs,
+                              **self._fused_options)
 
         out = model(**model_kwargs, fused_pref=loss)
         total = self._fused_weight * out.loss
@@ -244,8 +274,9 @@ class FusedKTOTrainer(KTOTrainer):
     """``trl.KTOTrainer`` whose loss is ``fused_pref.kto_loss``; same arguments.  See the module
     docstring for what is logged and which options are refused."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_options=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._fused_options = _fused_options(self, fused_options, in_forward=False)
         unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
                        "vision-language datasets": self._is_vision_dataset}
         _fuse(self, unsupported)
@@ -292,7 +323,7 @@ class FusedKTOTrainer(KTOTrainer):
                       token_metrics=True)
 
         def loss(hidden, head):
-            return head.apply(fused_pref.kto_loss, hidden, labels, **kwargs)
+            return head.apply(fused_pref.kto_loss, hidden, labels, **kwargs, **self._fused_options)
 
         out = model(**model_kwargs, fused_pref=loss)
         self._log_kto_metrics(mode, inputs, out)
@@ -351,8 +382,9 @@ class FusedGRPOTrainer(GRPOTrainer):
     in fp32).  :func:`fused_pref.grpo_loss` is the same loss as one function, for loops of one's own.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_options=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._fused_options = _fused_options(self, fused_options, in_forward=False)
         unsupported = {"router_aux_loss_coef (a MoE auxiliary loss)": self.aux_loss_enabled,
                        "cast_lm_head_to_fp32": self.args.cast_lm_head_to_fp32}
         _fuse(self, unsupported)
@@ -371,7 +403,7 @@ class FusedGRPOTrainer(GRPOTrainer):
 
         def logps(hidden, head):
             return head.apply(fused_pref.linear_logprobs, hidden, labels, return_entropy=compute_entropy,
-                              temperature=self.temperature)
+                              temperature=self.temperature, **self._fused_options)
 
         with self.accelerator.autocast():
             out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, fused_pref=logps)
@@ -388,8 +420,9 @@ class FusedCPOTrainer(CPOTrainer):
     or ``fused_pref.simpo_loss`` (``loss_type="simpo"``, CPO-SimPO with ``cpo_alpha > 0``); same
     arguments.  See the module docstring for what is logged and which options are refused."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, fused_options=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self._fused_options = _fused_options(self, fused_options, in_forward=True)
         if self.loss_type not in ("sigmoid", "simpo"):
             raise NotImplementedError(f"FusedCPOTrainer supports loss_type 'sigmoid' (CPO) and 'simpo', got "
                                       f"{self.loss_type!r}")
@@ -411,7 +444,8 @@ class FusedCPOTrainer(CPOTrainer):
             fn = fused_pref.cpo_loss
 
         out = model(batch["concatenated_input_ids"], attention_mask=batch["concatenated_attention_mask"],
-                    use_cache=False, fused_pref=lambda hidden, head: head.apply(fn, hidden, labels, **hyper))
+                    use_cache=False,
+                    fused_pref=lambda hidden, head: head.apply(fn, hidden, labels, **hyper, **self._fused_options))
 
         gather = self.accelerator.gather_for_metrics
         prefix = "eval_" if train_eval == "eval" else ""
