@@ -36,9 +36,11 @@ def newest_results(results_dir) -> Path | None:
     return max(found)[2] if found else None
 
 
-ENVIRONMENT = ("gpu", "driver", "cuda", "torch", "triton", "fused_pref")
 # Results files from before ``bench`` recorded how it called the fused path (``fused_calls``).
 LEGACY_FUSED_CALLS = "unvalidated (validate=False: its products spanned every token, prompt or not)"
+# What runs merged into one file share, each with its value in a file that lacks it.
+SHARED = {**dict.fromkeys(("gpu", "driver", "cuda", "torch", "triton", "fused_pref")),
+          "fused_calls": LEGACY_FUSED_CALLS}
 
 
 def merge_results(runs: list[dict]) -> dict:
@@ -48,9 +50,7 @@ def merge_results(runs: list[dict]) -> dict:
     if not runs:
         raise ValueError("no results to merge")
     for run in runs[1:]:
-        differing = [k for k in ENVIRONMENT if run.get(k) != runs[0].get(k)]
-        if run.get("fused_calls", LEGACY_FUSED_CALLS) != runs[0].get("fused_calls", LEGACY_FUSED_CALLS):
-            differing.append("fused_calls")
+        differing = [k for k, default in SHARED.items() if run.get(k, default) != runs[0].get(k, default)]
         if differing:
             raise ValueError(f"results from different environments cannot be merged: {differing} differ")
     rows = {}

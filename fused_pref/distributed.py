@@ -97,6 +97,14 @@ def combine_partials(lse, target, logit_sum, group, stats=None, start=0):
     return total_lse, summed[1], total_sum, (entropy, torch.where(argmax == none, -1, argmax))
 
 
+def shard_start(shard: VocabShard, device) -> torch.Tensor:
+    """The shard's first vocabulary id as a 0-d int64 tensor on ``device``: the shard's own when it is
+    one, else a fill (no copy from the host)."""
+    if torch.is_tensor(shard.start):
+        return shard.start
+    return torch.full((), shard.start, dtype=torch.int64, device=device)
+
+
 def shard_rows(tensor, shard: VocabShard):
     """This rank's rows of a whole-vocabulary ``tensor`` (``[V, ...]``), without a host read when
     the shard's start is a device tensor."""

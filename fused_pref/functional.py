@@ -30,7 +30,7 @@ import torch
 
 from . import kto, ops, preference, reference, validation
 from .autograd import GradientsInForward, LinearLogprobs, LogprobParams, PreferenceHead
-from .distributed import from_dtensors, resolve_shard, shard_rows
+from .distributed import from_dtensors, resolve_shard, shard_rows, shard_start
 from .kernels import active_plan
 from .kernels.tiles import STATS_PLAN
 from .options import Options, takes_options, use_triton
@@ -315,12 +315,8 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
     default path does, its loss carrying the gradients (every other field is detached anyway)."""
     needs = _needs_gradients(r.hidden, weight, bias)
     with torch.no_grad():
-        # A shard's first vocabulary id as a device tensor for the argmax merge: an int's is a fill,
-        # not a copy from the host.
-        vocab_start = None
-        if r.shard is not None and token_metrics:
-            vocab_start = r.shard.start if torch.is_tensor(r.shard.start) else torch.full(
-                (), r.shard.start, dtype=torch.int64, device=r.hidden.device)
+        # A shard's first vocabulary id, for the argmax merged across the ranks.
+        vocab_start = shard_start(r.shard, r.hidden.device) if r.shard is not None and token_metrics else None
         logp, logit_sum, entropy, argmax, grads = ops.preference_gradient_in_forward(
             r.hidden, weight, bias, r.labels, r.valid, r.rows, ref_logps, needs, spec, options, _block_vocab(r, weight),
             token_metrics, vocab_start)

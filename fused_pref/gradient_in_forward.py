@@ -77,6 +77,7 @@ def _block_over_shards(logits, bias, label, dz, logit_sums, stats, group, vocab_
     shard's lse and target logit (and sums and statistics) merged across ``group``, then ``dz`` from
     the merged lse, the one-hot only where this shard holds the label.  Every row's lse is finite
     here (the block's rows all have their logits), as ``combine_partials`` needs."""
+    assert stats is None or vocab_start is not None, "a shard's argmax needs its first vocabulary id"
     sums = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device) if logit_sums else None
     lse, target = block_lse_and_target(logits, bias, label, softcap=softcap, temperature=temperature, logit_sum=sums,
                                        stats=stats)

@@ -121,8 +121,8 @@ def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, h
       label_smoothing, tau, sft_weight, softcap, temperature, workspace_bytes, token_stats, group, block_vocab,
       vocab_start):
     logp = hidden.new_empty(hidden.shape[0] * hidden.shape[1], dtype=torch.float32)
-    stats = logp.numel() if token_stats else 0
-    return (logp, torch.empty_like(logp), logp.new_empty(stats), logp.new_empty(stats, dtype=torch.int64),
+    n = logp.numel() if token_stats else 0
+    return (logp, torch.empty_like(logp), logp.new_empty(n), logp.new_empty(n, dtype=torch.int64),
             _fake_stored_gradients(hidden, weight, needs))
 
 

@@ -235,8 +235,7 @@ def _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=F
     validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=pairs)
     if not token_metrics:
         return None
-    _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias,
-                                                            replace(options, backward="auto"), token_stats=True)
+    _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options, token_stats=True)
     return dict(entropy_sums=_per_sequence(entropy, labels, options.cu_seqlens),
                 correct_counts=_per_sequence(((argmax == targets) & valid).long(), labels, options.cu_seqlens))
 

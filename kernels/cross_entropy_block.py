@@ -11,8 +11,8 @@ into
 with ``z = softcap(logits + bias) / T``, with ``LOGIT_SUM`` also ``sum_v z_i[v]`` (the
 preference losses' ``logits/*`` metrics), and with ``STATS`` each row's entropy, argmax (the first
 column holding the max, as ``torch.argmax``) and max logit, from the same first pass (the
-preference losses' ``token_metrics``; the max merges a sharded vocabulary's argmax).  ``dz`` is stored unscaled, in [-1, 1] as the default
-backward's workspace: scaled by a loss's per-row weight (``1/n`` for a mean) an fp16 ``dz`` would
+preference losses' ``token_metrics``; the max merges a sharded vocabulary's argmax).  ``dz`` is
+stored unscaled, in [-1, 1] as the default backward's workspace: scaled by a loss's per-row weight (``1/n`` for a mean) an fp16 ``dz`` would
 underflow; the caller applies the weights to the rows instead.  Pass one keeps a running max and
 sum of exponentials per lane and reduces them once at the row's end; pass two reads the row again
 and writes ``dz`` in the input dtype, ready for the two products.  Per logit: two fp32 reads and
@@ -106,8 +106,9 @@ def cross_entropy_block_kernel(
 ):
     """BLOCK_R rows of the block: their ``-logp`` (with ``LSE_AND_TARGET`` their lse instead, and
     their target logit at ``target_ptr``), with ``LOGIT_SUM`` their sums of logits, with ``STATS``
-    their entropy, argmax and max logit, and with ``WRITE_DZ`` their ``dz``.  With ``LSE_GIVEN`` only ``dz``, from the lse read at ``nlp_ptr``
-    (a sharded vocabulary's, merged across the ranks): the first pass is left out."""
+    their entropy, argmax and max logit, and with ``WRITE_DZ`` their ``dz``.  With ``LSE_GIVEN`` only
+    ``dz``, from the lse read at ``nlp_ptr`` (a sharded vocabulary's, merged across the ranks): the
+    first pass is left out."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_mask = offs_r < n_rows
     label = tl.load(labels_ptr + offs_r, mask=r_mask, other=0)

@@ -101,8 +101,8 @@ def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):
     assert profiled == {("fused-vchunk", "fwd"), ("fused-vchunk", "fwd+bwd")}
     assert sum("kernels_ms" in r for r in results["rows"]) == 8
     breakdown = table[table.index("GPU time of one profiled call"):table.index("note:")].splitlines()
-    assert len(breakdown) == 1 + 8 and all(line.endswith("fused-vchunk       linear_lse_kernel 6.0, cuBLAS products 3.0")
-                                           for line in breakdown[1:]), breakdown
+    split = "fused-vchunk       linear_lse_kernel 6.0, cuBLAS products 3.0"
+    assert len(breakdown) == 1 + 8 and all(line.endswith(split) for line in breakdown[1:]), breakdown
 
 
 def test_bench_runs_the_fused_calls_validated_and_the_accounting_not(device):

@@ -14,6 +14,10 @@ def _entropy_bonus(out):
     return -out.logp.sum() - 0.1 * out.entropy.sum()
 
 
+def _with_metrics(out):
+    return out.loss + out.entropy + out.mean_token_accuracy
+
+
 CASES = {
     "simpo": lambda h, w, lab, b: fused_pref.simpo_loss(h, w, lab, b, sft_weight=0.1).loss,
     "dpo": lambda h, w, lab, b: fused_pref.dpo_loss(h, w, lab, b, ref_hidden=h.detach().flip(0),
@@ -32,6 +36,9 @@ CASES = {
     # reference model's log-probs by the same products, another.
     "dpo[in_forward]": lambda h, w, lab, b: fused_pref.dpo_loss(h, w, lab, b, ref_hidden=h.detach().flip(0),
                                                                 sft_weight=0.1, backward="in_forward").loss,
+    # With the token metrics (the statistics' outputs of the op): compared through the value.
+    "simpo[in_forward+token_metrics]": lambda h, w, lab, b: _with_metrics(fused_pref.simpo_loss(
+        h, w, lab, b, backward="in_forward", token_metrics=True)),
 }
 
 

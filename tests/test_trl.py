@@ -200,11 +200,15 @@ def test_unsupported_options_are_refused(tmp_path):
     ("kto", {"backward": "in_forward"}, ValueError,
      r"^FusedKTOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\): "
      r"use backward='auto'$"),
-], ids=["unknown", "bad-value", "kto-in_forward"])
+    ("dpo-aot", {"backward": "in_forward"}, ValueError,
+     r"^FusedDPOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\)"),
+], ids=["unknown", "bad-value", "kto-in_forward", "dpo-aot"])
 def test_fused_options_are_checked_when_the_trainer_is_built(trainer, options, error, message, tmp_path):
     model = tiny_llama()
-    if trainer == "dpo":
-        config, cls, dataset = trl.DPOConfig(output_dir=str(tmp_path), **COMMON), FusedDPOTrainer, pairs()
+    if trainer.startswith("dpo"):
+        loss_type = ["aot"] if trainer == "dpo-aot" else ["sigmoid"]
+        config = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, **COMMON)
+        cls, dataset = FusedDPOTrainer, pairs()
     else:
         config, cls = trl.KTOConfig(output_dir=str(tmp_path), **COMMON), FusedKTOTrainer
         dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6))

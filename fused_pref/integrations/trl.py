@@ -49,7 +49,7 @@ import torch
 
 import fused_pref
 from fused_pref.options import Options
-from fused_pref.preference import dpo_spec
+from fused_pref.preference import PreferenceSpec, dpo_spec
 
 from .hf import add_fused_forward
 
@@ -93,9 +93,9 @@ _SMOOTHED = ("exo_pair", "robust", "aot", "aot_unpaired")
 _NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
 
 
-def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
-    """(weight of the preference loss, keyword arguments of fused_pref.dpo_loss, whether it averages
-    the log-probs) for TRL's config, or NotImplementedError naming what our losses lack."""
+def _dpo_arguments(trainer) -> tuple[float, dict, PreferenceSpec]:
+    """(weight of the preference loss, keyword arguments of fused_pref.dpo_loss, its spec) for TRL's
+    config, or NotImplementedError naming what our losses lack."""
     args = trainer.args
     weights = dict(zip(trainer.loss_types, trainer.loss_weights, strict=True))
     preference = [t for t in trainer.loss_types if t != "sft"]
@@ -129,7 +129,7 @@ def _dpo_arguments(trainer) -> tuple[float, dict, bool]:
     spec = dpo_spec(loss_type=ours, beta=trainer.beta, label_smoothing=kwargs.get("label_smoothing", 0.0),
                     sft_weight=kwargs.get("sft_weight", 0.0), length_normalize=kwargs.get("length_normalize"),
                     discopop_tau=args.discopop_tau)
-    return weight, kwargs, spec.reduction == "mean"
+    return weight, kwargs, spec
 
 
 # The options of fused_pref's calls a trainer takes from ``fused_options``; the others come from the
@@ -192,8 +192,10 @@ class FusedDPOTrainer(DPOTrainer):
 
     def __init__(self, *args, fused_options=None, **kwargs):
         super().__init__(*args, **kwargs)
-        self._fused_weight, self._fused_kwargs, self._fused_mean = _dpo_arguments(self)
-        self._fused_options = _fused_options(self, fused_options, in_forward=True)
+        self._fused_weight, self._fused_kwargs, spec = _dpo_arguments(self)
+        self._fused_mean = spec.reduction == "mean"
+        # AOT's loss types sort over the batch: each pair's gradient depends on every pair.
+        self._fused_options = _fused_options(self, fused_options, in_forward=spec.sort is None)
         _fuse(self, {})
 
     def _reference_logps(self, inputs, model_kwargs, labels):

@@ -150,11 +150,12 @@ def run_case(case: Case, names=None, *, seed=0, profile=True) -> tuple[list[dict
                 print(f"{name} {mode} {case}: {row['error']}", file=sys.stderr, flush=True)
             rows.append(row)
             release(batch)
-    for row in rows if profile else ():
-        if "ms" in row and row["impl"] != "reference":
-            batch = fresh_batch()
-            row.update(profile_kernels(funcs[row["impl"]], batch, row["mode"]))
-            release(batch)
+    if profile:
+        for row in rows:
+            if "ms" in row and row["impl"] != "reference":
+                batch = fresh_batch()
+                row.update(profile_kernels(funcs[row["impl"]], batch, row["mode"]))
+                release(batch)
     return rows, notes
 
 

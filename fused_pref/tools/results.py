@@ -109,7 +109,8 @@ def format_breakdown(results: dict, top: int = 5) -> str:
     ``top`` kernel families in milliseconds and the rest as "other"."""
     lines = ["GPU time of one profiled call per kernel family, ms (Triton kernels by name):"]
     for r in results["rows"]:
-        head = f"{r['loss']:<14} {r['model']:<11} {r['tokens']:>6} {prompt_fraction(r):>6g} {r['mode']:<8} {r['impl']:<18}"
+        head = (f"{r['loss']:<14} {r['model']:<11} {r['tokens']:>6} {prompt_fraction(r):>6g} {r['mode']:<8} "
+                f"{r['impl']:<18}")
         if "kernels_error" in r:
             lines.append(f"{head} profiler failed: {r['kernels_error'][:80]}")
         elif "kernels_ms" in r:
