@@ -173,7 +173,7 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, return_entropy=False, 
     validation.check_call(hidden, weight, labels, bias, options)
     flags = {"return_entropy": return_entropy, "return_token_accuracy": return_token_accuracy,
              "return_argmax": return_argmax}
-    validation.check_token_stats(options, flags)
+    validation.check_token_stats(flags)
     stats = any(flags.values())
     tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     if not stats:
@@ -251,10 +251,17 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     validation.check_class_weights(ce_weight, None if options.process_group is not None else weight.shape[0], labels)
     validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
-    validation.check_token_stats(options, flags)
-    if options.backward == "in_forward":
-        return _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options)
+    validation.check_token_stats(flags)
     stats = any(flags.values())
+    if options.backward == "in_forward":
+        loss, argmax, r = _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options, stats)
+        if not (stats or return_z_loss):
+            return loss
+        # No z-loss term runs in this mode (refused above): its value is 0, as the default path's without one.
+        return cross_entropy_output(loss, argmax.view(r.checked.valid.shape) if stats else argmax, r.targets,
+                                    r.checked.valid, token_accuracy=return_token_accuracy,
+                                    predicted_tokens=return_predicted_tokens,
+                                    z_loss=torch.zeros_like(loss) if return_z_loss else None)
     lse_terms = label_smoothing > 0 or lse_square_scale > 0
     tokens = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats, lse_terms=lse_terms,
                              logit_sum=label_smoothing > 0, class_weight=ce_weight)
@@ -289,9 +296,10 @@ def _with_gradients(loss, r: _Rows, weight, bias, needs, grads):
     return GradientsInForward.apply(loss, r.hidden, weight, bias, *(g if need else None for g, need in zip(grads, needs)))
 
 
-def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options):
-    """``backward="in_forward"``: the gradients computed with the loss (``gradient_in_forward``), or
-    none under ``no_grad`` or when no input needs one."""
+def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options: Options, token_stats):
+    """``backward="in_forward"``: the loss with the gradients computed in its forward
+    (``gradient_in_forward``), or none under ``no_grad`` or when no input needs one; with
+    ``token_stats`` the per-token argmax (flat, -1 at ignored rows), else empty; and the tokens."""
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
     if ce_weight is not None:
         validation.check_class_weight_size(ce_weight, r.vocab_size, weight.shape[0])
@@ -302,9 +310,15 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
         row_scale = row_scale / torch.where(total > 0, total, 1.0)
     needs = _needs_gradients(hidden, weight, bias)
     with torch.no_grad():
-        loss, grads = ops.gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale, needs,
-                                              options, _block_vocab(r, weight))
-    return _with_gradients(loss, r, weight, bias, needs, grads)
+        vocab_start = _argmax_offset(r, token_stats)
+        loss, argmax, grads = ops.gradient_in_forward(r.hidden, weight, bias, r.labels, r.valid, r.rows, row_scale,
+                                                      needs, options, _block_vocab(r, weight), token_stats, vocab_start)
+    return _with_gradients(loss, r, weight, bias, needs, grads), argmax, r
+
+
+def _argmax_offset(r: _Rows, token_stats: bool):
+    """A shard's first vocabulary id, for the argmax merged across the ranks (None where not needed)."""
+    return shard_start(r.shard, r.hidden.device) if r.shard is not None and token_stats else None
 
 
 def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_logps,
@@ -315,8 +329,7 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
     default path does, its loss carrying the gradients (every other field is detached anyway)."""
     needs = _needs_gradients(r.hidden, weight, bias)
     with torch.no_grad():
-        # A shard's first vocabulary id, for the argmax merged across the ranks.
-        vocab_start = shard_start(r.shard, r.hidden.device) if r.shard is not None and token_metrics else None
+        vocab_start = _argmax_offset(r, token_metrics)
         logp, logit_sum, entropy, argmax, grads = ops.preference_gradient_in_forward(
             r.hidden, weight, bias, r.labels, r.valid, r.rows, ref_logps, needs, spec, options, _block_vocab(r, weight),
             token_metrics, vocab_start)
@@ -377,7 +390,7 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
     """The body of every reference-free preference loss on the Triton path."""
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=True)
+    validation.check_token_stats({"token_metrics": token_metrics})
     if options.backward == "in_forward":
         r = _rows(hidden, weight, labels, options, resolve_shard(weight, options),
                   mean_over_sequences=spec.reduction == "mean")
@@ -491,7 +504,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=True)
+    validation.check_token_stats({"token_metrics": token_metrics})
     mean = spec.reduction == "mean"
     # The policy's tokens first: their labels are checked there, and are the reference model's too.
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
@@ -542,7 +555,7 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R")
-    validation.check_token_stats(options, {"token_metrics": token_metrics})
+    validation.check_token_stats({"token_metrics": token_metrics})
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
     tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics, rows=r)
     logps, _, counts = _sequence_logps(tokens, "sum", options.cu_seqlens)

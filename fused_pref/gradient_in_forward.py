@@ -31,6 +31,10 @@ exist.  A DPO's reference model, given as hidden states, runs the same products 
 gradients (``logprobs_by_blocks``): one cuBLAS product where the default path runs its Triton
 forward.
 
+Asked for per-token statistics (a pair loss's ``token_metrics``, cross-entropy's token accuracy and
+predicted tokens), the block kernel's first pass also gives each row's entropy and argmax: no
+further pass over the logits.
+
 Host reads: a cross-entropy makes none (without validation its blocks then span every token, the
 ignored ones adding nothing); a pair loss reads its valid rows per pair once (its blocks' layout),
 and in fp16 each block's largest weight.
@@ -217,25 +221,29 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
 
 
 def cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, needs, *, softcap,
-                                temperature, workspace_bytes, group=None, block_vocab=None):
-    """``(loss, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])`` over
-    the rows listed in ``rows``, as ``gradients_by_blocks`` gives them, with no host sync.
+                                temperature, workspace_bytes, token_stats=False, group=None, block_vocab=None,
+                                vocab_start=None):
+    """``(loss, argmax, d_hidden, d_weight, d_bias)`` of ``sum_i row_scale[i] * (lse_i - z[i, labels_i])``
+    over the rows listed in ``rows``, as ``gradients_by_blocks`` gives them, with no host sync; the
+    per-token argmax (int64 ``[R*T]``, -1 at ignored rows) with ``token_stats``, else None.
 
     ``hidden`` ``[R, T, D]`` (any strides; the block's rows are gathered), ``labels``, ``valid`` and
     ``row_scale`` (fp32, 0 at invalid rows) flat over ``R * T``; ``rows`` the int32 valid-first index
     (every row when validation made no host sync: invalid ones then cost products but add nothing);
     ``group``: a sharded vocabulary's process group (``gradients_by_blocks``), and ``block_vocab`` the
     width that sizes the blocks: its largest shard's rows, the same on every rank, so that every rank
-    cuts the same blocks and makes the same collectives (``weight``'s rows by default)."""
+    cuts the same blocks and makes the same collectives (``weight``'s rows by default); ``vocab_start``
+    as in ``gradients_by_blocks``."""
     block = rows_per_block(rows.numel(), block_vocab or weight.shape[0], weight.dtype, workspace_bytes,
                            sharded=group is not None)
     blocks = [rows[start:start + block].long() for start in range(0, rows.numel(), block)]
     bound = row_scale.abs().max() if row_scale.numel() else row_scale.new_ones(())
-    logp, _, _, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
-                                          lambda b, index, logp: row_scale[index], needs, sub_rows=-(-block // 2),
-                                          softcap=softcap, temperature=temperature,
-                                          weight_bound=torch.where(bound > 0, bound, 1.0), group=group)
-    return (-(row_scale * logp).sum(), *grads)
+    logp, _, stats, *grads = gradients_by_blocks(hidden, weight, bias, labels, valid, blocks,
+                                              lambda b, index, logp: row_scale[index], needs,
+                                              sub_rows=-(-block // 2), softcap=softcap, temperature=temperature,
+                                              token_stats=token_stats, weight_bound=torch.where(bound > 0, bound, 1.0),
+                                              group=group, vocab_start=vocab_start)
+    return (-(row_scale * logp).sum(), None if stats is None else stats[1], *grads)
 
 
 def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, temperature, workspace_bytes,

@@ -72,13 +72,14 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, softc
 def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor,
                              needs: list[bool], softcap: float | None, temperature: float,
-                             workspace_bytes: int, group: str | None,
-                             block_vocab: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    loss, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale, tuple(needs),
-                                               softcap=softcap, temperature=temperature,
-                                               workspace_bytes=workspace_bytes, group=group_named(group),
-                                               block_vocab=block_vocab)
-    return loss, _stored_gradients(grads, hidden)
+                             workspace_bytes: int, token_stats: bool, group: str | None, block_vocab: int,
+                             vocab_start: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    loss, argmax, *grads = cross_entropy_and_gradients(hidden, weight, bias, labels, valid, rows, row_scale,
+                                                       tuple(needs), softcap=softcap, temperature=temperature,
+                                                       workspace_bytes=workspace_bytes, token_stats=token_stats,
+                                                       group=group_named(group), block_vocab=block_vocab,
+                                                       vocab_start=vocab_start)
+    return loss, labels.new_empty(0) if argmax is None else argmax, _stored_gradients(grads, hidden)
 
 
 def _stored_gradients(grads, hidden):
@@ -94,9 +95,10 @@ def _fake_stored_gradients(hidden, weight, needs):
 
 
 @cross_entropy_in_forward.register_fake
-def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes, group,
-      block_vocab):
-    return hidden.new_empty((), dtype=torch.float32), _fake_stored_gradients(hidden, weight, needs)
+def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temperature, workspace_bytes, token_stats,
+      group, block_vocab, vocab_start):
+    return (hidden.new_empty((), dtype=torch.float32), labels.new_empty(labels.numel() if token_stats else 0),
+            _fake_stored_gradients(hidden, weight, needs))
 
 
 @torch.library.custom_op("fused_pref::preference_in_forward", mutates_args=())
@@ -172,13 +174,15 @@ def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target
                        grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
 
 
-def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options, block_vocab):
-    """``(loss, [d_hidden, d_weight, d_bias])`` (empty where not in ``needs``; under vocabulary
-    parallelism ``weight``'s shard's, ``block_vocab`` the largest shard's rows):
-    ``cross_entropy_in_forward`` with ``options`` flattened."""
+def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, needs, options, block_vocab,
+                        token_stats=False, vocab_start=None):
+    """``(loss, argmax, [d_hidden, d_weight, d_bias])`` (the argmax empty unless ``token_stats``, a
+    gradient where not in ``needs``; under vocabulary parallelism ``weight``'s shard's, ``block_vocab``
+    the largest shard's rows, ``vocab_start`` its first id): ``cross_entropy_in_forward`` with
+    ``options`` flattened."""
     return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
-                                    options.softcap, options.temperature, options.workspace_bytes,
-                                    group_name(options.process_group), block_vocab)
+                                    options.softcap, options.temperature, options.workspace_bytes, token_stats,
+                                    group_name(options.process_group), block_vocab, vocab_start)
 
 
 def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, ref_logps, needs, spec, options,

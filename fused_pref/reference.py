@@ -102,7 +102,7 @@ def linear_logprobs(hidden, weight, labels, bias=None, *, return_entropy=False, 
     weight, bias = _checked(hidden, weight, labels, bias, options)
     flags = {"return_entropy": return_entropy, "return_token_accuracy": return_token_accuracy,
              "return_argmax": return_argmax}
-    validation.check_token_stats(options, flags)
+    validation.check_token_stats(flags)
     if not any(flags.values()):
         return _token_logprobs(hidden, weight, labels, bias, options)[0]
     logp, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options,
@@ -139,7 +139,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     validation.check_class_weights(ce_weight, weight.shape[0], labels)
     validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
     flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
-    validation.check_token_stats(options, flags)
+    validation.check_token_stats(flags)
     stats = any(flags.values())
     logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     targets = _targets(labels, options)
@@ -229,10 +229,9 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size, st
                              **(stats or {}))
 
 
-def _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=False):
-    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None;
-    a pair loss (``pairs``) has them under ``backward="in_forward"`` too."""
-    validation.check_token_stats(options, {"token_metrics": token_metrics}, in_forward=pairs)
+def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
+    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None."""
+    validation.check_token_stats({"token_metrics": token_metrics})
     if not token_metrics:
         return None
     _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options, token_stats=True)
@@ -243,7 +242,7 @@ def _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=F
 def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_metrics) -> PreferenceOutput:
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics, pairs=True)
+    stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
     return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0], stats)
 
@@ -285,7 +284,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
     validation.check_pair_loss_in_forward(options, spec.sort)
-    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics, pairs=True)
+    stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
                                                       spec.reduction)
     if ref_logps is None:

@@ -216,17 +216,10 @@ def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, 
         _fail(ValueError, f"{' and '.join(terms)} do not run with backward='in_forward' yet: use backward='auto'")
 
 
-def check_token_stats(options, flags: dict, *, in_forward: bool = False):
-    """The ``return_*`` flags of per-token statistics: bools, and not under ``backward="in_forward"``
-    unless the caller computes them there (``in_forward``: a pair loss's ``token_metrics``)."""
+def check_token_stats(flags: dict):
+    """The ``return_*`` flags of per-token statistics (and ``token_metrics``): bools."""
     for name, value in flags.items():
         check_flag(name, value)
-    if not any(flags.values()):
-        return
-    asked = ", ".join(name for name, value in flags.items() if value)
-    if options.backward == "in_forward" and not in_forward:
-        _fail(ValueError, f"per-token statistics ({asked}) do not run with backward='in_forward' yet: use "
-                          "backward='auto'")
 
 
 def check_gradient_in_forward(options, kind, reduction, pairs=False):

@@ -224,7 +224,7 @@ def vocab_parallel_in_forward():
     lse merged across the ranks before its ``dz``, ``d_hidden`` summed; values and gradients equal
     the unsharded reference, for cross-entropy (class weights, softcap, temperature), SimPO, DPO with
     a reference model (its log-probs by the same blocks) and a pair loss whose pairs are cut into
-    several blocks, validated or not; and SimPO's token metrics."""
+    several blocks, validated or not; and SimPO's token metrics and cross-entropy's predicted tokens."""
     rank, world = dist.get_rank(), dist.get_world_size()
     V = SHAPE[3]
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
@@ -269,6 +269,8 @@ def vocab_parallel_in_forward():
     expected = fused_pref.reference.simpo_loss(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
                                                token_metrics=True).metrics()
     assert expected["mean_token_accuracy"] > 0
+    predicted = fused_pref.reference.linear_cross_entropy(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                          return_predicted_tokens=True).predicted_tokens
     for given, validate in (("process_group", True), ("process_group", False), ("dtensor", True)):
         weight, bias, kwargs = _sharded_head(full, given, mine)
         for workspace in ({}, {"workspace_bytes": 64128}):
@@ -277,6 +279,11 @@ def vocab_parallel_in_forward():
             for key in ("entropy", "mean_token_accuracy"):
                 assert math.isclose(got[key], expected[key], rel_tol=1e-5), (rank, given, validate, workspace, key,
                                                                              got[key], expected[key])
+            # Cross-entropy's predicted tokens: the argmax merged across the shards, the lowest id of a tie.
+            ce = fused_pref.linear_cross_entropy(full["hidden"], weight, full["labels"], bias, backward="in_forward",
+                                                 return_predicted_tokens=True, validate=validate, **workspace,
+                                                 **kwargs)
+            assert torch.equal(ce.predicted_tokens, predicted), (rank, given, validate, workspace)
 
 
 def vocab_parallel_compiled():

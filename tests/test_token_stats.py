@@ -7,7 +7,7 @@ import torch
 
 import fused_pref
 from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
-from fused_pref.testing import TOLERANCE, make_inputs, relative_error
+from fused_pref.testing import TOLERANCE, compare, make_inputs, relative_error
 from fused_pref.tools.memory import AllocationRecorder
 
 SHAPES = {
@@ -161,13 +161,28 @@ def test_cross_entropy_token_accuracy_and_predicted_tokens(reduction, dtype, dev
     torch.testing.assert_close(ours.loss, plain, rtol=0, atol=0)
 
 
-def test_cross_entropy_statistics_refuse_the_gradient_in_forward(device):
-    x = make_inputs(2, 9, 40, 257, device=device, seed=5)
-    for module in (fused_pref, fused_pref.reference):
-        with pytest.raises(ValueError, match=r"^per-token statistics \(return_token_accuracy\) do not run with "
-                                             r"backward='in_forward' yet: use backward='auto'$"):
-            module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], backward="in_forward",
-                                        return_token_accuracy=True)
+@pytest.mark.parametrize("workspace", [None, 20 * 1003 * 6], ids=["default", "blocks-of-20-rows"])
+def test_cross_entropy_statistics_in_the_gradient_in_forward_mode(workspace, device):
+    # The argmax from the blocks' first pass: the predicted tokens equal the default path's and the
+    # reference's (the first column of a tie, as torch.argmax), so the accuracy too; the loss and
+    # its gradients are the mode's; return_z_loss without a z-loss term gives 0, as the default path.
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=81)
+    kwargs = dict(return_token_accuracy=True, return_predicted_tokens=True, softcap=20.0, temperature=0.8,
+                  **({} if workspace is None else {"workspace_bytes": workspace}))
+    compare(lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"],
+                                                backward="in_forward", **kwargs).loss, x).check(torch.float32)
+    args = (x["hidden"].detach(), x["weight"].detach(), x["labels"], x["bias"].detach())
+    out = fused_pref.linear_cross_entropy(*args, backward="in_forward", **kwargs)
+    default = fused_pref.linear_cross_entropy(*args, **kwargs)
+    ref = {k: (v.detach().cpu().double() if v.dtype.is_floating_point else v.cpu()) for k, v in x.items()}
+    theirs = fused_pref.reference.linear_cross_entropy(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                       **kwargs)
+    assert torch.equal(out.predicted_tokens, default.predicted_tokens)
+    assert torch.equal(out.predicted_tokens.cpu(), theirs.predicted_tokens)
+    assert out.token_accuracy.item() == default.token_accuracy.item() > 0
+    z = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], backward="in_forward",
+                                        return_z_loss=True)
+    assert isinstance(z, CrossEntropyOutput) and z.z_loss.item() == 0 and z.token_accuracy is None
 
 
 PREFERENCE = {

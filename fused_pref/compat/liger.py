@@ -430,8 +430,8 @@ class LigerFusedLinearCrossEntropyLoss(torch.nn.Module):
                                           f"{what}")
         validation.check_class_weights(ce_weight, None, None)
         validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, self.options)
-        validation.check_token_stats(self.options, {"return_token_accuracy": return_token_accuracy,
-                                                    "return_predicted_tokens": return_predicted_tokens})
+        validation.check_token_stats({"return_token_accuracy": return_token_accuracy,
+                                      "return_predicted_tokens": return_predicted_tokens})
         self.ignore_index, self.reduction, self.softcap = ignore_index, reduction, softcap
         self.return_token_accuracy, self.return_predicted_tokens = return_token_accuracy, return_predicted_tokens
         self.ce_weight, self.lse_square_scale, self.label_smoothing = ce_weight, lse_square_scale, label_smoothing
