@@ -32,7 +32,7 @@ from . import kto, ops, preference, reference, validation
 from .autograd import GradientsInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import from_dtensors, resolve_shard, shard_rows, shard_start
 from .kernels import active_plan
-from .kernels.tiles import STATS_PLAN
+from .kernels.tiles import stats_plan
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
 from .segments import reduce_token_losses, reduce_weighted_losses, sequence_sums, shift_labels, token_weights
@@ -129,8 +129,8 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
         r = _rows(hidden, weight, labels, options, shard, mean_over_sequences=mean_over_sequences)
     else:
         r = replace(rows, hidden=hidden if hidden.dim() == 3 else hidden.unsqueeze(0))
-    # Statistics and per-row weights in the backward run the plan built and checked with them.
-    plan = STATS_PLAN if token_stats or lse_terms else active_plan()
+    # Statistics and per-row weights in the backward run a plan built and checked with them.
+    plan = stats_plan(active_plan()) if token_stats or lse_terms else active_plan()
     params = LogprobParams(options, plan, shard, logit_sum, token_stats, lse_terms)
     class_weight = None if class_weight is None else class_weight.detach().float().contiguous()
     logp, sums, entropy, argmax, lse = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows,

@@ -29,9 +29,9 @@ import triton
 import triton.language as tl
 
 from .products import add_product, adds_into_fp32, fp32_logits
-from .tiles import (DEFAULT_PLAN, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product, group_rows,
-                    grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers, logits_launch_args,
-                    logits_tile, row_tile_start, stored_logits, workspace_dtype)
+from .tiles import (DEFAULT_PLAN, STATS_PLANS, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product,
+                    group_rows, grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers,
+                    logits_launch_args, logits_tile, row_tile_start, stored_logits, workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
 # more than 1/16 of the logits it replaces: at 16k tokens and bf16 that is 8k vocabulary columns
@@ -279,9 +279,9 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
     ``aot_logits_variants``, writing the workspace dtype a GPU uses."""
     specs = []
     for build in aot_logits_variants(dtype):
-        # Per-row weights run in the stats plan only (tiles.STATS_PLAN): the default plan's larger
-        # variant carries them.
-        weighted = build.constexprs["HAS_BIAS"] and " " not in build.variant
+        # Per-row weights run in the statistics' plans only (tiles.STATS_PLANS): their larger
+        # variants carry them.
+        weighted = build.constexprs["HAS_BIAS"] and build.plan in STATS_PLANS
         pointers = {**logits_input_pointers(dtype), "lse_ptr": torch.float32, "target_ptr": torch.float32,
                     "dz_ptr": workspace_dtype(dtype, interpreted=False),
                     **dict.fromkeys(("g_ptr", "g_softmax_ptr", "g_entropy_ptr", "mean_z_ptr", "g_uniform_ptr",

@@ -29,10 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .cross_entropy_block import block_lse_and_target
+from .cross_entropy_block import block_lse_and_target, new_stats
 from .linear_grad import MAX_CHUNK_FRACTION
 from .products import fp32_logits, whole_row_tiles
-from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, STATS_PLAN, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants,
+from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, STATS_PLANS, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants,
                     group_rows, grouped_tile, labelled_rows, launch_tiles, logits_input_pointers, logits_launch_args,
                     logits_tile, row_tile_start, valid_rows)
 
@@ -80,7 +80,7 @@ def linear_lse_kernel(
         # the target gathered by index.  The compare-and-sum the loop picks it with took the
         # 128x256 build past 255 registers (ptxas, sm_90, triton 3.9: 188 bytes of spills; 0 and
         # 241 registers with the gather); the loop's running state cost the rest.
-        tl.static_assert(not TOKEN_STATS, "the token statistics run in the looped plan (tiles.STATS_PLAN)")
+        tl.static_assert(not TOKEN_STATS, "the token statistics run in the looped tiles (tiles.STATS_PLANS)")
         z, offs_v, v_mask = logits_tile(
             h_ptr, w_ptr, b_ptr, h_offset, p_mask, v_start, V, D,
             stride_h_d, stride_w_v, stride_w_d, softcap, inv_temperature,
@@ -360,11 +360,11 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     entropy = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
     argmax = torch.empty(N, device=hidden.device, dtype=torch.int64) if token_stats else None
     max_logit = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
+    if token_stats and plan not in STATS_PLANS:
+        raise ValueError(f"the token statistics run in the plans {STATS_PLANS} (tiles.stats_plan), not {plan!r}")
     if tiles.cublas_logits:
-        if token_stats:
-            raise ValueError(f"the token statistics run in the {STATS_PLAN!r} plan (tiles.STATS_PLAN), not {plan!r}")
-        _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, softcap=softcap,
-                           temperature=temperature, workspace_bytes=workspace_bytes)
+        _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, entropy, argmax, max_logit,
+                           softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
     else:
         _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax,
                           max_logit, tiles, softcap=softcap, temperature=temperature, workspace_bytes=workspace_bytes)
@@ -411,14 +411,14 @@ def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, 
         )
 
 
-def _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, *, softcap, temperature,
-                       workspace_bytes):
+def _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, entropy, argmax, max_logit, *,
+                       softcap, temperature, workspace_bytes):
     """``linear_lse_forward`` in the "cublas" plan: blocks of the listed rows, as many as
     ``workspace_bytes`` holds of their fp32 logits against the whole vocabulary (and no more bytes
     than the backward's chunk may hold, a 16th of the logits in the input dtype), each block's logits from cuBLAS
-    (``fp32_logits``) and its lse, target logit (and sum of logits) from one pass of
-    ``block_lse_and_target``.  Every row of ``rows`` is computed: without validation's host sync,
-    the ignored ones too."""
+    (``fp32_logits``) and its lse, target logit (and sum of logits, and token statistics) from one
+    pass of ``block_lse_and_target``.  Every row of ``rows`` is computed: without validation's host
+    sync, the ignored ones too."""
     T, V = hidden.shape[1], weight.shape[0]
     most = -(-rows.numel() * hidden.element_size() // (4 * MAX_CHUNK_FRACTION))
     block = min(whole_row_tiles(workspace_bytes // (4 * V)), max(1, most))
@@ -426,11 +426,14 @@ def _forward_by_cublas(hidden, weight, bias, labels, rows, lse, target, sums, *,
         index = rows[start:start + block].long()
         logits = fp32_logits(hidden[index // T, index % T], weight)
         block_sums = None if sums is None else torch.empty(index.numel(), device=hidden.device, dtype=torch.float32)
+        stats = None if entropy is None else new_stats(index.numel(), hidden.device)
         lse[index], target[index] = block_lse_and_target(logits, bias, labels[index], softcap=softcap,
-                                                         temperature=temperature, logit_sum=block_sums)
+                                                         temperature=temperature, logit_sum=block_sums, stats=stats)
         del logits
         if sums is not None:
             sums[index] = block_sums
+        if stats is not None:
+            entropy[index], argmax[index], max_logit[index] = stats
 
 
 def stats_launch_options(dtype: torch.dtype, options: dict) -> dict:
@@ -453,8 +456,8 @@ def aot_specs(dtype: torch.dtype) -> list[AotSpec]:
         if build.cublas_logits:
             continue  # that plan's forward runs cuBLAS and cross_entropy_block
         # The tiles sum logits only under a softcap (linear_lse_forward); the token statistics ride
-        # in the default plan's larger variant (the only plan they run in: tiles.STATS_PLAN).
-        stats = build.constexprs["HAS_BIAS"] and " " not in build.variant
+        # in the default plan's larger variant (the only tiles they run in: tiles.STATS_PLANS).
+        stats = build.constexprs["HAS_BIAS"] and build.plan == DEFAULT_PLAN
         constexprs = {**build.constexprs, "LOGIT_SUM": build.constexprs["HAS_SOFTCAP"], "TOKEN_STATS": stats,
                       "ONE_TILE": build.one_tile}
         specs.append(AotSpec("linear_lse", build.variant + ("+stats" if stats else ""), linear_lse_kernel,

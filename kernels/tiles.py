@@ -113,7 +113,10 @@ class TileConfig:
 _WIDE = TileConfig(block_n=128, block_v=128, block_d=64, vocab_tiles_per_program=1, group_rows=8)
 _WIDEST = TileConfig(block_n=128, block_v=256, block_d=64, vocab_tiles_per_program=1, group_rows=8)
 _NARROW_FP32 = TileConfig(block_d=16, num_stages=2)
-_CUBLAS = TileConfig(num_stages=1, cublas_logits=True)
+# "cublas"'s kernels take no dot: 32x128 elementwise tiles, since at 64x128 the weighted backward (an
+# entropy term, a z-loss, smoothing) reached the 8-warp cap of 128 registers (spilling 4 bytes in
+# fp32 on sm_90 with triton 3.9); at 32x128 it takes 76-80.
+_CUBLAS = TileConfig(block_n=32, num_stages=1, cublas_logits=True)
 PLANS = {
     "narrow": {torch.bfloat16: TileConfig(), torch.float16: TileConfig(), torch.float32: _NARROW_FP32},
     "wide": {torch.bfloat16: _WIDE, torch.float16: _WIDE, torch.float32: _NARROW_FP32},
@@ -125,11 +128,15 @@ HOPPER = 90
 HOPPER_TILES = {"widest": {torch.bfloat16: _WIDEST, torch.float16: _WIDEST}}
 DEFAULT_PLAN = "narrow"
 # Calls that ask for per-token statistics, or whose backward takes per-row weights (an entropy
-# term, a z-loss, label smoothing), run this plan, forward and backward alike: the wide forward
-# with statistics spills 8 bytes on sm_80 (triton 3.6's ptxas), its 128x128 tile and the
-# statistics' running sums and argmax holding more than 255 registers; the weighted backward is
-# built and checked ahead of time (python -m fused_pref kernels) in this plan only.
-STATS_PLAN = DEFAULT_PLAN
+# term, a z-loss, label smoothing), run the active plan where it carries them (``STATS_PLANS``),
+# else the default plan, forward and backward alike (``stats_plan``).  The wide forward with
+# statistics spills 8 bytes on sm_80 (triton 3.6's ptxas), its 128x128 tile and the statistics'
+# running sums and argmax holding more than 255 registers.  The "cublas" plan holds no logits tile
+# in registers: its forward takes the statistics from the block kernel's first pass
+# (``cross_entropy_block``) and its backward reads the weights beside the stored logits.  The
+# weighted backward is built and checked ahead of time (python -m fused_pref kernels) in these
+# plans only.
+STATS_PLANS = (DEFAULT_PLAN, "cublas")
 _active_plan = [DEFAULT_PLAN]
 
 
@@ -149,6 +156,12 @@ def tile_plan(name: str):
         yield
     finally:
         _active_plan.pop()
+
+
+def stats_plan(plan: str) -> str:
+    """The plan a call with per-token statistics or per-row weights runs where ``plan`` is active:
+    ``plan`` itself if it carries them (``STATS_PLANS``), else the default plan."""
+    return plan if plan in STATS_PLANS else DEFAULT_PLAN
 
 
 def tiles_for(dtype: torch.dtype, plan: str = DEFAULT_PLAN, *, aligned: bool = True,
@@ -293,8 +306,9 @@ class LogitsBuild:
     """One ahead-of-time build of a logits-tile kernel (``aot_logits_variants``): its variant name,
     the constexprs of ``logits_constexprs``, launch options, the layouts and GPUs it runs in, and
     whether a forward program holds one tile (``ONE_TILE``) and whether the kernels read cuBLAS's
-    logits (``TileConfig.cublas_logits``)."""
+    logits (``TileConfig.cublas_logits``); ``plan`` the first plan in ``PLANS`` with these tiles."""
 
+    plan: str
     variant: str
     constexprs: dict
     options: dict
@@ -343,7 +357,7 @@ def aot_logits_variants(dtype: torch.dtype):
                 constexprs = logits_constexprs(dtype, tiles, has_bias=has_bias, has_softcap=has_softcap,
                                                has_temperature=has_bias, interpreted=False,
                                                float32_matmul_precision=precision)
-                yield LogitsBuild(variant, constexprs, launch_options(tiles), layouts, archs,
+                yield LogitsBuild(plan, variant, constexprs, launch_options(tiles), layouts, archs,
                                   tiles.vocab_tiles_per_program == 1, tiles.cublas_logits)
 
 

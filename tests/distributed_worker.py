@@ -78,15 +78,14 @@ def vocab_parallel(split):
         assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
 
 
-def vocab_parallel_statistics():
-    """The per-token statistics (entropy, argmax, token accuracy; a preference loss's and KTO's TRL
-    metrics; GRPO's entropy bonus and mask) and cross-entropy's z-loss and label smoothing (class-weighted,
-    and under a softcap), each rank holding a vocabulary shard, validated and not: values, argmaxes
-    and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column V - 5 (the
+def vocab_parallel_statistics(plan):
+    """In tile plan ``plan``, the per-token statistics (entropy, argmax, token accuracy; a preference
+    loss's and KTO's TRL metrics; GRPO's entropy bonus and mask) and cross-entropy's z-loss and label
+    smoothing (class-weighted, and under a softcap), each rank holding a vocabulary shard, validated
+    and not: values, argmaxes and gradients equal the unsharded reference.  Column 3 (rank 0's) is copied to column V - 5 (the
     last rank's) and tokens point at it: their max ties across shards (checked: both ranks' kernels
     give the same max logit), and the argmax must be the first column, 3, as torch.argmax's."""
-    from fused_pref.kernels import linear_lse_forward
-    from fused_pref.kernels.tiles import STATS_PLAN
+    from fused_pref.kernels import linear_lse_forward, tile_plan
 
     rank, world = dist.get_rank(), dist.get_world_size()
     R, T, D, V = SHAPE
@@ -118,7 +117,7 @@ def vocab_parallel_statistics():
     *_, max_logit = linear_lse_forward(full["hidden"].detach(), full["weight"][mine].detach(),
                                        full["bias"][mine].detach(), torch.zeros(n, dtype=torch.int64),
                                        torch.arange(n, dtype=torch.int32), torch.tensor([n], dtype=torch.int32),
-                                       softcap=30.0, token_stats=True, plan=STATS_PLAN)
+                                       softcap=30.0, token_stats=True, plan=plan)
     pointed = max_logit.view(R, T)[:, 5:9].contiguous()
     every = [torch.empty_like(pointed) for _ in range(world)]
     dist.all_gather(every, pointed)
@@ -173,7 +172,8 @@ def vocab_parallel_statistics():
             for t in local.values():
                 t.grad = None
             inputs = local if module is fused_pref else as_reference(local)
-            got, more = loss(module, inputs, process_group=dist.group.WORLD, **options)
+            with tile_plan(plan):
+                got, more = loss(module, inputs, process_group=dist.group.WORLD, **options)
             got.backward()
             tag = f"stats {name}/{module.__name__} {options}"
             _close(got, expected, f"{tag} value")
@@ -185,7 +185,7 @@ def vocab_parallel_statistics():
             _close(inputs["hidden"].grad, ref["hidden"].grad, f"{tag} d_hidden")
             _close(inputs["weight"].grad, ref["weight"].grad[mine], f"{tag} d_weight shard")
             _close(inputs["bias"].grad, ref["bias"].grad[mine], f"{tag} d_bias shard")
-        with count_host_reads() as reads:
+        with count_host_reads() as reads, tile_plan(plan):
             loss(fused_pref, local, validate=False, process_group=dist.group.WORLD)[0].backward()
         assert not reads, f"rank {rank}: {name}: host reads with validate=False: {dict(reads)}"
     # The class weights cover the whole vocabulary, not this rank's shard; without validation only
@@ -779,8 +779,8 @@ def main(checks):
     dist.init_process_group("nccl" if DEVICE == "cuda" else "gloo")
     try:
         for check in checks:
-            if check == "vocab-stats":
-                vocab_parallel_statistics()
+            if check.startswith("vocab-stats"):
+                vocab_parallel_statistics(check.removeprefix("vocab-stats").removeprefix("-") or "narrow")
             elif check == "vocab-compile":
                 vocab_parallel_compiled()
             elif check == "vocab-inforward":

@@ -1,14 +1,16 @@
 """The "cublas" tile plan (``kernels/tiles.py``): cuBLAS computes every logit in fp32, the forward
 reduces blocks of rows with ``cross_entropy_block`` and the backward's ``dz`` kernel reads each
 chunk's logits.  Against the fp64 reference on the shared table (one DPO loss type), in several blocks and chunks,
-strided, unvalidated, and with the token statistics (which run the statistics' plan)."""
+strided, unvalidated, and with the token statistics and cross-entropy's extra terms (per-row weights in the
+backward), which this plan carries too."""
 
 import pytest
 import torch
 
+import fused_pref
 from fused_pref.kernels import linear_grad, linear_lse, products
-from fused_pref.kernels.tiles import STATS_PLAN, tile_plan, tiles_for
-from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
+from fused_pref.kernels.tiles import tile_plan, tiles_for
+from fused_pref.testing import CASES, TOLERANCE, as_reference, compare, make_inputs, relative_error, run_case
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The shared table but one DPO loss type: the others differ only in the per-pair head, which no plan
@@ -89,7 +91,7 @@ def test_labels_outside_the_vocabulary_match_no_column(device):
         assert relative_error(ours, tiles) < 1e-6
 
 
-def test_strided_inputs_run_it_and_token_statistics_run_theirs(device, monkeypatch):
+def test_strided_inputs_run_it(device):
     x = make_inputs(4, 24, 97, 1003, device=device, seed=43)
     # cuBLAS reads any layout: a strided launch keeps the plan's configuration (other plans take
     # the default's tiles there).
@@ -97,12 +99,69 @@ def test_strided_inputs_run_it_and_token_statistics_run_theirs(device, monkeypat
     with tile_plan("cublas"):
         compare(lambda m, x: m.simpo_loss(x["hidden"][:, :-1], x["weight"], x["labels"][:, :-1], x["bias"],
                                           sft_weight=0.3), x).check(torch.float32)
-    x = make_inputs(4, 24, 97, 1003, device=device, seed=44)
-    monkeypatch.setattr(linear_lse, "_forward_by_cublas", None)   # the statistics must not come here
+
+
+def _no_tiles(monkeypatch):
+    """Fail on any launch of the logits-tile kernels: the plan's forward and backward read cuBLAS's logits."""
+    def no_tiles(*args, **kwargs):
+        raise AssertionError("the logits kernel ran")
+
+    monkeypatch.setattr(linear_lse, "_forward_by_tiles", no_tiles)
+    real_chunk = linear_grad.linear_grad_chunk
+
+    def chunk_with_logits(*args, logits=None, **kwargs):
+        assert logits is not None, "the dz kernel computed its logits"
+        return real_chunk(*args, logits=logits, **kwargs)
+
+    monkeypatch.setattr(linear_grad, "linear_grad_chunk", chunk_with_logits)
+
+
+STATISTICS = {"ALL": dict(return_entropy=True, return_token_accuracy=True, return_argmax=True)}
+
+
+@pytest.mark.parametrize("validate", [True, False], ids=["validated", "unvalidated"])
+@pytest.mark.parametrize("options", [{}, {"softcap": 20.0, "temperature": 0.7}], ids=["plain", "softcap-T"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_token_statistics_and_the_entropys_gradient(dtype, options, validate, device, monkeypatch):
+    # The statistics come from the block kernel's first pass, in blocks of 5 rows here, and the
+    # entropy's gradient from per-row weights beside the stored logits: a GRPO-style loss (log-probs
+    # and an entropy bonus) against the fp64 reference, and the argmax and accuracy exactly.
+    _no_tiles(monkeypatch)
+    x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=83)
+    kwargs = dict(workspace_bytes=5 * 4 * 1003, validate=validate, **options, **STATISTICS["ALL"])
+
+    def loss(m, x):
+        out = m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs)
+        return out.logp - 0.1 * out.entropy
+
     with tile_plan("cublas"):
-        compare(lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"],
-                                               return_entropy=True).entropy, x).check(torch.float32)
-    assert not tiles_for(torch.float32, STATS_PLAN).cublas_logits
+        compare(loss, x).check(dtype)
+        ours = fused_pref.linear_logprobs(*(x[k].detach() for k in ("hidden", "weight", "labels", "bias")), **kwargs)
+    ref = as_reference(x)
+    theirs = fused_pref.reference.linear_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                  **{k: v for k, v in kwargs.items() if k != "workspace_bytes"})
+    assert relative_error(ours.entropy, theirs.entropy) <= TOLERANCE[dtype]
+    assert torch.equal(ours.argmax.cpu(), theirs.argmax)
+    assert torch.equal(ours.token_accuracy.cpu(), theirs.token_accuracy)
+    assert ours.token_accuracy.any() and not ours.token_accuracy.all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_cross_entropys_extra_terms(dtype, device, monkeypatch):
+    # Label smoothing (class-weighted) and the z-loss: per-row weights in the backward, the logit sum
+    # from the column sums, the lse differentiable; with the accuracy from the same forward.
+    _no_tiles(monkeypatch)
+    x = make_inputs(3, 13, 67, 487, dtype=dtype, device=device, seed=89)
+    classes = torch.rand(487, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def loss(m, x):
+        out = m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.2,
+                                     lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=True,
+                                     ce_weight=classes.to(x["hidden"].device, x["hidden"].dtype), reduction="none")
+        return out.loss + out.z_loss
+
+    with tile_plan("cublas"):
+        compare(loss, x).check(dtype)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])

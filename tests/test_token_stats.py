@@ -47,7 +47,7 @@ def test_parity(shape, dtype, device):
 
 @pytest.mark.parametrize("options", [{"softcap": 30.0, "temperature": 0.7}, {"shift": True}], ids=["softcap-T", "shift"])
 def test_options(options, device):
-    # (Statistics always run tiles.STATS_PLAN: test_statistics_run_their_plan_forward_and_backward.)
+    # (Statistics run the default plan or "cublas": test_statistics_run_their_plan_forward_and_backward.)
     x = make_inputs(4, 23, 97, 1003, dtype=torch.bfloat16, device=device, seed=61)
     _check(*_both(x, **options), torch.bfloat16)
 
@@ -92,11 +92,13 @@ def test_a_tied_max_goes_to_the_first_column(device):
     _check(ours, theirs, torch.float32)
 
 
-def test_statistics_run_their_plan_forward_and_backward(monkeypatch, device):
-    # Under tile_plan("wide") a call with statistics runs STATS_PLAN's tiles in its forward and its
-    # backward alike (so each logit is rounded the same way in both); a plain call the wide plan's.
+@pytest.mark.parametrize("active, stats_plan", [("narrow", "narrow"), ("wide", "narrow"), ("widest", "narrow"),
+                                                 ("cublas", "cublas")])
+def test_statistics_run_their_plan_forward_and_backward(active, stats_plan, monkeypatch, device):
+    # A call with statistics runs the active plan where it carries them (tiles.STATS_PLANS), else the
+    # default plan, in its forward and its backward alike (so each logit is rounded the same way in
+    # both); a plain call runs the active plan.
     from fused_pref import ops
-    from fused_pref.kernels.tiles import STATS_PLAN
 
     plans = []
     for name in ("linear_lse_forward", "linear_grad_backward"):
@@ -105,10 +107,19 @@ def test_statistics_run_their_plan_forward_and_backward(monkeypatch, device):
             return _launcher(*args, **kwargs)
         monkeypatch.setattr(ops, name, spy)
     x = make_inputs(2, 9, 40, 257, dtype=torch.bfloat16, device=device, seed=71)
-    with fused_pref.kernels.tile_plan("wide"):
+    with fused_pref.kernels.tile_plan(active):
         fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], return_entropy=True).logp.sum().backward()
         fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"]).sum().backward()
-    assert plans == [STATS_PLAN, STATS_PLAN, "wide", "wide"] and STATS_PLAN != "wide"
+    assert plans == [stats_plan, stats_plan, active, active]
+
+
+def test_a_kernel_call_refuses_statistics_in_a_plan_without_them(device):
+    x = make_inputs(2, 9, 40, 257, dtype=torch.bfloat16, device=device, seed=72)
+    n = x["labels"].numel()
+    rows = torch.arange(n, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"^the token statistics run in the plans \('narrow', 'cublas'\)"):
+        fused_pref.kernels.linear_lse_forward(x["hidden"].detach(), x["weight"].detach(), None, x["labels"].view(-1),
+                                              rows, rows.new_full((1,), n), token_stats=True, plan="wide")
 
 
 def _gradients(module, x, loss_of, **kwargs):

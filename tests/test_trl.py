@@ -2,6 +2,7 @@
 preference pairs, on the kernels' device (the GPU, or the CPU with our kernels through the
 interpreter), give the losses and metrics of TRL's own trainers from the same seed."""
 
+import contextlib
 import copy
 
 import fused_pref
@@ -14,6 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 from fused_pref.integrations.trl import (FusedCPOTrainer, FusedDPOTrainer, FusedGRPOTrainer,  # noqa: E402
                                          FusedKTOTrainer)
+from fused_pref.kernels import tile_plan  # noqa: E402
 from fused_pref.testing import kernel_device  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 
@@ -101,17 +103,34 @@ def blocks_of_pairs(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("loss_type, fused_options", [(["sigmoid"], None), (["ipo", "sft"], None), (["bco_pair"], None),
-                                                      (["sigmoid"], IN_FORWARD), (["ipo", "sft"], IN_FORWARD)],
-                         ids=["sigmoid", "ipo+sft", "bco_pair", "sigmoid-in_forward", "ipo+sft-in_forward"])
-def test_dpo_trainer_matches_trl(loss_type, fused_options, tmp_path, monkeypatch):
+def forward_plans(monkeypatch):
+    """The tile plan of each forward of the default path, as it happens."""
+    plans, real = [], fused_pref.ops.linear_lse_forward
+
+    def recorded(*args, **kwargs):
+        plans.append(kwargs["plan"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_pref.ops, "linear_lse_forward", recorded)
+    return plans
+
+
+@pytest.mark.parametrize("loss_type, fused_options, plan", [
+    (["sigmoid"], None, None), (["ipo", "sft"], None, None), (["bco_pair"], None, None),
+    (["sigmoid"], IN_FORWARD, None), (["ipo", "sft"], IN_FORWARD, None), (["sigmoid"], None, "cublas"),
+], ids=["sigmoid", "ipo+sft", "bco_pair", "sigmoid-in_forward", "ipo+sft-in_forward", "sigmoid-cublas"])
+def test_dpo_trainer_matches_trl(loss_type, fused_options, plan, tmp_path, monkeypatch):
     config = trl.DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, **COMMON)
     model = tiny_llama()
     theirs = run(trl.DPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
-    in_forward = blocks_of_pairs(monkeypatch)
-    ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model),
-               fused_options=fused_options)
+    in_forward, plans = blocks_of_pairs(monkeypatch), forward_plans(monkeypatch)
+    with contextlib.nullcontext() if plan is None else tile_plan(plan):
+        ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model),
+                   fused_options=fused_options)
     assert len(in_forward) == (STEPS if fused_options else 0)
+    # Under "cublas" every call runs it: the loss with its token metrics, and the reference pass.
+    if plan is not None:
+        assert plans and set(plans) == {plan}
     assert ours[0].keys() == theirs[0].keys() and {"entropy", "mean_token_accuracy"} <= ours[0].keys()
     assert_same_logs(ours, theirs)
     assert ours[-1]["loss"] != ours[0]["loss"]    # it trained

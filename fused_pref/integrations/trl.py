@@ -33,8 +33,9 @@ full logits give; ours is the mean over completion tokens, DPOTrainer's definiti
 "workspace_bytes": 2**30}`` has DPO's and CPO's loss compute its gradients in the forward (6NDV
 instead of 8NDV, README "Gradient in the forward"; not KTO's or GRPO's, whose gradients need the
 whole batch, refused when the trainer is built).  A tile plan applies to whatever runs inside it,
-``with tile_plan("cublas"): trainer.train()``, but for calls with per-token statistics (DPO's and
-KTO's token metrics, GRPO's entropy), which run the default plan's tiles.
+``with tile_plan("cublas"): trainer.train()``; under "wide" and "widest" calls with per-token
+statistics (DPO's and KTO's token metrics, GRPO's entropy) run the default plan's tiles, under
+"cublas" its own (``tiles.stats_plan``).
 
 Options whose math our losses do not have raise ``NotImplementedError`` when the trainer is built,
 rather than train something else: more than one preference loss type
