@@ -6,8 +6,9 @@ Each module is one kernel stage with its launcher below it:
   (``linear_lse_forward``);
 - ``linear_grad``: the default backward, V-chunked, a ``dz`` workspace of at most
   ``WORKSPACE_BYTES`` and two cuBLAS products per chunk (``linear_grad_backward``);
-- ``cross_entropy_block``: each row's ``-logp`` (and sum of logits) and ``dz`` over a block of fp32 logits that
-  cuBLAS wrote, for the gradient-in-forward mode (``fused_pref.gradient_in_forward``);
+- ``cross_entropy_block``: each row's ``-logp`` (and sum of logits, and token statistics) and ``dz`` over a
+  block of fp32 logits that cuBLAS wrote, for the gradient-in-forward mode (``fused_pref.gradient_in_forward``)
+  and the "cublas" tile plan's forward (its lse and target logit apart);
 - ``products``: cuBLAS products added into fp32 accumulators (``d_hidden`` over the backward's
   chunks, ``d_weight`` over the gradient-in-forward mode's blocks), on CUDA;
 - ``pref_head``: the per-pair preference loss and its derivatives (``preference_head_forward``);

@@ -99,9 +99,9 @@ class TileConfig:
 # "cublas" has cuBLAS compute every logit, in fp32 (``torch.mm(..., out_dtype=torch.float32)``, the
 # speed measured for it: 19.0 ms at Llama-3-8B / 12k valid tokens on an H200, against 22.3 for the
 # best Triton prototype): the forward takes blocks of valid rows against the whole vocabulary and
-# one pass of ``cross_entropy_block`` per row (lse, target, logit sum); the backward, per
-# vocabulary chunk, the chunk's fp32 logits and then the ``dz`` kernel reading them
-# (``LOGITS_GIVEN``), before the same two products.  Its speed is cuBLAS's whatever Triton's
+# one pass of ``cross_entropy_block`` per row (lse, target, logit sum, token statistics); the
+# backward, per vocabulary chunk, the chunk's fp32 logits and then the ``dz`` kernel reading them
+# (``LOGITS_GIVEN``, with any per-row weights), before the same two products.  Its speed is cuBLAS's whatever Triton's
 # codegen for wide tiles does, for ~8 bytes of traffic per logit and pass more than a tile's
 # (cuBLAS's fp32 write, the kernel's read); any
 # layout, a softcap and fp32 run it (the kernels read the logits, not the inputs).

@@ -157,6 +157,14 @@ def vocab_parallel_statistics(plan):
                          ref_hidden=x["hidden"].detach().flip(0), kl=0.1, token_metrics=True, **kw)
         return out.loss, {name: getattr(out, name) for name in ("logps", "kl", "logit_sums", "entropy_sums")}
 
+    # Every forward of the fused calls runs ``plan``: each of these losses asks for statistics or
+    # per-row weights, which both plans carry.
+    plans, forward = [], fused_pref.ops.linear_lse_forward
+
+    def recorded_forward(*args, **kwargs):
+        plans.append(kwargs["plan"])
+        return forward(*args, **kwargs)
+
     losses = (("statistics", statistics), ("cross_entropy", cross_entropy),
               ("smoothed_under_softcap", smoothed_under_softcap), ("simpo", simpo), ("grpo", grpo), ("kto", kto))
     for name, loss in losses:
@@ -172,8 +180,14 @@ def vocab_parallel_statistics(plan):
             for t in local.values():
                 t.grad = None
             inputs = local if module is fused_pref else as_reference(local)
-            with tile_plan(plan):
-                got, more = loss(module, inputs, process_group=dist.group.WORLD, **options)
+            plans.clear()
+            fused_pref.ops.linear_lse_forward = recorded_forward
+            try:
+                with tile_plan(plan):
+                    got, more = loss(module, inputs, process_group=dist.group.WORLD, **options)
+            finally:
+                fused_pref.ops.linear_lse_forward = forward
+            assert set(plans) == ({plan} if module is fused_pref else set()), f"rank {rank}: {name}: plans {plans}"
             got.backward()
             tag = f"stats {name}/{module.__name__} {options}"
             _close(got, expected, f"{tag} value")

@@ -123,10 +123,11 @@ STATISTICS = {"ALL": dict(return_entropy=True, return_token_accuracy=True, retur
 @pytest.mark.parametrize("options", [{}, {"softcap": 20.0, "temperature": 0.7}], ids=["plain", "softcap-T"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_token_statistics_and_the_entropys_gradient(dtype, options, validate, device, monkeypatch):
-    # The statistics come from the block kernel's first pass, in blocks of 5 rows here, and the
-    # entropy's gradient from per-row weights beside the stored logits: a GRPO-style loss (log-probs
-    # and an entropy bonus) against the fp64 reference, and the argmax and accuracy exactly.
+    # The statistics come from the block kernel's first pass, in blocks of at most 5 rows here, and
+    # the entropy's gradient from per-row weights beside the stored logits: a GRPO-style loss
+    # (log-probs and an entropy bonus) against the fp64 reference, and the argmax and accuracy exactly.
     _no_tiles(monkeypatch)
+    forward = _counted(monkeypatch, linear_lse)
     x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=83)
     kwargs = dict(workspace_bytes=5 * 4 * 1003, validate=validate, **options, **STATISTICS["ALL"])
 
@@ -136,6 +137,7 @@ def test_token_statistics_and_the_entropys_gradient(dtype, options, validate, de
 
     with tile_plan("cublas"):
         compare(loss, x).check(dtype)
+        assert len(forward) > 10 and max(n for n, _ in forward) <= 5
         ours = fused_pref.linear_logprobs(*(x[k].detach() for k in ("hidden", "weight", "labels", "bias")), **kwargs)
     ref = as_reference(x)
     theirs = fused_pref.reference.linear_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
@@ -146,17 +148,18 @@ def test_token_statistics_and_the_entropys_gradient(dtype, options, validate, de
     assert ours.token_accuracy.any() and not ours.token_accuracy.all()
 
 
+@pytest.mark.parametrize("accuracy", [False, True], ids=["alone", "with-accuracy"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
-def test_cross_entropys_extra_terms(dtype, device, monkeypatch):
+def test_cross_entropys_extra_terms(dtype, accuracy, device, monkeypatch):
     # Label smoothing (class-weighted) and the z-loss: per-row weights in the backward, the logit sum
-    # from the column sums, the lse differentiable; with the accuracy from the same forward.
+    # from the column sums, the lse differentiable; alone and with the accuracy from the same forward.
     _no_tiles(monkeypatch)
     x = make_inputs(3, 13, 67, 487, dtype=dtype, device=device, seed=89)
     classes = torch.rand(487, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
 
     def loss(m, x):
         out = m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], label_smoothing=0.2,
-                                     lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=True,
+                                     lse_square_scale=1e-2, return_z_loss=True, return_token_accuracy=accuracy,
                                      ce_weight=classes.to(x["hidden"].device, x["hidden"].dtype), reduction="none")
         return out.loss + out.z_loss
 

@@ -60,8 +60,8 @@ needs_deepspeed = pytest.mark.skipif(not _deepspeed_installed() and not os.envir
     (2, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-stats-cublas", "vocab-compile", "vocab-inforward",
          "dtensor", "trl-dtensor", "grpo-dtensor"]),
     (2, ["ddp", "fsdp", "hf-fsdp", "hf-fsdp-bf16", "hf-fsdp-head", "trl-fsdp", "trl-fsdp-head", "grpo-fsdp"]),
-    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-stats-cublas", "vocab-inforward", "dtensor",
-         "trl-dtensor"]),
+    # "cublas"'s statistics merge as narrow's (combine_partials): 2 ranks test that plan, within CI's time.
+    (3, ["vocab-chunk", "vocab-split", "vocab-stats", "vocab-inforward", "dtensor", "trl-dtensor"]),
     pytest.param(2, ["hf-zero3", "zero3-direct", "trl-zero3", "grpo-zero3"], marks=needs_deepspeed),
 ], ids=["world2-vocabulary", "world2-data", "world3", "deepspeed-zero3"])
 @interpreted

@@ -95,9 +95,10 @@ def test_a_tied_max_goes_to_the_first_column(device):
 @pytest.mark.parametrize("active, stats_plan", [("narrow", "narrow"), ("wide", "narrow"), ("widest", "narrow"),
                                                  ("cublas", "cublas")])
 def test_statistics_run_their_plan_forward_and_backward(active, stats_plan, monkeypatch, device):
-    # A call with statistics runs the active plan where it carries them (tiles.STATS_PLANS), else the
-    # default plan, in its forward and its backward alike (so each logit is rounded the same way in
-    # both); a plain call runs the active plan.
+    # A call with statistics, or with per-row weights in its backward (label smoothing), runs the
+    # active plan where it carries them (tiles.STATS_PLANS), else the default plan, in its forward
+    # and its backward alike (so each logit is rounded the same way in both); a plain call runs the
+    # active plan.
     from fused_pref import ops
 
     plans = []
@@ -109,8 +110,9 @@ def test_statistics_run_their_plan_forward_and_backward(active, stats_plan, monk
     x = make_inputs(2, 9, 40, 257, dtype=torch.bfloat16, device=device, seed=71)
     with fused_pref.kernels.tile_plan(active):
         fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], return_entropy=True).logp.sum().backward()
+        fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], label_smoothing=0.1).backward()
         fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"]).sum().backward()
-    assert plans == [stats_plan, stats_plan, active, active]
+    assert plans == [stats_plan, stats_plan, stats_plan, stats_plan, active, active]
 
 
 def test_a_kernel_call_refuses_statistics_in_a_plan_without_them(device):

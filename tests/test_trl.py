@@ -152,9 +152,12 @@ def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, fused_options, tmp_path, 
     assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
 
 
-@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
-@pytest.mark.parametrize("precompute", [False, True], ids=["ref_model", "precomputed"])
-def test_kto_trainer_matches_trl(loss_type, precompute, tmp_path):
+@pytest.mark.parametrize("loss_type, precompute, plan", [
+    ("kto", False, None), ("apo_zero_unpaired", False, None), ("kto", True, None), ("apo_zero_unpaired", True, None),
+    ("kto", False, "cublas")],
+    ids=["ref_model-kto", "ref_model-apo_zero_unpaired", "precomputed-kto", "precomputed-apo_zero_unpaired",
+         "ref_model-kto-cublas"])
+def test_kto_trainer_matches_trl(loss_type, precompute, plan, tmp_path, monkeypatch):
     # Unpaired: each pair's chosen completion desirable, its rejected one undesirable, shuffled so
     # that batches hold both; KTO's KL completions need the sequential sampler.
     dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6)).shuffle(seed=1)
@@ -163,7 +166,12 @@ def test_kto_trainer_matches_trl(loss_type, precompute, tmp_path):
                            precompute_ref_log_probs=precompute, **COMMON)
     model = tiny_llama()
     theirs = run(trl.KTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
-    ours = run(FusedKTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
+    plans = forward_plans(monkeypatch)
+    with contextlib.nullcontext() if plan is None else tile_plan(plan):
+        ours = run(FusedKTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
+    # Under "cublas" every call runs it: the loss with its token metrics, the KL and reference passes.
+    if plan is not None:
+        assert plans and set(plans) == {plan}
     assert ours[0].keys() == theirs[0].keys() and {"kl", "entropy", "rewards/margins"} <= ours[0].keys()
     assert_same_logs(ours, theirs, required=("rewards/chosen", "logps/chosen"))
     assert ours[-1]["loss"] != ours[0]["loss"]    # it trained
@@ -175,10 +183,11 @@ def _completion_reward(completions, **kwargs):
             for c in completions]
 
 
-@pytest.mark.parametrize("loss_type, beta, temperature, logged", [
-    ("dapo", 0.0, 1.0, "clip_ratio/region_mean"), ("grpo", 0.2, 0.7, "kl"), ("sapo", 0.0, 0.9, "entropy")],
-    ids=["dapo", "grpo+kl+temperature", "sapo"])
-def test_grpo_trainer_matches_trl(loss_type, beta, temperature, logged, tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss_type, beta, temperature, logged, plan", [
+    ("dapo", 0.0, 1.0, "clip_ratio/region_mean", None), ("grpo", 0.2, 0.7, "kl", None),
+    ("sapo", 0.0, 0.9, "entropy", None), ("grpo", 0.2, 0.7, "kl", "cublas")],
+    ids=["dapo", "grpo+kl+temperature", "sapo", "grpo+kl+temperature-cublas"])
+def test_grpo_trainer_matches_trl(loss_type, beta, temperature, logged, plan, tmp_path, monkeypatch):
     # num_iterations=2: the second pass over a generation has old log-probs, so ratios leave 1 and
     # the clipping metrics are exercised.
     config = trl.GRPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, temperature=temperature,
@@ -197,7 +206,12 @@ def test_grpo_trainer_matches_trl(loss_type, beta, temperature, logged, tmp_path
         return scored(*args, **kwargs)
 
     monkeypatch.setattr(fused_pref, "linear_logprobs", counted)
-    ours = run(FusedGRPOTrainer, config, model, prompts, reward_funcs=_completion_reward)
+    plans = forward_plans(monkeypatch)
+    with contextlib.nullcontext() if plan is None else tile_plan(plan):
+        ours = run(FusedGRPOTrainer, config, model, prompts, reward_funcs=_completion_reward)
+    # Under "cublas" every call runs it: the policy's with its entropy, the old policy's, the reference's.
+    if plan is not None:
+        assert plans and set(plans) == {plan}
     # Every log-prob came through our kernels: the policy's each step, the old policy's and (with
     # beta) the reference's once per generation.
     assert len(calls) >= STEPS and set(calls) == {temperature}
