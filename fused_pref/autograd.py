@@ -45,7 +45,8 @@ class LinearLogprobs(torch.autograd.Function):
         # The backward's one-hot term at the label is this rank's target logit, as its tiles round it.
         tile_target = target
         if params.shard is not None:
-            # Ignored rows hold whatever the kernel left there; zero them so MAX and exp stay finite.
+            # Ignored rows hold 0, or under "cublas" without validation their own values, which a
+            # padding position's hidden state may make non-finite: zeroed, so MAX and exp stay finite.
             lse = torch.where(valid, lse, 0.0)
             stats = None
             if params.token_stats:
