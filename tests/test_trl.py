@@ -103,6 +103,30 @@ def blocks_of_pairs(monkeypatch):
     return calls
 
 
+# Every fused call without validation's host reads, in small workspaces: the loss's and the passes' without gradients.
+UNVALIDATED = {"validate": False, "workspace_bytes": 4 * V * 16}
+
+
+def call_options(monkeypatch):
+    """The ``Options`` of each default-path call of the fused functions, as it happens."""
+    options, real = [], fused_pref.functional._token_logprobs
+
+    def recorded(*args, **kwargs):
+        options.append(args[4])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused_pref.functional, "_token_logprobs", recorded)
+    return options
+
+
+def assert_every_call_took(options, fused_options):
+    """Each of ``options`` holds ``fused_options``' validate and workspace_bytes."""
+    assert options
+    for name in ("validate", "workspace_bytes"):
+        if name in (fused_options or {}):
+            assert {getattr(o, name) for o in options} == {fused_options[name]}, name
+
+
 def forward_plans(monkeypatch):
     """The tile plan of each forward of the default path, as it happens."""
     plans, real = [], fused_pref.ops.linear_lse_forward
@@ -118,16 +142,20 @@ def forward_plans(monkeypatch):
 @pytest.mark.parametrize("loss_type, fused_options, plan", [
     (["sigmoid"], None, None), (["ipo", "sft"], None, None), (["bco_pair"], None, None),
     (["sigmoid"], IN_FORWARD, None), (["ipo", "sft"], IN_FORWARD, None), (["sigmoid"], None, "cublas"),
-], ids=["sigmoid", "ipo+sft", "bco_pair", "sigmoid-in_forward", "ipo+sft-in_forward", "sigmoid-cublas"])
+    (["sigmoid"], UNVALIDATED, None),
+], ids=["sigmoid", "ipo+sft", "bco_pair", "sigmoid-in_forward", "ipo+sft-in_forward", "sigmoid-cublas",
+        "sigmoid-unvalidated"])
 def test_dpo_trainer_matches_trl(loss_type, fused_options, plan, tmp_path, monkeypatch):
     config = trl.DPOConfig(output_dir=str(tmp_path), beta=0.5, loss_type=loss_type, **COMMON)
     model = tiny_llama()
     theirs = run(trl.DPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
-    in_forward, plans = blocks_of_pairs(monkeypatch), forward_plans(monkeypatch)
+    in_forward, plans, options = blocks_of_pairs(monkeypatch), forward_plans(monkeypatch), call_options(monkeypatch)
     with contextlib.nullcontext() if plan is None else tile_plan(plan):
         ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model),
                    fused_options=fused_options)
-    assert len(in_forward) == (STEPS if fused_options else 0)
+    assert len(in_forward) == (STEPS if fused_options is IN_FORWARD else 0)
+    # The options reach the reference model's pass too (without the gradient mode: no gradients there).
+    assert_every_call_took(options, fused_options)
     # Under "cublas" every call runs it: the loss with its token metrics, and the reference pass.
     if plan is not None:
         assert plans and set(plans) == {plan}
@@ -152,12 +180,12 @@ def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, fused_options, tmp_path, 
     assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
 
 
-@pytest.mark.parametrize("loss_type, precompute, plan", [
-    ("kto", False, None), ("apo_zero_unpaired", False, None), ("kto", True, None), ("apo_zero_unpaired", True, None),
-    ("kto", False, "cublas")],
+@pytest.mark.parametrize("loss_type, precompute, plan, fused_options", [
+    ("kto", False, None, None), ("apo_zero_unpaired", False, None, None), ("kto", True, None, None),
+    ("apo_zero_unpaired", True, None, None), ("kto", False, "cublas", None), ("kto", False, None, UNVALIDATED)],
     ids=["ref_model-kto", "ref_model-apo_zero_unpaired", "precomputed-kto", "precomputed-apo_zero_unpaired",
-         "ref_model-kto-cublas"])
-def test_kto_trainer_matches_trl(loss_type, precompute, plan, tmp_path, monkeypatch):
+         "ref_model-kto-cublas", "ref_model-kto-unvalidated"])
+def test_kto_trainer_matches_trl(loss_type, precompute, plan, fused_options, tmp_path, monkeypatch):
     # Unpaired: each pair's chosen completion desirable, its rejected one undesirable, shuffled so
     # that batches hold both; KTO's KL completions need the sequential sampler.
     dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6)).shuffle(seed=1)
@@ -166,9 +194,12 @@ def test_kto_trainer_matches_trl(loss_type, precompute, plan, tmp_path, monkeypa
                            precompute_ref_log_probs=precompute, **COMMON)
     model = tiny_llama()
     theirs = run(trl.KTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
-    plans = forward_plans(monkeypatch)
+    plans, options = forward_plans(monkeypatch), call_options(monkeypatch)
     with contextlib.nullcontext() if plan is None else tile_plan(plan):
-        ours = run(FusedKTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model))
+        ours = run(FusedKTOTrainer, config, copy.deepcopy(model), dataset, ref_model=copy.deepcopy(model),
+                   fused_options=fused_options)
+    # The options reach the reference model's and the KL completions' passes too.
+    assert_every_call_took(options, fused_options)
     # Under "cublas" every call runs it: the loss with its token metrics, the KL and reference passes.
     if plan is not None:
         assert plans and set(plans) == {plan}

@@ -29,7 +29,10 @@ every position of the batch (prompt, padding and the final position included), w
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
 ``fused_options`` (a keyword of every trainer) passes ``backward``, ``workspace_bytes`` and
-``validate`` to the call that computes the loss: ``fused_options={"backward": "in_forward",
+``validate`` to the call that computes the loss, and ``workspace_bytes`` and ``validate`` to the
+gradient-free passes too (DPO's and KTO's reference model, KTO's KL completions; GRPO's calls all
+take every option), so ``validate=False`` leaves a step without validation's host reads:
+``fused_options={"backward": "in_forward",
 "workspace_bytes": 2**30}`` has DPO's and CPO's loss compute its gradients in the forward (6NDV
 instead of 8NDV, README "Gradient in the forward"; not KTO's or GRPO's, whose gradients need the
 whole batch, refused when the trainer is built).  A tile plan applies to whatever runs inside it,
@@ -139,6 +142,12 @@ def _dpo_arguments(trainer) -> tuple[float, dict, PreferenceSpec]:
 FUSED_OPTIONS = ("backward", "workspace_bytes", "validate")
 
 
+def _pass_options(options: dict) -> dict:
+    """The ``fused_options`` of a pass without gradients (a reference model's, KL completions'): all
+    but ``backward``, which names how a loss's gradients are made."""
+    return {name: value for name, value in options.items() if name != "backward"}
+
+
 def _fused_options(trainer, fused_options, *, in_forward: bool) -> dict:
     """``fused_options`` checked when the trainer is built: names among ``FUSED_OPTIONS``, values as
     fused_pref checks them, and ``backward="in_forward"`` only where the trainer's loss computes its
@@ -207,7 +216,8 @@ class FusedDPOTrainer(DPOTrainer):
             return torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).float()
 
         def logps(hidden, head):
-            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum")
+            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum",
+                              **_pass_options(self._fused_options))
 
         with _reference_model(self) as model:
             return model(**model_kwargs, fused_pref=logps)
@@ -285,11 +295,12 @@ class FusedKTOTrainer(KTOTrainer):
                        "vision-language datasets": self._is_vision_dataset}
         _fuse(self, unsupported)
 
-    @staticmethod
-    def _summed_logps(model, model_kwargs, labels):
-        """Each sequence's summed completion log-probs, through our fused forward."""
+    def _summed_logps(self, model, model_kwargs, labels):
+        """Each sequence's summed completion log-probs, through our fused forward (a pass without
+        gradients: the reference model's, the KL completions')."""
         def logps(hidden, head):
-            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum")
+            return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum",
+                              **_pass_options(self._fused_options))
 
         return model(**model_kwargs, fused_pref=logps)
 
