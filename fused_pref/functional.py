@@ -201,11 +201,22 @@ def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", opt
     number of valid tokens of each sequence (SimPO's length normalisation; a sequence with no valid
     token is an error under validation).  Other arguments as :func:`linear_logprobs`.
 
+    ``backward="in_forward"`` where no gradient is needed (under ``torch.no_grad``, or no input
+    requiring one: a reference model's pass) computes the log-probs as that mode's forward does,
+    cuBLAS's fp32 logits of blocks of rows and one pass over each (README "Gradient in the
+    forward"); a call that needs gradients refuses it.
+
     >>> logps = fused_pref.sequence_logprobs(h, lm_head.weight, labels, reduction="mean")   # [R]
     """
+    needs_gradient = any(_needs_gradients(hidden, weight, bias))
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, reduction=reduction,
-                          kind="sequence")
-    tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=reduction == "mean")
+                          kind="sequence", needs_gradient=needs_gradient)
+    mean = reduction == "mean"
+    if options.backward == "in_forward":
+        r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
+        tokens = _tokens_in_blocks(r, hidden, weight, bias, options)
+    else:
+        tokens = _token_logprobs(hidden, weight, labels, bias, options, mean_over_sequences=mean)
     return _sequence_logps(tokens, reduction, options.cu_seqlens)[0]
 
 
@@ -342,13 +353,13 @@ def _preference_in_forward(spec, r: _Rows, weight, bias, options: Options, ref_l
     return replace(out, loss=_with_gradients(out.loss, r, weight, bias, needs, grads))
 
 
-def _reference_tokens_in_blocks(r: _Rows, ref_hidden, ref_weight, ref_bias, options: Options) -> _Tokens:
-    """The reference model's per-token log-probs under ``backward="in_forward"``: that mode's cuBLAS
-    products without gradients (``gradient_in_forward.logprobs_by_blocks``), over the policy's rows
-    ``r`` (the same labels, so the same valid rows, checked once)."""
-    ref_hidden = ref_hidden if ref_hidden.dim() == 3 else ref_hidden.unsqueeze(0)
-    logp = ops.logprobs_without_gradients(ref_hidden, ref_weight, ref_bias, r.labels, r.valid, r.rows, options,
-                                          _block_vocab(r, ref_weight))
+def _tokens_in_blocks(r: _Rows, hidden, weight, bias, options: Options) -> _Tokens:
+    """Per-token log-probs without gradients under ``backward="in_forward"``: that mode's cuBLAS
+    products (``gradient_in_forward.logprobs_by_blocks``) over the rows ``r`` of the same labels (a
+    reference model's over the policy's, the valid rows checked once)."""
+    hidden = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
+    logp = ops.logprobs_without_gradients(hidden, weight, bias, r.labels, r.valid, r.rows, options,
+                                          _block_vocab(r, weight))
     shape = r.checked.valid.shape
     empty = logp.new_empty(0)
     return _Tokens(logp.view(shape), r.checked.valid, empty, r.vocab_size, r.targets, empty, empty, empty)
@@ -514,7 +525,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     if ref_logps is None:
         with torch.no_grad():
             if options.backward == "in_forward":
-                ref_tokens = _reference_tokens_in_blocks(r, ref_hidden, ref_weight, ref_bias, options)
+                ref_tokens = _tokens_in_blocks(r, ref_hidden, ref_weight, ref_bias, options)
             else:
                 ref_tokens = _token_logprobs(ref_hidden, ref_weight, labels, ref_bias,
                                              replace(options, validate=False, backward="auto"), rows=r)

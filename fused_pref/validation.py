@@ -222,16 +222,21 @@ def check_token_stats(flags: dict):
         check_flag(name, value)
 
 
-def check_gradient_in_forward(options, kind, reduction, pairs=False):
+def check_gradient_in_forward(options, kind, reduction, pairs=False, needs_gradient=True):
     """``backward="in_forward"`` needs the loss's gradient in the forward: a mean or summed
-    cross-entropy, or a pair loss (``pairs``)."""
+    cross-entropy, or a pair loss (``pairs``); or per-sequence log-probs that need no gradient
+    (``needs_gradient``: a reference model's, under ``no_grad``), which that mode's products give
+    without any."""
     if options.backward != "in_forward":
+        return
+    if kind == "sequence" and not needs_gradient:
         return
     if not pairs and (kind != "cross_entropy" or reduction == "none"):
         what = f"reduction={reduction!r}" if kind == "cross_entropy" else "this function"
         _fail(ValueError, "backward='in_forward' computes the gradients inside the forward, which needs the "
                           "loss's gradient there: linear_cross_entropy with reduction 'mean' or 'sum', or a pair "
-                          f"loss (simpo_loss, cpo_loss, orpo_loss, dpo_loss), not {what}; use backward='auto'")
+                          f"loss (simpo_loss, cpo_loss, orpo_loss, dpo_loss), or sequence_logprobs without gradients "
+                          f"(under torch.no_grad), not {what}; use backward='auto'")
 
 
 def check_pair_loss_in_forward(options, sort):
@@ -365,15 +370,15 @@ def check_shards(table):
 
 
 def check_call(hidden, weight, labels, bias, options, *, sequence_level=False, pairs=False, reduction=None,
-               kind=None, dtypes=FUSED_DTYPES) -> int:
+               kind=None, dtypes=FUSED_DTYPES, needs_gradient=True) -> int:
     """Every free check of a public function's tensors (the options were checked when made);
-    returns the number of sequences."""
+    returns the number of sequences.  ``needs_gradient``: whether the call's result needs one."""
     check_tensors(hidden, weight, labels, bias, dtypes=dtypes, sequence_level=sequence_level,
                   packed=options.cu_seqlens is not None)
     check_cu_seqlens(options.cu_seqlens, hidden)
     if kind is not None:
         check_reduction(reduction, kind)
-    check_gradient_in_forward(options, kind, reduction, pairs)
+    check_gradient_in_forward(options, kind, reduction, pairs, needs_gradient)
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     if pairs:
         check_pairs(num_sequences)

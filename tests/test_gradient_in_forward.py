@@ -228,6 +228,38 @@ def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, me
         call(module, x)
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_sequence_logprobs_without_gradients(dtype, reduction, layout, device, monkeypatch):
+    # A reference model's pass: where no gradient is needed (under no_grad, or no input requiring
+    # one) the mode's products give the log-probs, in blocks of 20 rows here, and no logits tile
+    # runs; against the fp64 reference (fp32's tolerance: the logits are fp32 products of the inputs).
+    ran = []
+    for name in ("logprobs_in_blocks", "linear_lse"):
+        def recorded(*args, _op=getattr(fused_pref.ops, name), _name=name):
+            ran.append(_name)
+            return _op(*args)
+        monkeypatch.setattr(fused_pref.ops, name, recorded)
+    x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=23)
+    kwargs = dict(reduction=reduction, shift=True, workspace_bytes=20 * 1003 * 6)
+    hidden, labels = x["hidden"], x["labels"]
+    if layout == "packed":
+        hidden, labels = hidden.flatten(0, 1), labels.flatten()
+        kwargs["cu_seqlens"] = torch.arange(0, 4 * 23 + 1, 23, dtype=torch.int32, device=device)
+    ref = {k: v.detach().cpu().double() if v.dtype.is_floating_point else v.cpu() for k, v in x.items()}
+    ref["hidden"], ref["labels"] = ref["hidden"].reshape(hidden.shape), labels.cpu()
+    theirs = fused_pref.reference.sequence_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                    **{**kwargs, "cu_seqlens": None if layout == "padded"
+                                                       else kwargs["cu_seqlens"].cpu()})
+    with torch.no_grad():
+        ours = fused_pref.sequence_logprobs(hidden, x["weight"], labels, x["bias"], backward="in_forward", **kwargs)
+    detached = fused_pref.sequence_logprobs(hidden.detach(), x["weight"].detach(), labels, x["bias"].detach(),
+                                            backward="in_forward", **kwargs)
+    assert ran == ["logprobs_in_blocks", "logprobs_in_blocks"]
+    assert relative_error(ours, theirs) <= 1e-5 and torch.equal(ours, detached)
+
+
 def test_fp16_small_row_scales_under_a_loss_scale(device):
     # Rows scaled by 1e-5 (class weights under a sum; a mean over 100k tokens is the same) and a
     # loss scale of 1e5, as fp16 training uses: an fp16 dz scaled by the rows, or fp16 gradients

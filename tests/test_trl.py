@@ -107,6 +107,18 @@ def blocks_of_pairs(monkeypatch):
 UNVALIDATED = {"validate": False, "workspace_bytes": 4 * V * 16}
 
 
+def calls_of(monkeypatch, module, name):
+    """The calls of ``module.name``, as they happen (each an args tuple)."""
+    calls, real = [], getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    return calls
+
+
 def call_options(monkeypatch):
     """The ``Options`` of each default-path call of the fused functions, as it happens."""
     options, real = [], fused_pref.functional._token_logprobs
@@ -150,12 +162,18 @@ def test_dpo_trainer_matches_trl(loss_type, fused_options, plan, tmp_path, monke
     model = tiny_llama()
     theirs = run(trl.DPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model))
     in_forward, plans, options = blocks_of_pairs(monkeypatch), forward_plans(monkeypatch), call_options(monkeypatch)
+    reference_blocks = calls_of(monkeypatch, fused_pref.ops, "logprobs_in_blocks")
     with contextlib.nullcontext() if plan is None else tile_plan(plan):
         ours = run(FusedDPOTrainer, config, copy.deepcopy(model), ref_model=copy.deepcopy(model),
                    fused_options=fused_options)
     assert len(in_forward) == (STEPS if fused_options is IN_FORWARD else 0)
-    # The options reach the reference model's pass too (without the gradient mode: no gradients there).
-    assert_every_call_took(options, fused_options)
+    # The options reach the reference model's pass too: under the gradient-in-forward mode it runs
+    # that mode's products (the only default-path calls left are none), else the default path.
+    if fused_options is IN_FORWARD:
+        assert len(reference_blocks) == STEPS and not options
+    else:
+        assert not reference_blocks
+        assert_every_call_took(options, fused_options)
     # Under "cublas" every call runs it: the loss with its token metrics, and the reference pass.
     if plan is not None:
         assert plans and set(plans) == {plan}

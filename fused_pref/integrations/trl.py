@@ -29,9 +29,10 @@ every position of the batch (prompt, padding and the final position included), w
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
 ``fused_options`` (a keyword of every trainer) passes ``backward``, ``workspace_bytes`` and
-``validate`` to the call that computes the loss, and ``workspace_bytes`` and ``validate`` to the
-gradient-free passes too (DPO's and KTO's reference model, KTO's KL completions; GRPO's calls all
-take every option), so ``validate=False`` leaves a step without validation's host reads:
+``validate`` to every fused call of a step: the loss's, and the passes without gradients (DPO's and
+KTO's reference model, KTO's KL completions, GRPO's old policy and reference model), so
+``validate=False`` leaves a step without validation's host reads, and under ``backward="in_forward"``
+DPO's reference model runs that mode's cuBLAS products too (``sequence_logprobs`` without gradients):
 ``fused_options={"backward": "in_forward",
 "workspace_bytes": 2**30}`` has DPO's and CPO's loss compute its gradients in the forward (6NDV
 instead of 8NDV, README "Gradient in the forward"; not KTO's or GRPO's, whose gradients need the
@@ -142,12 +143,6 @@ def _dpo_arguments(trainer) -> tuple[float, dict, PreferenceSpec]:
 FUSED_OPTIONS = ("backward", "workspace_bytes", "validate")
 
 
-def _pass_options(options: dict) -> dict:
-    """The ``fused_options`` of a pass without gradients (a reference model's, KL completions'): all
-    but ``backward``, which names how a loss's gradients are made."""
-    return {name: value for name, value in options.items() if name != "backward"}
-
-
 def _fused_options(trainer, fused_options, *, in_forward: bool) -> dict:
     """``fused_options`` checked when the trainer is built: names among ``FUSED_OPTIONS``, values as
     fused_pref checks them, and ``backward="in_forward"`` only where the trainer's loss computes its
@@ -217,7 +212,7 @@ class FusedDPOTrainer(DPOTrainer):
 
         def logps(hidden, head):
             return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum",
-                              **_pass_options(self._fused_options))
+                              **self._fused_options)
 
         with _reference_model(self) as model:
             return model(**model_kwargs, fused_pref=logps)
@@ -300,7 +295,7 @@ class FusedKTOTrainer(KTOTrainer):
         gradients: the reference model's, the KL completions')."""
         def logps(hidden, head):
             return head.apply(fused_pref.sequence_logprobs, hidden, labels, reduction="sum",
-                              **_pass_options(self._fused_options))
+                              **self._fused_options)
 
         return model(**model_kwargs, fused_pref=logps)
 
