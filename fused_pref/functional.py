@@ -299,7 +299,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
 
 def _needs_gradients(*tensors) -> tuple[bool, ...]:
-    return tuple(torch.is_grad_enabled() and t is not None and t.requires_grad for t in tensors)
+    # Not-a-tensor arguments reach here before validation's type checks name them (sequence_logprobs).
+    return tuple(torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _with_gradients(loss, r: _Rows, weight, bias, needs, grads):

@@ -27,9 +27,9 @@ chunked backward bounds its workspace.  A pair loss's block holds whole pairs; a
 the block costs one more pass of logits (8NDV for its tokens, the default path's), so its
 ``workspace_bytes`` should hold a pair: 4 bytes per logit of its valid tokens in bf16 (about
 0.8 GB for a pair of 1024-token sequences with a quarter prompt at Llama-3's vocabulary).  The ``[N, V]`` logits never
-exist.  A DPO's reference model, given as hidden states, runs the same products without the
-gradients (``logprobs_by_blocks``): one cuBLAS product where the default path runs its Triton
-forward.
+exist.  A DPO's reference model, given as hidden states, and ``sequence_logprobs`` where no
+gradient is needed run the same products without the gradients (``logprobs_by_blocks``): one
+cuBLAS product where the default path runs its Triton forward.
 
 Asked for per-token statistics (a pair loss's ``token_metrics``, cross-entropy's token accuracy and
 predicted tokens), the block kernel's first pass also gives each row's entropy and argmax: no
@@ -251,8 +251,9 @@ def logprobs_by_blocks(hidden, weight, bias, labels, valid, rows, *, softcap, te
     """Per-token log-probs, fp32 ``[R*T]`` (0 at ignored positions), with no gradient: the rows
     listed in ``rows`` as ``gradients_by_blocks`` computes them, as many rows at once as
     ``workspace_bytes`` holds of their fp32 logits.  This mode's forward without gradients, for
-    a DPO's reference model: one cuBLAS product (2NDV, ~19 ms at Llama-3-8B / 12k tokens on an
-    H200 as measured) and one read of the block, where the default path's Triton forward runs at
+    a reference model (a DPO's ``ref_hidden``, ``sequence_logprobs`` under ``no_grad``): one cuBLAS
+    product (2NDV, ~19 ms at Llama-3-8B / 12k tokens on an H200 as measured) and one read of the
+    block, where the default path's Triton forward runs at
     its tiles' speed (58.5 ms measured in the narrow plan).  Layout as
     ``cross_entropy_and_gradients``; no host sync."""
     block = whole_row_tiles(workspace_bytes // (4 * (block_vocab or weight.shape[0])))

@@ -36,7 +36,8 @@ class Options:
     or ``"chunked"``, the same exact V-chunked backward (``"fused"``, the atomic one, was removed);
     ``"in_forward"`` computes the gradients of a mean or summed cross-entropy, or of a pair loss,
     inside its forward (:mod:`fused_pref.gradient_in_forward`: 6NDV instead of 8NDV, for 4VD bytes
-    more memory).
+    more memory); per-sequence log-probs that need no gradient (a reference model's) come from its
+    products alone.
     ``deterministic``: kept for the callers that pass it; every backward is deterministic.
     ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
     never exceeds 1/16 of the logits, nor goes below one 128-column block), and the forward's

@@ -126,7 +126,8 @@ def _sequence_logps(hidden, weight, labels, bias, options, reduction):
 def sequence_logprobs(hidden, weight, labels, bias=None, *, reduction="sum", options):
     """Reference of :func:`fused_pref.sequence_logprobs` (``backward`` names the fused path's strategy:
     the same math here, refused where the fused call refuses it)."""
-    needs_gradient = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    needs_gradient = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                                     for t in (hidden, weight, bias))
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, reduction=reduction,
                             kind="sequence", needs_gradient=needs_gradient)
     return _sequence_logps(hidden, weight, labels, bias, options, reduction)[0]

@@ -283,10 +283,10 @@ def vocabulary_column_sum(weight: torch.Tensor, class_weight: torch.Tensor | Non
 
 def linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight=None) -> torch.Tensor:
     """Per-token sum of ``hidden @ weight.T + bias`` over the vocabulary (each class times
-    ``class_weight`` when given), fp32 ``[R*T]``, 0 at rows not among the first ``n_valid`` of
-    ``rows`` (as ``linear_lse_forward``'s outputs)."""
+    ``class_weight`` when given), fp32 ``[R*T]``, undefined at rows not among the first ``n_valid`` of
+    ``rows`` (``linear_lse_forward`` zeroes them)."""
     R, T, D = hidden.shape
-    out = torch.zeros(R * T, device=hidden.device, dtype=torch.float32)
+    out = torch.empty(R * T, device=hidden.device, dtype=torch.float32)
     w_sum = vocabulary_column_sum(weight, class_weight)
     if bias is None:
         b_sum = w_sum  # unread without a bias
@@ -347,7 +347,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     tensors (the argmax int64) whose entries at rows not computed are 0: rows not among the first
     ``n_valid`` of ``rows`` (the "cublas" plan computes every row of ``rows``).  Defined, so that a
     traced call (``torch.compile``, ``torch.library.opcheck``) returns what an eager one does; the
-    fills cost a write of O(tokens) bytes.
+    fills cost a few passes over O(tokens) bytes.
     ``class_weight`` (fp32 ``[V]``, not under a softcap): the logit sum weighs each class by it.  The
     per-split partials hold at most ``workspace_bytes`` (and one row tile's worth at least); ``plan``
     names the tiles (``tiles.PLANS``); the logits are ``softcap(hidden @ weight.T + bias) / temperature``.
@@ -357,12 +357,12 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     tile_sum = logit_sum and softcap is not None
     if tile_sum and class_weight is not None:
         raise ValueError("a class-weighted sum of soft-capped logits is not computed (the tiles sum unweighted)")
-    lse = torch.zeros(N, device=hidden.device, dtype=torch.float32)
+    lse = torch.empty(N, device=hidden.device, dtype=torch.float32)
     target = torch.zeros(N, device=hidden.device, dtype=torch.float32)
-    sums = torch.zeros(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
-    entropy = torch.zeros(N, device=hidden.device, dtype=torch.float32) if token_stats else None
-    argmax = torch.zeros(N, device=hidden.device, dtype=torch.int64) if token_stats else None
-    max_logit = torch.zeros(N, device=hidden.device, dtype=torch.float32) if token_stats else None
+    sums = torch.empty(N, device=hidden.device, dtype=torch.float32) if tile_sum else None
+    entropy = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
+    argmax = torch.empty(N, device=hidden.device, dtype=torch.int64) if token_stats else None
+    max_logit = torch.empty(N, device=hidden.device, dtype=torch.float32) if token_stats else None
     if token_stats and plan not in STATS_PLANS:
         raise ValueError(f"the token statistics run in the plans {STATS_PLANS} (tiles.stats_plan), not {plan!r}")
     if tiles.cublas_logits:
@@ -375,7 +375,22 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
         sums = linear_logit_sums(hidden, weight, bias, rows, n_valid, class_weight)
         if temperature != 1.0:
             sums = sums / temperature  # linear: the sum of z / T is the sum of z over T
+    _zero_unwritten((lse, sums, entropy, argmax, max_logit), rows, n_valid, every_row=tiles.cublas_logits)
     return lse, target, sums, entropy, argmax, max_logit
+
+
+def _zero_unwritten(outputs, rows, n_valid, *, every_row: bool):
+    """Zero ``outputs`` (None skipped) at the rows no kernel wrote: those not among the first
+    ``n_valid`` of ``rows``, or not in ``rows`` at all (``every_row``: the "cublas" plan writes each).
+    The buffers start empty, so that a kernel that misses a row it should write leaves the NaN of
+    a NaN-filled buffer there (``testing.nan_filled``), not a plausible 0."""
+    listed = torch.arange(rows.numel(), device=rows.device)
+    written_position = torch.ones_like(listed, dtype=torch.bool) if every_row else listed < n_valid
+    written = torch.zeros(outputs[0].numel(), dtype=torch.bool, device=rows.device)
+    written[rows.long()] = written_position
+    for out in outputs:
+        if out is not None:
+            out.masked_fill_(~written, 0)
 
 
 def _forward_by_tiles(hidden, weight, bias, labels, rows, n_valid, lse, target, sums, entropy, argmax, max_logit,

@@ -1,7 +1,8 @@
 """``torch.library.opcheck`` over every custom op of ``fused_pref/ops.py``, on the arguments that real
 calls pass them: the schema (no input mutated or aliased by an output), the fake implementation
-against the real outputs (shapes, dtypes, strides), and the op under AOT autograd with dynamic
-shapes, as ``torch.compile`` traces it.  The ops carry no autograd formula of their own: the
+against the real outputs (shapes, dtypes, strides), and the op's forward traced by AOT autograd's
+dispatcher with dynamic shapes, as ``torch.compile`` traces it.  The ops carry no autograd formula
+of their own (opcheck's ``test_autograd_registration`` does not apply): the
 ``torch.autograd.Function``s of ``fused_pref/autograd.py`` around them do, so the arguments are
 detached copies (tests/test_compile.py checks the compiled gradients)."""
 
@@ -13,6 +14,7 @@ from fused_pref import ops
 from fused_pref.kernels import tile_plan
 from fused_pref.testing import make_inputs
 
+CHECKS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
 OPS = ("linear_lse", "linear_grad", "cross_entropy_in_forward", "preference_in_forward", "logprobs_in_blocks",
        "preference_head")
 
@@ -76,7 +78,7 @@ def test_opcheck_on_the_arguments_of_real_calls(name, dtype, device, monkeypatch
     calls = _recorded(monkeypatch, CALLS[name], x)
     assert calls, "no custom op ran"
     for op_name, args in calls:
-        torch.library.opcheck(getattr(ops, op_name), args)
+        torch.library.opcheck(getattr(ops, op_name), args, test_utils=CHECKS)
 
 
 def test_every_op_is_among_the_calls(device, monkeypatch):

@@ -233,7 +233,7 @@ def test_refused_where_the_gradient_is_not_known_in_the_forward(module, call, me
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_sequence_logprobs_without_gradients(dtype, reduction, layout, device, monkeypatch):
     # A reference model's pass: where no gradient is needed (under no_grad, or no input requiring
-    # one) the mode's products give the log-probs, in blocks of 20 rows here, and no logits tile
+    # one) the mode's products give the log-probs, in blocks of a few dozen rows here, and no logits tile
     # runs; against the fp64 reference (fp32's tolerance: the logits are fp32 products of the inputs).
     ran = []
     for name in ("logprobs_in_blocks", "linear_lse"):

@@ -127,6 +127,20 @@ def test_simpo_equals_simpo_on_the_models_logits(name, device):
     assert_close_grads(grads(model), their_grads)
 
 
+def test_a_reference_head_gathered_by_hooks_takes_the_calls_options(device, monkeypatch):
+    # FSDP / ZeRO-3 gather the reference head inside its own call, where its log-probs are computed:
+    # with the loss's options (a temperature, an ignore_index), as when the head is a plain layer.
+    model, ref_model = make_model("llama", device, seed=0), make_model("llama", device, seed=1)
+    input_ids, attention_mask, labels = make_batch(device, seed=3)
+    labels = labels.masked_fill(labels == -100, -1)
+    options = dict(beta=0.1, temperature=0.7, ignore_index=-1, validate=False)
+    plain = fph.dpo_loss(model, input_ids, labels, attention_mask, ref_model=ref_model, **options)
+    monkeypatch.setattr(fph, "gathered_by_hooks", lambda layer: layer is ref_model.get_output_embeddings())
+    gathered = fph.dpo_loss(model, input_ids, labels, attention_mask, ref_model=ref_model, **options)
+    assert gathered.loss.item() == pytest.approx(plain.loss.item(), rel=1e-6)
+    assert gathered.chosen_rewards.tolist() == pytest.approx(plain.chosen_rewards.tolist(), rel=1e-5)
+
+
 @pytest.mark.parametrize("name", ["llama", "gemma2", "cohere"])
 def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name, device):
     model, ref_model = make_model(name, device, seed=0), make_model(name, device, seed=1)

@@ -284,16 +284,23 @@ def test_unsupported_options_are_refused(tmp_path):
      r"use backward='auto'$"),
     ("dpo-aot", {"backward": "in_forward"}, ValueError,
      r"^FusedDPOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\)"),
-], ids=["unknown", "bad-value", "kto-in_forward", "dpo-aot"])
+    ("grpo", {"backward": "in_forward"}, ValueError,
+     r"^FusedGRPOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\)"),
+], ids=["unknown", "bad-value", "kto-in_forward", "dpo-aot", "grpo-in_forward"])
 def test_fused_options_are_checked_when_the_trainer_is_built(trainer, options, error, message, tmp_path):
     model = tiny_llama()
-    if trainer.startswith("dpo"):
+    if trainer == "grpo":
+        config = trl.GRPOConfig(output_dir=str(tmp_path), num_generations=4, max_completion_length=6,
+                                **{**COMMON, "per_device_train_batch_size": 8})
+        cls, kwargs = FusedGRPOTrainer, dict(train_dataset=pairs(n=8).select_columns(["prompt"]),
+                                             reward_funcs=_completion_reward)
+    elif trainer.startswith("dpo"):
         loss_type = ["aot"] if trainer == "dpo-aot" else ["sigmoid"]
         config = trl.DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, **COMMON)
-        cls, dataset = FusedDPOTrainer, pairs()
+        cls, kwargs = FusedDPOTrainer, dict(train_dataset=pairs(), ref_model=copy.deepcopy(model))
     else:
         config, cls = trl.KTOConfig(output_dir=str(tmp_path), **COMMON), FusedKTOTrainer
-        dataset = trl.data_utils.unpair_preference_dataset(pairs(n=6))
+        kwargs = dict(train_dataset=trl.data_utils.unpair_preference_dataset(pairs(n=6)),
+                      ref_model=copy.deepcopy(model))
     with pytest.raises(error, match=message):
-        cls(model=model, ref_model=copy.deepcopy(model), args=config, train_dataset=dataset,
-            processing_class=tokenizer(), fused_options=options)
+        cls(model=model, args=config, processing_class=tokenizer(), fused_options=options, **kwargs)

@@ -33,6 +33,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fused_pref
+from fused_pref.options import FIELDS
 from fused_pref.preference import dpo_spec
 
 # Multipliers of the logits applied after the output projection, by text-config attribute, as
@@ -316,10 +317,12 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
         # The reference head is gathered only inside its own call: its log-probs come from there,
         # reduced as the loss reduces the policy's.
         reduction = _dpo_reduction(kwargs)
+        # The call's options (ignore_index, temperature, validate, backward, ...), as the loss takes them.
+        options = {name: kwargs[name] for name in FIELDS if name in kwargs}
         with torch.no_grad():
             ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
             kwargs["ref_logps"] = run_as_output_layer(ref_model, lambda h, head: head.apply(
-                fused_pref.sequence_logprobs, h, labels, reduction=reduction), ref_hidden)
+                fused_pref.sequence_logprobs, h, labels, reduction=reduction, **options), ref_hidden)
     else:
         ref_head = output_head(ref_model)
         with torch.no_grad():
