@@ -91,44 +91,36 @@ def assert_same_logs(ours, theirs, skip=(), required=("rewards/accuracies", "log
 IN_FORWARD = {"backward": "in_forward", "workspace_bytes": 4 * V * 6}
 
 
-def blocks_of_pairs(monkeypatch):
-    """The calls of the gradient-in-forward mode's pair loss, as they happen."""
-    calls, real = [], fused_pref.ops.preference_and_gradients
-
-    def recorded(*args, **kwargs):
-        calls.append(kwargs["head"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_pref.ops, "preference_and_gradients", recorded)
-    return calls
-
-
-# Every fused call without validation's host reads, in small workspaces: the loss's and the passes' without gradients.
-UNVALIDATED = {"validate": False, "workspace_bytes": 4 * V * 16}
-
-
-def calls_of(monkeypatch, module, name):
-    """The calls of ``module.name``, as they happen (each an args tuple)."""
+def calls_of(monkeypatch, module, name, what=lambda args, kwargs: args):
+    """``what(args, kwargs)`` of each call of ``module.name``, as the calls happen."""
     calls, real = [], getattr(module, name)
 
     def recorded(*args, **kwargs):
-        calls.append(args)
+        calls.append(what(args, kwargs))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, name, recorded)
     return calls
 
 
+def blocks_of_pairs(monkeypatch):
+    """The head of each call of the gradient-in-forward mode's pair loss."""
+    return calls_of(monkeypatch, fused_pref.ops, "preference_and_gradients", lambda args, kwargs: kwargs["head"])
+
+
+def forward_plans(monkeypatch):
+    """The tile plan of each forward of the default path."""
+    return calls_of(monkeypatch, fused_pref.ops, "linear_lse_forward", lambda args, kwargs: kwargs["plan"])
+
+
 def call_options(monkeypatch):
-    """The ``Options`` of each default-path call of the fused functions, as it happens."""
-    options, real = [], fused_pref.functional._token_logprobs
+    """The ``Options`` of each default-path call of the fused functions."""
+    return calls_of(monkeypatch, fused_pref.functional, "_token_logprobs", lambda args, kwargs: args[4])
 
-    def recorded(*args, **kwargs):
-        options.append(args[4])
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(fused_pref.functional, "_token_logprobs", recorded)
-    return options
+# Every fused call without validation's host reads, in small workspaces: the loss's and the passes'
+# without gradients.
+UNVALIDATED = {"validate": False, "workspace_bytes": 4 * V * 16}
 
 
 def assert_every_call_took(options, fused_options):
@@ -137,18 +129,6 @@ def assert_every_call_took(options, fused_options):
     for name in ("validate", "workspace_bytes"):
         if name in (fused_options or {}):
             assert {getattr(o, name) for o in options} == {fused_options[name]}, name
-
-
-def forward_plans(monkeypatch):
-    """The tile plan of each forward of the default path, as it happens."""
-    plans, real = [], fused_pref.ops.linear_lse_forward
-
-    def recorded(*args, **kwargs):
-        plans.append(kwargs["plan"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fused_pref.ops, "linear_lse_forward", recorded)
-    return plans
 
 
 @pytest.mark.parametrize("loss_type, fused_options, plan", [
