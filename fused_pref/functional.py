@@ -300,7 +300,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
 def _needs_gradients(*tensors) -> tuple[bool, ...]:
     # Not-a-tensor arguments reach here before validation's type checks name them (sequence_logprobs).
-    return tuple(torch.is_grad_enabled() and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    grad = torch.is_grad_enabled()
+    return tuple(grad and isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
 
 
 def _with_gradients(loss, r: _Rows, weight, bias, needs, grads):
