@@ -16,6 +16,8 @@ from . import validation
 # running mean of the rewards across steps, trainer state that a loss function cannot hold.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "exo_pair", "hinge", "ipo", "sppo_hard", "nca_pair", "bco_pair",
                   "aot", "aot_pair", "apo_zero", "apo_down", "discopop")
+# Those that sort the log-ratios over the whole batch: each pair's gradient depends on every pair's.
+SORTING_LOSS_TYPES = ("aot", "aot_pair")
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ def dpo_spec(*, loss_type, beta, label_smoothing, sft_weight, length_normalize, 
         length_normalize = loss_type == "ipo"
     if loss_type == "exo_pair" and label_smoothing == 0:
         label_smoothing = 1e-3  # TRL's substitute: log(eps) would be -inf
-    sort = loss_type if loss_type in ("aot", "aot_pair") else None
+    sort = loss_type if loss_type in SORTING_LOSS_TYPES else None
     head = "sigmoid" if sort else loss_type
     return PreferenceSpec(head, "mean" if length_normalize else "sum", beta, 0.0, label_smoothing,
                           tau=discopop_tau, sft_weight=sft_weight, sort=sort, uses_reference=True)

@@ -16,12 +16,13 @@ import collections
 import contextlib
 import math
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 import fused_pref
-from fused_pref.preference import DPO_LOSS_TYPES
+from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
+from fused_pref.preference import DPO_LOSS_TYPES, SORTING_LOSS_TYPES
 
 # Every public function of fused_pref (and fused_pref.reference), by name.
 TOKEN_FUNCTIONS = ("linear_logprobs", "sequence_logprobs", "linear_cross_entropy")
@@ -116,8 +117,22 @@ def call(module, name, inputs, **kwargs):
 
 
 def value_of(out) -> torch.Tensor:
-    """The differentiable output: a preference loss's ``loss``, else the tensor itself."""
-    return out.loss if isinstance(out, fused_pref.PreferenceOutput) else out
+    """The differentiable output: a preference loss's or cross-entropy's ``loss``; per-token
+    log-probs with their statistics, the log-probs stacked on the entropy where it was asked for
+    (so a backward reaches both); else the tensor itself."""
+    if isinstance(out, (fused_pref.PreferenceOutput, CrossEntropyOutput)):
+        return out.loss
+    if isinstance(out, TokenLogprobs):
+        return out.logp if out.entropy is None else torch.stack([out.logp, out.entropy])
+    return out
+
+
+def _statistics(out) -> dict:
+    """The detached statistics of a ``TokenLogprobs`` or ``CrossEntropyOutput`` that were asked for,
+    by name: the floating ones compared by relative error, the others exactly."""
+    names = {TokenLogprobs: ("token_accuracy", "argmax"),
+             CrossEntropyOutput: ("z_loss", "token_accuracy", "predicted_tokens")}.get(type(out), ())
+    return {name: getattr(out, name) for name in names if getattr(out, name) is not None}
 
 
 @contextlib.contextmanager
@@ -149,9 +164,12 @@ class Comparison:
     errors: dict[str, float] = field(default_factory=dict)
     dtypes: dict[str, tuple] = field(default_factory=dict)   # gradient name -> (its dtype, its input's)
 
+    mismatches: dict[str, int] = field(default_factory=dict)   # exact statistic -> entries that differ
+
     def failures(self, dtype) -> list[str]:
-        """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs, fp32 whatever the
-        inputs, at the fp32 tolerance), each gradient not in its input's dtype, and each of a
+        """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs and the z-loss, fp32
+        whatever the inputs, at the fp32 tolerance), each exact statistic (argmax, token accuracy)
+        not equal to the reference's, each gradient not in its input's dtype, and each of a
         preference loss's ``metrics()`` but the accuracy off the reference's by more than 1e-3
         relative (1e-4 absolute)."""
         out = []
@@ -159,9 +177,11 @@ class Comparison:
         if value.dtype != torch.float32:
             out.append(f"value: dtype {value.dtype}, not float32")
         for name, error in self.errors.items():
-            tolerance = TOLERANCE[torch.float32 if name in ("logps", "rewards") else dtype]
+            tolerance = TOLERANCE[torch.float32 if name in ("logps", "rewards", "z_loss") else dtype]
             if not error <= tolerance:
                 out.append(f"{name}: relative error {error:.2e} > {tolerance:.0e}")
+        out += [f"{name}: {count} entries differ from the reference's" for name, count in self.mismatches.items()
+                if count]
         out += [f"{name} came back in {got}, not the input dtype {want}" for name, (got, want) in self.dtypes.items()
                 if got != want]
         if isinstance(self.fused, fused_pref.PreferenceOutput):
@@ -191,9 +211,11 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
 
     Errors: ``"value"``; for a preference loss ``"logps"`` and ``"rewards"`` (chosen and rejected
     as one vector each: a sequence of only confident tokens has logp ~ -1e-6, whose own relative
-    error means little); ``"d_<name>"`` for each of ``grads`` that is in ``inputs`` and needs a
-    gradient.  Both values are weighted by one fixed random tensor before the backward, so every
-    entry of a vector output reaches the gradients."""
+    error means little); for per-token statistics ``"entropy"`` (also inside ``"value"``, see
+    :func:`value_of`) and cross-entropy's ``"z_loss"``; ``"d_<name>"`` for each of ``grads`` that is
+    in ``inputs`` and needs a gradient.  The argmax and token accuracy count their entries that
+    differ (``Comparison.mismatches``).  Both values are weighted by one fixed random tensor before
+    the backward, so every entry of a vector output reaches the gradients."""
     stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
     assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
     ref_inputs = as_reference(inputs)
@@ -209,6 +231,14 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     if isinstance(fused, fused_pref.PreferenceOutput):
         for kind in ("logps", "rewards"):
             result.errors[kind] = relative_error(_per_sequence(fused, kind), _per_sequence(reference, kind))
+    if isinstance(fused, TokenLogprobs) and fused.entropy is not None:
+        result.errors["entropy"] = relative_error(fused.entropy, reference.entropy)
+    for name, ours in _statistics(fused).items():
+        theirs = _statistics(reference)[name]
+        if name == "z_loss":
+            result.errors[name] = relative_error(ours, theirs)
+        else:
+            result.mismatches[name] = int((ours.cpu().double() != theirs.cpu().double()).sum())
     for name in grads:
         tensor = inputs.get(name)
         if tensor is None or not tensor.requires_grad:
@@ -230,6 +260,20 @@ class Case:
     layout: str = "padded"
     inputs: dict = field(default_factory=dict)
 
+    def with_kwargs(self, **extra) -> "Case":
+        """This case with ``extra`` keyword arguments added (or replaced)."""
+        return replace(self, kwargs={**self.kwargs, **extra})
+
+    def runs_in_forward(self) -> bool:
+        """Whether ``backward="in_forward"`` runs this case: a mean or summed cross-entropy without
+        smoothing or z-loss, or a pair loss whose pairs' gradients are independent (not DPO's
+        ``aot`` types, which sort over the batch).  ``validation`` refuses the others."""
+        function = self.name.split("-")[0]
+        if function == "linear_cross_entropy":
+            return (self.kwargs.get("reduction", "mean") != "none" and not self.kwargs.get("label_smoothing")
+                    and not self.kwargs.get("lse_square_scale"))
+        return function in PAIR_FUNCTIONS and self.name.removeprefix("dpo_loss-") not in SORTING_LOSS_TYPES
+
     def __call__(self, module, x):
         kwargs = dict(self.kwargs)
         if self.layout != "padded":
@@ -244,7 +288,9 @@ class Case:
 
 
 # Every public function, every DPO loss type, each layout and the softcap, the temperature, the
-# shift and the NLL term at least once: ``python -m fused_pref check`` runs this table, and so do the parity tests.
+# shift, the NLL term, the per-token statistics and cross-entropy's smoothing and z-loss at least once:
+# ``python -m fused_pref check`` runs this table, and so do the parity tests.  (New cases go last:
+# a case's seed is its position.)
 CASES = {
     "linear_logprobs": Case("linear_logprobs"),
     "linear_logprobs[softcap,temperature]": Case("linear_logprobs", {"softcap": 30.0, "temperature": 0.7}),
@@ -256,6 +302,11 @@ CASES = {
     # ORPO's log(1 - e^S) is ill-conditioned as S -> 0 (TRL's too): no near-certain tokens here.
     "orpo_loss": Case("orpo_loss", inputs={"confident": 0.0}),
     **{f"dpo_loss[{t}]": Case(f"dpo_loss-{t}", {"label_smoothing": 0.1}) for t in DPO_LOSS_TYPES},
+    "linear_logprobs[statistics]": Case("linear_logprobs", {"return_entropy": True, "return_token_accuracy": True,
+                                                            "return_argmax": True}),
+    "linear_cross_entropy[smoothing,z_loss]": Case("linear_cross_entropy", {
+        "label_smoothing": 0.1, "lse_square_scale": 1e-3, "return_z_loss": True, "return_token_accuracy": True,
+        "return_predicted_tokens": True}),
 }
 # V not a multiple of any block, D not a power of two and larger than BLOCK_D, odd T.
 CASE_SHAPE = (4, 23, 97, 1003)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.testing import as_reference, make_inputs, relative_error
+from fused_pref.testing import CASES, as_reference, make_inputs, relative_error, value_of
 from fused_pref.tools.memory import AllocationRecorder
 
 
@@ -143,6 +143,32 @@ def test_check_runs_the_plan_it_is_given(device, monkeypatch):
     lines = []
     assert run_check(device, dtypes=(torch.float32,), cases=["simpo_loss"], out=lines.append, plan="cublas") == 0
     assert blocks and lines[-1].startswith("1 of 1 cases within tolerance"), lines
+
+
+def test_check_runs_the_gradient_in_the_forward_where_that_mode_runs(device, monkeypatch):
+    from fused_pref import gradient_in_forward
+    from fused_pref.tools.check import run_check
+
+    blocks, forward = [], gradient_in_forward.gradients_by_blocks
+    monkeypatch.setattr(gradient_in_forward, "gradients_by_blocks",
+                        lambda *a, **k: blocks.append(1) or forward(*a, **k))
+    lines = []
+    cases = ["linear_logprobs", "linear_cross_entropy[flat,softcap]", "simpo_loss"]
+    assert run_check(device, dtypes=(torch.float32,), cases=cases, out=lines.append, backward="in_forward") == 0
+    assert lines[0] == "not run: backward='in_forward' does not run linear_logprobs", lines
+    assert [line.split()[0] for line in lines[2:-1]] == cases[1:], lines
+    assert len(blocks) >= 2 and lines[-1].startswith("2 of 2 cases within tolerance"), lines
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_a_case_runs_in_forward_exactly_where_validation_accepts_that_mode(name, device):
+    case = CASES[name].with_kwargs(backward="in_forward")
+    x = make_inputs(4, 23, 16, 67, device=device, seed=list(CASES).index(name))
+    if case.runs_in_forward():
+        value_of(case(fused_pref, x)).backward()
+    else:
+        with pytest.raises(ValueError, match="backward='in_forward'"):
+            case(fused_pref, x)
 
 
 def test_check_command_names_the_cases_it_knows():

@@ -2,8 +2,6 @@
 the forward from blocks of whole pairs, against the fp64 reference (value, per-sequence log-probs,
 rewards, every metric and gradient) on the shared table's pair cases, and against the default path."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -13,17 +11,15 @@ from fused_pref.testing import CASES, compare, count_host_reads, make_inputs, re
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PAIR_CASES = {name: case for name, case in CASES.items()
-              if name.split("[")[0] in ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss") and "aot" not in name}
+              if name.split("[")[0] in ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss") and case.runs_in_forward()}
 # One row per block: every pair cut into blocks of one row, its log-probs computed first; and the
 # default, where the small batches' pairs all fit in one block.
 WORKSPACES = {"one-row-blocks": 1, "default": None}
 
 
 def _in_forward(case, workspace_bytes):
-    extra = {"backward": "in_forward"}
-    if workspace_bytes is not None:
-        extra["workspace_bytes"] = workspace_bytes
-    return dataclasses.replace(case, kwargs={**case.kwargs, **extra})
+    workspace = {} if workspace_bytes is None else {"workspace_bytes": workspace_bytes}
+    return case.with_kwargs(backward="in_forward", **workspace)
 
 
 @pytest.mark.parametrize("workspace", WORKSPACES.values(), ids=WORKSPACES.keys())
