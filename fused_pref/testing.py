@@ -4,7 +4,8 @@ tests, ``python -m fused_pref check`` and your own CI share.
 ``compare(fn, inputs)`` runs ``fn(fused_pref, inputs)`` and ``fn(fused_pref.reference, ...)`` on
 fp64 CPU copies of the same inputs, backpropagates a fixed random weighting of the output through
 both, and gives ``||out - ref|| / ||ref||`` for the value, a preference loss's per-sequence log-probs
-and rewards, and every input's gradient.  The fused call runs with fresh buffers NaN-filled
+and rewards, the entropy and z-loss where asked for, and every input's gradient; the argmax and
+token accuracy must equal the reference's.  The fused call runs with fresh buffers NaN-filled
 (:func:`nan_filled`), so an element a kernel forgot to write fails instead of passing by luck::
 
     from fused_pref.testing import TOLERANCE, compare, make_inputs
@@ -127,12 +128,23 @@ def value_of(out) -> torch.Tensor:
     return out
 
 
+# The statistics of a TokenLogprobs or CrossEntropyOutput compared by relative error; the others exactly.
+_MEASURED_STATISTICS = ("entropy", "z_loss")
+
+
 def _statistics(out) -> dict:
-    """The detached statistics of a ``TokenLogprobs`` or ``CrossEntropyOutput`` that were asked for,
-    by name: the floating ones compared by relative error, the others exactly."""
-    names = {TokenLogprobs: ("token_accuracy", "argmax"),
+    """The statistics of a ``TokenLogprobs`` or ``CrossEntropyOutput`` that were asked for, by name."""
+    names = {TokenLogprobs: ("entropy", "token_accuracy", "argmax"),
              CrossEntropyOutput: ("z_loss", "token_accuracy", "predicted_tokens")}.get(type(out), ())
     return {name: getattr(out, name) for name in names if getattr(out, name) is not None}
+
+
+def _exact_difference(ours, theirs) -> str | None:
+    """How ``ours`` differs from the reference's ``theirs`` (dtype, shape or entries), or None."""
+    if ours.dtype != theirs.dtype or ours.shape != theirs.shape:
+        return f"{ours.dtype} {tuple(ours.shape)}, the reference's {theirs.dtype} {tuple(theirs.shape)}"
+    count = int((ours.cpu() != theirs.cpu()).sum())
+    return f"{count} of {ours.numel()} entries differ from the reference's" if count else None
 
 
 @contextlib.contextmanager
@@ -163,15 +175,14 @@ class Comparison:
     reference: object
     errors: dict[str, float] = field(default_factory=dict)
     dtypes: dict[str, tuple] = field(default_factory=dict)   # gradient name -> (its dtype, its input's)
-
-    mismatches: dict[str, int] = field(default_factory=dict)   # exact statistic -> entries that differ
+    mismatches: dict[str, str] = field(default_factory=dict)   # output or exact statistic -> how it differs
 
     def failures(self, dtype) -> list[str]:
         """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs and the z-loss, fp32
         whatever the inputs, at the fp32 tolerance), each exact statistic (argmax, token accuracy)
-        not equal to the reference's, each gradient not in its input's dtype, and each of a
-        preference loss's ``metrics()`` but the accuracy off the reference's by more than 1e-3
-        relative (1e-4 absolute)."""
+        not equal to the reference's, each statistic only one of the outputs holds, each gradient
+        not in its input's dtype, and each of a preference loss's ``metrics()`` but the accuracy
+        off the reference's by more than 1e-3 relative (1e-4 absolute)."""
         out = []
         value = value_of(self.fused)
         if value.dtype != torch.float32:
@@ -180,8 +191,7 @@ class Comparison:
             tolerance = TOLERANCE[torch.float32 if name in ("logps", "rewards", "z_loss") else dtype]
             if not error <= tolerance:
                 out.append(f"{name}: relative error {error:.2e} > {tolerance:.0e}")
-        out += [f"{name}: {count} entries differ from the reference's" for name, count in self.mismatches.items()
-                if count]
+        out += [f"{name}: {difference}" for name, difference in self.mismatches.items()]
         out += [f"{name} came back in {got}, not the input dtype {want}" for name, (got, want) in self.dtypes.items()
                 if got != want]
         if isinstance(self.fused, fused_pref.PreferenceOutput):
@@ -213,9 +223,12 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     as one vector each: a sequence of only confident tokens has logp ~ -1e-6, whose own relative
     error means little); for per-token statistics ``"entropy"`` (also inside ``"value"``, see
     :func:`value_of`) and cross-entropy's ``"z_loss"``; ``"d_<name>"`` for each of ``grads`` that is
-    in ``inputs`` and needs a gradient.  The argmax and token accuracy count their entries that
-    differ (``Comparison.mismatches``).  Both values are weighted by one fixed random tensor before
-    the backward, so every entry of a vector output reaches the gradients."""
+    in ``inputs`` and needs a gradient.  The argmax, token accuracy and predicted tokens must equal
+    the reference's, dtype and shape included, and the outputs hold the same statistics
+    (``Comparison.mismatches`` says how they differ).  An argmax is exact only where the top two
+    logits are further apart than fp32's rounding: the table's inputs have no closer ones.  Both
+    values are weighted by one fixed random tensor before the backward, so every entry of a vector
+    output reaches the gradients."""
     stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
     assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
     ref_inputs = as_reference(inputs)
@@ -231,14 +244,16 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     if isinstance(fused, fused_pref.PreferenceOutput):
         for kind in ("logps", "rewards"):
             result.errors[kind] = relative_error(_per_sequence(fused, kind), _per_sequence(reference, kind))
-    if isinstance(fused, TokenLogprobs) and fused.entropy is not None:
-        result.errors["entropy"] = relative_error(fused.entropy, reference.entropy)
-    for name, ours in _statistics(fused).items():
-        theirs = _statistics(reference)[name]
-        if name == "z_loss":
-            result.errors[name] = relative_error(ours, theirs)
-        else:
-            result.mismatches[name] = int((ours.cpu().double() != theirs.cpu().double()).sum())
+    if type(fused) is not type(reference):
+        result.mismatches["output"] = f"{type(fused).__name__}, the reference's {type(reference).__name__}"
+    ours, theirs = _statistics(fused), _statistics(reference)
+    for name in sorted(ours.keys() | theirs.keys()):
+        if name not in ours or name not in theirs:
+            result.mismatches[name] = "missing" if name not in ours else "not in the reference's output"
+        elif name in _MEASURED_STATISTICS:
+            result.errors[name] = relative_error(ours[name], theirs[name])
+        elif difference := _exact_difference(ours[name], theirs[name]):
+            result.mismatches[name] = difference
     for name in grads:
         tensor = inputs.get(name)
         if tensor is None or not tensor.requires_grad:
@@ -265,9 +280,10 @@ class Case:
         return replace(self, kwargs={**self.kwargs, **extra})
 
     def runs_in_forward(self) -> bool:
-        """Whether ``backward="in_forward"`` runs this case: a mean or summed cross-entropy without
-        smoothing or z-loss, or a pair loss whose pairs' gradients are independent (not DPO's
-        ``aot`` types, which sort over the batch).  ``validation`` refuses the others."""
+        """Whether ``backward="in_forward"`` runs this case with its gradients: a mean or summed
+        cross-entropy without smoothing or z-loss, or a pair loss whose pairs' gradients are
+        independent (not DPO's ``aot`` types, which sort over the batch).  ``validation`` refuses
+        the others (``sequence_logprobs`` runs in that mode only where no gradient is needed)."""
         function = self.name.split("-")[0]
         if function == "linear_cross_entropy":
             return (self.kwargs.get("reduction", "mean") != "none" and not self.kwargs.get("label_smoothing")

@@ -149,15 +149,19 @@ def test_check_runs_the_gradient_in_the_forward_where_that_mode_runs(device, mon
     from fused_pref import gradient_in_forward
     from fused_pref.tools.check import run_check
 
-    blocks, forward = [], gradient_in_forward.gradients_by_blocks
+    # Each case line paired with the block products run since the line before it.
+    blocks, lines, forward = [], [], gradient_in_forward.gradients_by_blocks
     monkeypatch.setattr(gradient_in_forward, "gradients_by_blocks",
                         lambda *a, **k: blocks.append(1) or forward(*a, **k))
-    lines = []
     cases = ["linear_logprobs", "linear_cross_entropy[flat,softcap]", "simpo_loss"]
-    assert run_check(device, dtypes=(torch.float32,), cases=cases, out=lines.append, backward="in_forward") == 0
-    assert lines[0] == "not run: backward='in_forward' does not run linear_logprobs", lines
-    assert [line.split()[0] for line in lines[2:-1]] == cases[1:], lines
-    assert len(blocks) >= 2 and lines[-1].startswith("2 of 2 cases within tolerance"), lines
+    assert run_check(device, dtypes=(torch.float32,), cases=cases, backward="in_forward",
+                     out=lambda line: lines.append((line, len(blocks)))) == 0
+    assert lines[0][0] == "not run: backward='in_forward' does not run linear_logprobs", lines
+    assert [line.split()[0] for line, _ in lines[2:-1]] == cases[1:], lines
+    assert lines[1][1] == 0 and lines[2][1] > 0 and lines[3][1] > lines[2][1], lines
+    assert lines[-1][0].startswith("2 of 2 cases within tolerance"), lines
+    # Nothing left to run is a failure, not a pass.
+    assert run_check(device, dtypes=(torch.float32,), cases=cases[:1], backward="in_forward", out=[].append) == 1
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -7,10 +7,9 @@ backward), which this plan carries too."""
 import pytest
 import torch
 
-import fused_pref
 from fused_pref.kernels import linear_grad, linear_lse, products
 from fused_pref.kernels.tiles import tile_plan, tiles_for
-from fused_pref.testing import CASES, TOLERANCE, as_reference, compare, make_inputs, relative_error, run_case
+from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The shared table but one DPO loss type: the others differ only in the per-pair head, which no plan
@@ -124,28 +123,18 @@ STATISTICS = {"ALL": dict(return_entropy=True, return_token_accuracy=True, retur
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_token_statistics_and_the_entropys_gradient(dtype, options, validate, device, monkeypatch):
     # The statistics come from the block kernel's first pass, in blocks of at most 5 rows here, and
-    # the entropy's gradient from per-row weights beside the stored logits: a GRPO-style loss
-    # (log-probs and an entropy bonus) against the fp64 reference, and the argmax and accuracy exactly.
+    # the entropy's gradient from per-row weights beside the stored logits: the log-probs and the
+    # entropy (both weighted into the backward) against the fp64 reference, the argmax and accuracy exactly.
     _no_tiles(monkeypatch)
     forward = _counted(monkeypatch, linear_lse)
     x = make_inputs(4, 23, 97, 1003, dtype=dtype, device=device, seed=83)
     kwargs = dict(workspace_bytes=5 * 4 * 1003, validate=validate, **options, **STATISTICS["ALL"])
-
-    def loss(m, x):
-        out = m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs)
-        return out.logp - 0.1 * out.entropy
-
     with tile_plan("cublas"):
-        compare(loss, x).check(dtype)
-        assert len(forward) > 10 and max(n for n, _ in forward) <= 5
-        ours = fused_pref.linear_logprobs(*(x[k].detach() for k in ("hidden", "weight", "labels", "bias")), **kwargs)
-    ref = as_reference(x)
-    theirs = fused_pref.reference.linear_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
-                                                  **{k: v for k, v in kwargs.items() if k != "workspace_bytes"})
-    assert relative_error(ours.entropy, theirs.entropy) <= TOLERANCE[dtype]
-    assert torch.equal(ours.argmax.cpu(), theirs.argmax)
-    assert torch.equal(ours.token_accuracy.cpu(), theirs.token_accuracy)
-    assert ours.token_accuracy.any() and not ours.token_accuracy.all()
+        comparison = compare(lambda m, x: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs),
+                             x).check(dtype)
+    assert len(forward) > 10 and max(n for n, _ in forward) <= 5
+    assert {"entropy", "d_hidden"} <= comparison.errors.keys()
+    assert comparison.fused.token_accuracy.any() and not comparison.fused.token_accuracy.all()
 
 
 @pytest.mark.parametrize("accuracy", [False, True], ids=["alone", "with-accuracy"])

@@ -145,8 +145,9 @@ def main(argv=None) -> int:
     check.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
                        help=f"the tile plan the kernels run (default {DEFAULT_PLAN}; see the README's tile plans)")
     check.add_argument("--backward", choices=("auto", "in_forward"), default="auto",
-                       help="in_forward: every call computes its gradients in the forward (the README's "
-                            "'Gradient in the forward'); the cases that mode does not run are left out")
+                       help="auto (the default path, also called 'chunked'); in_forward: every call computes its "
+                            "gradients in the forward (the README's 'Gradient in the forward'), the cases that mode "
+                            "does not run left out")
     check.set_defaults(run=_check)
     commands.add_parser("kernels", help="AOT-compile every kernel for sm_80/sm_90, report spills").set_defaults(
         run=_kernels)
