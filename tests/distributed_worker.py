@@ -238,7 +238,8 @@ def vocab_parallel_in_forward():
     lse merged across the ranks before its ``dz``, ``d_hidden`` summed; values and gradients equal
     the unsharded reference, for cross-entropy (class weights, softcap, temperature), SimPO, DPO with
     a reference model (its log-probs by the same blocks) and a pair loss whose pairs are cut into
-    several blocks, validated or not; and SimPO's token metrics and cross-entropy's predicted tokens."""
+    several blocks, validated or not; a reference model's per-sequence log-probs (no gradients);
+    and SimPO's token metrics and cross-entropy's predicted tokens."""
     rank, world = dist.get_rank(), dist.get_world_size()
     V = SHAPE[3]
     sizes = [len(c) for c in torch.arange(V).chunk(world)]
@@ -275,6 +276,25 @@ def vocab_parallel_in_forward():
             for what, param, reference in (("d_weight", weight, ref["weight"]), ("d_bias", bias, ref["bias"])):
                 grad = param.grad.full_tensor() if given == "dtensor" else param.grad
                 _close(grad, reference.grad if given == "dtensor" else reference.grad[mine], f"{tag} {what}")
+
+    # A reference model's pass: per-sequence log-probs under no_grad by the mode's first product
+    # alone (ops.logprobs_without_gradients), each block's lse merged across the ranks.
+    full = make_inputs(*SHAPE, seed=19)
+    ref = as_reference(full)
+    expected = fused_pref.reference.sequence_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                      shift=True)
+    calls, logprobs = [], fused_pref.ops.logprobs_without_gradients
+    fused_pref.ops.logprobs_without_gradients = lambda *a, **k: calls.append(1) or logprobs(*a, **k)
+    try:
+        for given, validate in (("process_group", True), ("process_group", False), ("dtensor", True)):
+            weight, bias, kwargs = _sharded_head(full, given, mine)
+            with torch.no_grad():
+                got = fused_pref.sequence_logprobs(full["hidden"], weight, full["labels"], bias, shift=True,
+                                                   backward="in_forward", validate=validate, **kwargs)
+            _close(got, expected, f"in_forward sequence_logprobs ({given}, validate={validate})")
+    finally:
+        fused_pref.ops.logprobs_without_gradients = logprobs
+    assert len(calls) == 3, f"rank {rank}: the mode's products ran {len(calls)} times, not 3"
 
     # TRL's token metrics (entropy, mean token accuracy) from each shard's first pass, merged across
     # the ranks: the unsharded reference's, with whole pairs per block and with pairs cut.
