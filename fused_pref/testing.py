@@ -215,7 +215,16 @@ def _per_sequence(out, kind):
     return torch.cat([getattr(out, f"chosen_{kind}").reshape(-1), getattr(out, f"rejected_{kind}").reshape(-1)])
 
 
-def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> Comparison:
+def _fp16_loss_scale(gradients) -> float:
+    """The power of two that brings the largest of the exact ``gradients`` to [512, 1024): where
+    fp16 training's ``torch.amp.GradScaler`` settles, short of overflow with room to spare.
+    Unscaled, fp16 gradients of a few 1e-6 are subnormal, ~5% off once rounded whatever computes
+    them (DPO's exo_pair in the table); scaled by 2**16, O(1) ones overflow."""
+    largest = max((g.abs().max().item() for g in gradients if g is not None and g.numel()), default=0.0)
+    return 2.0 ** math.floor(math.log2(1024 / largest)) if largest > 0 else 1.0
+
+
+def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, loss_scale="auto") -> Comparison:
     """``fn(module, inputs)`` on ``fused_pref`` (with :func:`nan_filled` fresh buffers, forward and
     backward) and on ``fused_pref.reference`` with :func:`as_reference` copies of ``inputs``.
 
@@ -228,7 +237,11 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     (``Comparison.mismatches`` says how they differ).  An argmax is exact only where the top two
     logits are further apart than fp32's rounding: the table's inputs have no closer ones.  Both
     values are weighted by one fixed random tensor before the backward, so every entry of a vector
-    output reaches the gradients."""
+    output reaches the gradients.  The fused backward's is also multiplied by ``loss_scale``, as
+    mixed-precision training scales its loss, and its gradients are compared with the reference's
+    times that: ``"auto"`` is 1, but for fp16 inputs the power of two a ``GradScaler`` would settle
+    on (``_fp16_loss_scale``), so that rounding the gradients to fp16 loses what it loses in
+    training, not more."""
     stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
     assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
     ref_inputs = as_reference(inputs)
@@ -236,10 +249,14 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
     ref_value = value_of(reference)
     weights = torch.randn(ref_value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     (ref_value * weights).sum().backward()
+    if loss_scale == "auto":
+        fp16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in inputs.values())
+        exact = [ref_inputs[name].grad for name in grads if ref_inputs.get(name) is not None]
+        loss_scale = _fp16_loss_scale(exact) if fp16 else 1.0
     with nan_filled():
         fused = fn(fused_pref, inputs)
         value = value_of(fused)
-        (value * weights.to(value.device, value.dtype)).sum().backward()
+        (value * (loss_scale * weights).to(value.device, value.dtype)).sum().backward()
     result = Comparison(fused, reference, {"value": relative_error(value, ref_value)})
     if isinstance(fused, fused_pref.PreferenceOutput):
         for kind in ("logps", "rewards"):
@@ -259,7 +276,7 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0) -> 
         if tensor is None or not tensor.requires_grad:
             continue
         grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-        result.errors[f"d_{name}"] = relative_error(grad, ref_inputs[name].grad)
+        result.errors[f"d_{name}"] = relative_error(grad, loss_scale * ref_inputs[name].grad)
         result.dtypes[f"d_{name}"] = (grad.dtype, tensor.dtype)
     return result
 

@@ -175,6 +175,15 @@ def test_a_case_runs_in_forward_exactly_where_validation_accepts_that_mode(name,
             case(fused_pref, x)
 
 
+def test_check_command_runs_the_dtypes_it_is_given(capsys):
+    from fused_pref.tools.cli import main
+
+    assert main(["check", "--dtype", "float16", "--case", "dpo_loss[exo_pair]"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].split()[:2] == ["dpo_loss[exo_pair]", "float16"] and lines[2].endswith("  yes"), lines
+    assert lines[-1].startswith("1 of 1 cases within tolerance (float16 5e-03;"), lines
+
+
 def test_check_command_names_the_cases_it_knows():
     done = subprocess.run([sys.executable, "-m", "fused_pref", "check", "--case", "simpo"], capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})

@@ -1,6 +1,7 @@
 """``python -m fused_pref check``: every case of ``fused_pref.testing.CASES`` (every public function and
-DPO loss type), fused against the fp64 reference, in fp32 and bf16; in a tile plan, or with the
-gradients computed in the forward (``backward="in_forward"``: the cases that mode runs).
+DPO loss type), fused against the fp64 reference, in fp32 and bf16 (or the dtypes asked for, fp16
+among them); in a tile plan, or with the gradients computed in the forward
+(``backward="in_forward"``: the cases that mode runs).
 
 Runs the real Triton kernels (through the interpreter on a CPU-only machine) and prints a line per
 case as it finishes: ``||out - ref|| / ||ref||`` for the value and each gradient, and whether all are

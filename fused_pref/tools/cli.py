@@ -23,7 +23,7 @@ import torch
 
 from fused_pref.kernels import interpreter_problem
 from fused_pref.kernels.tiles import DEFAULT_PLAN, PLANS
-from fused_pref.testing import CASES
+from fused_pref.testing import CASES, TOLERANCE
 
 from .workload import LOSSES, MODELS, PROMPT_FRACTION, PROMPT_FRACTIONS, TOKENS_PER_STEP
 
@@ -46,7 +46,7 @@ def _reexec_with_interpreter(wanted: bool, argv):
 
 
 def _check(args) -> int:
-    from .check import run_check
+    from .check import DTYPES, run_check
 
     cuda = torch.cuda.is_available()
     _reexec_with_interpreter(not cuda, args.argv)
@@ -55,7 +55,8 @@ def _check(args) -> int:
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter (about a minute on two cores)"
     print(f"fused_pref check on {where}, tile plan {args.plan}, backward {args.backward}: fused vs fp64 reference, "
           "||out - ref|| / ||ref||", flush=True)
-    return 1 if run_check(device, cases=args.case, out=lambda line: print(line, flush=True), plan=args.plan,
+    dtypes = DTYPES if args.dtype is None else tuple(getattr(torch, name) for name in dict.fromkeys(args.dtype))
+    return 1 if run_check(device, dtypes, cases=args.case, out=lambda line: print(line, flush=True), plan=args.plan,
                           backward=args.backward) else 0
 
 
@@ -144,6 +145,9 @@ def main(argv=None) -> int:
                        help=f"only this case, repeatable (default all: {', '.join(CASES)})")
     check.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
                        help=f"the tile plan the kernels run (default {DEFAULT_PLAN}; see the README's tile plans)")
+    check.add_argument("--dtype", action="append", choices=[str(d).removeprefix("torch.") for d in TOLERANCE],
+                       help="only this input dtype, repeatable (default float32 and bfloat16; float16's gradients "
+                            "are compared loss-scaled, as fp16 training runs)")
     check.add_argument("--backward", choices=("auto", "in_forward"), default="auto",
                        help="auto (the default path, also called 'chunked'); in_forward: every call computes its "
                             "gradients in the forward (the README's 'Gradient in the forward'), the cases that mode "
