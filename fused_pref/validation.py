@@ -213,7 +213,8 @@ def check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, 
         _fail(ValueError, "label_smoothing with ce_weight does not run under a softcap yet (the class-weighted "
                           "sum of soft-capped logits): drop one of the three")
     if terms and options.backward == "in_forward":
-        _fail(ValueError, f"{' and '.join(terms)} do not run with backward='in_forward' yet: use backward='auto'")
+        verb = "does" if len(terms) == 1 else "do"
+        _fail(ValueError, f"{' and '.join(terms)} {verb} not run with backward='in_forward' yet: use backward='auto'")
 
 
 def check_token_stats(flags: dict):

@@ -36,7 +36,7 @@ def interpreter_problem(triton_version: str = triton.__version__, numpy_version:
         try:
             numpy_version = metadata.version("numpy")
         except metadata.PackageNotFoundError:
-            return "Triton's interpreter needs NumPy, which is not installed"
+            return "Triton's interpreter needs NumPy, which is not installed (pip install numpy)"
     if _major_minor(triton_version) < (3, 7) and _major_minor(numpy_version) >= (2, 4):
         return (f"Triton {triton_version}'s interpreter cannot run with NumPy {numpy_version} (before Triton 3.7 "
                 "it converts loop bounds with int() on one-element arrays, an error since NumPy 2.4): "

@@ -114,9 +114,11 @@ def test_smoothing_with_token_accuracy_and_entropy_plan(device):
     (dict(label_smoothing=0.1, ce_weight="ones", softcap=30.0), ValueError,
      r"^label_smoothing with ce_weight does not run under a softcap yet"),
     (dict(lse_square_scale=1e-4, backward="in_forward"), ValueError,
-     r"^lse_square_scale do not run with backward='in_forward' yet: use backward='auto'$"),
+     r"^lse_square_scale does not run with backward='in_forward' yet: use backward='auto'$"),
+    (dict(label_smoothing=0.1, lse_square_scale=1e-4, backward="in_forward"), ValueError,
+     r"^label_smoothing and lse_square_scale do not run with backward='in_forward' yet: use backward='auto'$"),
 ], ids=["smoothing_range", "smoothing_bool", "scale_negative", "scale_nan", "return_z_loss_int",
-        "smoothing_with_class_weights_and_softcap", "in_forward"])
+        "smoothing_with_class_weights_and_softcap", "in_forward", "in_forward_both"])
 def test_bad_terms(module, kwargs, error, pattern, device):
     x = make_inputs(2, 9, 40, 257, device=device, seed=89)
     if kwargs.get("ce_weight") == "ones":

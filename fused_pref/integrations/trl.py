@@ -66,7 +66,8 @@ try:
     from trl.trainer.utils import use_adapter
 except ImportError as error:   # pragma: no cover - depends on the environment
     raise ImportError("fused_pref.integrations.trl needs TRL >= 1.16 (trl.DPOTrainer computing its loss in "
-                      "compute_loss, trl.experimental.cpo): pip install 'fused-pref[trl]'") from error
+                      "compute_loss, trl.experimental.cpo): pip install 'trl>=1.16' (from a clone of "
+                      "this repository: pip install -e '.[trl]')") from error
 
 try:
     from accelerate.utils import is_peft_model

@@ -83,7 +83,8 @@ def tiny_llama(seed=0):
     try:
         import transformers
     except ImportError as error:
-        raise SystemExit("the demo trains a transformers model: pip install 'fused-pref[hf]'") from error
+        raise SystemExit("the demo trains a transformers model: pip install transformers (from a clone of this "
+                         "repository: pip install -e '.[hf]')") from error
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=2 * HIDDEN,
                                       num_hidden_layers=LAYERS, num_attention_heads=HEADS, num_key_value_heads=HEADS,
                                       max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=2)

@@ -131,7 +131,7 @@ def plot(results: dict, png: Path) -> str:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "no plot: matplotlib is not installed (pip install 'fused-pref[bench]')"
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
     rows = [r for r in results["rows"] if r["mode"] == "fwd+bwd"]
     models = list(dict.fromkeys(r["model"] for r in rows))
     losses = list(dict.fromkeys(r["loss"] for r in rows))
