@@ -1,6 +1,8 @@
-"""The README's first program runs as pasted, on a CPU: through the reference (with its one warning)
-and through the kernels under Triton's interpreter."""
+"""The README's programs run as pasted, on a CPU: the first through the reference (with its one
+warning) and through the kernels under Triton's interpreter; the GRPO step and the parity check
+through the kernels."""
 
+import ast
 import os
 import re
 import subprocess
@@ -42,3 +44,17 @@ def test_the_grpo_step_runs_as_pasted(tmp_path):
                           timeout=300)
     assert done.returncode == 0, done.stderr
     assert "'clip_ratio/high_mean'" in done.stdout and "'entropy'" in done.stdout, done.stdout
+
+
+def test_the_parity_check_runs_as_pasted(tmp_path):
+    # The parity harness as the README shows it to users for their own CI.
+    program = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
+                   if "compare(loss, x)" in block)
+    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": "",
+           "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    errors = ast.literal_eval(done.stdout.strip().splitlines()[-1])
+    assert {"value", "logps", "rewards", "d_hidden", "d_weight", "d_bias"} <= errors.keys(), errors
+    assert "using the PyTorch reference" not in done.stderr, done.stderr
