@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import fused_pref
+from fused_pref.kernels import KERNELS_INTERPRETED
 from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
 from fused_pref.preference import DPO_LOSS_TYPES, SORTING_LOSS_TYPES
 
@@ -176,6 +177,7 @@ class Comparison:
     errors: dict[str, float] = field(default_factory=dict)
     dtypes: dict[str, tuple] = field(default_factory=dict)   # gradient name -> (its dtype, its input's)
     mismatches: dict[str, str] = field(default_factory=dict)   # output or exact statistic -> how it differs
+    loss_scale: float = 1.0                                     # the fused backward's (see compare)
 
     def failures(self, dtype) -> list[str]:
         """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs and the z-loss, fp32
@@ -187,10 +189,12 @@ class Comparison:
         value = value_of(self.fused)
         if value.dtype != torch.float32:
             out.append(f"value: dtype {value.dtype}, not float32")
+        scaled = f" (gradients loss-scaled by {self.loss_scale:g})" if self.loss_scale != 1 else ""
         for name, error in self.errors.items():
             tolerance = TOLERANCE[torch.float32 if name in ("logps", "rewards", "z_loss") else dtype]
             if not error <= tolerance:
-                out.append(f"{name}: relative error {error:.2e} > {tolerance:.0e}")
+                note = scaled if name.startswith("d_") else ""
+                out.append(f"{name}: relative error {error:.2e} > {tolerance:.0e}{note}")
         out += [f"{name}: {difference}" for name, difference in self.mismatches.items()]
         out += [f"{name} came back in {got}, not the input dtype {want}" for name, (got, want) in self.dtypes.items()
                 if got != want]
@@ -215,13 +219,15 @@ def _per_sequence(out, kind):
     return torch.cat([getattr(out, f"chosen_{kind}").reshape(-1), getattr(out, f"rejected_{kind}").reshape(-1)])
 
 
-def _fp16_loss_scale(gradients) -> float:
-    """The power of two that brings the largest of the exact ``gradients`` to [512, 1024): where
-    fp16 training's ``torch.amp.GradScaler`` settles, short of overflow with room to spare.
-    Unscaled, fp16 gradients of a few 1e-6 are subnormal, ~5% off once rounded whatever computes
-    them (DPO's exo_pair in the table); scaled by 2**16, O(1) ones overflow."""
+def fp16_loss_scale(gradients) -> float:
+    """The loss scale :func:`compare` gives fp16 inputs: the power of two that puts the largest of
+    the exact ``gradients`` in (512, 1024], 64x under fp16's largest value (headroom for the fp16
+    intermediates), and never below 1.  fp16 training scales its loss too (``GradScaler``, closer
+    to overflow): unscaled, this table's DPO exo_pair gradients (a few 1e-6 and less, subnormal in
+    fp16) are 5% off once rounded to fp16, whatever computes them; scaled by 2**16, O(1) ones
+    overflow."""
     largest = max((g.abs().max().item() for g in gradients if g is not None and g.numel()), default=0.0)
-    return 2.0 ** math.floor(math.log2(1024 / largest)) if largest > 0 else 1.0
+    return max(1.0, 2.0 ** math.floor(math.log2(1024 / largest))) if 0 < largest < math.inf else 1.0
 
 
 def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, loss_scale="auto") -> Comparison:
@@ -237,27 +243,38 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
     (``Comparison.mismatches`` says how they differ).  An argmax is exact only where the top two
     logits are further apart than fp32's rounding: the table's inputs have no closer ones.  Both
     values are weighted by one fixed random tensor before the backward, so every entry of a vector
-    output reaches the gradients.  The fused backward's is also multiplied by ``loss_scale``, as
-    mixed-precision training scales its loss, and its gradients are compared with the reference's
-    times that: ``"auto"`` is 1, but for fp16 inputs the power of two a ``GradScaler`` would settle
-    on (``_fp16_loss_scale``), so that rounding the gradients to fp16 loses what it loses in
-    training, not more."""
+    output reaches the gradients.  The fused backward's is also multiplied by ``loss_scale`` (a
+    number > 0), as mixed-precision training scales its loss, and its gradients are compared with
+    the reference's times that: ``"auto"`` is 1, but for fp16 inputs :func:`fp16_loss_scale`, so
+    that rounding the gradients to fp16 loses what it loses in training, not more.
+
+    The fused side must run the kernels: on a CPU, Triton's interpreter (``TRITON_INTERPRET=1``
+    before ``fused_pref`` is imported), else this raises rather than compare the reference with
+    itself."""
     stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
     assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
+    if not (loss_scale == "auto" or (isinstance(loss_scale, (int, float)) and 0 < loss_scale < math.inf)):
+        raise ValueError(f"loss_scale must be 'auto' or a finite number > 0, got {loss_scale!r}")
+    on_cpu = any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.device.type == "cpu"
+                 for v in inputs.values())
+    if on_cpu and not KERNELS_INTERPRETED:
+        raise RuntimeError("compare checks fused_pref's kernels, which run on CPU tensors only through Triton's "
+                           "interpreter: set TRITON_INTERPRET=1 before importing fused_pref (or pass CUDA tensors); "
+                           "otherwise the fused side would be the reference itself")
     ref_inputs = as_reference(inputs)
     reference = fn(fused_pref.reference, ref_inputs)
     ref_value = value_of(reference)
     weights = torch.randn(ref_value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     (ref_value * weights).sum().backward()
     if loss_scale == "auto":
-        fp16 = any(isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in inputs.values())
-        exact = [ref_inputs[name].grad for name in grads if ref_inputs.get(name) is not None]
-        loss_scale = _fp16_loss_scale(exact) if fp16 else 1.0
+        loss_scale = 1.0
+        if any(isinstance(v, torch.Tensor) and v.dtype == torch.float16 for v in inputs.values()):
+            loss_scale = fp16_loss_scale(ref_inputs[name].grad for name in grads if ref_inputs.get(name) is not None)
     with nan_filled():
         fused = fn(fused_pref, inputs)
         value = value_of(fused)
         (value * (loss_scale * weights).to(value.device, value.dtype)).sum().backward()
-    result = Comparison(fused, reference, {"value": relative_error(value, ref_value)})
+    result = Comparison(fused, reference, {"value": relative_error(value, ref_value)}, loss_scale=loss_scale)
     if isinstance(fused, fused_pref.PreferenceOutput):
         for kind in ("logps", "rewards"):
             result.errors[kind] = relative_error(_per_sequence(fused, kind), _per_sequence(reference, kind))

@@ -175,13 +175,17 @@ def test_a_case_runs_in_forward_exactly_where_validation_accepts_that_mode(name,
             case(fused_pref, x)
 
 
-def test_check_command_runs_the_dtypes_it_is_given(capsys):
-    from fused_pref.tools.cli import main
+def test_check_command_passes_the_dtypes_it_is_given(monkeypatch):
+    # What the command hands run_check (which test_parity runs in every dtype, fp16 included).
+    from fused_pref.tools import check, cli
 
-    assert main(["check", "--dtype", "float16", "--case", "dpo_loss[exo_pair]"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[2].split()[:2] == ["dpo_loss[exo_pair]", "float16"] and lines[2].endswith("  yes"), lines
-    assert lines[-1].startswith("1 of 1 cases within tolerance (float16 5e-03;"), lines
+    calls = []
+    monkeypatch.setattr(cli, "_reexec_with_interpreter", lambda *args: None)
+    monkeypatch.setattr(check, "run_check", lambda device, dtypes, **kwargs: calls.append((dtypes, kwargs)) or 0)
+    assert cli.main(["check", "--dtype=float16", "--dtype=float32", "--dtype=float16", "--case=cpo_loss"]) == 0
+    assert cli.main(["check"]) == 0
+    assert [dtypes for dtypes, _ in calls] == [(torch.float16, torch.float32), check.DTYPES]
+    assert calls[0][1]["cases"] == ["cpo_loss"]
 
 
 def test_check_command_names_the_cases_it_knows():

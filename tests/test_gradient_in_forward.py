@@ -266,4 +266,4 @@ def test_fp16_small_row_scales_under_a_loss_scale(device):
     # stored before the loss scale multiplies them, would sink below fp16's normal range (6e-5).
     x = make_inputs(4, 23, 97, 1003, dtype=torch.float16, device=device, seed=19)
     ce_weight = torch.full((1003,), 1e-5, device=device)
-    compare(lambda m, x: _loss(m, x, reduction="sum", ce_weight=ce_weight) * 1e5, x).check(torch.float16)
+    compare(lambda m, x: _loss(m, x, reduction="sum", ce_weight=ce_weight), x, loss_scale=1e5).check(torch.float16)

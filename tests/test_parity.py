@@ -1,8 +1,9 @@
 """Every public function, value and all gradients, fused (Triton) against the fp64 reference, through the
 one harness (``fused_pref.testing.compare``: fresh buffers NaN-filled, so an unwritten element fails).
 
-The shared table ``fused_pref.testing.CASES`` (what ``python -m fused_pref check`` runs) in fp32 and
-bf16, then what the table does not vary.  Shapes are small but awkward: V not a multiple of any
+The shared table ``fused_pref.testing.CASES`` (what ``python -m fused_pref check`` runs) in fp32,
+bf16 and fp16 (its gradients loss-scaled, as ``compare`` does for fp16), then what the table does
+not vary.  Shapes are small but awkward: V not a multiple of any
 block (1003, 257, 2053), D not a power of two and larger than BLOCK_D (97, 497), odd T, ragged
 prompts and padding, an ignored run inside a completion; bias and softcap on and off; both the
 split-vocabulary forward (few rows) and the unsplit one (many rows); a multi-chunk backward
@@ -36,12 +37,23 @@ def test_fp16_gradients_are_compared_loss_scaled(device):
     # whatever computes them; scaled as GradScaler would, they are within fp16's tolerance.
     case = CASES["dpo_loss[exo_pair]"]
     seed = list(CASES.values()).index(case)
-    unscaled = compare(case, make_inputs(*testing.CASE_SHAPE, dtype=torch.float16, device=device, seed=seed),
-                       seed=seed, loss_scale=1.0)
-    assert unscaled.errors["d_weight"] > 2e-2
-    run_case(case, torch.float16, device, seed=seed).check(torch.float16)
-    assert testing._fp16_loss_scale([torch.tensor([3e-6, -5e-6])]) * 5e-6 == pytest.approx(671.1, rel=1e-3)
-    assert testing._fp16_loss_scale([torch.tensor([1500.0])]) == 0.5
+    def inputs():
+        return make_inputs(*testing.CASE_SHAPE, dtype=torch.float16, device=device, seed=seed)
+
+    assert compare(case, inputs(), seed=seed, loss_scale=1.0).errors["d_weight"] > 2e-2
+    # The exact gradient (the reference's under compare's weighting) rounded to fp16 is as far off.
+    ref = testing.as_reference(inputs())
+    value = testing.value_of(case(fused_pref.reference, ref))
+    weights = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    (value * weights).sum().backward()
+    exact = ref["weight"].grad
+    assert relative_error(exact.half(), exact) > 2e-2
+    scaled = run_case(case, torch.float16, device, seed=seed).check(torch.float16)
+    assert scaled.loss_scale >= 2**16
+    assert testing.fp16_loss_scale([torch.tensor([3e-6, -5e-6])]) * 5e-6 == pytest.approx(671.1, rel=1e-3)
+    assert testing.fp16_loss_scale([torch.tensor([1024.0])]) == testing.fp16_loss_scale([torch.tensor([1e5])]) == 1
+    with pytest.raises(ValueError, match="loss_scale must be 'auto' or a finite number > 0, got 0"):
+        compare(case, make_inputs(*testing.CASE_SHAPE, device=device), loss_scale=0)
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())

@@ -30,7 +30,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 import fused_pref
 import fused_pref.reference
 from fused_pref.preference import DPO_LOSS_TYPES
-from fused_pref.testing import (PAIR_FUNCTIONS, TOKEN_FUNCTIONS, TOLERANCE, _fp16_loss_scale, compare, kernel_device,
+from fused_pref.testing import (PAIR_FUNCTIONS, TOKEN_FUNCTIONS, TOLERANCE, compare, fp16_loss_scale, kernel_device,
                                 relative_error, value_of)
 
 EXAMPLES = int(os.environ.get("FUSED_PREF_EXAMPLES", "5"))     # per function / DPO loss type
@@ -331,7 +331,7 @@ def check_case(case) -> bool:
     # keeps the largest below fp16's overflow, where ones 1e7 times smaller are subnormal: a
     # relative error no implementation can avoid).
     exact = [ref[key] for key in ref if key.startswith("d_")]
-    scale = _fp16_loss_scale(exact) if case.dtype == torch.float16 else 1.0
+    scale = fp16_loss_scale(exact) if case.dtype == torch.float16 else 1.0
     if any(relative_error((scale * g).to(case.dtype), scale * g) > TOLERANCE[case.dtype] / 4 for g in exact):
         return False
     compare(lambda module, inputs: run(module, case, inputs), x, grads=("base", "weight", "bias"),
