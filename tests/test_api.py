@@ -35,6 +35,16 @@ def test_cpu_without_interpreter_falls_back_to_reference_with_one_warning():
     assert done.stdout.split() == ["1", "True", "True"]
 
 
+def test_compare_refuses_cpu_inputs_without_the_interpreter():
+    # Else the parity harness would compare the reference with itself and pass.
+    done = _run_without_interpreter(
+        "from fused_pref.testing import compare, make_inputs\n"
+        "x = make_inputs(2, 7, 40, 257)\n"
+        "compare(lambda m, x: m.simpo_loss(x['hidden'], x['weight'], x['labels'], x['bias']).loss, x)\n"
+    )
+    assert done.returncode == 1 and "RuntimeError: compare checks fused_pref's kernels" in done.stderr, done.stderr
+
+
 def test_cpu_fallback_warning_names_the_callers_line():
     # A module call goes through nn.Module.__call__, the module, the public wrapper and the device
     # policy: the warning must still point at the line that called the loss.
