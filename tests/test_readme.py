@@ -34,27 +34,28 @@ def test_the_first_program_runs_as_pasted(interpreted, tmp_path):
     assert warned != interpreted, done.stderr
 
 
-def test_the_grpo_step_runs_as_pasted(tmp_path):
-    # The RL section's training step, under Triton's interpreter (the kernels' path).
+def _run_interpreted(marker, cwd):
+    """The README's Python block holding ``marker``, run as pasted through the kernels (Triton's
+    interpreter, no GPU visible)."""
     program = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-                   if "fp.grpo_loss(" in block)
+                   if marker in block)
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": "",
            "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-c", program], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_the_grpo_step_runs_as_pasted(tmp_path):
+    # The RL section's training step.
+    done = _run_interpreted("fp.grpo_loss(", tmp_path)
     assert "'clip_ratio/high_mean'" in done.stdout and "'entropy'" in done.stdout, done.stdout
 
 
 def test_the_parity_check_runs_as_pasted(tmp_path):
     # The parity harness as the README shows it to users for their own CI.
-    program = next(block for block in re.findall(r"```python\n(.*?)```", README.read_text(), re.DOTALL)
-                   if "compare(loss, x)" in block)
-    env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, "CUDA_VISIBLE_DEVICES": "",
-           "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", program], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr
+    done = _run_interpreted("compare(loss, x)", tmp_path)
     errors = ast.literal_eval(done.stdout.strip().splitlines()[-1])
     assert {"value", "logps", "rewards", "d_hidden", "d_weight", "d_bias"} <= errors.keys(), errors
     assert "using the PyTorch reference" not in done.stderr, done.stderr
