@@ -55,6 +55,13 @@ def check_gathered(name, tensor):
                           "gather it for the call and its backward with deepspeed.zero.GatheredParameters")
 
 
+def _layer_hint(value, b_name) -> str:
+    """For a layer passed where its weight belongs (``lm_head`` for ``lm_head.weight``)."""
+    if isinstance(value, torch.nn.Module) and isinstance(getattr(value, "weight", None), torch.Tensor):
+        return f": pass the layer's .weight (and its .bias as {b_name}), not the layer"
+    return ""
+
+
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, packed=False,
                   name="hidden"):
     """Types, shapes, dtypes and devices of the projection inputs.
@@ -64,7 +71,8 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
     w_name, b_name = name.replace("hidden", "weight"), name.replace("hidden", "bias")
     for arg, value in ((name, hidden), (w_name, weight), ("labels", labels)):
         if not isinstance(value, torch.Tensor):
-            _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}")
+            hint = _layer_hint(value, b_name) if arg == w_name else ""
+            _fail(TypeError, f"{arg} must be a torch.Tensor, got {type(value).__name__}{hint}")
     if bias is not None and not isinstance(bias, torch.Tensor):
         _fail(TypeError, f"{b_name} must be a torch.Tensor or None, got {type(bias).__name__}")
     for arg, value in ((w_name, weight), (b_name, bias)):

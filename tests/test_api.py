@@ -185,7 +185,7 @@ def test_a_case_runs_in_forward_exactly_where_validation_accepts_that_mode(name,
             case(fused_pref, x)
 
 
-def test_check_command_passes_the_dtypes_it_is_given(monkeypatch):
+def test_check_command_passes_the_dtypes_it_is_given(monkeypatch, capsys):
     # What the command hands run_check (which test_parity runs in every dtype, fp16 included).
     from fused_pref.tools import check, cli
 
@@ -196,6 +196,9 @@ def test_check_command_passes_the_dtypes_it_is_given(monkeypatch):
     assert cli.main(["check"]) == 0
     assert [dtypes for dtypes, _ in calls] == [(torch.float16, torch.float32), check.DTYPES]
     assert calls[0][1]["cases"] == ["cpo_loss"]
+    # The CPU's time estimate is the whole table's: a header for one case does not promise a minute.
+    partial, whole = capsys.readouterr().out.splitlines()
+    assert "minute" not in partial and ("about a minute" in whole) == (not torch.cuda.is_available()), whole
 
 
 def test_check_command_names_the_cases_it_knows():

@@ -71,6 +71,8 @@ def test_valid_defaults_pass(module, name):
     pytest.param("weight", None, r"^weight must be a torch\.Tensor, got NoneType", id="weight-None"),
     pytest.param("labels", [3] * T, r"^labels must be a torch\.Tensor, got list", id="labels-list"),
     pytest.param("bias", 0.5, r"^bias must be a torch\.Tensor or None, got float", id="bias-float"),
+    pytest.param("weight", torch.nn.Linear(D, V), r"^weight must be a torch\.Tensor, got Linear: pass the layer's "
+                 r"\.weight \(and its \.bias as bias\), not the layer$", id="weight-Linear"),
 ])
 def test_non_tensor_argument(module, name, arg, bad, pattern):
     with pytest.raises(TypeError, match=pattern):
@@ -429,6 +431,9 @@ REF_HIDDEN_CASES = [
                  id="ref_hidden-list"),
     pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE), "ref_weight": "w"}, TypeError,
                  r"^ref_weight must be a torch\.Tensor, got str", id="ref_weight-str"),
+    pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE), "ref_weight": torch.nn.Linear(D, V)}, TypeError,
+                 r"^ref_weight must be a torch\.Tensor, got Linear: pass the layer's \.weight \(and its \.bias as "
+                 r"ref_bias\), not the layer$", id="ref_weight-Linear"),
     pytest.param({"ref_hidden": torch.randn(R, T, D, device=DEVICE).half()}, TypeError,
                  r"^ref_weight dtype torch\.float32 must match ref_hidden dtype torch\.float16",
                  id="ref_hidden-fp16-vs-weight"),
