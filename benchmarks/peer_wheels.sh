@@ -15,7 +15,9 @@ if [[ $# -ne 1 ]]; then
     exit 2
 fi
 # multiprocess ships one wheel per Python version: the lent machine runs 3.12 (override: PEER_PYTHON).
+# setuptools: gpu_check.sh installs this checkout without build isolation, and pyproject.toml needs
+# setuptools 77 or newer, which the lent image may not have.
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version "${PEER_PYTHON:-3.12}" \
     --implementation cp -d "$1" liger-kernel cut-cross-entropy \
-    "trl>=1.16" datasets dill multiprocess
+    "trl>=1.16" datasets dill multiprocess "setuptools>=77"
 ls "$1"

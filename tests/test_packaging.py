@@ -92,6 +92,7 @@ def test_wheel_contents(tmp_path):
         names = wheel.namelist()
         top_level_txt = next((n for n in names if n.endswith(".dist-info/top_level.txt")), None)
         top_level = wheel.read(top_level_txt).decode().split() if top_level_txt else None
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
 
     # Every module of the source tree ships: a subpackage missing from pyproject's explicit
     # package list would otherwise vanish from the wheel without an error.
@@ -105,6 +106,8 @@ def test_wheel_contents(tmp_path):
     assert all(n.startswith(("fused_pref/", "fused_pref-")) for n in names), names
     if top_level is not None:
         assert top_level == ["fused_pref"], top_level
+    # The SPDX form (setuptools >= 77): the license table it replaces is refused from 2027-02-18.
+    assert "\nLicense-Expression: Apache-2.0\n" in metadata, metadata[:2000]
 
     # A plain (non-editable) install of that wheel imports, kernels included, from anywhere.
     site = tmp_path / "site"
