@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fused_pref
-from fused_pref.testing import TOLERANCE, as_reference, make_inputs, relative_error
+from fused_pref.testing import TOLERANCE, as_reference, compare, make_inputs, relative_error
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 R, T, D, V = 5, 11, 48, 301
@@ -94,6 +94,26 @@ def test_reference_is_trl_kto_trainer(loss_type):
     expected = _trl_loss(logps, ref_logps, labels, kl or 0.0, hyper["beta"], loss_type, hyper["desirable_weight"],
                          hyper["undesirable_weight"])
     assert relative_error(out.loss, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_saturated_sequences_keep_fp32_gradients(loss_type, device):
+    # Every sequence 15 from its reference point (beta 0.1, rewards 150 nats apart): each one's
+    # gradient, s(x) s(-x) ~ 3e-7, was lost to cancellation in fp32 when computed as TRL writes the
+    # loss, 1 - s(x), or through s(x)'s own backward, s (1 - s).
+    x = make_inputs(R, T, D, V, device=device, seed=31)
+    with torch.no_grad():
+        logps = fused_pref.reference.sequence_logprobs(*_args(as_reference(x))).float()
+    side = torch.where(torch.tensor(DESIRABLE), 1.0, -1.0)
+    x["ref_logps"] = (logps - 150.0 * side).to(device)
+    x["desirable"] = torch.tensor(DESIRABLE, device=device)
+    kl = 0.3 if loss_type == "kto" else None
+
+    def loss(m, x):
+        return m.kto_loss(*_args(x), desirable=x["desirable"], ref_logps=x["ref_logps"], kl=kl, loss_type=loss_type)
+
+    comparison = compare(loss, x).check(torch.float32)
+    assert 0 < comparison.reference.loss.item() < 1e-6
 
 
 def test_packed_equals_padded(device):
