@@ -3,9 +3,9 @@ tests, ``python -m fused_pref check`` and your own CI share.
 
 ``compare(fn, inputs)`` runs ``fn(fused_pref, inputs)`` and ``fn(fused_pref.reference, ...)`` on
 fp64 CPU copies of the same inputs, backpropagates a fixed random weighting of the output through
-both, and gives ``||out - ref|| / ||ref||`` for the value, a preference loss's per-sequence log-probs
-and rewards, the entropy and z-loss where asked for, and every input's gradient; the argmax and
-token accuracy must equal the reference's.  The fused call runs with fresh buffers NaN-filled
+both, and gives ``||out - ref|| / ||ref||`` for the value, a loss's log-probs and rewards, the entropy
+and z-loss where asked for, and every input's gradient; the argmax and token accuracy must equal
+the reference's, and the logged metrics agree.  The fused call runs with fresh buffers NaN-filled
 (:func:`nan_filled`), so an element a kernel forgot to write fails instead of passing by luck::
 
     from fused_pref.testing import TOLERANCE, compare, make_inputs
@@ -22,7 +22,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 import fused_pref
+from fused_pref.grpo import GRPOOutput
 from fused_pref.kernels import KERNELS_INTERPRETED
+from fused_pref.kto import KTOOutput
 from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
 from fused_pref.preference import DPO_LOSS_TYPES, SORTING_LOSS_TYPES
 
@@ -32,6 +34,9 @@ PAIR_FUNCTIONS = ("simpo_loss", "cpo_loss", "orpo_loss", "dpo_loss")
 FUNCTIONS = TOKEN_FUNCTIONS + PAIR_FUNCTIONS
 # What ``call`` takes: every function, DPO once per loss type ("dpo_loss-ipo").
 CALLS = TOKEN_FUNCTIONS + PAIR_FUNCTIONS[:-1] + tuple(f"dpo_loss-{t}" for t in DPO_LOSS_TYPES)
+# The outputs whose ``loss`` is the value, and those with TRL's ``metrics()``, which compare checks too.
+_LOSS_OUTPUTS = (fused_pref.PreferenceOutput, CrossEntropyOutput, KTOOutput, GRPOOutput)
+_METRIC_OUTPUTS = (fused_pref.PreferenceOutput, KTOOutput, GRPOOutput)
 
 # ||out - ref|| / ||ref|| against an fp64 reference, per input dtype (DESIGN.md section 5).
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -119,10 +124,10 @@ def call(module, name, inputs, **kwargs):
 
 
 def value_of(out) -> torch.Tensor:
-    """The differentiable output: a preference loss's or cross-entropy's ``loss``; per-token
+    """The differentiable output: a loss's ``loss`` (preference, cross-entropy, KTO, GRPO); per-token
     log-probs with their statistics, the log-probs stacked on the entropy where it was asked for
     (so a backward reaches both); else the tensor itself."""
-    if isinstance(out, (fused_pref.PreferenceOutput, CrossEntropyOutput)):
+    if isinstance(out, _LOSS_OUTPUTS):
         return out.loss
     if isinstance(out, TokenLogprobs):
         return out.logp if out.entropy is None else torch.stack([out.logp, out.entropy])
@@ -134,9 +139,11 @@ _MEASURED_STATISTICS = ("entropy", "z_loss")
 
 
 def _statistics(out) -> dict:
-    """The statistics of a ``TokenLogprobs`` or ``CrossEntropyOutput`` that were asked for, by name."""
+    """The statistics of a ``TokenLogprobs``, ``CrossEntropyOutput`` or ``GRPOOutput`` that were asked
+    for (or come always), by name."""
     names = {TokenLogprobs: ("entropy", "token_accuracy", "argmax"),
-             CrossEntropyOutput: ("z_loss", "token_accuracy", "predicted_tokens")}.get(type(out), ())
+             CrossEntropyOutput: ("z_loss", "token_accuracy", "predicted_tokens"),
+             GRPOOutput: ("entropy",)}.get(type(out), ())
     return {name: getattr(out, name) for name in names if getattr(out, name) is not None}
 
 
@@ -180,11 +187,12 @@ class Comparison:
     loss_scale: float = 1.0                                     # the fused backward's (see compare)
 
     def failures(self, dtype) -> list[str]:
-        """Each quantity outside ``TOLERANCE[dtype]`` (the per-sequence outputs and the z-loss, fp32
+        """Each quantity outside ``TOLERANCE[dtype]`` (the log-probs, rewards and z-loss, fp32
         whatever the inputs, at the fp32 tolerance), each exact statistic (argmax, token accuracy)
         not equal to the reference's, each statistic only one of the outputs holds, each gradient
-        not in its input's dtype, and each of a preference loss's ``metrics()`` but the accuracy
-        off the reference's by more than 1e-3 relative (1e-4 absolute)."""
+        not in its input's dtype, and each of a preference, KTO or GRPO loss's ``metrics()`` but
+        the accuracy and clip ratios off the reference's by more than 1e-3 relative (1e-4
+        absolute)."""
         out = []
         value = value_of(self.fused)
         if value.dtype != torch.float32:
@@ -198,14 +206,15 @@ class Comparison:
         out += [f"{name}: {difference}" for name, difference in self.mismatches.items()]
         out += [f"{name} came back in {got}, not the input dtype {want}" for name, (got, want) in self.dtypes.items()
                 if got != want]
-        if isinstance(self.fused, fused_pref.PreferenceOutput):
+        if isinstance(self.fused, _METRIC_OUTPUTS):
             ours, theirs = self.fused.metrics(), self.reference.metrics()
             if ours.keys() != theirs.keys():
                 out.append(f"metrics {sorted(ours)} differ from the reference's {sorted(theirs)}")
-            # Means of quantities checked above, and the logits means.  Not the accuracy: a step
-            # function of the reward margin, which rounding flips wherever a pair is a near tie.
+            # Means of quantities checked above, and the logits means.  Not the accuracy nor GRPO's
+            # clip ratios: fractions of pairs or tokens past a threshold, which rounding flips
+            # wherever one is a near tie.
             out += [f"metrics[{key!r}]: {ours[key]} vs {theirs[key]}" for key in ours.keys() & theirs.keys()
-                    if key != "rewards/accuracies"
+                    if key != "rewards/accuracies" and "clip_ratio" not in key
                     and not math.isclose(ours[key], theirs[key], rel_tol=1e-3, abs_tol=1e-4)]
         return out
 
@@ -215,8 +224,15 @@ class Comparison:
         return self
 
 
-def _per_sequence(out, kind):
-    return torch.cat([getattr(out, f"chosen_{kind}").reshape(-1), getattr(out, f"rejected_{kind}").reshape(-1)])
+def _log_probabilities(out) -> dict:
+    """A loss's detached log-probs and rewards, by name: a preference loss's per sequence, chosen
+    and rejected as one vector each; KTO's per sequence; GRPO's log-probs per token."""
+    if isinstance(out, fused_pref.PreferenceOutput):
+        return {kind: torch.cat([getattr(out, f"{side}_{kind}").reshape(-1) for side in ("chosen", "rejected")])
+                for kind in ("logps", "rewards")}
+    if isinstance(out, KTOOutput):
+        return {"logps": out.logps, "rewards": out.rewards}
+    return {"logps": out.logps} if isinstance(out, GRPOOutput) else {}
 
 
 def fp16_loss_scale(gradients) -> float:
@@ -236,17 +252,18 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
 
     Errors: ``"value"``; for a preference loss ``"logps"`` and ``"rewards"`` (chosen and rejected
     as one vector each: a sequence of only confident tokens has logp ~ -1e-6, whose own relative
-    error means little); for per-token statistics ``"entropy"`` (also inside ``"value"``, see
-    :func:`value_of`) and cross-entropy's ``"z_loss"``; ``"d_<name>"`` for each of ``grads`` that is
-    in ``inputs`` and needs a gradient.  The argmax, token accuracy and predicted tokens must equal
-    the reference's, dtype and shape included, and the outputs hold the same statistics
-    (``Comparison.mismatches`` says how they differ).  An argmax is exact only where the top two
-    logits are further apart than fp32's rounding: the table's inputs have no closer ones.  Both
-    values are weighted by one fixed random tensor before the backward, so every entry of a vector
-    output reaches the gradients.  The fused backward's is also multiplied by ``loss_scale`` (a
-    number > 0), as mixed-precision training scales its loss, and its gradients are compared with
-    the reference's times that: ``"auto"`` is 1, but for fp16 inputs :func:`fp16_loss_scale`, so
-    that rounding the gradients to fp16 loses what it loses in training, not more.
+    error means little), KTO's alike, GRPO's per-token ``"logps"``; for per-token statistics
+    ``"entropy"`` (also inside ``"value"``, see :func:`value_of`; GRPO's too) and cross-entropy's
+    ``"z_loss"``; ``"d_<name>"`` for each of ``grads`` that is in ``inputs`` and needs a gradient.
+    The argmax, token accuracy and predicted tokens must equal the reference's, dtype and shape
+    included, and the outputs hold the same statistics (``Comparison.mismatches`` says how they
+    differ).  An argmax is exact only where the top two logits are further apart than fp32's
+    rounding: the table's inputs have no closer ones.  Both values are weighted by one fixed random
+    tensor before the backward, so every entry of a vector output reaches the gradients.  The fused
+    backward's is also multiplied by ``loss_scale`` (a number > 0), as mixed-precision training
+    scales its loss, and its gradients are compared with the reference's times that: ``"auto"`` is
+    1, but for fp16 inputs :func:`fp16_loss_scale`, so that rounding the gradients to fp16 loses
+    what it loses in training, not more.
 
     The fused side must run the kernels: on a CPU, Triton's interpreter (``TRITON_INTERPRET=1``
     before ``fused_pref`` is imported), else this raises rather than compare the reference with
@@ -275,9 +292,10 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
         value = value_of(fused)
         (value * (loss_scale * weights).to(value.device, value.dtype)).sum().backward()
     result = Comparison(fused, reference, {"value": relative_error(value, ref_value)}, loss_scale=loss_scale)
-    if isinstance(fused, fused_pref.PreferenceOutput):
-        for kind in ("logps", "rewards"):
-            result.errors[kind] = relative_error(_per_sequence(fused, kind), _per_sequence(reference, kind))
+    if type(fused) is type(reference):
+        theirs = _log_probabilities(reference)
+        for kind, ours in _log_probabilities(fused).items():
+            result.errors[kind] = relative_error(ours, theirs[kind])
     if type(fused) is not type(reference):
         result.mismatches["output"] = f"{type(fused).__name__}, the reference's {type(reference).__name__}"
     ours, theirs = _statistics(fused), _statistics(reference)
@@ -298,11 +316,31 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
     return result
 
 
+def _rollout(x) -> dict:
+    """GRPO's other inputs for a case on ``x``: advantages of both signs, and as ``old_logps`` and
+    ``ref_logps`` the policy's own log-probs perturbed, so that ratios land on both sides of each
+    clip.  Those log-probs are the reference's, in fp64 from the values of ``x``, so the fused call
+    and the reference's (whose ``x`` holds the same values in fp64) get the same tensors."""
+    ref = as_reference({key: x[key] for key in ("hidden", "weight", "bias")})
+    labels = x["labels"].cpu()
+    with torch.no_grad():
+        # Unvalidated: the call it stands for validates, or not, as the case asks.
+        logp = fused_pref.reference.linear_logprobs(ref["hidden"], ref["weight"], labels, ref["bias"], validate=False)
+    gen = torch.Generator().manual_seed(0)
+    perturbed = [(logp + 0.5 * torch.randn(logp.shape, generator=gen, dtype=logp.dtype)).float() for _ in range(2)]
+    advantages = torch.linspace(0.9, -1.1, labels.shape[0])
+    device = x["labels"].device
+    return {"advantages": advantages.to(device), "old_logps": perturbed[0].to(device),
+            "ref_logps": perturbed[1].to(device)}
+
+
 @dataclass(frozen=True)
 class Case:
-    """One call of the shared table: a name of ``CALLS``, its keyword arguments, the layout of the
-    batch (``"padded"`` ``[R, T, D]``; ``"packed"`` ``[N, D]`` with ``cu_seqlens`` at every T;
-    ``"flat"`` ``[N, D]`` without) and ``make_inputs`` overrides."""
+    """One call of the shared table: a name of ``CALLS``, ``"kto_loss"`` or ``"grpo_loss"``, its
+    keyword arguments, the layout of the batch (``"padded"`` ``[R, T, D]``; ``"packed"`` ``[N, D]``
+    with ``cu_seqlens`` at every T; ``"flat"`` ``[N, D]`` without) and ``make_inputs`` overrides.
+    The inputs a call needs beyond ``make_inputs``' come from them: the reference model's hidden
+    states (DPO, KTO), which sequences are desirable (KTO), GRPO's rollout (:func:`_rollout`)."""
 
     name: str
     kwargs: dict = field(default_factory=dict)
@@ -331,9 +369,13 @@ class Case:
             x = {**x, "hidden": x["hidden"].flatten(0, 1), "labels": x["labels"].flatten()}
             if self.layout == "packed":
                 kwargs["cu_seqlens"] = torch.arange(0, R * T + 1, T, dtype=torch.int32, device=x["labels"].device)
-        if self.name.startswith("dpo_loss-"):
+        if self.name.startswith(("dpo_loss-", "kto_loss")):
             # The reference model through the library's own forward: the hidden states reversed.
             kwargs["ref_hidden"] = x["hidden"].detach().flip(0)
+        if self.name == "kto_loss":
+            kwargs["desirable"] = torch.arange(x["labels"].shape[0], device=x["labels"].device) % 3 != 1
+        if self.name == "grpo_loss":
+            kwargs.update(_rollout(x))
         return call(module, self.name, x, **kwargs)
 
 
@@ -357,6 +399,8 @@ CASES = {
     "linear_cross_entropy[smoothing,z_loss]": Case("linear_cross_entropy", {
         "label_smoothing": 0.1, "lse_square_scale": 1e-3, "return_z_loss": True, "return_token_accuracy": True,
         "return_predicted_tokens": True}),
+    "kto_loss": Case("kto_loss", {"kl": 0.3}),
+    "grpo_loss": Case("grpo_loss", {"beta": 0.04, "epsilon_high": 0.28}),
 }
 # V not a multiple of any block, D not a power of two and larger than BLOCK_D, odd T.
 CASE_SHAPE = (4, 23, 97, 1003)
