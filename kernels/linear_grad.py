@@ -31,7 +31,8 @@ import triton.language as tl
 from .products import add_product, adds_into_fp32, fp32_logits
 from .tiles import (DEFAULT_PLAN, STATS_PLANS, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product,
                     group_rows, grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers,
-                    logits_launch_args, logits_tile, row_tile_start, stored_logits, workspace_dtype)
+                    logits_launch_args, logits_tile, row_tile_start, stored_logits, unit_stride_bias,
+                    workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
 # more than 1/16 of the logits it replaces: at 16k tokens and bf16 that is 8k vocabulary columns
@@ -143,6 +144,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
     assert logits is None or logits.stride(1) == 1, "the kernel reads the logits with unit column stride"
     V, D = weight.shape
     T = hidden.shape[1]
+    bias = unit_stride_bias(bias)
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
     row_weights = (lse,) * 6 if weights is None else weights
@@ -193,6 +195,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
+    bias = unit_stride_bias(bias)
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     n_rows = rows.numel()
     rows_long = rows.long()

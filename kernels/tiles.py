@@ -203,6 +203,12 @@ def launch_tiles(plan: str, hidden, weight, bias, softcap) -> TileConfig:
                      arch=gpu_arch(hidden.device))
 
 
+def unit_stride_bias(bias):
+    """The bias as the kernels read it, at ``b_ptr + v``: a strided or expanded one (a column of a
+    parameter, a broadcast constant) copied, V elements; a contiguous one as it is."""
+    return None if bias is None else bias.contiguous()
+
+
 def aligned_launch(*tensors) -> bool:
     """Whether Triton compiles a launch over ``tensors`` (None skipped) in the aligned layout the
     plans' configurations are checked in: unit inner stride, the other strides multiples of 16

@@ -15,6 +15,7 @@ import torch
 
 import fused_pref
 from fused_pref import testing
+from fused_pref.kernels import tile_plan
 from fused_pref.testing import CASES, compare, make_inputs, relative_error, run_case
 
 SHAPES = {
@@ -122,6 +123,36 @@ def test_linear_logprobs_strided_hidden(dtype, device):
     assert out.shape == labels.shape
     assert (out[labels == -100] == 0).all()
     assert (out <= 0).all(), "logp = target - lse must never be positive"
+
+
+# A bias the kernels cannot read at b_ptr + v: a column of a [V, 2] parameter (stride 2) and a
+# constant broadcast to V (stride 0), each through the view.  The constant's gradient is the sum of
+# d_bias over the vocabulary, 0 exactly (softmax sums to 1), so only the column's is compared.
+BIASES = {"column": lambda x: x["bias_source"][:, 0], "expanded": lambda x: x["bias_source"].expand(1003)}
+BIAS_SOURCES = {"column": (1003, 2), "expanded": (1,)}
+BIAS_CALLS = {
+    "cross_entropy": lambda m, x, b: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], b, softcap=20.0),
+    "cross_entropy-in_forward": lambda m, x, b: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], b,
+                                                                       backward="in_forward"),
+    "logprobs-statistics": lambda m, x, b: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], b,
+                                                             return_entropy=True, return_argmax=True),
+    # The reference model's bias strided too.
+    "dpo-ref_bias": lambda m, x, b: m.dpo_loss(x["hidden"], x["weight"], x["labels"], b,
+                                               ref_hidden=x["hidden"].detach().flip(0), ref_weight=x["weight"].detach(),
+                                               ref_bias=b.detach().flip(0)),
+}
+
+
+@pytest.mark.parametrize("plan", ["narrow", "cublas"])
+@pytest.mark.parametrize("call", BIAS_CALLS.values(), ids=BIAS_CALLS.keys())
+@pytest.mark.parametrize("bias", BIASES, ids=BIASES.keys())
+def test_strided_bias(bias, call, plan, device):
+    x = make_inputs(4, 23, 97, 1003, device=device, seed=23, bias=False)
+    x["bias_source"] = torch.randn(BIAS_SOURCES[bias], generator=torch.Generator().manual_seed(5)).to(device)
+    x["bias_source"].requires_grad_(bias == "column")
+    with tile_plan(plan):
+        compare(lambda m, x: call(m, x, BIASES[bias](x)), x, grads=("hidden", "weight", "bias_source")).check(
+            torch.float32)
 
 
 def test_fp16(device):
