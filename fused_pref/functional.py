@@ -320,7 +320,7 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     row_scale = token_weights(r.valid, r.targets.reshape(-1), ce_weight)
     if reduction == "mean":
         total = row_scale.sum()
-        row_scale = row_scale / torch.where(total > 0, total, 1.0)
+        row_scale = row_scale / torch.where(total != 0, total, 1.0)
     needs = _needs_gradients(hidden, weight, bias)
     with torch.no_grad():
         vocab_start = _argmax_offset(r, token_stats)

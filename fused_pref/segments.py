@@ -44,8 +44,8 @@ def token_weights(valid, targets, ce_weight=None):
 
 def reduce_token_losses(losses, weights, reduction):
     """``F.cross_entropy``'s reductions of per-token ``losses`` under ``weights`` (``token_weights``):
-    ``"none"`` weighted per token, ``"sum"``, ``"mean"`` divided by the weights' sum (0, not NaN,
-    when it is 0)."""
+    ``"none"`` weighted per token, ``"sum"``, ``"mean"`` divided by the weights' sum, whatever its
+    sign (0, not NaN, when it is 0)."""
     return reduce_weighted_losses(losses * weights, weights, reduction)
 
 
@@ -58,4 +58,4 @@ def reduce_weighted_losses(weighted, weights, reduction):
     if reduction == "sum":
         return total
     denominator = weights.sum()
-    return total / torch.where(denominator > 0, denominator, 1.0)
+    return total / torch.where(denominator != 0, denominator, 1.0)

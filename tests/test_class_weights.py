@@ -42,6 +42,21 @@ def test_parity_with_torch(backward, reduction, dtype, device):
     assert relative_error(twin, theirs.detach()) <= 1e-12
 
 
+@pytest.mark.parametrize("backward", ["auto", "in_forward"])
+def test_weights_summing_below_zero_divide_as_torch(backward, device):
+    # F.cross_entropy divides by the labels' weights' sum whatever its sign.
+    x = make_inputs(2, 9, 40, 257, device=device, seed=89)
+    ce_weight = torch.randn(257, generator=torch.Generator().manual_seed(2)).to(device)
+    ce_weight[x["labels"][x["labels"] != -100]] -= 1.0
+    ref = {k: v.detach().cpu().double() if v.dtype.is_floating_point else v.cpu() for k, v in x.items()}
+    theirs = _torch_loss(ref, ce_weight.cpu().double(), "mean")
+    assert ce_weight[x["labels"][x["labels"] != -100]].sum() < 0
+    for module in (fused_pref, fused_pref.reference):
+        ours = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], ce_weight=ce_weight,
+                                           backward=backward)
+        assert relative_error(ours, theirs) <= 1e-5, module.__name__
+
+
 def test_zero_weights_give_zero_not_nan(device):
     x = make_inputs(2, 9, 40, 257, device=device, seed=89)
     loss = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"],
