@@ -96,6 +96,11 @@ def takes_options(impl):
     return public
 
 
+# Asked once: the installed versions do not change in a process, and torch 2.11's dynamo cannot
+# trace the package-metadata lookup in a compiled call.
+_INTERPRETER_PROBLEM = interpreter_problem() if KERNELS_INTERPRETED else None
+
+
 def use_triton(hidden, options: Options) -> bool:
     """The device policy: CUDA tensors take the Triton kernels; CPU tensors take them under Triton's
     interpreter (``TRITON_INTERPRET=1`` set before import), otherwise the reference, with a
@@ -106,7 +111,7 @@ def use_triton(hidden, options: Options) -> bool:
     interpreted = device.type == "cpu" and KERNELS_INTERPRETED
     runnable = device.type == "cuda" or interpreted
     if interpreted and backend != "reference":
-        validation.check_interpreter(interpreter_problem())
+        validation.check_interpreter(_INTERPRETER_PROBLEM)
     validation.check_backend_runs(backend, runnable, device)
     triton = backend == "triton" or (backend == "auto" and runnable)
     if backend == "auto" and not runnable:
