@@ -130,7 +130,8 @@ def _token_logprobs(hidden, weight, labels, bias, options: Options, *, mean_over
     else:
         r = replace(rows, hidden=hidden if hidden.dim() == 3 else hidden.unsqueeze(0))
     # Statistics and per-row weights in the backward run a plan built and checked with them.
-    plan = stats_plan(active_plan()) if token_stats or lse_terms else active_plan()
+    plan = options.plan or active_plan()
+    plan = stats_plan(plan) if token_stats or lse_terms else plan
     params = LogprobParams(options, plan, shard, logit_sum, token_stats, lse_terms)
     class_weight = None if class_weight is None else class_weight.detach().float().contiguous()
     logp, sums, entropy, argmax, lse = LinearLogprobs.apply(r.hidden, weight, bias, r.labels, r.valid, r.rows,

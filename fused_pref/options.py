@@ -38,6 +38,10 @@ class Options:
     inside its forward (:mod:`fused_pref.gradient_in_forward`: 6NDV instead of 8NDV, for 4VD bytes
     more memory); per-sequence log-probs that need no gradient (a reference model's) come from its
     products alone.
+    ``plan``: the tile plan the kernels run (``fused_pref.kernels.tiles.PLANS``), or None: the
+    one ``tile_plan`` makes active where the call runs.  Per call, it holds wherever the call runs
+    again: a checkpoint's recompute runs in the backward, outside a ``with tile_plan(...)`` around
+    the forward.  Not with ``"in_forward"``, whose products are cuBLAS's own.
     ``deterministic``: kept for the callers that pass it; every backward is deterministic.
     ``workspace_bytes``: the most bytes the chunked backward's ``dz`` workspace may hold (it also
     never exceeds 1/16 of the logits, nor goes below one 128-column block), and the forward's
@@ -53,6 +57,7 @@ class Options:
     process_group: object = None
     vocab_start: int | None = None
     backward: str = "auto"
+    plan: str | None = None
     deterministic: bool | None = None
     workspace_bytes: int = WORKSPACE_BYTES
     validate: bool = True

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .kernels.tiles import PLANS
 from .segments import sequence_sums
 
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -137,6 +138,7 @@ def check_options(options):
     if options.backend not in BACKENDS:
         _fail(ValueError, f"backend must be one of {BACKENDS}, got {options.backend!r}")
     check_backward(options.backward, options.deterministic)
+    check_plan(options.plan, options.backward)
     check_positive_int("workspace_bytes", options.workspace_bytes)
     vocab_start = options.vocab_start
     if options.process_group is None and vocab_start is not None:
@@ -144,6 +146,14 @@ def check_options(options):
     if vocab_start is not None and (not isinstance(vocab_start, int) or isinstance(vocab_start, bool)
                                     or vocab_start < 0):
         _fail(ValueError, f"vocab_start must be an int >= 0 or None, got {vocab_start!r}")
+
+
+def check_plan(plan, backward):
+    if plan is not None and plan not in PLANS:
+        _fail(ValueError, f"plan must be one of {tuple(PLANS)} or None, got {plan!r}")
+    if plan is not None and backward == "in_forward":
+        _fail(ValueError, f"plan={plan!r} has no effect with backward='in_forward', which runs cuBLAS products of "
+                          "its own: leave plan=None")
 
 
 def check_reduction(reduction, kind):

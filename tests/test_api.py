@@ -201,6 +201,20 @@ def test_check_command_passes_the_dtypes_it_is_given(monkeypatch, capsys):
     assert "minute" not in partial and ("about a minute" in whole) == (not torch.cuda.is_available()), whole
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--plan", "wide", "--backward", "in_forward"], "--plan wide has no effect with --backward in_forward"),
+    (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["demo", "--pairs", "-2"], "argument --pairs: must be a positive integer, got -2"),
+    (["bench", "--impl", "fused-vhcunk"], "argument --impl: invalid choice: 'fused-vhcunk'"),
+])
+def test_commands_refuse_arguments_that_cannot_run(argv, message, capsys):
+    from fused_pref.tools import cli
+
+    with pytest.raises(SystemExit) as exit:
+        cli.main(argv)
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_check_command_names_the_cases_it_knows():
     done = subprocess.run([sys.executable, "-m", "fused_pref", "check", "--case", "simpo"], capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})

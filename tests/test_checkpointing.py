@@ -54,6 +54,24 @@ def test_checkpointed_loss_equals_plain(name, reentrant, monkeypatch):
         assert relative_error(ours, theirs) <= 1e-6
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_a_plan_given_per_call_holds_in_the_recompute(reentrant, monkeypatch):
+    # A checkpoint's recompute runs in the backward, outside any `with tile_plan(...)` around the
+    # forward; the plan option travels with the call's arguments, so forward, recompute and
+    # backward all run it.
+    device = kernel_device()
+    x = make_inputs(4, 11, 40, 301, device=device, seed=3)
+    plans, forward, backward = [], ops.forward, ops.backward
+    monkeypatch.setattr(ops, "forward", lambda *a, **k: plans.append(("forward", a[6].plan)) or forward(*a, **k))
+    monkeypatch.setattr(ops, "backward", lambda *a, **k: plans.append(("backward", a[10].plan)) or backward(*a, **k))
+
+    def loss_fn(h, w, lab, b):
+        return fused_pref.linear_cross_entropy(h, w, lab, b, plan="cublas")
+
+    checkpoint(loss_fn, x["hidden"], x["weight"], x["labels"], x["bias"], use_reentrant=reentrant).backward()
+    assert plans == [("forward", "cublas"), ("forward", "cublas"), ("backward", "cublas")], plans
+
+
 def test_gradient_checkpointing_of_a_transformers_model():
     device = kernel_device()
     config = transformers.LlamaConfig(vocab_size=301, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -594,6 +594,12 @@ def test_vocab_start_needs_a_process_group(module, name):
                  id="deterministic-int"),
     pytest.param({"backward": "fused"}, ValueError, r"^backward='fused' \(the atomic backward\) was removed: it ran "
                  r"4\.3x slower", id="fused-removed"),
+    pytest.param({"plan": "wdie"}, ValueError,
+                 r"^plan must be one of \('narrow', 'wide', 'widest', 'cublas'\) or None, got 'wdie'$",
+                 id="plan-unknown"),
+    pytest.param({"plan": "cublas", "backward": "in_forward"}, ValueError, r"^plan='cublas' has no effect with "
+                 r"backward='in_forward', which runs cuBLAS products of its own: leave plan=None$",
+                 id="plan-in_forward"),
 ])
 def test_bad_backward_options(module, name, kwargs, cls, pattern):
     with pytest.raises(cls, match=pattern):

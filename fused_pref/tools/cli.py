@@ -25,6 +25,7 @@ from fused_pref.kernels import interpreter_problem
 from fused_pref.kernels.tiles import DEFAULT_PLAN, PLANS
 from fused_pref.testing import CASES, TOLERANCE
 
+from .peers import IMPLEMENTATION_ORDER
 from .workload import LOSSES, MODELS, PROMPT_FRACTION, PROMPT_FRACTIONS, TOKENS_PER_STEP
 
 
@@ -120,7 +121,7 @@ def _bench(args) -> int:
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of tokens, got {value}")
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
@@ -159,8 +160,8 @@ def main(argv=None) -> int:
         run=_kernels)
 
     demo = commands.add_parser("demo", help="train a tiny Llama with SimPO, fused against the reference")
-    demo.add_argument("--steps", type=int, default=30)
-    demo.add_argument("--pairs", type=int, default=8, help="preference pairs per step")
+    demo.add_argument("--steps", type=_positive_int, default=30)
+    demo.add_argument("--pairs", type=_positive_int, default=8, help="preference pairs per step")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
@@ -182,10 +183,10 @@ def main(argv=None) -> int:
                             "run without a GPU counts every token, prompt or not")
     bench.add_argument("--all-shapes", action="store_true",
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
-    bench.add_argument("--impl", action="append",
+    bench.add_argument("--impl", action="append", choices=IMPLEMENTATION_ORDER, metavar="IMPL",
                        help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest, "
-                            "fused-cublas (tile plans), fused-inforward (backward='in_forward', validated, a workspace holding a pair), "
-                            "reference, reference-compile, liger, cce, trl-chunked (default all)")
+                            "fused-cublas (tile plans), fused-inforward (backward='in_forward', validated, a workspace "
+                            "holding a pair), reference, reference-compile, liger, cce, trl-chunked (default all)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -194,6 +195,9 @@ def main(argv=None) -> int:
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
+    if args.command == "check" and args.backward == "in_forward" and args.plan != DEFAULT_PLAN:
+        check.error(f"--plan {args.plan} has no effect with --backward in_forward, which runs cuBLAS products of its "
+                    "own, not the tile plans")
     args.argv = argv
     return args.run(args)
 
