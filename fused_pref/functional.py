@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from . import kto, ops, preference, reference, validation
+from . import arguments, kto, ops, preference, reference, validation
 from .autograd import GradientsInForward, LinearLogprobs, LogprobParams, PreferenceHead
 from .distributed import from_dtensors, resolve_shard, shard_rows, shard_start
 from .kernels import active_plan
@@ -258,13 +258,14 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     >>> loss = fused_pref.linear_cross_entropy(h, lm_head.weight, labels, shift=True)   # SFT
     >>> out = fused_pref.linear_cross_entropy(h, w, labels, lse_square_scale=1e-4, return_z_loss=True)
     """
+    arguments.linear_cross_entropy(reduction=reduction, ce_weight=ce_weight, label_smoothing=label_smoothing,
+                                   lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                                   return_token_accuracy=return_token_accuracy,
+                                   return_predicted_tokens=return_predicted_tokens, options=options)
     validation.check_call(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
     # A sharded vocabulary's size is known once the shards are: _token_logprobs checks it then.
     validation.check_class_weights(ce_weight, None if options.process_group is not None else weight.shape[0], labels)
-    validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
-    flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
-    validation.check_token_stats(flags)
-    stats = any(flags.values())
+    stats = return_token_accuracy or return_predicted_tokens
     if options.backward == "in_forward":
         loss, argmax, r = _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight, options, stats)
         if not (stats or return_z_loss):
@@ -403,8 +404,6 @@ def _reference_free(spec: preference.PreferenceSpec, hidden, weight, labels, bia
                     token_metrics) -> PreferenceOutput:
     """The body of every reference-free preference loss on the Triton path."""
     validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
-    validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats({"token_metrics": token_metrics})
     if options.backward == "in_forward":
         r = _rows(hidden, weight, labels, options, resolve_shard(weight, options),
                   mean_over_sequences=spec.reduction == "mean")
@@ -435,7 +434,8 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
     >>> out = fused_pref.simpo_loss(h, lm_head.weight, labels, beta=2.5, gamma=1.4)
     >>> out.loss.backward()
     """
-    spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    spec = arguments.simpo_loss(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                                token_metrics=token_metrics, options=options)
     return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
@@ -454,7 +454,8 @@ def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0
 
     >>> out = fused_pref.cpo_loss(h, lm_head.weight, labels)
     """
-    spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    spec = arguments.cpo_loss(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              token_metrics=token_metrics, options=options)
     return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
@@ -472,7 +473,8 @@ def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, token_metrics=Fals
 
     >>> out = fused_pref.orpo_loss(h, lm_head.weight, labels)
     """
-    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options, token_metrics)
+    spec = arguments.orpo_loss(beta=beta, token_metrics=token_metrics, options=options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @_public(reference.dpo_loss)
@@ -511,14 +513,13 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
 
     >>> out = fused_pref.dpo_loss(h, lm_head.weight, labels, ref_hidden=h_ref, loss_type="ipo")
     """
-    spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                               sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
+    spec = arguments.dpo_loss(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              length_normalize=length_normalize, discopop_tau=discopop_tau,
+                              token_metrics=token_metrics, options=options)
     num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences)
-    validation.check_pair_loss_in_forward(options, spec.sort)
-    validation.check_token_stats({"token_metrics": token_metrics})
     mean = spec.reduction == "mean"
     # The policy's tokens first: their labels are checked there, and are the reference model's too.
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
@@ -562,14 +563,13 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
 
     >>> out = fused_pref.kto_loss(h, lm_head.weight, labels, desirable=is_good, ref_logps=ref, kl=kl)
     """
-    spec = kto.kto_spec(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
-                        undesirable_weight=undesirable_weight)
+    spec = arguments.kto_loss(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, token_metrics=token_metrics, options=options)
     num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True)
     kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
         ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R")
-    validation.check_token_stats({"token_metrics": token_metrics})
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
     tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics, rows=r)
     logps, _, counts = _sequence_logps(tokens, "sum", options.cu_seqlens)

@@ -97,6 +97,13 @@ def grpo_spec(*, epsilon_low=0.2, epsilon_high=None, **hyper) -> GRPOSpec:
                     **hyper)
 
 
+def module_spec(*, options: Options, **hyper) -> GRPOSpec:
+    """What ``FusedGRPOLoss`` checks when built, as :func:`grpo_loss` does per call: the spec, and
+    the option it cannot run (``backward="in_forward"``: its gradient needs the whole batch)."""
+    validation.check_gradient_in_forward(options, None, None)
+    return grpo_spec(**hyper)
+
+
 # The keywords of grpo_loss (and its twin) that make its spec, and those that are the call's tensors.
 HYPERPARAMETERS = tuple(f.name for f in dataclasses.fields(GRPOSpec))
 _TENSORS = ("advantages", "old_logps", "ref_logps", "importance_sampling_ratio", "sampling_logps",

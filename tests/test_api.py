@@ -110,6 +110,53 @@ def test_modules_equal_functions(case, device):
     assert torch.equal(ours, theirs)
 
 
+# A value its function refuses at every call, refused when the module is built: the same message.
+BAD_MODULES = {
+    "simpo-beta": (fused_pref.FusedSimPOLoss, dict(beta=-1.0), ValueError, r"^beta must be a positive number"),
+    "cpo-token_metrics": (fused_pref.FusedCPOLoss, dict(token_metrics=1), TypeError, r"^token_metrics must be a bool"),
+    "orpo-beta": (fused_pref.FusedORPOLoss, dict(beta=0), ValueError, r"^beta must be a positive number"),
+    "dpo-loss_type": (fused_pref.FusedDPOLoss, dict(loss_type="sigmod"), ValueError, r"^loss_type must be one of"),
+    "dpo-aot-in_forward": (fused_pref.FusedDPOLoss, dict(loss_type="aot", backward="in_forward"), ValueError,
+                           r"^backward='in_forward' does not run with loss_type='aot'"),
+    "kto-in_forward": (fused_pref.FusedKTOLoss, dict(backward="in_forward"), ValueError,
+                       r"^backward='in_forward' computes the gradients inside the forward"),
+    "ce-reduction": (fused_pref.FusedLinearCrossEntropyLoss, dict(reduction="avg"), ValueError,
+                     r"^reduction must be one of"),
+    "ce-smoothing-in_forward": (fused_pref.FusedLinearCrossEntropyLoss, dict(label_smoothing=0.1,
+                                backward="in_forward"), ValueError, r"^label_smoothing does not run with backward="),
+    "ce-ce_weight": (fused_pref.FusedLinearCrossEntropyLoss, dict(ce_weight=[1.0]), TypeError,
+                     r"^ce_weight must be a floating-point torch.Tensor"),
+    "grpo-in_forward": (fused_pref.FusedGRPOLoss, dict(backward="in_forward"), ValueError,
+                        r"^backward='in_forward' computes the gradients inside the forward"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_MODULES.values(), ids=BAD_MODULES.keys())
+def test_modules_refuse_what_their_function_refuses_when_built(case, device):
+    module_cls, kwargs, cls, pattern = case
+    with pytest.raises(cls, match=pattern):
+        module_cls(**kwargs)
+    x = make_inputs(4, 7, 16, 37, device=device)
+    batch = {fused_pref.FusedDPOLoss: dict(ref_logps=torch.zeros(4, device=device)),
+             fused_pref.FusedKTOLoss: dict(desirable=torch.ones(4, dtype=torch.bool, device=device), kl=0.0,
+                                           ref_logps=torch.zeros(4, device=device)),
+             fused_pref.FusedGRPOLoss: dict(advantages=torch.ones(4, device=device))}.get(module_cls, {})
+    with pytest.raises(cls, match=pattern):
+        module_cls.function(x["hidden"], x["weight"], x["labels"], x["bias"], **kwargs, **batch)
+
+
+def test_cross_entropy_module_holds_its_class_weights_as_a_buffer(device):
+    # As nn.CrossEntropyLoss's weight: moved and cast with the module, saved in its state_dict.
+    ce_weight = torch.rand(1003, generator=torch.Generator().manual_seed(4))
+    module = fused_pref.FusedLinearCrossEntropyLoss(ce_weight=ce_weight).to(device)
+    assert module.ce_weight.device.type == device and list(module.state_dict()) == ["ce_weight"]
+    x = make_inputs(4, 23, 97, 1003, device=device)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    assert torch.equal(module(*args), fused_pref.linear_cross_entropy(*args, ce_weight=ce_weight.to(device)))
+    assert module.double().ce_weight.dtype == torch.float64
+    assert list(fused_pref.FusedLinearCrossEntropyLoss().state_dict()) == []
+
+
 def test_dpo_module_takes_reference_inputs_in_forward(device):
     x = make_inputs(4, 23, 97, 1003, device=device)
     args = (x["hidden"], x["weight"], x["labels"], x["bias"])
