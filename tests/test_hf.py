@@ -163,6 +163,41 @@ def test_dpo_with_a_reference_model_equals_dpo_on_both_models_logits(name, devic
     assert same.loss.item() == pytest.approx(out.loss.item(), rel=1e-6)
 
 
+def test_a_padding_free_batch_equals_the_models_own_loss(device):
+    # One row of packed sequences with position ids restarting at each (TRL's padding_free): the
+    # first label of each sequence is -100, as DataCollatorWithFlattening sets it, so the model's
+    # shift across the row and ours within each sequence target the same tokens.
+    model = make_model("llama", device)
+    lengths = (5, 7, 4, 6)
+    gen = torch.Generator().manual_seed(5)
+    input_ids = torch.randint(3, V, (1, sum(lengths)), generator=gen).to(device)
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    cu_seqlens = torch.tensor([0, 5, 12, 16, 22], dtype=torch.int32, device=device)
+    labels = input_ids.clone()
+    labels[0, cu_seqlens[:-1]] = -100
+    # Without a cache, as in training: transformers then masks attention to each packed sequence
+    # (with one, it attends across the row).
+    theirs = model(input_ids=input_ids, labels=labels, position_ids=position_ids, use_cache=False).loss
+    theirs.backward()
+    their_grads = grads(model)
+    ours = fph.linear_cross_entropy(model, input_ids, labels, model_kwargs={"position_ids": position_ids},
+                                    cu_seqlens=cu_seqlens)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    ours.backward()
+    assert_close_grads(grads(model), their_grads)
+    # A reference model's hidden states are flattened too: the same loss as from its log-probs.
+    ref_model, packed = make_model("llama", device, seed=1), dict(model_kwargs={"position_ids": position_ids},
+                                                                   cu_seqlens=cu_seqlens)
+    with torch.no_grad():
+        ref_logps = fph.sequence_logprobs(ref_model, input_ids, labels, **packed)
+    by_model = fph.dpo_loss(model, input_ids, labels, ref_model=ref_model, **packed)
+    by_logps = fph.dpo_loss(model, input_ids, labels, ref_logps=ref_logps, **packed)
+    assert ref_logps.shape == (4,) and by_model.loss.item() == pytest.approx(by_logps.loss.item(), rel=1e-6)
+    # Two rows are not a padding-free batch: the message names the inputs the caller passed.
+    with pytest.raises(ValueError, match=r"^with cu_seqlens, input_ids must be one row of packed sequences \[1, N\]"):
+        fph.linear_cross_entropy(model, input_ids.view(2, 11), labels.view(2, 11), cu_seqlens=cu_seqlens)
+
+
 def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original(device):
     model = make_model("gemma2", device)
     input_ids, attention_mask, labels = make_batch(device, seed=4)

@@ -108,13 +108,27 @@ class OutputHead:
     def apply(self, fn, hidden, labels, **kwargs):
         """``fn(hidden, weight, labels, bias, softcap=..., shift=True, **kwargs)`` for any public
         function ``fn`` of ``fused_pref`` (or ``fused_pref.reference``), labels as Hugging Face
-        passes them."""
+        passes them.  With ``cu_seqlens``, a padding-free batch: one row ``[1, N]`` of packed
+        sequences (TRL's ``padding_free``, transformers' ``DataCollatorWithFlattening``), which
+        ``fn`` takes as ``[N, D]`` and ``[N]``, each sequence shifted within its bounds."""
         for name in ("softcap", "shift"):
             if name in kwargs:
                 raise TypeError(f"{name} comes from the model (its config, and Hugging Face's label "
                                 "alignment); do not pass it")
+        if kwargs.get("cu_seqlens") is not None:
+            hidden, labels = _packed_row(hidden, "input_ids"), labels.reshape(-1)
+            if kwargs.get("ref_hidden") is not None:
+                kwargs["ref_hidden"] = _packed_row(kwargs["ref_hidden"], "the reference model's input_ids")
         hidden, weight, bias = self.inputs(hidden)
         return fn(hidden, weight, labels, bias, softcap=self.softcap, shift=True, **kwargs)
+
+
+def _packed_row(hidden, what):
+    """A padding-free batch's hidden states ``[1, N, D]`` as ``[N, D]``."""
+    if hidden.dim() != 3 or hidden.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, {what} must be one row of packed sequences [1, N] (a padding-free "
+                         f"batch), giving hidden states [1, N, D]; got {tuple(hidden.shape)}")
+    return hidden[0]
 
 
 def _output_layer(model) -> torch.nn.Module:
