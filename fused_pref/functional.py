@@ -2,8 +2,10 @@
 Triton path, never materializes the ``[tokens, vocab]`` logits, forward or backward.
 
 Every function also takes the keywords of :class:`fused_pref.options.Options` (``ignore_index``,
-``softcap``, ``shift``, ``cu_seqlens``, ``process_group``, ``vocab_start``, ``backward``,
-``deterministic``, ``workspace_bytes``, ``validate``, ``backend``), checked once into one object.
+``softcap``, ``temperature``, ``shift``, ``cu_seqlens``, ``process_group``, ``vocab_start``,
+``backward``, ``plan``, ``deterministic``, ``workspace_bytes``, ``validate``, ``backend``), checked
+once into one object; its hyper-parameters' checks that need no tensor are in
+:mod:`fused_pref.arguments`.
 
 Device policy (``backend="auto"``): CUDA tensors take the Triton kernels; CPU tensors take them when
 ``TRITON_INTERPRET=1`` was set before ``fused_pref`` was imported (Triton's interpreter), otherwise
