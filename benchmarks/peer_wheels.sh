@@ -16,7 +16,7 @@ if [[ $# -ne 1 ]]; then
 fi
 # multiprocess ships one wheel per Python version: the lent machine runs 3.12 (override: PEER_PYTHON).
 # setuptools: gpu_check.sh installs this checkout without build isolation, and pyproject.toml needs
-# setuptools 77 or newer, which the lent image may not have.
+# setuptools 77 or newer, which the lent image may not have (gpu_check.sh installs it first).
 python -m pip download --quiet --no-deps --only-binary=:all: --python-version "${PEER_PYTHON:-3.12}" \
     --implementation cp -d "$1" liger-kernel cut-cross-entropy \
     "trl>=1.16" datasets dill multiprocess "setuptools>=77"
