@@ -185,6 +185,8 @@ def test_a_padding_free_batch_equals_the_models_own_loss(device):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     ours.backward()
     assert_close_grads(grads(model), their_grads)
+    # The position ids each packed sequence needs are made from cu_seqlens when not given.
+    assert fph.linear_cross_entropy(model, input_ids, labels, cu_seqlens=cu_seqlens).item() == ours.item()
     # A reference model's hidden states are flattened too: the same loss as from its log-probs.
     ref_model, packed = make_model("llama", device, seed=1), dict(model_kwargs={"position_ids": position_ids},
                                                                    cu_seqlens=cu_seqlens)
@@ -196,6 +198,8 @@ def test_a_padding_free_batch_equals_the_models_own_loss(device):
     # Two rows are not a padding-free batch: the message names the inputs the caller passed.
     with pytest.raises(ValueError, match=r"^with cu_seqlens, input_ids must be one row of packed sequences \[1, N\]"):
         fph.linear_cross_entropy(model, input_ids.view(2, 11), labels.view(2, 11), cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match=r"^labels must have input_ids' shape \(1, 22\), got \(2, 11\)$"):
+        fph.linear_cross_entropy(model, input_ids, labels.view(2, 11), cu_seqlens=cu_seqlens)
 
 
 def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original(device):

@@ -116,6 +116,9 @@ class OutputHead:
                 raise TypeError(f"{name} comes from the model (its config, and Hugging Face's label "
                                 "alignment); do not pass it")
         if kwargs.get("cu_seqlens") is not None:
+            if tuple(labels.shape) != tuple(hidden.shape[:2]):
+                raise ValueError(f"labels must have input_ids' shape {tuple(hidden.shape[:2])}, got "
+                                 f"{tuple(labels.shape)}")
             hidden, labels = _packed_row(hidden, "input_ids"), labels.reshape(-1)
             if kwargs.get("ref_hidden") is not None:
                 kwargs["ref_hidden"] = _packed_row(kwargs["ref_hidden"], "the reference model's input_ids")
@@ -277,14 +280,31 @@ def run_as_output_layer(model, fn, hidden):
     return pytree.tree_unflatten(list(leaves), structure)
 
 
+def _decoder_kwargs(model_kwargs, input_ids, kwargs) -> dict:
+    """``model_kwargs`` for the decoder.  A padding-free batch (``cu_seqlens``) given no
+    ``position_ids`` gets each packed sequence's positions from 0: transformers keeps attention
+    within each sequence by them (without, the row would be one long sequence)."""
+    model_kwargs = dict(model_kwargs or {})
+    cu_seqlens = kwargs.get("cu_seqlens")
+    if cu_seqlens is not None and (input_ids.dim() != 2 or input_ids.shape[0] != 1):
+        raise ValueError("with cu_seqlens, input_ids must be one row of packed sequences [1, N] (a padding-free "
+                         f"batch); got {tuple(input_ids.shape)}")
+    if cu_seqlens is not None and "position_ids" not in model_kwargs:
+        n = input_ids.shape[-1]
+        cu = cu_seqlens.long()
+        starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=n)
+        model_kwargs["position_ids"] = (torch.arange(n, device=cu.device) - starts)[None]
+    return model_kwargs
+
+
 def _loss(fn, model, input_ids, labels, attention_mask, model_kwargs, kwargs):
-    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    hidden = hidden_states(model, input_ids, attention_mask, **_decoder_kwargs(model_kwargs, input_ids, kwargs))
     return run_as_output_layer(model, lambda hidden, head: head.apply(fn, hidden, labels, **kwargs), hidden)
 
 
 def linear_logprobs(model, input_ids, labels, attention_mask=None, *, model_kwargs=None, **kwargs):
-    """Per-token log-probs ``[B, T]`` of ``labels`` (entry t is the log-prob of ``labels[t + 1]``);
-    :func:`fused_pref.linear_logprobs`."""
+    """Per-token log-probs ``[B, T]`` of ``labels`` (``[N]`` for a padding-free batch; entry t is
+    the log-prob of ``labels[t + 1]``); :func:`fused_pref.linear_logprobs`."""
     return _loss(fused_pref.linear_logprobs, model, input_ids, labels, attention_mask, model_kwargs, kwargs)
 
 
@@ -324,7 +344,8 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
     if ref_model is not None and _softcap(ref_model) != _softcap(model):
         raise ValueError(f"ref_model's final_logit_softcapping ({_softcap(ref_model)}) differs from the "
                          f"model's ({_softcap(model)}): pass its log-probs as ref_logps instead")
-    hidden = hidden_states(model, input_ids, attention_mask, **(model_kwargs or {}))
+    model_kwargs = _decoder_kwargs(model_kwargs, input_ids, kwargs)
+    hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)
     if ref_model is None:
         kwargs["ref_logps"] = ref_logps
     elif gathered_by_hooks(_output_layer(ref_model)):
@@ -334,13 +355,13 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
         # The call's options (ignore_index, temperature, validate, backward, ...), as the loss takes them.
         options = {name: kwargs[name] for name in FIELDS if name in kwargs}
         with torch.no_grad():
-            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
+            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **model_kwargs)
             kwargs["ref_logps"] = run_as_output_layer(ref_model, lambda h, head: head.apply(
                 fused_pref.sequence_logprobs, h, labels, reduction=reduction, **options), ref_hidden)
     else:
         ref_head = output_head(ref_model)
         with torch.no_grad():
-            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **(model_kwargs or {}))
+            ref_hidden = hidden_states(ref_model, input_ids, attention_mask, **model_kwargs)
             ref_hidden, ref_weight, ref_bias = ref_head.inputs(ref_hidden)
         kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
     return run_as_output_layer(model, lambda h, head: head.apply(fused_pref.dpo_loss, h, labels, **kwargs), hidden)
