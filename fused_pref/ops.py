@@ -4,7 +4,9 @@ op's schema takes tensors and scalars only: ``forward`` and ``backward`` are whe
 ``LogprobParams`` (its ``Options`` included) are flattened into them, ``gradient_in_forward`` is
 ``backward="in_forward"``'s (their cuBLAS products and block kernel as one node each, its
 gradient-free log-probs too), and ``head`` is for
-a ``PreferenceSpec``: the one place that knows which option each kernel reads.
+a ``PreferenceSpec``: the one place that knows which option each kernel reads.  They also hand the
+kernels a bias they can read at ``b_ptr + v`` (``unit_stride_bias``): a strided or expanded one is
+copied once per call, not in every launch.
 
 ``torch.library.triton_op`` / ``wrap_triton`` would let Inductor see inside, but they need real
 device pointers and fail under the interpreter that CI runs on (DESIGN.md section 7); plain
@@ -16,6 +18,7 @@ import torch
 from .distributed import group_name, group_named
 from .gradient_in_forward import cross_entropy_and_gradients, logprobs_by_blocks, preference_and_gradients
 from .kernels import linear_grad_backward, linear_lse_forward, preference_head_forward
+from .kernels.tiles import unit_stride_bias
 
 
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
@@ -159,7 +162,7 @@ def forward(hidden, weight, bias, labels, rows, n_valid, params, class_weight=No
     """``(lse, target, logit sums, entropy, argmax, max logit)`` per token (the last four empty
     unless asked for; the logit sums weighted by ``class_weight`` when given): ``linear_lse`` with
     ``params`` flattened."""
-    return linear_lse(hidden, weight, bias, labels, rows, n_valid, params.options.softcap,
+    return linear_lse(hidden, weight, unit_stride_bias(bias), labels, rows, n_valid, params.options.softcap,
                       params.options.temperature, params.logit_sum, params.token_stats,
                       params.options.workspace_bytes, params.plan, class_weight)
 
@@ -169,7 +172,8 @@ def backward(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target
     """``[d_hidden, d_weight, d_bias]`` (empty where not in ``needs``): ``linear_grad`` with ``params``
     flattened (``lse`` and ``target`` the forward's); with ``grad_lse``, ``grad_logit_sum`` (of the ``class_weight``-weighted sum),
     ``grad_entropy`` (and ``mean_z``) also their parts."""
-    return linear_grad(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, params.options.softcap,
+    return linear_grad(grad_logp, hidden, weight, unit_stride_bias(bias), labels, rows, n_valid, lse, target,
+                       params.options.softcap,
                        params.options.temperature, list(needs), params.options.workspace_bytes, params.plan,
                        grad_lse, grad_logit_sum, grad_entropy, mean_z, class_weight)
 
@@ -180,7 +184,7 @@ def gradient_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, ne
     gradient where not in ``needs``; under vocabulary parallelism ``weight``'s shard's, ``block_vocab``
     the largest shard's rows, ``vocab_start`` its first id): ``cross_entropy_in_forward`` with
     ``options`` flattened."""
-    return cross_entropy_in_forward(hidden, weight, bias, labels, valid, rows, row_scale, list(needs),
+    return cross_entropy_in_forward(hidden, weight, unit_stride_bias(bias), labels, valid, rows, row_scale, list(needs),
                                     options.softcap, options.temperature, options.workspace_bytes, token_stats,
                                     group_name(options.process_group), block_vocab, vocab_start)
 
@@ -191,7 +195,8 @@ def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, re
     statistics empty unless ``token_stats``, a gradient where not in ``needs``; ``vocab_start`` a
     shard's first id, a device scalar): ``preference_in_forward`` with ``spec`` and ``options``
     flattened."""
-    return preference_in_forward(hidden, weight, bias, labels, valid, rows, options.cu_seqlens, ref_logps, list(needs),
+    return preference_in_forward(hidden, weight, unit_stride_bias(bias), labels, valid, rows, options.cu_seqlens,
+                                 ref_logps, list(needs),
                                  spec.head, spec.reduction, spec.beta, spec.gamma, spec.label_smoothing, spec.tau,
                                  spec.sft_weight, options.softcap, options.temperature, options.workspace_bytes,
                                  token_stats, group_name(options.process_group), block_vocab, vocab_start)
@@ -200,7 +205,8 @@ def preference_gradient_in_forward(hidden, weight, bias, labels, valid, rows, re
 def logprobs_without_gradients(hidden, weight, bias, labels, valid, rows, options, block_vocab):
     """Per-token log-probs by ``backward="in_forward"``'s products, none of its gradients (a DPO's
     reference model): ``logprobs_in_blocks`` with ``options`` flattened."""
-    return logprobs_in_blocks(hidden, weight, bias, labels, valid, rows, options.softcap, options.temperature,
+    return logprobs_in_blocks(hidden, weight, unit_stride_bias(bias), labels, valid, rows, options.softcap,
+                              options.temperature,
                               options.workspace_bytes, group_name(options.process_group), block_vocab)
 
 

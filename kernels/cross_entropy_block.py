@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .tiles import DTYPE_NAMES, AotSpec, logp_grad_tile, stored_logits, unit_stride_bias, workspace_dtype
+from .tiles import DTYPE_NAMES, AotSpec, check_unit_stride_bias, logp_grad_tile, stored_logits, workspace_dtype
 
 # A row per program: a block holds a few hundred rows, each a long stream of V logits; 2048-wide
 # steps keep 8 fp32 loads per thread in flight (the kernel is bound by memory, not arithmetic).
@@ -180,7 +180,7 @@ def _launch(logits, bias, labels, out, target, dz, logit_sum, softcap, temperatu
     if n_rows == 0:
         return
     assert logits.stride(1) == 1, "the kernel reads the logits with unit column stride"
-    bias = unit_stride_bias(bias)
+    check_unit_stride_bias(bias)
     entropy, argmax, max_logit = (out, labels, out) if stats is None else stats
     cross_entropy_block_kernel[(triton.cdiv(n_rows, BLOCK_R),)](
         logits, logits if bias is None else bias, labels, out, out if target is None else target,

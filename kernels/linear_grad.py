@@ -30,8 +30,8 @@ import triton.language as tl
 
 from .products import add_product, adds_into_fp32, fp32_logits
 from .tiles import (DEFAULT_PLAN, STATS_PLANS, WORKSPACE_BYTES, AotSpec, aot_logits_variants, chain_to_product,
-                    group_rows, grouped_tile, labelled_rows_lse, launch_tiles, logits_input_pointers,
-                    logits_launch_args, logits_tile, row_tile_start, stored_logits, unit_stride_bias,
+                    check_unit_stride_bias, group_rows, grouped_tile, labelled_rows_lse, launch_tiles,
+                    logits_input_pointers, logits_launch_args, logits_tile, row_tile_start, stored_logits,
                     workspace_dtype)
 
 # The workspace never holds more than ``workspace_bytes`` (tiles.WORKSPACE_BYTES by default), nor
@@ -144,7 +144,7 @@ def linear_grad_chunk(dz, hidden, weight, bias, labels, rows, n_valid, lse, targ
     assert logits is None or logits.stride(1) == 1, "the kernel reads the logits with unit column stride"
     V, D = weight.shape
     T = hidden.shape[1]
-    bias = unit_stride_bias(bias)
+    check_unit_stride_bias(bias)
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     row_tiles, vocab_tiles = triton.cdiv(rows.numel(), tiles.block_n), triton.cdiv(dz.shape[1], tiles.block_v)
     row_weights = (lse,) * 6 if weights is None else weights
@@ -195,7 +195,7 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     """
     R, T, D = hidden.shape
     V = weight.shape[0]
-    bias = unit_stride_bias(bias)
+    check_unit_stride_bias(bias)
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     n_rows = rows.numel()
     rows_long = rows.long()

@@ -33,8 +33,8 @@ from .cross_entropy_block import block_lse_and_target, new_stats
 from .linear_grad import MAX_CHUNK_FRACTION
 from .products import fp32_logits, whole_row_tiles
 from .tiles import (DEFAULT_PLAN, DTYPE_NAMES, STATS_PLANS, WORKSPACE_BYTES, AotSpec, TileConfig, aot_logits_variants,
-                    group_rows, grouped_tile, labelled_rows, launch_tiles, logits_input_pointers, logits_launch_args,
-                    logits_tile, row_tile_start, unit_stride_bias, valid_rows)
+                    check_unit_stride_bias, group_rows, grouped_tile, labelled_rows, launch_tiles,
+                    logits_input_pointers, logits_launch_args, logits_tile, row_tile_start, valid_rows)
 
 
 @triton.jit
@@ -353,7 +353,7 @@ def linear_lse_forward(hidden, weight, bias, labels, rows, n_valid, *, softcap=N
     names the tiles (``tiles.PLANS``); the logits are ``softcap(hidden @ weight.T + bias) / temperature``.
     """
     N = hidden.shape[0] * hidden.shape[1]
-    bias = unit_stride_bias(bias)
+    check_unit_stride_bias(bias)
     tiles = launch_tiles(plan, hidden, weight, bias, softcap)
     tile_sum = logit_sum and softcap is not None
     if tile_sum and class_weight is not None:

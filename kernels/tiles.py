@@ -205,8 +205,13 @@ def launch_tiles(plan: str, hidden, weight, bias, softcap) -> TileConfig:
 
 def unit_stride_bias(bias):
     """The bias as the kernels read it, at ``b_ptr + v``: a strided or expanded one (a column of a
-    parameter, a broadcast constant) copied, V elements; a contiguous one as it is."""
+    parameter, a broadcast constant) copied, V elements; a contiguous one as it is.  For the callers
+    that prepare a call's launches (``fused_pref/ops.py``); the launchers only check it."""
     return None if bias is None else bias.contiguous()
+
+
+def check_unit_stride_bias(bias):
+    assert bias is None or bias.stride(0) == 1, "the kernels read the bias at b_ptr + v: pass unit_stride_bias(bias)"
 
 
 def aligned_launch(*tensors) -> bool:

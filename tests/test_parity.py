@@ -136,10 +136,10 @@ BIAS_CALLS = {
                                                                        backward="in_forward"),
     "logprobs-statistics": lambda m, x, b: m.linear_logprobs(x["hidden"], x["weight"], x["labels"], b,
                                                              return_entropy=True, return_argmax=True),
-    # The reference model's bias strided too.
+    # The reference model's bias strided too (the same view, detached).
     "dpo-ref_bias": lambda m, x, b: m.dpo_loss(x["hidden"], x["weight"], x["labels"], b,
                                                ref_hidden=x["hidden"].detach().flip(0), ref_weight=x["weight"].detach(),
-                                               ref_bias=b.detach().flip(0)),
+                                               ref_bias=b.detach()),
 }
 
 
