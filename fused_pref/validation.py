@@ -57,8 +57,14 @@ def check_gathered(name, tensor):
 
 
 def _layer_hint(value, b_name) -> str:
-    """For a layer passed where its weight belongs (``lm_head`` for ``lm_head.weight``)."""
-    if isinstance(value, torch.nn.Module) and isinstance(getattr(value, "weight", None), torch.Tensor):
+    """For a layer passed where its weight belongs (``lm_head`` for ``lm_head.weight``).  A PEFT
+    layer's ``.weight`` is its base layer's, without the adapter."""
+    if not isinstance(value, torch.nn.Module):
+        return ""
+    if hasattr(value, "base_layer"):
+        return (f": for a PEFT-adapted layer pass the weight and bias (as {b_name}) of "
+                "fused_pref.integrations.hf.effective_linear(layer), which apply its adapter")
+    if isinstance(getattr(value, "weight", None), torch.Tensor):
         return f": pass the layer's .weight (and its .bias as {b_name}), not the layer"
     return ""
 

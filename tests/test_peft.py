@@ -10,6 +10,7 @@ import torch
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+import fused_pref  # noqa: E402
 import fused_pref.integrations.hf as fph  # noqa: E402
 from fused_pref.testing import kernel_device, relative_error  # noqa: E402
 
@@ -119,3 +120,13 @@ def test_lora_dropout_in_training_is_refused():
     with torch.no_grad():
         assert relative_error(fph.linear_cross_entropy(model, input_ids, labels),
                               model(input_ids=input_ids, labels=labels).loss) <= 1e-5
+
+
+def test_an_adapted_layer_passed_as_weight_names_the_adapters_weight():
+    # Its .weight is the base layer's, without the adapter: the message points to effective_linear.
+    device = kernel_device()
+    head = adapted(peft.LoraConfig(**CONFIGS["lora_head_with_bias"]), device).get_output_embeddings()
+    hidden, labels = torch.randn(3, T, D, device=device), batch(device)[1]
+    with pytest.raises(TypeError, match=r"^weight must be a torch\.Tensor, got \w+: for a PEFT-adapted layer pass the "
+                                        r"weight and bias \(as bias\) of fused_pref\.integrations\.hf\.effective_linear"):
+        fused_pref.linear_cross_entropy(hidden, head, labels)
