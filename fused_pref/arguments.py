@@ -1,7 +1,8 @@
 """Each loss's arguments that need no tensor, checked in one place: by its function at every call,
 and by its module (``fused_pref.modules``) when built, so that a wrong value raises there and not at
 the first batch.  Each, named as its function, takes that function's hyper-parameters by name and the call's
-``Options``; the preference losses' return their spec.
+``Options``, and returns the loss's spec where it has one.  GRPO's are ``grpo.module_spec``, beside
+its spec (grpo.py builds on fused_pref.functional, which imports this module).
 """
 
 from . import kto, preference, validation
@@ -44,8 +45,8 @@ def kto_loss(*, beta, loss_type, desirable_weight, undesirable_weight, token_met
     return spec
 
 
-def linear_cross_entropy(*, reduction, ce_weight, label_smoothing, lse_square_scale, return_z_loss, return_token_accuracy,
-                  return_predicted_tokens, options):
+def linear_cross_entropy(*, reduction, ce_weight, label_smoothing, lse_square_scale, return_z_loss,
+                         return_token_accuracy, return_predicted_tokens, options) -> None:
     validation.check_reduction(reduction, "cross_entropy")
     validation.check_gradient_in_forward(options, "cross_entropy", reduction)
     # The vocabulary's size and the labels' device are the call's, checked then.

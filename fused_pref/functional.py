@@ -37,7 +37,8 @@ from .kernels import active_plan
 from .kernels.tiles import stats_plan
 from .options import Options, takes_options, use_triton
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
-from .segments import reduce_token_losses, reduce_weighted_losses, sequence_sums, shift_labels, token_weights
+from .segments import (reduce_token_losses, reduce_weighted_losses, sequence_sums, shift_labels, token_weights,
+                       weights_divisor)
 
 
 def _public(twin):
@@ -324,7 +325,7 @@ def _cross_entropy_in_forward(hidden, weight, labels, bias, reduction, ce_weight
     row_scale = token_weights(r.valid, r.targets.reshape(-1), ce_weight)
     if reduction == "mean":
         total = row_scale.sum()
-        row_scale = row_scale / torch.where(total != 0, total, 1.0)
+        row_scale = row_scale / weights_divisor(total)
     needs = _needs_gradients(hidden, weight, bias)
     with torch.no_grad():
         vocab_start = _argmax_offset(r, token_stats)

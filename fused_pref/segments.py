@@ -45,7 +45,7 @@ def token_weights(valid, targets, ce_weight=None):
 def reduce_token_losses(losses, weights, reduction):
     """``F.cross_entropy``'s reductions of per-token ``losses`` under ``weights`` (``token_weights``):
     ``"none"`` weighted per token, ``"sum"``, ``"mean"`` divided by the weights' sum, whatever its
-    sign (0, not NaN, when it is 0)."""
+    sign (:func:`weights_divisor`)."""
     return reduce_weighted_losses(losses * weights, weights, reduction)
 
 
@@ -57,5 +57,10 @@ def reduce_weighted_losses(weighted, weights, reduction):
     total = weighted.sum()
     if reduction == "sum":
         return total
-    denominator = weights.sum()
-    return total / torch.where(denominator != 0, denominator, 1.0)
+    return total / weights_divisor(weights.sum())
+
+
+def weights_divisor(total):
+    """What a mean under weights summing to ``total`` divides by, as ``F.cross_entropy``: ``total``,
+    whatever its sign; 1 where it is 0, so that weights all 0 give 0, not NaN."""
+    return torch.where(total != 0, total, 1.0)

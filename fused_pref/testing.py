@@ -108,7 +108,8 @@ def as_reference(inputs: dict) -> dict:
 
 
 def call(module, name, inputs, **kwargs):
-    """``module.<function>(hidden, weight, labels, bias, **kwargs)`` for a name of ``CALLS``:
+    """``module.<function>(hidden, weight, labels, bias, **kwargs)`` for a name of ``CALLS`` (or any
+    public function whose other arguments ``kwargs`` give):
     ``"dpo_loss-<loss_type>"`` selects the loss type, and gives DPO zero reference log-probs unless
     ``kwargs`` give a reference.  Tensor arguments follow the module: fp64 CPU copies for
     ``fused_pref.reference``."""
@@ -296,7 +297,7 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
         theirs = _log_probabilities(reference)
         for kind, ours in _log_probabilities(fused).items():
             result.errors[kind] = relative_error(ours, theirs[kind])
-    if type(fused) is not type(reference):
+    else:
         result.mismatches["output"] = f"{type(fused).__name__}, the reference's {type(reference).__name__}"
     ours, theirs = _statistics(fused), _statistics(reference)
     for name in sorted(ours.keys() | theirs.keys()):
@@ -346,6 +347,10 @@ class Case:
     kwargs: dict = field(default_factory=dict)
     layout: str = "padded"
     inputs: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        # KTO's desirable flags and GRPO's rollout are made per row of a padded batch.
+        assert self.layout == "padded" or self.name not in ("kto_loss", "grpo_loss"), (self.name, self.layout)
 
     def with_kwargs(self, **extra) -> "Case":
         """This case with ``extra`` keyword arguments added (or replaced)."""

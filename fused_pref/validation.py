@@ -155,7 +155,7 @@ def check_options(options):
 
 
 def check_plan(plan, backward):
-    if plan is not None and plan not in PLANS:
+    if plan is not None and (not isinstance(plan, str) or plan not in PLANS):
         _fail(ValueError, f"plan must be one of {tuple(PLANS)} or None, got {plan!r}")
     if plan is not None and backward == "in_forward":
         _fail(ValueError, f"plan={plan!r} has no effect with backward='in_forward', which runs cuBLAS products of "

@@ -246,10 +246,16 @@ def test_check_command_passes_the_dtypes_it_is_given(monkeypatch, capsys):
     # The CPU's time estimate is the whole table's: a header for one case does not promise a minute.
     partial, whole = capsys.readouterr().out.splitlines()
     assert "minute" not in partial and ("about a minute" in whole) == (not torch.cuda.is_available()), whole
+    assert "tile plan narrow, backward auto:" in partial and calls[0][1]["plan"] == "narrow", partial
+    # The gradient-in-the-forward mode runs no tile plan, and its header names none.
+    assert cli.main(["check", "--backward", "in_forward", "--case=cpo_loss"]) == 0
+    header = capsys.readouterr().out
+    assert "backward in_forward:" in header and "tile plan" not in header, header
 
 
 @pytest.mark.parametrize("argv, message", [
     (["check", "--plan", "wide", "--backward", "in_forward"], "--plan wide has no effect with --backward in_forward"),
+    (["check", "--plan", "narrow", "--backward", "in_forward"], "--plan narrow has no effect with --backward"),
     (["demo", "--steps", "0"], "argument --steps: must be a positive integer, got 0"),
     (["demo", "--pairs", "-2"], "argument --pairs: must be a positive integer, got -2"),
     (["bench", "--impl", "fused-vhcunk"], "argument --impl: invalid choice: 'fused-vhcunk'"),
@@ -257,9 +263,9 @@ def test_check_command_passes_the_dtypes_it_is_given(monkeypatch, capsys):
 def test_commands_refuse_arguments_that_cannot_run(argv, message, capsys):
     from fused_pref.tools import cli
 
-    with pytest.raises(SystemExit) as exit:
+    with pytest.raises(SystemExit) as stopped:
         cli.main(argv)
-    assert exit.value.code == 2 and message in capsys.readouterr().err
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_check_command_names_the_cases_it_knows():

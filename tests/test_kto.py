@@ -96,16 +96,17 @@ def test_reference_is_trl_kto_trainer(loss_type):
     assert relative_error(out.loss, expected) <= 1e-12
 
 
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["losses_near_0", "losses_near_1"])
 @pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
-def test_saturated_sequences_keep_fp32_gradients(loss_type, device):
-    # Every sequence 15 from its reference point (beta 0.1, rewards 150 nats apart): each one's
-    # gradient, s(x) s(-x) ~ 3e-7, was lost to cancellation in fp32 when computed as TRL writes the
-    # loss, 1 - s(x), or through s(x)'s own backward, s (1 - s).
+def test_saturated_sequences_keep_fp32_gradients(loss_type, sign, device):
+    # Every sequence 15 from its reference point (beta 0.1, rewards 150 nats apart), on either
+    # side: each one's gradient, s(x) s(-x) ~ 3e-7, was lost to cancellation in fp32 when computed
+    # as TRL writes the loss, 1 - s(x), or through s(x)'s own backward, s (1 - s), near s = 1.
     x = make_inputs(R, T, D, V, device=device, seed=31)
     with torch.no_grad():
         logps = fused_pref.reference.sequence_logprobs(*_args(as_reference(x))).float()
     side = torch.where(torch.tensor(DESIRABLE), 1.0, -1.0)
-    x["ref_logps"] = (logps - 150.0 * side).to(device)
+    x["ref_logps"] = (logps - sign * 150.0 * side).to(device)
     x["desirable"] = torch.tensor(DESIRABLE, device=device)
     kl = 0.3 if loss_type == "kto" else None
 
@@ -113,7 +114,7 @@ def test_saturated_sequences_keep_fp32_gradients(loss_type, device):
         return m.kto_loss(*_args(x), desirable=x["desirable"], ref_logps=x["ref_logps"], kl=kl, loss_type=loss_type)
 
     comparison = compare(loss, x).check(torch.float32)
-    assert 0 < comparison.reference.loss.item() < 1e-6
+    assert abs(comparison.reference.loss.item() - (sign < 0)) < 1e-6
 
 
 def test_packed_equals_padded(device):

@@ -127,6 +127,7 @@ def test_an_adapted_layer_passed_as_weight_names_the_adapters_weight():
     device = kernel_device()
     head = adapted(peft.LoraConfig(**CONFIGS["lora_head_with_bias"]), device).get_output_embeddings()
     hidden, labels = torch.randn(3, T, D, device=device), batch(device)[1]
-    with pytest.raises(TypeError, match=r"^weight must be a torch\.Tensor, got \w+: for a PEFT-adapted layer pass the "
-                                        r"weight and bias \(as bias\) of fused_pref\.integrations\.hf\.effective_linear"):
+    pattern = (r"^weight must be a torch\.Tensor, got \w+: for a PEFT-adapted layer pass the weight and bias "
+               r"\(as bias\) of fused_pref\.integrations\.hf\.effective_linear")
+    with pytest.raises(TypeError, match=pattern):
         fused_pref.linear_cross_entropy(hidden, head, labels)

@@ -124,9 +124,9 @@ UNVALIDATED = {"validate": False, "workspace_bytes": 4 * V * 16}
 
 
 def assert_every_call_took(options, fused_options):
-    """Each of ``options`` holds ``fused_options``' validate and workspace_bytes."""
+    """Each of ``options`` holds ``fused_options``' validate, workspace_bytes and plan."""
     assert options
-    for name in ("validate", "workspace_bytes"):
+    for name in ("validate", "workspace_bytes", "plan"):
         if name in (fused_options or {}):
             assert {getattr(o, name) for o in options} == {fused_options[name]}, name
 
@@ -180,9 +180,10 @@ def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, fused_options, tmp_path, 
 
 @pytest.mark.parametrize("loss_type, precompute, plan, fused_options", [
     ("kto", False, None, None), ("apo_zero_unpaired", False, None, None), ("kto", True, None, None),
-    ("apo_zero_unpaired", True, None, None), ("kto", False, "cublas", None), ("kto", False, None, UNVALIDATED)],
+    ("apo_zero_unpaired", True, None, None), ("kto", False, "cublas", None), ("kto", False, None, UNVALIDATED),
+    ("kto", False, None, {"plan": "cublas"})],
     ids=["ref_model-kto", "ref_model-apo_zero_unpaired", "precomputed-kto", "precomputed-apo_zero_unpaired",
-         "ref_model-kto-cublas", "ref_model-kto-unvalidated"])
+         "ref_model-kto-cublas", "ref_model-kto-unvalidated", "ref_model-kto-plan_option"])
 def test_kto_trainer_matches_trl(loss_type, precompute, plan, fused_options, tmp_path, monkeypatch):
     # Unpaired: each pair's chosen completion desirable, its rejected one undesirable, shuffled so
     # that batches hold both; KTO's KL completions need the sequential sampler.
@@ -199,6 +200,7 @@ def test_kto_trainer_matches_trl(loss_type, precompute, plan, fused_options, tmp
     # The options reach the reference model's and the KL completions' passes too.
     assert_every_call_took(options, fused_options)
     # Under "cublas" every call runs it: the loss with its token metrics, the KL and reference passes.
+    plan = plan or (fused_options or {}).get("plan")
     if plan is not None:
         assert plans and set(plans) == {plan}
     assert ours[0].keys() == theirs[0].keys() and {"kl", "entropy", "rewards/margins"} <= ours[0].keys()
@@ -257,7 +259,8 @@ def test_unsupported_options_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("trainer, options, error, message", [
-    ("dpo", {"shift": False}, TypeError, r"^fused_options takes backward, workspace_bytes, validate, got 'shift'$"),
+    ("dpo", {"shift": False}, TypeError,
+     r"^fused_options takes backward, plan, workspace_bytes, validate, got 'shift'$"),
     ("dpo", {"backward": "fast"}, ValueError, r"^backward must be one of .*'fast'"),
     ("kto", {"backward": "in_forward"}, ValueError,
      r"^FusedKTOTrainer's loss does not run with backward='in_forward' \(its gradients need the whole batch\): "

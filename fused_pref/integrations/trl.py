@@ -141,7 +141,7 @@ def _dpo_arguments(trainer) -> tuple[float, dict, PreferenceSpec]:
 
 # The options of fused_pref's calls a trainer takes from ``fused_options``; the others come from the
 # model (softcap), Hugging Face's label alignment (shift) and the batch.
-FUSED_OPTIONS = ("backward", "workspace_bytes", "validate")
+FUSED_OPTIONS = ("backward", "plan", "workspace_bytes", "validate")
 
 
 def _fused_options(trainer, fused_options, *, in_forward: bool) -> dict:

@@ -55,6 +55,6 @@ def run_check(device, dtypes=DTYPES, cases=None, out=print, plan: str = DEFAULT_
             out(f"{name:<{NAME_WIDTH}} {str(dtype).removeprefix('torch.'):<9}{errors}  {verdict}")
     total = len(dtypes) * len(names)
     tolerances = ", ".join(f"{str(d).removeprefix('torch.')} {TOLERANCE[d]:.0e}" for d in dtypes)
-    out(f"{total - failed} of {total} cases within tolerance ({tolerances}; per-sequence log-probs, rewards and "
+    out(f"{total - failed} of {total} cases within tolerance ({tolerances}; log-probs, rewards and "
         f"z-loss at fp32's), {failed} failed, in {time.perf_counter() - start:.0f} s")
     return failed if total else 1

@@ -56,10 +56,12 @@ def _check(args) -> int:
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     if not cuda and args.case is None and args.dtype is None:
         where += " (about a minute on two cores)"
-    print(f"fused_pref check on {where}, tile plan {args.plan}, backward {args.backward}: fused vs fp64 reference, "
-          "||out - ref|| / ||ref||", flush=True)
+    plan = args.plan or DEFAULT_PLAN
+    # backward="in_forward" runs cuBLAS products of its own, no tile plan.
+    mode = f"tile plan {plan}, backward auto" if args.backward == "auto" else "backward in_forward"
+    print(f"fused_pref check on {where}, {mode}: fused vs fp64 reference, ||out - ref|| / ||ref||", flush=True)
     dtypes = DTYPES if args.dtype is None else tuple(getattr(torch, name) for name in dict.fromkeys(args.dtype))
-    return 1 if run_check(device, dtypes, cases=args.case, out=lambda line: print(line, flush=True), plan=args.plan,
+    return 1 if run_check(device, dtypes, cases=args.case, out=lambda line: print(line, flush=True), plan=plan,
                           backward=args.backward) else 0
 
 
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
     check = commands.add_parser("check", help="fused vs reference errors of every public function")
     check.add_argument("--case", action="append", choices=CASES, metavar="CASE",
                        help=f"only this case, repeatable (default all: {', '.join(CASES)})")
-    check.add_argument("--plan", choices=PLANS, default=DEFAULT_PLAN,
+    check.add_argument("--plan", choices=PLANS,
                        help=f"the tile plan the kernels run (default {DEFAULT_PLAN}; see the README's tile plans)")
     check.add_argument("--dtype", action="append", choices=[str(d).removeprefix("torch.") for d in TOLERANCE],
                        help="only this input dtype, repeatable (default float32 and bfloat16; float16's gradients "
@@ -184,9 +186,9 @@ def main(argv=None) -> int:
     bench.add_argument("--all-shapes", action="store_true",
                        help="every model at every tokens per step (--model / --tokens still narrow it)")
     bench.add_argument("--impl", action="append", choices=IMPLEMENTATION_ORDER, metavar="IMPL",
-                       help="only these implementations, repeatable: fused-vchunk, fused-wide, fused-widest, "
-                            "fused-cublas (tile plans), fused-inforward (backward='in_forward', validated, a workspace "
-                            "holding a pair), reference, reference-compile, liger, cce, trl-chunked (default all)")
+                       help=f"only these implementations, repeatable: {', '.join(IMPLEMENTATION_ORDER)} (default "
+                            "all; fused-* but fused-inforward are the tile plans, fused-inforward "
+                            "backward='in_forward', validated, a workspace holding a pair)")
     bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")
@@ -195,7 +197,7 @@ def main(argv=None) -> int:
     bench.set_defaults(run=_bench)
 
     args = parser.parse_args(argv)
-    if args.command == "check" and args.backward == "in_forward" and args.plan != DEFAULT_PLAN:
+    if args.command == "check" and args.backward == "in_forward" and args.plan is not None:
         check.error(f"--plan {args.plan} has no effect with --backward in_forward, which runs cuBLAS products of its "
                     "own, not the tile plans")
     args.argv = argv
