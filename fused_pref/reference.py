@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from . import kto, preference, validation
+from . import arguments, kto, preference, validation
 from .distributed import gather_shards, resolve_shard
 from .options import Options, takes_options
 from .outputs import PreferenceOutput, TokenLogprobs, cross_entropy_output, preference_output
@@ -138,12 +138,13 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
                          lse_square_scale=0.0, return_z_loss=False, return_token_accuracy=False,
                          return_predicted_tokens=False, options):
     """Reference of :func:`fused_pref.linear_cross_entropy`."""
+    arguments.linear_cross_entropy(reduction=reduction, ce_weight=ce_weight, label_smoothing=label_smoothing,
+                                   lse_square_scale=lse_square_scale, return_z_loss=return_z_loss,
+                                   return_token_accuracy=return_token_accuracy,
+                                   return_predicted_tokens=return_predicted_tokens, options=options)
     weight, bias = _checked(hidden, weight, labels, bias, options, reduction=reduction, kind="cross_entropy")
     validation.check_class_weights(ce_weight, weight.shape[0], labels)
-    validation.check_cross_entropy_terms(label_smoothing, lse_square_scale, return_z_loss, ce_weight, options)
-    flags = {"return_token_accuracy": return_token_accuracy, "return_predicted_tokens": return_predicted_tokens}
-    validation.check_token_stats(flags)
-    stats = any(flags.values())
+    stats = return_token_accuracy or return_predicted_tokens
     logp, valid, _, *more = _token_logprobs(hidden, weight, labels, bias, options, token_stats=stats)
     targets = _targets(labels, options)
     weights = token_weights(valid, targets, ce_weight)
@@ -244,7 +245,6 @@ def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
 
 def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_metrics) -> PreferenceOutput:
     weight, bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
-    validation.check_pair_loss_in_forward(options, spec.sort)
     stats = _token_metrics(hidden, weight, labels, bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, weight, labels, bias, options, spec.reduction)
     return _preference(spec, logps, sums, counts, logit_sums, None, weight.shape[0], stats)
@@ -254,7 +254,8 @@ def _reference_free(spec, hidden, weight, labels, bias, options: Options, token_
 def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_smoothing=0.0, sft_weight=0.0,
                token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.simpo_loss`."""
-    spec = preference.simpo_spec(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    spec = arguments.simpo_loss(beta=beta, gamma=gamma, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                                token_metrics=token_metrics, options=options)
     return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
@@ -262,14 +263,16 @@ def simpo_loss(hidden, weight, labels, bias=None, *, beta=2.0, gamma=1.0, label_
 def cpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, label_smoothing=0.0, sft_weight=1.0,
              token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.cpo_loss`."""
-    spec = preference.cpo_spec(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
+    spec = arguments.cpo_loss(beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              token_metrics=token_metrics, options=options)
     return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @takes_options
 def orpo_loss(hidden, weight, labels, bias=None, *, beta=0.1, token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.orpo_loss`."""
-    return _reference_free(preference.orpo_spec(beta=beta), hidden, weight, labels, bias, options, token_metrics)
+    spec = arguments.orpo_loss(beta=beta, token_metrics=token_metrics, options=options)
+    return _reference_free(spec, hidden, weight, labels, bias, options, token_metrics)
 
 
 @takes_options
@@ -277,8 +280,9 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
              beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_weight=0.0, length_normalize=None,
              discopop_tau=0.05, token_metrics=False, options) -> PreferenceOutput:
     """Reference of :func:`fused_pref.dpo_loss`."""
-    spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
-                               sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
+    spec = arguments.dpo_loss(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight,
+                              length_normalize=length_normalize, discopop_tau=discopop_tau,
+                              token_metrics=token_metrics, options=options)
     whole_weight, whole_bias = _checked(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     ref_weight, ref_bias = validation.check_dpo_reference(
@@ -286,7 +290,6 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
         ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES)
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
-    validation.check_pair_loss_in_forward(options, spec.sort)
     stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
     logps, sums, counts, logit_sums = _sequence_logps(hidden, whole_weight, labels, whole_bias, options,
                                                       spec.reduction)
@@ -303,8 +306,8 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
              ref_bias=None, kl=None, beta=0.1, loss_type="kto", desirable_weight=1.0, undesirable_weight=1.0,
              token_metrics=False, options) -> kto.KTOOutput:
     """Reference of :func:`fused_pref.kto_loss`."""
-    spec = kto.kto_spec(loss_type=loss_type, beta=beta, desirable_weight=desirable_weight,
-                        undesirable_weight=undesirable_weight)
+    spec = arguments.kto_loss(beta=beta, loss_type=loss_type, desirable_weight=desirable_weight,
+                              undesirable_weight=undesirable_weight, token_metrics=token_metrics, options=options)
     whole_weight, whole_bias = _checked(hidden, weight, labels, bias, options, sequence_level=True)
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)

@@ -62,6 +62,18 @@ def test_valid_defaults_pass(module, name):
     assert torch.isfinite(value).all()
 
 
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("name, kwargs, pattern", [
+    ("linear_cross_entropy", {"label_smoothing": 2.0}, r"^label_smoothing must be a number in \[0, 1\]"),
+    ("simpo_loss", {"beta": -1.0}, r"^beta must be a positive number"),
+    ("dpo_loss", {"token_metrics": 1}, r"^token_metrics must be a bool"),
+])
+def test_a_call_with_two_faults_names_the_same_one_on_either_path(module, name, kwargs, pattern):
+    # The hyper-parameters are checked before the tensors (fused_pref.arguments), on both paths.
+    with pytest.raises((TypeError, ValueError), match=pattern):
+        call(module, name, weight=torch.nn.Linear(D, V), **kwargs)
+
+
 # ---- types ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("module", MODULES)
