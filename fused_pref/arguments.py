@@ -1,8 +1,9 @@
-"""Each loss's arguments that need no tensor, checked in one place: by its function at every call,
-and by its module (``fused_pref.modules``) when built, so that a wrong value raises there and not at
-the first batch.  Each, named as its function, takes that function's hyper-parameters by name and the call's
-``Options``, and returns the loss's spec where it has one.  GRPO's are ``grpo.module_spec``, beside
-its spec (grpo.py builds on fused_pref.functional, which imports this module).
+"""Each loss's arguments that need no tensor, checked in one place: by its function (fused and
+reference) at every call, before its tensors, and by its module (``fused_pref.modules``) when built,
+so that a wrong value raises there and not at the first batch.  Each, named as its function, takes
+that function's hyper-parameters by name and the call's ``Options``, and returns the loss's spec
+where it has one.  GRPO's are ``grpo.module_spec``, beside its spec (grpo.py builds on
+fused_pref.functional, which imports this module).
 """
 
 from . import kto, preference, validation
@@ -30,7 +31,7 @@ def orpo_loss(*, beta, token_metrics, options) -> preference.PreferenceSpec:
 
 
 def dpo_loss(*, beta, loss_type, label_smoothing, sft_weight, length_normalize, discopop_tau, token_metrics,
-        options) -> preference.PreferenceSpec:
+             options) -> preference.PreferenceSpec:
     spec = preference.dpo_spec(loss_type=loss_type, beta=beta, label_smoothing=label_smoothing,
                                sft_weight=sft_weight, length_normalize=length_normalize, discopop_tau=discopop_tau)
     return _pair_loss(spec, token_metrics, options)
