@@ -35,8 +35,10 @@ export PYTHONUNBUFFERED=1
 # Peers carried as wheels (benchmarks/peer_wheels.sh): the lent machine has no package index.
 # setuptools into the interpreter itself: installing this checkout, and the wheel test's build (run
 # without PYTHONPATH), need 77 or newer, which the image may not have.
-if compgen -G ".whl/setuptools-*.whl" > /dev/null; then
-    python -m pip install --quiet --no-index --no-deps .whl/setuptools-*.whl
+if compgen -G ".whl/setuptools-*.whl" > /dev/null \
+        && ! python -c "import setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null; then
+    python -m pip install --quiet --no-index --no-deps .whl/setuptools-*.whl \
+        || echo "warning: the carried setuptools did not install; installing this checkout may fail" >&2
 fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     python -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl

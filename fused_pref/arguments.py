@@ -2,8 +2,9 @@
 reference) at every call, before its tensors, and by its module (``fused_pref.modules``) when built,
 so that a wrong value raises there and not at the first batch.  Each, named as its function, takes
 that function's hyper-parameters by name and the call's ``Options``, and returns the loss's spec
-where it has one.  GRPO's are ``grpo.module_spec``, beside its spec (grpo.py builds on
-fused_pref.functional, which imports this module).
+where it has one.  GRPO's module checks ``grpo.module_spec`` (grpo.py builds on
+fused_pref.functional, which imports this module); its function checks the spec first and the
+refused ``backward="in_forward"`` with its tensors.
 """
 
 from . import kto, preference, validation

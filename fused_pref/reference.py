@@ -234,8 +234,8 @@ def _preference(spec, logps, sums, counts, logit_sums, ref_logps, vocab_size, st
 
 
 def _token_metrics(hidden, weight, labels, bias, options, token_metrics):
-    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None."""
-    validation.check_token_stats({"token_metrics": token_metrics})
+    """Per-sequence sums of the entropy and counts of argmax hits (``preference_output``'s), or None
+    (``token_metrics`` checked by the caller, ``fused_pref.arguments``)."""
     if not token_metrics:
         return None
     _, valid, _, targets, entropy, argmax = _token_logprobs(hidden, weight, labels, bias, options, token_stats=True)

@@ -349,8 +349,9 @@ class Case:
     inputs: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        # KTO's desirable flags and GRPO's rollout are made per row of a padded batch.
-        assert self.layout == "padded" or self.name not in ("kto_loss", "grpo_loss"), (self.name, self.layout)
+        if self.layout != "padded" and self.name in ("kto_loss", "grpo_loss"):
+            raise ValueError(f"{self.name}'s case inputs (KTO's desirable flags, GRPO's rollout) are made per row of "
+                             f"a padded batch, not layout={self.layout!r}")
 
     def with_kwargs(self, **extra) -> "Case":
         """This case with ``extra`` keyword arguments added (or replaced)."""

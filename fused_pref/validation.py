@@ -57,11 +57,11 @@ def check_gathered(name, tensor):
 
 
 def _layer_hint(value, b_name) -> str:
-    """For a layer passed where its weight belongs (``lm_head`` for ``lm_head.weight``).  A PEFT
+    """For a layer passed where its weight belongs (``lm_head`` for ``lm_head.weight``).  A PEFT LoRA
     layer's ``.weight`` is its base layer's, without the adapter."""
     if not isinstance(value, torch.nn.Module):
         return ""
-    if hasattr(value, "base_layer"):
+    if hasattr(value, "lora_A"):
         return (f": for a PEFT-adapted layer pass the weight and bias (as {b_name}) of "
                 "fused_pref.integrations.hf.effective_linear(layer), which apply its adapter")
     if isinstance(getattr(value, "weight", None), torch.Tensor):

@@ -195,11 +195,20 @@ def test_a_padding_free_batch_equals_the_models_own_loss(device):
     by_model = fph.dpo_loss(model, input_ids, labels, ref_model=ref_model, **packed)
     by_logps = fph.dpo_loss(model, input_ids, labels, ref_logps=ref_logps, **packed)
     assert ref_logps.shape == (4,) and by_model.loss.item() == pytest.approx(by_logps.loss.item(), rel=1e-6)
+    made = fph.dpo_loss(model, input_ids, labels, ref_model=ref_model, cu_seqlens=cu_seqlens)
+    assert made.loss.item() == by_model.loss.item()
     # Two rows are not a padding-free batch: the message names the inputs the caller passed.
     with pytest.raises(ValueError, match=r"^with cu_seqlens, input_ids must be one row of packed sequences \[1, N\]"):
         fph.linear_cross_entropy(model, input_ids.view(2, 11), labels.view(2, 11), cu_seqlens=cu_seqlens)
-    with pytest.raises(ValueError, match=r"^labels must have input_ids' shape \(1, 22\), got \(2, 11\)$"):
+    with pytest.raises(ValueError, match=r"^labels must be \[1, N\] as input_ids are \(or \[N\]\), N = 22; "
+                                         r"got \(2, 11\)$"):
         fph.linear_cross_entropy(model, input_ids, labels.view(2, 11), cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match=r"^a padding-free batch \(cu_seqlens\) takes no attention_mask"):
+        fph.linear_cross_entropy(model, input_ids, labels, torch.ones_like(input_ids), cu_seqlens=cu_seqlens)
+    # Bad boundaries reach the loss's own check (making the position ids cannot fail on them).
+    short = torch.tensor([0, 5, 12, 16, 20], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"^cu_seqlens must start at 0, end at N = 22 and never decrease"):
+        fph.linear_cross_entropy(model, input_ids, labels, cu_seqlens=short)
 
 
 def test_fused_forward_returns_what_the_function_makes_and_keeps_the_original(device):

@@ -131,3 +131,12 @@ def test_an_adapted_layer_passed_as_weight_names_the_adapters_weight():
                r"\(as bias\) of fused_pref\.integrations\.hf\.effective_linear")
     with pytest.raises(TypeError, match=pattern):
         fused_pref.linear_cross_entropy(hidden, head, labels)
+
+
+def test_another_tuner_on_the_output_layer_is_refused():
+    # Its .weight is the base layer's: the loss would silently leave the tuner out.
+    device = kernel_device()
+    model = peft.get_peft_model(tiny_llama(), peft.IA3Config(target_modules=["lm_head"], feedforward_modules=[]))
+    input_ids, labels = batch(device)
+    with pytest.raises(NotImplementedError, match=r"^peft\.tuners\.ia3\.\S+ on the output layer: fused_pref applies LoRA"):
+        fph.linear_cross_entropy(model.to(device), input_ids, labels)

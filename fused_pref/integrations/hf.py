@@ -33,6 +33,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fused_pref
+from fused_pref import validation
 from fused_pref.options import FIELDS
 from fused_pref.preference import dpo_spec
 
@@ -116,10 +117,11 @@ class OutputHead:
                 raise TypeError(f"{name} comes from the model (its config, and Hugging Face's label "
                                 "alignment); do not pass it")
         if kwargs.get("cu_seqlens") is not None:
-            if tuple(labels.shape) != tuple(hidden.shape[:2]):
-                raise ValueError(f"labels must have input_ids' shape {tuple(hidden.shape[:2])}, got "
-                                 f"{tuple(labels.shape)}")
-            hidden, labels = _packed_row(hidden, "input_ids"), labels.reshape(-1)
+            hidden = _packed_row(hidden, "input_ids")
+            n = hidden.shape[0]
+            if tuple(labels.shape) not in ((1, n), (n,)):
+                raise ValueError(f"labels must be [1, N] as input_ids are (or [N]), N = {n}; got {tuple(labels.shape)}")
+            labels = labels.reshape(-1)
             if kwargs.get("ref_hidden") is not None:
                 kwargs["ref_hidden"] = _packed_row(kwargs["ref_hidden"], "the reference model's input_ids")
         hidden, weight, bias = self.inputs(hidden)
@@ -166,12 +168,17 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     kernel would take two more operands and a second dot per tile, forward and backward, for a
     ``[V, D]`` temporary this way, the size of the ``d_weight`` the backward forms anyway, and the
     products ``B @ A`` and its two gradients cost ``O(V D r)``, under 1% of the loss's ``O(N D V)``.
-    Refused (``NotImplementedError``), since one weight cannot express them: LoRA dropout while
+    Refused (``NotImplementedError``): other PEFT tuners (IA3, ...), and, since one weight cannot
+    express them, LoRA dropout while
     training (it drops entries of the hidden states of the low-rank term only) and LoRA variants
     (DoRA, ...).  A merged adapter is the base layer's weight (which holds it); a disabled one is
     that weight without the merged adapters, as PEFT's forward unmerges them first."""
     lora_A, lora_B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
     if lora_A is None or lora_B is None or not hasattr(layer, "base_layer"):
+        if hasattr(layer, "base_layer"):
+            # Another PEFT tuner: its .weight is the base layer's, without what the tuner applies.
+            raise NotImplementedError(f"{type(layer).__module__}.{type(layer).__name__} on the output layer: "
+                                      "fused_pref applies LoRA adapters and modules_to_save there, not this tuner")
         return layer.weight, getattr(layer, "bias", None)
     base = layer.get_base_layer()
     weight, bias = base.weight, getattr(base, "bias", None)
@@ -280,25 +287,36 @@ def run_as_output_layer(model, fn, hidden):
     return pytree.tree_unflatten(list(leaves), structure)
 
 
-def _decoder_kwargs(model_kwargs, input_ids, kwargs) -> dict:
-    """``model_kwargs`` for the decoder.  A padding-free batch (``cu_seqlens``) given no
-    ``position_ids`` gets each packed sequence's positions from 0: transformers keeps attention
-    within each sequence by them (without, the row would be one long sequence)."""
+def _decoder_kwargs(model_kwargs, input_ids, attention_mask, kwargs) -> dict:
+    """``model_kwargs`` for the decoder.  A padding-free batch (``cu_seqlens``, one row ``[1, N]``)
+    takes no ``attention_mask`` and, given no ``position_ids``, gets each packed sequence's positions
+    from 0: transformers keeps attention within each sequence by them, and only without a mask (with
+    one, or without them, the row would be one long sequence).  ``cu_seqlens``' values are checked
+    with the labels, by the loss."""
     model_kwargs = dict(model_kwargs or {})
     cu_seqlens = kwargs.get("cu_seqlens")
-    if cu_seqlens is not None and (input_ids.dim() != 2 or input_ids.shape[0] != 1):
+    if cu_seqlens is None:
+        return model_kwargs
+    row = input_ids if input_ids is not None else model_kwargs.get("inputs_embeds")
+    if row is None or row.dim() < 2 or row.shape[0] != 1:
         raise ValueError("with cu_seqlens, input_ids must be one row of packed sequences [1, N] (a padding-free "
-                         f"batch); got {tuple(input_ids.shape)}")
-    if cu_seqlens is not None and "position_ids" not in model_kwargs:
-        n = input_ids.shape[-1]
-        cu = cu_seqlens.long()
-        starts = torch.repeat_interleave(cu[:-1], cu.diff(), output_size=n)
-        model_kwargs["position_ids"] = (torch.arange(n, device=cu.device) - starts)[None]
+                         f"batch); got {None if row is None else tuple(row.shape)}")
+    if attention_mask is not None:
+        raise ValueError("a padding-free batch (cu_seqlens) takes no attention_mask: with one, transformers attends "
+                         "across its packed sequences")
+    validation.check_cu_seqlens(cu_seqlens, row)
+    if model_kwargs.get("position_ids") is None:
+        index = torch.arange(row.shape[1], device=row.device)
+        cu = cu_seqlens.to(row.device, torch.long)
+        # By searchsorted, which no cu_seqlens can make fail on the device (the loss refuses bad ones).
+        sequence = (torch.searchsorted(cu, index, right=True) - 1).clamp(0, cu.numel() - 2)
+        model_kwargs["position_ids"] = (index - cu[sequence]).clamp(min=0)[None]
     return model_kwargs
 
 
 def _loss(fn, model, input_ids, labels, attention_mask, model_kwargs, kwargs):
-    hidden = hidden_states(model, input_ids, attention_mask, **_decoder_kwargs(model_kwargs, input_ids, kwargs))
+    hidden = hidden_states(model, input_ids, attention_mask,
+                           **_decoder_kwargs(model_kwargs, input_ids, attention_mask, kwargs))
     return run_as_output_layer(model, lambda hidden, head: head.apply(fn, hidden, labels, **kwargs), hidden)
 
 
@@ -344,7 +362,7 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
     if ref_model is not None and _softcap(ref_model) != _softcap(model):
         raise ValueError(f"ref_model's final_logit_softcapping ({_softcap(ref_model)}) differs from the "
                          f"model's ({_softcap(model)}): pass its log-probs as ref_logps instead")
-    model_kwargs = _decoder_kwargs(model_kwargs, input_ids, kwargs)
+    model_kwargs = _decoder_kwargs(model_kwargs, input_ids, attention_mask, kwargs)
     hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)
     if ref_model is None:
         kwargs["ref_logps"] = ref_logps

@@ -28,7 +28,7 @@ CPOTrainer's ``logits/*`` averages the logits over
 every position of the batch (prompt, padding and the final position included), which only the
 full logits give; ours is the mean over completion tokens, DPOTrainer's definition.
 
-``fused_options`` (a keyword of every trainer) passes ``backward``, ``workspace_bytes`` and
+``fused_options`` (a keyword of every trainer) passes ``backward``, ``plan``, ``workspace_bytes`` and
 ``validate`` to every fused call of a step: the loss's, and the passes without gradients (DPO's and
 KTO's reference model, KTO's KL completions, GRPO's old policy and reference model), so
 ``validate=False`` leaves a step without validation's host reads, and under ``backward="in_forward"``
@@ -37,7 +37,8 @@ DPO's reference model runs that mode's cuBLAS products too (``sequence_logprobs`
 "workspace_bytes": 2**30}`` has DPO's and CPO's loss compute its gradients in the forward (6NDV
 instead of 8NDV, README "Gradient in the forward"; not KTO's or GRPO's, whose gradients need the
 whole batch, refused when the trainer is built).  A tile plan applies to whatever runs inside it,
-``with tile_plan("cublas"): trainer.train()``; under "wide" and "widest" calls with per-token
+``with tile_plan("cublas"): trainer.train()``, or to every fused call through
+``fused_options={"plan": "cublas"}``; under "wide" and "widest" calls with per-token
 statistics (DPO's and KTO's token metrics, GRPO's entropy) run the default plan's tiles, under
 "cublas" its own (``tiles.stats_plan``).
 

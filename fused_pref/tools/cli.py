@@ -55,7 +55,7 @@ def _check(args) -> int:
     torch.set_float32_matmul_precision("highest")
     where = torch.cuda.get_device_name() if cuda else "CPU, Triton interpreter"
     if not cuda and args.case is None and args.dtype is None:
-        where += " (about a minute on two cores)"
+        where += " (about 40 s on two cores)"
     plan = args.plan or DEFAULT_PLAN
     # backward="in_forward" runs cuBLAS products of its own, no tile plan.
     mode = f"tile plan {plan}, backward auto" if args.backward == "auto" else "backward in_forward"
