@@ -12,7 +12,7 @@ import inspect
 
 import torch
 
-from . import arguments, functional, grpo
+from . import arguments, functional, grpo, validation
 from .options import PER_BATCH, Options, option_parameters
 
 
@@ -32,9 +32,9 @@ class _FusedLoss(torch.nn.Module):
         given = set(options) & set(PER_BATCH)
         if given:
             raise TypeError(f"{type(self).__name__} takes {sorted(given)} in forward, not in its constructor")
-        self.hyper = hyper
+        self.hyper = validation.python_scalars(hyper)
         self.options = Options(**options)
-        type(self).check(**hyper, options=self.options)
+        type(self).check(**self.hyper, options=self.options)
 
     def _call(self, hidden, weight, labels, bias, cu_seqlens, **batch):
         options = dataclasses.replace(self.options, cu_seqlens=cu_seqlens)

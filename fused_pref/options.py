@@ -64,6 +64,8 @@ class Options:
     backend: str = "auto"
 
     def __post_init__(self):
+        for name, value in validation.python_scalars(vars(self)).items():
+            object.__setattr__(self, name, value)
         validation.check_options(self)
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
@@ -92,6 +94,7 @@ def takes_options(impl):
 
     @functools.wraps(impl)
     def public(*args, **kwargs):
+        kwargs = validation.python_scalars(kwargs)
         options = Options(**{name: kwargs.pop(name) for name in FIELDS if name in kwargs})
         args, kwargs, options = from_dtensors(args, kwargs, options)
         return impl(*args, **kwargs, options=options)

@@ -8,6 +8,8 @@ skipped with ``validate=False``.
 """
 
 import math
+import numbers
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +39,19 @@ def _fail(cls, message):
 
 def is_number(value) -> bool:
     # bool is an int to Python, but beta=True is a bug, not a hyper-parameter.
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def python_scalar(value):
+    """A NumPy scalar as the Python value it holds (``np.float32(0.1)`` from a config file or a sweep
+    becomes ``0.1``), anything else as it is: the values reach Triton launches and PyTorch
+    arithmetic, which take Python numbers.  NumPy is optional to torch: unimported, nothing is one."""
+    numpy = sys.modules.get("numpy")
+    return value.item() if numpy is not None and isinstance(value, numpy.generic) else value
+
+
+def python_scalars(values: dict) -> dict:
+    return {name: python_scalar(value) for name, value in values.items()}
 
 
 def check_dtype(name, tensor, dtypes=FUSED_DTYPES):

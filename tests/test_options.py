@@ -72,6 +72,39 @@ def test_options_are_checked_once_with_one_message_everywhere(kwargs, cls, patte
         Options(**kwargs)
 
 
+NUMPY_CASES = ("simpo_loss", "dpo_loss[ipo]", "linear_cross_entropy[smoothing,z_loss]", "kto_loss", "grpo_loss")
+
+
+@pytest.mark.parametrize("name", NUMPY_CASES)
+def test_numpy_scalars_are_the_numbers_they_hold(name, device):
+    # From a config file or a sweep: np.float32 is no Python float, and refusing it, or handing it
+    # to a kernel launch, would fail a call whose values are fine.
+    np = pytest.importorskip("numpy")
+    case = CASES[name].with_kwargs(softcap=30.0, temperature=0.7, ignore_index=-100)
+    as_numpy = {k: np.float32(v) if isinstance(v, float) else np.int64(v) if type(v) is int else v
+                for k, v in case.kwargs.items()}
+    held = {k: v.item() if isinstance(v, np.generic) else v for k, v in as_numpy.items()}
+    assert held["temperature"] != 0.7, "a value that float32 changes tells the calls apart"
+    x = make_inputs(2, 5, 24, 37, device=device)
+    x64 = {k: v.cpu().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in x.items()}
+    for module, inputs in ((fused_pref, x), (fused_pref.reference, x64)):
+        expected = value_of(case.with_kwargs(**held)(module, inputs))
+        assert torch.equal(value_of(case.with_kwargs(**as_numpy)(module, inputs)), expected)
+
+
+def test_numpy_scalars_in_modules_and_options():
+    np = pytest.importorskip("numpy")
+    module = fused_pref.FusedSimPOLoss(beta=np.float32(0.5), softcap=np.float32(30.0), ignore_index=np.int64(-1))
+    assert module.hyper["beta"] == 0.5 and type(module.hyper["beta"]) is float
+    assert module.options.softcap == 30.0 and module.options.ignore_index == -1
+    assert type(module.options.ignore_index) is int
+    with pytest.raises(ValueError, match=r"^beta must be a positive number, got -0.5"):
+        fused_pref.FusedSimPOLoss(beta=np.float32(-0.5))
+    with pytest.raises(TypeError, match=r"^shift must be a bool, got int"):
+        Options(shift=np.int64(1))
+    assert Options(shift=np.bool_(True)).shift is True
+
+
 def test_unknown_keyword_names_the_function():
     x = make_inputs(2, 5, 8, 11)
     with pytest.raises(TypeError, match=r"^simpo_loss\(\) got an unexpected keyword argument 'softcapp'"):
