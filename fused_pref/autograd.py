@@ -2,12 +2,50 @@
 
 from dataclasses import dataclass
 
+import functools
+
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import ops
 from .distributed import VocabShard, all_reduce_sum, combine_partials
 from .options import Options
+
+NO_SECOND_DERIVATIVE = ("fused_pref's kernels have no second derivative: a gradient computed with create_graph=True "
+                        "cannot be differentiated again.  Where you need one (a gradient penalty, a Hessian-vector "
+                        "product), call the loss from fused_pref.reference, which holds the logits")
+
+
+class _RefuseSecondDerivative(torch.autograd.Function):
+    """The identity on a backward's gradients, whose own backward raises ``NO_SECOND_DERIVATIVE``.
+    ``anchor`` requires grad so that the gradients do too, even where nothing upstream of them did
+    (a mean cross-entropy's constant ``dLoss/dlogp``)."""
+
+    @staticmethod
+    def forward(ctx, anchor, *grads):
+        return grads
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(NO_SECOND_DERIVATIVE)
+
+
+def first_order(backward):
+    """A Function's ``backward`` run without a graph, as the kernels' are.  Under
+    ``create_graph=True`` its gradients come through ``_RefuseSecondDerivative``: a second
+    derivative then fails with a message, not silently 0 (the kernels' gradients carry no graph,
+    and a penalty on gradients that do not require grad is a constant)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grad_outputs):
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        device = next(g.device for g in grads if isinstance(g, torch.Tensor))
+        anchor = torch.empty(0, device=device, requires_grad=True)
+        return _RefuseSecondDerivative.apply(anchor, *grads)
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,7 @@ class LinearLogprobs(torch.autograd.Function):
         return logp, logit_sum, entropy, argmax, lse_out
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_logp, grad_logit_sum, grad_entropy, _grad_argmax, grad_lse):
         hidden, weight, bias, labels, rows, n_valid, lse, target, entropy, class_weight = ctx.saved_tensors
         params = ctx.params
@@ -110,6 +149,7 @@ class PreferenceHead(torch.autograd.Function):
         return losses
 
     @staticmethod
+    @first_order
     def backward(ctx, grad_losses):
         d_chosen, d_rejected = ctx.saved_tensors
         return d_chosen * grad_losses, d_rejected * grad_losses, None, None, None
@@ -128,7 +168,7 @@ class GradientsInForward(torch.autograd.Function):
         return loss.clone()
 
     @staticmethod
-    @once_differentiable   # the stored gradients are constants here: a second order would be silently 0
+    @first_order
     def backward(ctx, grad_loss):
         # A 0-d fp32 factor leaves a bf16 tensor bf16 and multiplies in fp32; fp16 inputs' gradients
         # come fp32 and are cast after the scaling.

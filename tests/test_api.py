@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fused_pref
-from fused_pref.testing import CASES, as_reference, make_inputs, relative_error, value_of
+from fused_pref.testing import CASES, Case, as_reference, make_inputs, relative_error, value_of
 from fused_pref.tools.memory import AllocationRecorder
 
 
@@ -272,3 +272,30 @@ def test_check_command_names_the_cases_it_knows():
     done = subprocess.run([sys.executable, "-m", "fused_pref", "check", "--case", "simpo"], capture_output=True,
                           text=True, timeout=60, env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
     assert done.returncode == 2 and "invalid choice: 'simpo'" in done.stderr and "dpo_loss[ipo]" in done.stderr
+
+
+SECOND_ORDER_CASES = {**CASES,
+                      "linear_cross_entropy[in_forward]": Case("linear_cross_entropy", {"backward": "in_forward"}),
+                      "simpo_loss[in_forward]": Case("simpo_loss", {"backward": "in_forward"})}
+
+
+@pytest.mark.parametrize("case", SECOND_ORDER_CASES.values(), ids=SECOND_ORDER_CASES.keys())
+def test_a_second_derivative_is_refused_not_silently_zero(case, device):
+    # create_graph=True alone works and gives the same gradients; differentiating them again raises,
+    # where the kernels' graph-less gradients would otherwise make it 0 (or a penalty on them a constant).
+    x = make_inputs(2, 5, 24, 37, device=device)
+    inputs = (x["hidden"], x["weight"])
+    plain = torch.autograd.grad(value_of(case(fused_pref, x)).sum(), inputs)
+    graphed = torch.autograd.grad(value_of(case(fused_pref, x)).sum(), inputs, create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, graphed))
+    assert all(g.requires_grad for g in graphed)
+    with pytest.raises(RuntimeError, match=r"^fused_pref's kernels have no second derivative: .* fused_pref.reference"):
+        sum(g.square().sum() for g in graphed).backward()
+
+
+def test_the_reference_has_the_second_derivative_the_message_points_to():
+    x = as_reference(make_inputs(2, 5, 24, 37))
+    loss = fused_pref.reference.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"]).loss
+    d_hidden, = torch.autograd.grad(loss, x["hidden"], create_graph=True)
+    d_hidden.square().sum().backward()
+    assert x["hidden"].grad.abs().sum() > 0 and torch.isfinite(x["hidden"].grad).all()
