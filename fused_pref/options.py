@@ -64,8 +64,9 @@ class Options:
     backend: str = "auto"
 
     def __post_init__(self):
-        for name, value in validation.python_scalars(vars(self)).items():
-            object.__setattr__(self, name, value)
+        # The fields one by one: torch 2.11's dynamo cannot trace a dataclass's __dict__.
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, validation.python_scalar(getattr(self, f.name)))
         validation.check_options(self)
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
