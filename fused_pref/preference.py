@@ -32,6 +32,12 @@ class PreferenceSpec:
     sort: str | None = None    # "aot" / "aot_pair": sort log-ratios over the batch first
     uses_reference: bool = False
 
+    def __post_init__(self):
+        # The numbers reach a kernel launch, which takes Python floats: a NumPy scalar handed to a
+        # Liger-compatible module's constructor (which calls the functions' .with_options) is one.
+        for name in ("beta", "gamma", "label_smoothing", "tau", "sft_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
 
 def simpo_spec(*, beta, gamma, label_smoothing, sft_weight):
     validation.check_hyper(beta=beta, label_smoothing=label_smoothing, gamma=gamma, sft_weight=sft_weight)

@@ -103,6 +103,11 @@ def test_numpy_scalars_in_modules_and_options():
     with pytest.raises(TypeError, match=r"^shift must be a bool, got int"):
         Options(shift=np.int64(1))
     assert Options(shift=np.bool_(True)).shift is True
+    # The Liger-compatible modules call the functions' .with_options, past the public wrappers: the
+    # spec makes the launch's numbers Python floats (a GPU launch refuses NumPy's; the interpreter not).
+    spec = fused_pref.arguments.simpo_loss(beta=np.float32(0.3), gamma=np.float32(0.5), label_smoothing=0.0,
+                                           sft_weight=np.float32(0.1), token_metrics=False, options=Options())
+    assert all(type(getattr(spec, name)) is float for name in ("beta", "gamma", "sft_weight"))
 
 
 def test_unknown_keyword_names_the_function():
