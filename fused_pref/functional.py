@@ -497,13 +497,13 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     ==========  ====================================================================
     sigmoid     ``-(1-eps) log s(beta u) - eps log s(-beta u)``   (cDPO when eps > 0)
     robust      ``(-(1-eps) log s(beta u) + eps log s(-beta u)) / (1 - 2 eps)``
-    exo_pair    ``s(beta u) (log s(beta u) - log(1-eps)) + s(-beta u) (log s(-beta u) - log eps)``, eps=0 -> 1e-3
+    exo_pair    ``s(beta u) (log s(beta u) - log(1-eps)) + s(-beta u) (log s(-beta u) - log eps)``, eps > 0
     hinge       ``relu(1 - beta u)``
     ipo         ``(u - 1/(2 beta))^2``, on length-averaged log-probs
     sppo_hard   ``(a - 1/(2 beta))^2 + (b + 1/(2 beta))^2``
     nca_pair    ``-log s(beta a) - log s(-beta a)/2 - log s(-beta b)/2``
     aot         sigmoid on ``sort_batch(S[c] - S[r]) - sort_batch(Ref[c] - Ref[r])``
-    aot_pair    sigmoid on ``sort_batch(a) - sort_batch(b)``
+    aot_pair    sigmoid on ``sort_batch(a) - sort_batch(b)`` (TRL 1.x's ``aot_unpaired``)
     apo_zero    ``1 - s(beta a) + s(beta b)``
     apo_down    ``s(beta a) + 1 - s(beta u)``
     discopop    ``-log s(beta u) (1 - m) + exp(-beta u) m``, ``m = s(beta u / discopop_tau)``

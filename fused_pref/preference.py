@@ -62,8 +62,6 @@ def dpo_spec(*, loss_type, beta, label_smoothing, sft_weight, length_normalize, 
     if length_normalize is None:
         # TRL averages the log-probs over completion tokens for IPO only.
         length_normalize = loss_type == "ipo"
-    if loss_type == "exo_pair" and label_smoothing == 0:
-        label_smoothing = 1e-3  # TRL's substitute: log(eps) would be -inf
     sort = loss_type if loss_type in SORTING_LOSS_TYPES else None
     head = "sigmoid" if sort else loss_type
     return PreferenceSpec(head, "mean" if length_normalize else "sum", beta, 0.0, label_smoothing,

@@ -386,9 +386,19 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
     return ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
 
+# TRL 1.x's DPO loss types that this library has under another name or as an option.
+_TRL_LOSS_NAMES = {"aot_unpaired": "loss_type='aot_pair' (TRL 0.x's name)",
+                   "sigmoid_norm": "loss_type='sigmoid' with length_normalize=True"}
+
+
 def check_dpo_hyper(*, loss_type, label_smoothing, length_normalize, discopop_tau, loss_types):
     if loss_type not in loss_types:
-        _fail(ValueError, f"loss_type must be one of {loss_types}, got {loss_type!r}")
+        renamed = _TRL_LOSS_NAMES.get(loss_type) if isinstance(loss_type, str) else None
+        _fail(ValueError, f"loss_type must be one of {loss_types}, got {loss_type!r}"
+                          + (f": TRL 1.x's {loss_type!r} is {renamed} here" if renamed else ""))
+    if loss_type == "exo_pair" and label_smoothing == 0:
+        _fail(ValueError, "loss_type='exo_pair' needs label_smoothing > 0: its loss has log(label_smoothing), "
+                          "which is -inf at 0 (TRL 1.x refuses 0 too; TRL 0.x put 1e-3 in its place)")
     if loss_type == "robust" and label_smoothing >= 0.5:
         _fail(ValueError, f"label_smoothing must be below 0.5 for loss_type='robust' (it divides by "
                           f"1 - 2 * label_smoothing), got {label_smoothing!r}")

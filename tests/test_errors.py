@@ -431,11 +431,27 @@ def test_dpo_ref_weight_with_ref_logps(module, arg):
 
 
 @pytest.mark.parametrize("module", MODULES)
-@pytest.mark.parametrize("loss_type", ["kto", "SIGMOID", "", None, "aot_unpaired"])
+@pytest.mark.parametrize("loss_type", ["kto", "SIGMOID", "", None, "aot_unpaired", 3])
 def test_dpo_unknown_loss_type(module, loss_type):
     pattern = rf"^loss_type must be one of \('sigmoid', 'robust', .*, 'discopop'\), got {re.escape(repr(loss_type))}"
     with pytest.raises(ValueError, match=pattern):
         call(module, "dpo_loss", loss_type=loss_type)
+
+
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("loss_type, hint", [("aot_unpaired", "loss_type='aot_pair'"),
+                                             ("sigmoid_norm", "loss_type='sigmoid' with length_normalize=True")])
+def test_dpo_trl_1x_loss_names_point_to_ours(module, loss_type, hint):
+    pattern = rf": TRL 1.x's '{loss_type}' is {re.escape(hint)}"
+    with pytest.raises(ValueError, match=pattern):
+        call(module, "dpo_loss", loss_type=loss_type)
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_dpo_exo_pair_without_smoothing_is_refused(module):
+    # log(label_smoothing) is -inf at 0; TRL 1.x refuses it, TRL 0.x substituted 1e-3.
+    with pytest.raises(ValueError, match=r"^loss_type='exo_pair' needs label_smoothing > 0"):
+        call(module, "dpo_loss", loss_type="exo_pair")
 
 
 REF_HIDDEN_CASES = [

@@ -116,6 +116,8 @@ def _hyper(draw, name, loss_type):
     elif loss_type == "robust":
         # (... ) / (1 - 2 eps): eps near 0.5 multiplies every rounding error; TRL's own range is small.
         kwargs["label_smoothing"] = draw(st.floats(0.0, 0.3))
+    elif loss_type == "exo_pair":
+        kwargs["label_smoothing"] = draw(st.floats(1e-3, 0.3))    # log(eps): 0 is refused
     else:
         kwargs["label_smoothing"] = draw(eps)
     if loss_type == "discopop":
