@@ -24,7 +24,8 @@ Each stage module also states its ahead-of-time builds beside its launcher (``ao
 from .linear_grad import linear_grad_backward
 from .linear_lse import linear_lse_forward
 from .pref_head import preference_head_forward
-from .tiles import DEFAULT_PLAN, KERNELS_INTERPRETED, WORKSPACE_BYTES, active_plan, interpreter_problem, tile_plan
+from .tiles import (DEFAULT_PLAN, KERNELS_INTERPRETED, WORKSPACE_BYTES, active_plan, interpreter_problem, tile_plan,
+                    triton_interprets)
 
 __all__ = [
     "DEFAULT_PLAN",
@@ -36,4 +37,5 @@ __all__ = [
     "linear_lse_forward",
     "preference_head_forward",
     "tile_plan",
+    "triton_interprets",
 ]

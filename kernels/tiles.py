@@ -9,7 +9,6 @@ and launch with ``logits_launch_args``, so their variant flags, dot flags and ti
 """
 
 import contextlib
-import os
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -17,9 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
+
+def triton_interprets() -> bool:
+    """Whether Triton reads ``TRITON_INTERPRET`` as on now, by its own parser ("1", "true", "on",
+    "yes" are on; "0", "false", "off", "" and unset are off)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
 # Triton turns @triton.jit functions into interpreter functions when this is set at definition
-# time, so it is read once here, at import, exactly as Triton reads it.
-KERNELS_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# time, so it is read once here, at import, as Triton reads it.
+KERNELS_INTERPRETED = triton_interprets()
 
 
 def _major_minor(version: str) -> tuple[int, int]:

@@ -35,6 +35,17 @@ def test_cpu_without_interpreter_falls_back_to_reference_with_one_warning():
     assert done.stdout.split() == ["1", "True", "True"]
 
 
+@pytest.mark.parametrize("value, interpreted", [("false", False), ("off", False), ("0", False), ("true", True),
+                                                ("1", True)])
+def test_triton_interpret_is_read_as_triton_reads_it(value, interpreted):
+    # "false" read as on would send CPU tensors to kernels that Triton compiles for a GPU.
+    env = {**os.environ, "TRITON_INTERPRET": value, "CUDA_VISIBLE_DEVICES": ""}
+    code = "import triton, fused_pref; print(fused_pref.kernels.KERNELS_INTERPRETED, triton.knobs.runtime.interpret)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(interpreted)] * 2
+
+
 def test_compare_refuses_cpu_inputs_without_the_interpreter():
     # Else the parity harness would compare the reference with itself and pass.
     done = _run_without_interpreter(

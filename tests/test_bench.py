@@ -41,6 +41,8 @@ def test_bench_without_cuda_says_so_and_runs_the_memory_accounting(tmp_path):
     assert row.split()[:3] == ["llama3-8b", "16384", "simpo"], row
     assert "simpo: fused-vchunk" in done.stdout and "simpo: reference" in done.stdout
     assert list(tmp_path.iterdir()) == [], "no results file without a GPU"
+    assert lines[1].endswith("extrapolated to each full shape.") and lines[2] == "Ignored here, as they shape the " \
+        "GPU run: --out.", done.stdout
 
 
 def test_run_writes_results_ratios_and_table(tmp_path, monkeypatch, capsys):

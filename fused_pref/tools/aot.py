@@ -20,7 +20,6 @@ and not covered fails by name instead of compiling against a stale hand-copied s
 """
 
 import inspect
-import os
 import re
 import subprocess
 import tempfile
@@ -33,7 +32,7 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fused_pref.kernels.tiles import DTYPE_NAMES, AotSpec
+from fused_pref.kernels.tiles import DTYPE_NAMES, AotSpec, triton_interprets
 
 ARCHS = (80, 90)
 # The most shared memory one CTA may use (the opt-in maximum): A100 163 KiB, H100/H200 227 KiB.  A
@@ -170,7 +169,7 @@ def _specialize(fn, signature, constexprs, layout):
 
 def compile_kernel(fn, signature, constexprs, options, arch, layout="strided"):
     """Compile one kernel for ``sm_<arch>``; returns Triton's compiled kernel (PTX in ``.asm``)."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if triton_interprets():
         raise RuntimeError("AOT compilation needs a process without TRITON_INTERPRET")
     signature, constexprs, attrs = _specialize(fn, signature, constexprs, layout)
     full_sig = {**signature, **{k: "constexpr" for k in constexprs}}

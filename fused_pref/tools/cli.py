@@ -21,12 +21,15 @@ from pathlib import Path
 
 import torch
 
-from fused_pref.kernels import interpreter_problem
+from fused_pref.kernels import interpreter_problem, triton_interprets
 from fused_pref.kernels.tiles import DEFAULT_PLAN, PLANS
 from fused_pref.testing import CASES, TOLERANCE
 
 from .peers import IMPLEMENTATION_ORDER
 from .workload import LOSSES, MODELS, PROMPT_FRACTION, PROMPT_FRACTIONS, TOKENS_PER_STEP
+
+
+RESULTS_DIR = Path("benchmarks/results")
 
 
 def _reexec_with_interpreter(wanted: bool, argv):
@@ -35,8 +38,7 @@ def _reexec_with_interpreter(wanted: bool, argv):
     if wanted and (problem := interpreter_problem()):
         raise SystemExit(f"fused_pref {argv[0]}: this command runs the kernels through Triton's interpreter, but "
                          f"{problem}")
-    current = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if current == wanted:
+    if triton_interprets() == wanted:
         return
     env = dict(os.environ)
     if wanted:
@@ -106,9 +108,14 @@ def _bench(args) -> int:
     cuda = torch.cuda.is_available()
     _reexec_with_interpreter(not cuda, args.argv)
     if not cuda:
+        gpu_only = {"--impl": args.impl, "--prompt-fraction": args.prompt_fraction, "--out": args.out != RESULTS_DIR,
+                    "--no-plot": args.no_plot, "--no-profile": args.no_profile}
+        ignored = [flag for flag, given in gpu_only.items() if given]
         print("No CUDA device on this machine: the GPU benchmark (times, peak CUDA memory, peers) is skipped.\n"
               "Running the part a CPU can measure instead: the memory accounting of `python -m fused_pref "
-              "memory`, at scaled-down shapes, extrapolated to each full shape.\n", flush=True)
+              "memory`, at scaled-down shapes, extrapolated to each full shape."
+              + (f"\nIgnored here, as they shape the GPU run: {', '.join(ignored)}." if ignored else "") + "\n",
+              flush=True)
         from .accounting import account, format_summary
 
         print(format_summary({(m, t, loss): account(m, t, loss) for m in models for t in tokens for loss in losses}))
@@ -189,7 +196,7 @@ def main(argv=None) -> int:
                        help=f"only these implementations, repeatable: {', '.join(IMPLEMENTATION_ORDER)} (default "
                             "all; fused-* but fused-inforward are the tile plans, fused-inforward "
                             "backward='in_forward', validated, a workspace holding a pair)")
-    bench.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+    bench.add_argument("--out", type=Path, default=RESULTS_DIR,
                        help="directory of the results file and plot (default benchmarks/results)")
     bench.add_argument("--no-plot", action="store_true", help="write no PNG")
     bench.add_argument("--no-profile", action="store_true",
