@@ -26,6 +26,7 @@ from fused_pref.grpo import GRPOOutput
 from fused_pref.kernels import KERNELS_INTERPRETED
 from fused_pref.kto import KTOOutput
 from fused_pref.outputs import CrossEntropyOutput, TokenLogprobs
+from fused_pref import validation
 from fused_pref.preference import DPO_LOSS_TYPES, SORTING_LOSS_TYPES
 
 # Every public function of fused_pref (and fused_pref.reference), by name.
@@ -220,8 +221,11 @@ class Comparison:
         return out
 
     def check(self, dtype) -> "Comparison":
+        """Raises ``AssertionError`` naming every failure (see :meth:`failures`); ``self`` otherwise.
+        Raised, not asserted, so that it fails under ``python -O`` too."""
         failures = self.failures(dtype)
-        assert not failures, "; ".join(failures)
+        if failures:
+            raise AssertionError("; ".join(failures))
         return self
 
 
@@ -268,10 +272,21 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
 
     The fused side must run the kernels: on a CPU, Triton's interpreter (``TRITON_INTERPRET=1``
     before ``fused_pref`` is imported), else this raises rather than compare the reference with
-    itself."""
-    stale = [name for name, value in inputs.items() if isinstance(value, torch.Tensor) and value.grad is not None]
-    assert not stale, f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh inputs"
-    if not (loss_scale == "auto" or (isinstance(loss_scale, (int, float)) and 0 < loss_scale < math.inf)):
+    itself.  An input of ``grads`` that neither side's value depends on (a bias ``fn`` leaves out)
+    is not compared."""
+    tensors = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor)}
+    stale = [name for name, value in tensors.items() if value.grad is not None]
+    if stale:
+        raise ValueError(f"inputs {stale} already hold gradients, which the fused backward would add to: use fresh "
+                         "inputs")
+    # A non-leaf's .grad is never filled: its gradient would read as 0 and blame the kernels.
+    non_leaves = [name for name, value in tensors.items() if value.requires_grad and not value.is_leaf]
+    if non_leaves:
+        raise ValueError(f"inputs {non_leaves} are not leaf tensors (made by an operation on one that requires grad, "
+                         "as torch.randn(..., requires_grad=True).to(device) is), so their gradients cannot be read: "
+                         "pass leaves, e.g. tensor.detach().requires_grad_()")
+    loss_scale = validation.python_scalar(loss_scale)
+    if not (loss_scale == "auto" or (validation.is_number(loss_scale) and 0 < loss_scale < math.inf)):
         raise ValueError(f"loss_scale must be 'auto' or a finite number > 0, got {loss_scale!r}")
     on_cpu = any(isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.device.type == "cpu"
                  for v in inputs.values())
@@ -311,8 +326,12 @@ def compare(fn, inputs: dict, *, grads=("hidden", "weight", "bias"), seed=0, los
         tensor = inputs.get(name)
         if tensor is None or not tensor.requires_grad:
             continue
+        ref_grad = ref_inputs[name].grad
+        if tensor.grad is None and ref_grad is None:
+            continue
         grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-        result.errors[f"d_{name}"] = relative_error(grad, loss_scale * ref_inputs[name].grad)
+        ref_grad = ref_grad if ref_grad is not None else torch.zeros_like(ref_inputs[name])
+        result.errors[f"d_{name}"] = relative_error(grad, loss_scale * ref_grad)
         result.dtypes[f"d_{name}"] = (grad.dtype, tensor.dtype)
     return result
 

@@ -10,6 +10,9 @@ split-vocabulary forward (few rows) and the unsplit one (many rows); a multi-chu
 (always: a chunk is at most V/16).
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -55,6 +58,36 @@ def test_fp16_gradients_are_compared_loss_scaled(device):
     assert testing.fp16_loss_scale([torch.tensor([1024.0])]) == testing.fp16_loss_scale([torch.tensor([1e5])]) == 1
     with pytest.raises(ValueError, match="loss_scale must be 'auto' or a finite number > 0, got 0"):
         compare(case, make_inputs(*testing.CASE_SHAPE, device=device), loss_scale=0)
+
+
+def _cross_entropy(bias):
+    return lambda m, x: m.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], bias(m, x))
+
+
+def test_compare_reads_every_gradient_it_can_and_refuses_what_it_cannot(device):
+    x = make_inputs(2, 5, 24, 37, device=device)
+    # A bias neither side uses (a model without one) is not compared; one only the reference uses is.
+    assert "d_bias" not in compare(_cross_entropy(lambda m, x: None), x).check(torch.float32).errors
+    dropped = lambda m, x: x["bias"] if m is fused_pref.reference else x["bias"].detach()  # noqa: E731
+    comparison = compare(_cross_entropy(dropped), make_inputs(2, 5, 24, 37, device=device))
+    assert comparison.errors["d_bias"] == 1.0
+    with pytest.raises(AssertionError, match=r"^d_bias: relative error 1.00e\+00 > 1e-05$"):
+        comparison.check(torch.float32)
+    # Inputs whose .grad cannot be read: gradients already there, or a tensor that is no leaf.
+    with pytest.raises(ValueError, match=r"^inputs \['hidden', 'weight', 'bias'\] already hold gradients"):
+        compare(_cross_entropy(lambda m, x: x["bias"]), x)
+    y = make_inputs(2, 5, 24, 37, device=device)
+    y["hidden"] = y["hidden"] * 1
+    with pytest.raises(ValueError, match=r"^inputs \['hidden'\] are not leaf tensors"):
+        compare(_cross_entropy(lambda m, x: x["bias"]), y)
+
+
+def test_a_failed_check_raises_under_python_o():
+    # A parity check in a user's CI must fail there, even where asserts are compiled out.
+    code = ("import torch; from fused_pref.testing import Comparison; "
+            "Comparison(torch.ones(()), torch.ones(()), {'value': 1.0}).check(torch.float32)")
+    run = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "AssertionError: value: relative error 1.00e+00 > 1e-05" in run.stderr, run.stderr
 
 
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
