@@ -1,5 +1,6 @@
 """``python -m fused_pref demo``: SimPO on a tiny Llama, fused against the reference, a few steps."""
 
+import math
 import os
 import re
 import subprocess
@@ -9,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from fused_pref.tools.demo import run_demo  # noqa: E402
+from fused_pref.tools.demo import DemoResult, run_demo  # noqa: E402
 
 STEP_LINE = re.compile(r"^\s+(\d+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)$")
 
@@ -50,3 +51,12 @@ def test_demo_gives_the_analytic_llama_figures():
     [line] = demo._llama3_8b_lines()
     assert (f"analytic: reference {human_bytes(analytic['reference'])}, fused {human_bytes(analytic['fused-vchunk'])}"
             in line), line
+
+
+@pytest.mark.parametrize("step", [0, 1, 2])
+def test_a_loss_not_finite_at_any_step_is_no_match(step):
+    fused = [1.3, 1.25, 1.2]
+    fused[step] = math.nan
+    result = DemoResult(fused_losses=fused, reference_losses=[1.3, 1.25, 1.2])
+    assert math.isnan(result.max_relative_gap) and not result.curves_match
+    assert DemoResult(fused_losses=[1.3, 1.25], reference_losses=[1.3, 1.25]).curves_match

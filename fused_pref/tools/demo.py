@@ -45,7 +45,10 @@ class DemoResult:
 
     @property
     def max_relative_gap(self) -> float:
-        return max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(self.fused_losses, self.reference_losses))
+        """The largest gap between the curves, relative to the reference's loss; NaN if any loss is
+        not finite (``max`` would skip a NaN past the first step)."""
+        gaps = [abs(a - b) / max(abs(b), 1e-12) for a, b in zip(self.fused_losses, self.reference_losses)]
+        return max(gaps) if all(math.isfinite(gap) for gap in gaps) else math.nan
 
     @property
     def curves_match(self) -> bool:
@@ -203,6 +206,8 @@ def run_demo(steps=30, pairs=8, *, seed=0, device=None, out=print) -> DemoResult
         f"({reference_bytes / max(fused_bytes, 1):.1f}x less)")
     for line in _llama3_8b_lines():
         out(line)
-    if not math.isfinite(result.fused_losses[-1]):
-        out("the fused loss is not finite")
+    for name, losses in (("fused", result.fused_losses), ("reference", result.reference_losses)):
+        steps_not_finite = [step for step, loss in enumerate(losses, start=1) if not math.isfinite(loss)]
+        if steps_not_finite:
+            out(f"the {name} loss is not finite at steps {steps_not_finite}")
     return result
