@@ -45,8 +45,9 @@ SHARED = {**dict.fromkeys(("gpu", "driver", "cuda", "torch", "triton", "fused_pr
 
 def merge_results(runs: list[dict]) -> dict:
     """One results file from several runs on the same GPU and software (a benchmark split over calls
-    that each fit a time limit): rows in run order, a later run's row replacing an earlier one of
-    the same case, implementation and mode; the newest ``created``; ratios recomputed."""
+    that each fit a time limit): rows from the oldest run to the newest by ``created`` (whatever the
+    order given), a newer run's row replacing an older one's of the same case, implementation and
+    mode; the newest ``created``; ratios recomputed."""
     if not runs:
         raise ValueError("no results to merge")
     for run in runs[1:]:
@@ -54,7 +55,7 @@ def merge_results(runs: list[dict]) -> dict:
         if differing:
             raise ValueError(f"results from different environments cannot be merged: {differing} differ")
     rows = {}
-    for run in runs:
+    for run in sorted(runs, key=lambda run: run["created"]):
         for row in run["rows"]:
             rows.pop((*case_key(row), row["impl"]), None)
             rows[(*case_key(row), row["impl"])] = row
@@ -91,7 +92,10 @@ def readme_section(results: dict | None, source: str = "") -> str:
     cases = sorted(rows_by_case(rows, "fwd+bwd").items(),
                    key=lambda item: (losses.index(item[0][0]), models.index(item[0][1]), *item[0][2:]))
     for (loss, model, tokens, fraction), by_impl in cases:
-        fused = next((by_impl[n] for n in fused_names if n in by_impl and "ms" in by_impl[n]), None)
+        # Only the named baseline: a row where it failed or did not run shows no ratio rather than
+        # ratios over another fused implementation under the baseline's name.
+        fused = by_impl.get(fused_names[0]) if fused_names else None
+        fused = fused if fused is not None and "ms" in fused else None
         cells = []
         for name in impls:
             r = by_impl.get(name)

@@ -69,6 +69,8 @@ def test_runs_split_over_calls_merge_into_one_results_file():
         ("llama3-8b", "reference", None, 990.0), ("llama3-8b", "fused-vchunk", 0.25, 170.0),
         ("llama3-8b", "fused-vchunk", 0.5, 120.0), ("mistral-7b", "fused-vchunk", None, 60.0)]
     assert merged["created"] == "2026-11-26T09:00:00" and merged["notes"] == ["liger skipped"]
+    # The newer measurement wins whatever the order given (a glob's, say).
+    assert publish.merge_results([second, first])["rows"] == merged["rows"]
     assert [(r["peer"], r["prompt_fraction"], r["speed"]) for r in merged["ratios"]] == [
         ("reference", 0.25, 990.0 / 170.0)]
     with pytest.raises(ValueError, match=r"different environments.*\['gpu'\]"):
@@ -97,6 +99,11 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 20.0, 1.2, mode="fwd"),
         _row("llama3-8b", 16384, "simpo", "reference", 150.0, 30.0, prompt_fraction=0.5),
         _row("llama3-8b", 16384, "simpo", "fused-vchunk", 60.0, 1.5, prompt_fraction=0.5),
+        # The baseline out of memory where another fused implementation ran: no ratio over that one.
+        {"model": "llama3-8b", "tokens": 4096, "loss": "simpo", "impl": "fused-vchunk", "mode": "fwd+bwd",
+         "error": "out of memory"},
+        _row("llama3-8b", 4096, "simpo", "fused-wide", 30.0, 1.0),
+        _row("llama3-8b", 4096, "simpo", "reference", 100.0, 10.0),
     ], notes=["cce skipped for simpo: Cut Cross-Entropy has no preference losses"])
     results.write_results(results_dir / "b.json", old)
     results.write_results(results_dir / "a.json", new)
@@ -112,7 +119,8 @@ def test_readme_section_comes_from_the_newest_results_file(tmp_path):
     assert "Measured on **NVIDIA H100 80GB HBM3** (driver 570.1, CUDA 12.8, torch 2.11.0, triton 3.6.0)" in text
     assert ("| loss | model | tokens | prompt | fused-vchunk | fused-wide | reference | liger | fused TFLOP/s |"
             in text)
-    assert ("| simpo | llama3-8b | 16384 | 0.25 | 80.0 ms, 1.50 GB | 300.0 ms, 3.00 GB | 200.0 ms, 30.00 GB (2.5x, "
+    assert ("| simpo | llama3-8b | 4096 | 0.25 | OOM | 30.0 ms, 1.00 GB | 100.0 ms, 10.00 GB | - | - |\n"
+            "| simpo | llama3-8b | 16384 | 0.25 | 80.0 ms, 1.50 GB | 300.0 ms, 3.00 GB | 200.0 ms, 30.00 GB (2.5x, "
             "20.0x) | OOM | 500 |\n"
             "| simpo | llama3-8b | 16384 | 0.5 | 60.0 ms, 1.50 GB | - | 150.0 ms, 30.00 GB (2.5x, 20.0x) | - | 500 |"
             ) in text
