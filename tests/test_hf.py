@@ -111,6 +111,68 @@ def test_cross_entropy_and_gradients_equal_the_models_own_loss(name, device):
     assert_close_grads(grads(model), their_grads)
 
 
+def _recurrent_gemma():
+    # Its softcap is logits_soft_cap, lowered from 30 to bend a random model's logits.
+    return transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+        num_key_value_heads=1, lru_width=D, attention_window_size=16, block_types=["recurrent", "attention"],
+        logits_soft_cap=0.5, pad_token_id=0))
+
+
+def _inkling():
+    # lm_head(hidden / logits_mup_width_multiplier), its logits cut to unpadded_vocab_size.
+    return transformers.InklingForCausalLM(transformers.InklingTextConfig(
+        vocab_size=V, unpadded_vocab_size=V - 20, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, swa_num_attention_heads=2, swa_num_key_value_heads=1, swa_head_dim=16,
+        intermediate_size=64, moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        pad_token_id=0, d_rel=4, rel_extent=16, sliding_window_size=8, mlp_layer_types=["dense"]))
+
+
+# Heads whose config says more than the attributes MODELS covers.
+OTHER_HEADS = {"recurrent_gemma": _recurrent_gemma, "inkling": _inkling}
+
+
+@pytest.mark.parametrize("name", list(OTHER_HEADS))
+def test_other_heads_equal_the_models_own_loss(name, device):
+    torch.manual_seed(0)
+    model = OTHER_HEADS[name]().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30.0)
+    model.to(device)
+    input_ids, attention_mask, labels = make_batch(device, seed=1)
+    labels = labels.masked_fill(labels >= V - 20, -100)   # inside Inkling's unpadded vocabulary
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    theirs.backward()
+    their_grads = grads(model)
+    ours = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    ours.backward()
+    assert_close_grads(grads(model), their_grads)
+
+
+def test_logit_multipliers_follow_each_models_forward():
+    from transformers.models.granite4_vision.configuration_granite4_vision import Granite4VisionTextConfig
+    from transformers.models.granite_docling.configuration_granite_docling import GraniteDoclingTextConfig
+
+    # The vision models' text configs divide, as their forwards do; MPT's forward never reads its
+    # logit_scale (a number or a string such as "inv_sqrt_d_model").
+    assert fph.logit_multiplier(GraniteDoclingTextConfig(logits_scaling=4.0)) == 0.25
+    assert fph.logit_multiplier(Granite4VisionTextConfig(logits_scaling=4.0)) == 0.25
+    for scale in (0.5, "inv_sqrt_d_model"):
+        assert fph.logit_multiplier(transformers.MptConfig(logit_scale=scale)) == 1.0
+
+
+def test_a_head_transform_before_the_output_layer_is_refused(device):
+    # BERT-style heads apply dense, activation and norm before the projection: the loss would skip them.
+    config = transformers.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, is_decoder=True)
+    model = transformers.BertLMHeadModel(config).to(device)
+    input_ids, attention_mask, labels = make_batch(device)
+    with pytest.raises(NotImplementedError, match=r"^BertLMHeadModel applies more than its output layer to the "
+                                                  r"decoder's hidden states \(parameters cls\.predictions\.transform"):
+        fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_simpo_equals_simpo_on_the_models_logits(name, device):
     model = make_model(name, device)

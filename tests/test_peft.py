@@ -140,3 +140,17 @@ def test_another_tuner_on_the_output_layer_is_refused():
     input_ids, labels = batch(device)
     with pytest.raises(NotImplementedError, match=r"^peft\.tuners\.ia3\.\S+ on the output layer: fused_pref applies LoRA"):
         fph.linear_cross_entropy(model.to(device), input_ids, labels)
+
+
+def test_prompt_learning_is_refused():
+    # Its virtual tokens enter in the PEFT model's own forward: the loss would run without them, or
+    # (through add_fused_forward, as the trainers call it) get P more hidden states than labels.
+    device = kernel_device()
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+    model = peft.get_peft_model(tiny_llama(), config).to(device)
+    input_ids, labels = batch(device)
+    pattern = r"^PEFT prompt learning \(PromptTuningConfig\) is not supported"
+    with pytest.raises(NotImplementedError, match=pattern):
+        fph.linear_cross_entropy(model, input_ids, labels)
+    with pytest.raises(NotImplementedError, match=pattern):
+        fph.add_fused_forward(model)

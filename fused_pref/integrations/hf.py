@@ -39,22 +39,36 @@ from fused_pref.preference import dpo_spec
 
 # Multipliers of the logits applied after the output projection, by text-config attribute, as
 # read in each architecture's modeling file (transformers 5.24).  ``(attribute, model types that
-# divide by it instead of multiplying)``; the first attribute present on the config wins.
+# divide by it instead of multiplying, model types whose config has it but whose forward never
+# applies it)``; the first attribute present on the config wins.  (A factor on the hidden states
+# before a bias-free projection, as MiniCPM3's and Inkling's, is the same factor on the logits.)
 LOGIT_MULTIPLIERS = (
-    ("logit_scale", ()),                       # Cohere, Cohere2: logits * logit_scale
+    ("logit_scale", (), ("mpt",)),             # Cohere, Cohere2: logits * logit_scale
     ("logits_scaling", ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid", "granite_swa",
-                        "granitemoe_swa", "minicpm3")),
+                        "granitemoe_swa", "minicpm3", "granite_docling_text", "granite4_vision_text"), ()),
                                                # Granite family, MiniCPM3: logits / logits_scaling;
                                                # HyperCLOVA X: logits * logits_scaling
-    ("lm_head_multiplier", ()),                # Falcon-H1: logits * lm_head_multiplier
-    ("output_multiplier", ()),                 # Muse Glimmer: logits * output_multiplier, before the softcap
+    ("lm_head_multiplier", (), ()),            # Falcon-H1: logits * lm_head_multiplier
+    ("output_multiplier", (), ()),             # Muse Glimmer: logits * output_multiplier, before the softcap
+    ("logits_mup_width_multiplier", ("inkling_text",), ()),   # Inkling: lm_head(hidden / multiplier)
 )
+# The logit softcap's config attribute: Gemma-2's and most others', RecurrentGemma's.
+SOFTCAP_ATTRIBUTES = ("final_logit_softcapping", "logits_soft_cap")
 
 
 def _unwrap(model):
     """The transformers model inside a PEFT wrapper (LoRA layers are injected in place, so its
-    decoder still runs them; one on the output layer is applied by :func:`effective_linear`)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder still runs them; one on the output layer is applied by :func:`effective_linear`).
+    PEFT's prompt learning is refused: its virtual tokens enter in the wrapper's own forward."""
+    if not hasattr(model, "get_base_model"):
+        return model
+    config = getattr(model, "active_peft_config", None)
+    if getattr(config, "is_prompt_learning", False):
+        raise NotImplementedError(f"PEFT prompt learning ({type(config).__name__}) is not supported: its virtual "
+                                  "tokens are added by the PEFT model's own forward, which fused_pref does not run "
+                                  "(the loss would leave them out, or their hidden states would not line up with "
+                                  "the labels)")
+    return model.get_base_model()
 
 
 def _text_config(model):
@@ -65,9 +79,9 @@ def _text_config(model):
 def logit_multiplier(config) -> float:
     """The factor the model multiplies its logits by after the projection (1.0 for most models)."""
     model_type = getattr(config, "model_type", "")
-    for attribute, dividers in LOGIT_MULTIPLIERS:
+    for attribute, dividers, unused in LOGIT_MULTIPLIERS:
         value = getattr(config, attribute, None)
-        if value is not None:
+        if value is not None and model_type not in unused:
             return 1.0 / float(value) if model_type in dividers else float(value)
     return 1.0
 
@@ -147,14 +161,37 @@ def _output_layer(model) -> torch.nn.Module:
 
 def output_head(model) -> OutputHead:
     """The output layer of a transformers causal LM (or a PEFT model wrapping one), with a PEFT
-    adapter on it applied (:func:`effective_linear`)."""
-    weight, bias = effective_linear(_output_layer(model))
-    return OutputHead(weight, bias, _softcap(model), logit_multiplier(_text_config(_unwrap(model))))
+    adapter on it applied (:func:`effective_linear`), cut to the config's ``unpadded_vocab_size``
+    where the model cuts its logits there (Inkling)."""
+    layer = _output_layer(model)
+    _check_head_is_the_output_layer(model, layer)
+    weight, bias = effective_linear(layer)
+    config = _text_config(_unwrap(model))
+    vocab = getattr(config, "unpadded_vocab_size", None)
+    if vocab is not None and vocab < weight.shape[0]:
+        weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    return OutputHead(weight, bias, _softcap(config), logit_multiplier(config))
 
 
-def _softcap(model) -> float | None:
-    softcap = getattr(_text_config(_unwrap(model)), "final_logit_softcapping", None)
+def _softcap(config) -> float | None:
+    softcap = next((getattr(config, name) for name in SOFTCAP_ATTRIBUTES if getattr(config, name, None) is not None),
+                   None)
     return None if softcap is None else float(softcap)
+
+
+def _check_head_is_the_output_layer(model, layer):
+    """Refuse a model whose forward applies more than the output layer to the decoder's last hidden
+    state: parameters outside both are a head transform (BERT-style dense, activation and norm
+    before the projection, as in BERT, RoBERTa, Electra or ModernBERT's decoder), which the loss
+    would skip."""
+    model = _unwrap(model)
+    known = {id(p) for module in (backbone(model), layer) for p in module.parameters()}
+    extra = [name for name, p in model.named_parameters() if id(p) not in known]
+    if extra:
+        shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
+        raise NotImplementedError(f"{type(model).__name__} applies more than its output layer to the decoder's "
+                                  f"hidden states (parameters {shown}: a head transform before the projection), "
+                                  "which fused_pref's loss would skip")
 
 
 def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -359,9 +396,10 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
     weight, bias and logit multiplier) the fused forward uses; its softcap must be the policy's."""
     if (ref_model is None) == (ref_logps is None):
         raise ValueError("pass exactly one of ref_model and ref_logps")
-    if ref_model is not None and _softcap(ref_model) != _softcap(model):
-        raise ValueError(f"ref_model's final_logit_softcapping ({_softcap(ref_model)}) differs from the "
-                         f"model's ({_softcap(model)}): pass its log-probs as ref_logps instead")
+    softcaps = [_softcap(_text_config(_unwrap(m))) for m in (ref_model, model)] if ref_model is not None else None
+    if softcaps is not None and softcaps[0] != softcaps[1]:
+        raise ValueError(f"ref_model's final_logit_softcapping ({softcaps[0]}) differs from the "
+                         f"model's ({softcaps[1]}): pass its log-probs as ref_logps instead")
     model_kwargs = _decoder_kwargs(model_kwargs, input_ids, attention_mask, kwargs)
     hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)
     if ref_model is None:
