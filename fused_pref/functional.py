@@ -253,7 +253,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
 
     ``return_z_loss``, ``return_token_accuracy``, ``return_predicted_tokens`` (Liger-Kernel's names):
     the result is a :class:`fused_pref.outputs.CrossEntropyOutput` with the z-loss, the fraction of
-    valid tokens whose label is the argmax and/or the per-token argmax, from the same forward pass.
+    valid tokens whose label is the argmax (under ``reduction="none"``, each token's 0 or 1) and/or
+    the per-token argmax, from the same forward pass.
 
     The gradients of the smoothing and z-loss terms go through the same backward kernel as the
     log-probs, as per-row weights on ``p`` and on every column.
@@ -275,7 +276,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
             return loss
         # No z-loss term runs in this mode (refused above): its value is 0, as the default path's without one.
         return cross_entropy_output(loss, argmax.view(r.checked.valid.shape) if stats else argmax, r.targets,
-                                    r.checked.valid, token_accuracy=return_token_accuracy,
+                                    r.checked.valid, reduction, token_accuracy=return_token_accuracy,
                                     predicted_tokens=return_predicted_tokens,
                                     z_loss=torch.zeros_like(loss) if return_z_loss else None)
     lse_terms = label_smoothing > 0 or lse_square_scale > 0
@@ -298,8 +299,8 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
         return loss
     if return_z_loss and z_loss is None:
         z_loss = torch.zeros_like(loss)
-    return cross_entropy_output(loss, tokens.argmax, tokens.targets, tokens.valid, token_accuracy=return_token_accuracy,
-                                predicted_tokens=return_predicted_tokens,
+    return cross_entropy_output(loss, tokens.argmax, tokens.targets, tokens.valid, reduction,
+                                token_accuracy=return_token_accuracy, predicted_tokens=return_predicted_tokens,
                                 z_loss=z_loss.detach() if return_z_loss else None)
 
 

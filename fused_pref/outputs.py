@@ -46,7 +46,8 @@ class CrossEntropyOutput:
     names: ``loss`` as without them (the z-loss included); ``z_loss`` the z-loss term, detached,
     reduced as the loss (0 when ``lse_square_scale`` is 0); ``token_accuracy`` the fraction (0-d
     fp32) of valid tokens whose label is the argmax (TRL's ``mean_token_accuracy``; 0 when none is
-    valid); ``predicted_tokens`` the per-token argmax (int64, shape of ``labels``, -1 where
+    valid), or under ``reduction="none"`` each token's 1.0 or 0.0 (fp32, shape of ``labels``, 0
+    where ignored), as Liger-Kernel's; ``predicted_tokens`` the per-token argmax (int64, shape of ``labels``, -1 where
     ignored).  Fields not asked for are None."""
 
     loss: torch.Tensor
@@ -55,13 +56,16 @@ class CrossEntropyOutput:
     predicted_tokens: torch.Tensor | None = None
 
 
-def cross_entropy_output(loss, argmax, targets, valid, *, token_accuracy: bool, predicted_tokens: bool,
+def cross_entropy_output(loss, argmax, targets, valid, reduction, *, token_accuracy: bool, predicted_tokens: bool,
                          z_loss=None) -> CrossEntropyOutput:
     """The output from a loss, the per-token argmax (-1 where ignored; empty when neither statistic
-    is asked for), targets and valid mask, and the z-loss term if asked for."""
-    correct = ((argmax == targets) & valid).sum() / valid.sum().clamp(min=1) if token_accuracy else None
-    return CrossEntropyOutput(loss, z_loss, None if correct is None else correct.float(),
-                              argmax if predicted_tokens else None)
+    is asked for), targets and valid mask, the loss's reduction, and the z-loss term if asked for."""
+    correct = None
+    if token_accuracy:
+        correct = ((argmax == targets) & valid).float()
+        if reduction != "none":
+            correct = correct.sum() / valid.sum().clamp(min=1)
+    return CrossEntropyOutput(loss, z_loss, correct, argmax if predicted_tokens else None)
 
 
 @pytree_output

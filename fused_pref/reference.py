@@ -169,7 +169,7 @@ def linear_cross_entropy(hidden, weight, labels, bias=None, *, reduction="mean",
     if return_z_loss and z_loss is None:
         z_loss = torch.zeros_like(loss)
     argmax = more[2] if stats else None
-    return cross_entropy_output(loss, argmax, targets, valid, token_accuracy=return_token_accuracy,
+    return cross_entropy_output(loss, argmax, targets, valid, reduction, token_accuracy=return_token_accuracy,
                                 predicted_tokens=return_predicted_tokens,
                                 z_loss=z_loss.detach() if return_z_loss else None)
 

@@ -320,3 +320,23 @@ def test_matches_liger_kernel(case, device):
         _assert_close(a, b, f"aux[{i}]", tol=1e-4)
     for grad_name, grad in _grads(x).items():
         _assert_close(grad, _grads(y)[grad_name], f"d_{grad_name}", tol=1e-4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel is not installed")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_token_accuracy_is_ligers(reduction, device):
+    # Liger gives each token's 0 or 1 under reduction="none", the valid tokens' fraction otherwise.
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    x = _inputs(device, 10)
+    D = SHAPE[2]
+    args = (x["weight"], x["hidden"].view(-1, D), x["labels"].view(-1), x["bias"])
+    kwargs = dict(reduction=reduction, return_token_accuracy=True)
+    ours = compat.LigerFusedLinearCrossEntropyLoss(**kwargs)(*args)
+    with torch.no_grad():
+        theirs = LigerFusedLinearCrossEntropyLoss(**kwargs)(*(a.detach() for a in args))
+    assert ours.token_accuracy.shape == theirs.token_accuracy.shape
+    assert torch.equal(ours.token_accuracy, theirs.token_accuracy.to(ours.token_accuracy.dtype))
+    reference = fused_pref.reference.linear_cross_entropy(*(a.detach().double() for a in (args[1], args[0])), args[2],
+                                                          args[3].detach().double(), **kwargs)
+    assert torch.equal(ours.token_accuracy, reference.token_accuracy)

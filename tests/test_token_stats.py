@@ -167,8 +167,15 @@ def test_cross_entropy_token_accuracy_and_predicted_tokens(reduction, dtype, dev
     assert isinstance(ours, CrossEntropyOutput) and ours.z_loss is None
     assert relative_error(ours.loss, theirs.loss) <= TOLERANCE[dtype]
     assert torch.equal(ours.predicted_tokens.cpu(), theirs.predicted_tokens)
-    assert ours.token_accuracy.dim() == 0 and 0 < ours.token_accuracy.item() < 1
-    assert ours.token_accuracy.item() == pytest.approx(theirs.token_accuracy.item())
+    accuracy, expected = ours.token_accuracy.cpu(), theirs.token_accuracy
+    if reduction == "none":
+        # Each token's 0 or 1, as Liger's (0 where ignored); their fraction below.
+        correct = ((theirs.predicted_tokens == ref["labels"]) & (ref["labels"] != -100)).float()
+        assert torch.equal(accuracy, correct) and torch.equal(expected, correct)
+        valid = (ref["labels"] != -100).sum()
+        accuracy, expected = accuracy.sum() / valid, expected.sum() / valid
+    assert accuracy.dim() == 0 and 0 < accuracy.item() < 1
+    assert accuracy.item() == pytest.approx(expected.item())
     # The loss is the plain call's, bit for bit.
     plain = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], x["bias"], reduction=reduction)
     torch.testing.assert_close(ours.loss, plain, rtol=0, atol=0)
