@@ -162,15 +162,23 @@ def test_logit_multipliers_follow_each_models_forward():
         assert fph.logit_multiplier(transformers.MptConfig(logit_scale=scale)) == 1.0
 
 
-def test_a_head_transform_before_the_output_layer_is_refused(device):
+def test_a_head_transform_is_refused_and_a_nested_plain_head_is_not(device):
     # BERT-style heads apply dense, activation and norm before the projection: the loss would skip them.
     config = transformers.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
                                      intermediate_size=64, is_decoder=True)
     model = transformers.BertLMHeadModel(config).to(device)
     input_ids, attention_mask, labels = make_batch(device)
-    with pytest.raises(NotImplementedError, match=r"^BertLMHeadModel applies more than its output layer to the "
-                                                  r"decoder's hidden states \(parameters cls\.predictions\.transform"):
+    with pytest.raises(NotImplementedError, match=r"^BertLMHeadModel has parameters outside its decoder \(BertModel\) "
+                                                  r"and its output layer \(cls\.predictions\.transform"):
         fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    # BertGeneration's head is the same layer nested in a module whose bias is that layer's: no
+    # transform, so it is taken, and gives the model's own loss.
+    config = transformers.BertGenerationConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                                               intermediate_size=64, is_decoder=True)
+    model = transformers.BertGenerationDecoder(config).eval().to(device)
+    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+    ours = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("name", list(MODELS))

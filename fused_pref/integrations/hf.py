@@ -180,18 +180,34 @@ def _softcap(config) -> float | None:
 
 
 def _check_head_is_the_output_layer(model, layer):
-    """Refuse a model whose forward applies more than the output layer to the decoder's last hidden
-    state: parameters outside both are a head transform (BERT-style dense, activation and norm
-    before the projection, as in BERT, RoBERTa, Electra or ModernBERT's decoder), which the loss
-    would skip."""
+    """Refuse a model with parameters outside its decoder (:func:`backbone`) and its output layer:
+    a head transform (BERT-style dense, activation and norm before the projection, as in BERT,
+    RoBERTa, Electra or ModernBERT's decoder) or an encoder or vision tower (BLIP-2, Kosmos-2,
+    Pix2Struct), which the loss, run on the decoder's hidden states, would skip."""
     model = _unwrap(model)
-    known = {id(p) for module in (backbone(model), layer) for p in module.parameters()}
-    extra = [name for name, p in model.named_parameters() if id(p) not in known]
+    base = backbone(model)
+    # Per call, so only the modules beside the decoder are walked (the output layer, and for a
+    # BERT-style head the modules around it): a few, where the decoder holds hundreds of parameters.
+    candidates, pending = [], [("", model)]
+    while pending:
+        prefix, module = pending.pop()
+        candidates += [(prefix + name, p) for name, p in module.named_parameters(recurse=False)]
+        for name, child in module.named_children():
+            if child is base or child is layer:
+                continue
+            if any(m is layer for m in child.modules()):
+                pending.append((f"{prefix}{name}.", child))
+            else:
+                candidates += [(f"{prefix}{name}.{n}", p) for n, p in child.named_parameters()]
+    # A parameter tied to the decoder's or the layer's (a shared bias or embedding) is theirs.
+    known = {id(p) for module in (base, layer) for p in module.parameters()} if candidates else set()
+    extra = [name for name, p in candidates if id(p) not in known]
     if extra:
         shown = ", ".join(extra[:3]) + (", ..." if len(extra) > 3 else "")
-        raise NotImplementedError(f"{type(model).__name__} applies more than its output layer to the decoder's "
-                                  f"hidden states (parameters {shown}: a head transform before the projection), "
-                                  "which fused_pref's loss would skip")
+        raise NotImplementedError(f"{type(model).__name__} has parameters outside its decoder "
+                                  f"({type(base).__name__}) and its output layer ({shown}): a head transform before "
+                                  "the projection, or an encoder or vision tower, which fused_pref.integrations.hf "
+                                  "would not run")
 
 
 def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
