@@ -112,10 +112,13 @@ def call(module, name, inputs, **kwargs):
     """``module.<function>(hidden, weight, labels, bias, **kwargs)`` for a name of ``CALLS`` (or any
     public function whose other arguments ``kwargs`` give):
     ``"dpo_loss-<loss_type>"`` selects the loss type, and gives DPO zero reference log-probs unless
-    ``kwargs`` give a reference.  Tensor arguments follow the module: fp64 CPU copies for
+    ``kwargs`` give a reference (and ``exo_pair``, which refuses 0, ``label_smoothing=1e-3`` unless
+    they give one).  Tensor arguments follow the module: fp64 CPU copies for
     ``fused_pref.reference``."""
     if name.startswith("dpo_loss-"):
         name, kwargs["loss_type"] = "dpo_loss", name.split("-", 1)[1]
+        if kwargs["loss_type"] == "exo_pair" and not kwargs.get("label_smoothing"):
+            kwargs["label_smoothing"] = 1e-3
         if not {"ref_logps", "ref_hidden"} & kwargs.keys():
             cu_seqlens = kwargs.get("cu_seqlens")
             sequences = inputs["hidden"].shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
