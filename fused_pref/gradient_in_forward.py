@@ -165,8 +165,10 @@ def gradients_by_blocks(hidden, weight, bias, labels, valid, blocks, row_scale_o
     d_bias = torch.zeros(V, dtype=torch.float32, device=weight.device) if needs[2] else None
     for b, index in enumerate(blocks):
         seq, pos = index // T, index % T
-        h = hidden[seq, pos]
         kept = valid[index]
+        # An ignored row's hidden state may be NaN or inf (a fully masked row of some attention
+        # kernels): zeroed on the gathered copy, its logits are finite and its weight 0 removes it.
+        h = hidden[seq, pos].masked_fill_(~kept[:, None], 0)
         # Ignored rows (weight 0) point at label 0: finite, and multiplied away.
         label = torch.where(kept, labels[index], 0)
         n = index.numel()

@@ -218,10 +218,15 @@ def linear_grad_backward(grad_logp, hidden, weight, bias, labels, rows, n_valid,
     g_in = g.to(hidden.dtype)
     # The "cublas" plan's logits take the rows unscaled: a second gathered copy.
     rows_h = hidden[picked] if tiles.cublas_logits else None
+    # Unvalidated, the row index lists the ignored tokens after its n_valid valid ones.  Their dz rows
+    # stay 0, but their hidden states may be NaN or inf (a fully masked row of some attention
+    # kernels), and 0 * NaN in the d_weight product would reach every column: zeroed here.
+    ignored = (torch.arange(n_rows, device=hidden.device) >= n_valid)[:, None]
     # In the input dtype: the product is rounded once, as an fp32 product cast back would be,
     # without an fp32 [N, D] temporary (in place on the gather where nothing else reads it).
     if need_w:
-        h_scaled = hidden[picked].mul_(g_in[:, None]) if rows_h is None else rows_h * g_in[:, None]
+        h_scaled = hidden[picked] if rows_h is None else rows_h.clone()
+        h_scaled.mul_(g_in[:, None]).masked_fill_(ignored, 0)
     else:
         h_scaled = None
     # The "cublas" plan's chunk holds its fp32 logits beside dz: 4 more bytes per entry.
