@@ -22,7 +22,8 @@ class _RefuseSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchor, *grads):
-        return grads
+        # Copies, not the inputs: returned as they are, they would be views that refuse in-place edits.
+        return tuple(None if g is None else g.clone() for g in grads)
 
     @staticmethod
     def backward(ctx, *_):

@@ -199,11 +199,24 @@ def from_dtensors(args, kwargs, options):
         if options.process_group is not None or options.vocab_start is not None:
             raise ValueError("a DTensor weight sharded on the vocabulary brings its own process group and shard "
                              "offsets: leave process_group and vocab_start unset")
-        options = dataclasses.replace(options, process_group=next(iter(meshes)).get_group())
+        mesh = next(iter(meshes))
+        _check_every_rank_has_rows(given[sharded[0]], mesh)
+        options = dataclasses.replace(options, process_group=mesh.get_group())
         if validation.reads_back(options.validate):
             _check_replicated(named, given, options.process_group)
     positional = [named.pop(name) for name in POSITIONAL[:len(args)]]
     return tuple(positional), named, options
+
+
+def _check_every_rank_has_rows(value, mesh):
+    """Refused on every rank alike, from the global shape, where ``torch.chunk``'s pieces leave a
+    rank without vocabulary rows (few rows on many ranks): refused by that rank alone, at its own
+    shard, the others would wait in the shards' first collective."""
+    rows, world = value.shape[0], mesh.size()
+    chunk = -(-rows // world)
+    if chunk * (world - 1) >= rows:
+        raise ValueError(f"a Shard(0) DTensor of {rows} vocabulary rows on {world} ranks leaves a rank without rows "
+                         f"(torch.chunk's pieces of {chunk}): use fewer ranks for the lm_head")
 
 
 def _check_replicated(named, given, group):

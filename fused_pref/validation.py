@@ -44,10 +44,16 @@ def is_number(value) -> bool:
 
 def python_scalar(value):
     """A NumPy scalar as the Python value it holds (``np.float32(0.1)`` from a config file or a sweep
-    becomes ``0.1``), anything else as it is: the values reach Triton launches and PyTorch
-    arithmetic, which take Python numbers.  NumPy is optional to torch: unimported, nothing is one."""
+    becomes ``0.1``), another real number (a ``Fraction``) as a float, anything else as it is: the
+    values reach Triton launches and PyTorch arithmetic, which take Python numbers.  NumPy is
+    optional to torch: unimported, nothing is one.  (Inside a ``torch.compile`` region, dynamo
+    makes NumPy scalars traced values before this sees them: pass Python numbers there.)"""
     numpy = sys.modules.get("numpy")
-    return value.item() if numpy is not None and isinstance(value, numpy.generic) else value
+    if numpy is not None and isinstance(value, numpy.generic):
+        return value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, (int, float)):
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    return value
 
 
 def python_scalars(values: dict) -> dict:

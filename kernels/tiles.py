@@ -9,6 +9,7 @@ and launch with ``logits_launch_args``, so their variant flags, dot flags and ti
 """
 
 import contextlib
+import os
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -19,8 +20,12 @@ import triton.language as tl
 
 def triton_interprets() -> bool:
     """Whether Triton reads ``TRITON_INTERPRET`` as on now, by its own parser ("1", "true", "on",
-    "yes" are on; "0", "false", "off", "" and unset are off)."""
-    return bool(triton.knobs.runtime.interpret)
+    "yes" are on; "0", "false", "off", "" and unset are off).  Triton 3.3, before ``triton.knobs``,
+    took "1" alone."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is None:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 # Triton turns @triton.jit functions into interpreter functions when this is set at definition

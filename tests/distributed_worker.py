@@ -453,6 +453,15 @@ def dtensor_parallel():
             assert message in str(error), f"rank {dist.get_rank()}: {error}"
         else:
             raise AssertionError(f"rank {dist.get_rank()}: not refused: {message}")
+    # Too few vocabulary rows for the ranks: every rank refuses (one alone would leave the others
+    # waiting in a collective).
+    few = distribute_tensor(x["weight"].detach()[:dist.get_world_size() - 1], mesh, [Shard(0)])
+    try:
+        fused_pref.linear_cross_entropy(x["hidden"], few, x["labels"].clamp(max=0))
+    except ValueError as error:
+        assert "leaves a rank without rows" in str(error), f"rank {dist.get_rank()}: {error}"
+    else:
+        raise AssertionError(f"rank {dist.get_rank()}: a shard without rows was not refused")
 
 
 class TinyLM(torch.nn.Module):

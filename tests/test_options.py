@@ -4,6 +4,7 @@ workspace bound they carry to the backward; no host read without validation.  (T
 warning and errors: ``test_api.py``.)"""
 
 import dataclasses
+import fractions
 import inspect
 
 import pytest
@@ -103,6 +104,11 @@ def test_numpy_scalars_in_modules_and_options():
     with pytest.raises(TypeError, match=r"^shift must be a bool, got int"):
         Options(shift=np.int64(1))
     assert Options(shift=np.bool_(True)).shift is True
+    # Any real number is the float it is: a Fraction passed the check and then failed in PyTorch.
+    x = make_inputs(2, 5, 24, 37)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    assert torch.equal(fused_pref.linear_cross_entropy(*args, label_smoothing=fractions.Fraction(1, 8)),
+                       fused_pref.linear_cross_entropy(*args, label_smoothing=0.125))
     # The Liger-compatible modules call the functions' .with_options, past the public wrappers: the
     # spec makes the launch's numbers Python floats (a GPU launch refuses NumPy's; the interpreter not).
     spec = fused_pref.arguments.simpo_loss(beta=np.float32(0.3), gamma=np.float32(0.5), label_smoothing=0.0,

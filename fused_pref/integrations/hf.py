@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
+from torch.distributed.tensor import DTensor
 
 import fused_pref
 from fused_pref import validation
@@ -169,6 +170,9 @@ def output_head(model) -> OutputHead:
     config = _text_config(_unwrap(model))
     vocab = getattr(config, "unpadded_vocab_size", None)
     if vocab is not None and vocab < weight.shape[0]:
+        if isinstance(weight, DTensor):
+            raise NotImplementedError(f"{type(_unwrap(model)).__name__} cuts its logits to unpadded_vocab_size, "
+                                      "which fused_pref does not do on a weight sharded across ranks")
         weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
     return OutputHead(weight, bias, _softcap(config), logit_multiplier(config))
 
@@ -185,7 +189,10 @@ def _check_head_is_the_output_layer(model, layer):
     RoBERTa, Electra or ModernBERT's decoder) or an encoder or vision tower (BLIP-2, Kosmos-2,
     Pix2Struct), which the loss, run on the decoder's hidden states, would skip."""
     model = _unwrap(model)
-    base = backbone(model)
+    try:
+        base = backbone(model)
+    except TypeError:
+        return  # no separate decoder: running the model fails there, with its own message
     # Per call, so only the modules beside the decoder are walked (the output layer, and for a
     # BERT-style head the modules around it): a few, where the decoder holds hundreds of parameters.
     candidates, pending = [], [("", model)]
@@ -414,8 +421,8 @@ def dpo_loss(model, input_ids, labels, attention_mask=None, *, ref_model=None, r
         raise ValueError("pass exactly one of ref_model and ref_logps")
     softcaps = [_softcap(_text_config(_unwrap(m))) for m in (ref_model, model)] if ref_model is not None else None
     if softcaps is not None and softcaps[0] != softcaps[1]:
-        raise ValueError(f"ref_model's final_logit_softcapping ({softcaps[0]}) differs from the "
-                         f"model's ({softcaps[1]}): pass its log-probs as ref_logps instead")
+        raise ValueError(f"ref_model's logit softcap ({softcaps[0]}) differs from the model's ({softcaps[1]}): "
+                         "pass its log-probs as ref_logps instead")
     model_kwargs = _decoder_kwargs(model_kwargs, input_ids, attention_mask, kwargs)
     hidden = hidden_states(model, input_ids, attention_mask, **model_kwargs)
     if ref_model is None:
