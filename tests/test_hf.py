@@ -98,10 +98,8 @@ def test_output_head_reads_the_config(name, device):
     assert hidden.shape == (4, T, D)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
-def test_cross_entropy_and_gradients_equal_the_models_own_loss(name, device):
-    model = make_model(name, device)
-    input_ids, attention_mask, labels = make_batch(device, seed=1)
+def assert_cross_entropy_is_the_models(model, input_ids, attention_mask, labels):
+    """fph.linear_cross_entropy equals the model's own loss, and so does every parameter's gradient."""
     theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
     theirs.backward()
     their_grads = grads(model)
@@ -109,6 +107,11 @@ def test_cross_entropy_and_gradients_equal_the_models_own_loss(name, device):
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
     ours.backward()
     assert_close_grads(grads(model), their_grads)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_cross_entropy_and_gradients_equal_the_models_own_loss(name, device):
+    assert_cross_entropy_is_the_models(make_model(name, device), *make_batch(device, seed=1))
 
 
 def _recurrent_gemma():
@@ -141,13 +144,7 @@ def test_other_heads_equal_the_models_own_loss(name, device):
     model.to(device)
     input_ids, attention_mask, labels = make_batch(device, seed=1)
     labels = labels.masked_fill(labels >= V - 20, -100)   # inside Inkling's unpadded vocabulary
-    theirs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-    theirs.backward()
-    their_grads = grads(model)
-    ours = fph.linear_cross_entropy(model, input_ids, labels, attention_mask)
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
-    ours.backward()
-    assert_close_grads(grads(model), their_grads)
+    assert_cross_entropy_is_the_models(model, input_ids, attention_mask, labels)
 
 
 def test_logit_multipliers_follow_each_models_forward():
