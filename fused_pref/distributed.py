@@ -37,7 +37,7 @@ def resolve_shard(weight, options) -> VocabShard | None:
     Without ``vocab_start`` the shards are taken in rank order (rank r starts after the rows of
     ranks 0..r-1: ``rank * V_local`` for equal shards, and right for torch.chunk and
     torch.tensor_split alike), computed on the device.  Only ``validate`` reads the table back to
-    check that the shards tile ``[0, V)``: that is the one host synchronisation."""
+    check that the shards tile ``[0, V)``, none without rows: that is the one host synchronisation."""
     group = options.process_group
     if group is None:
         return None
@@ -51,6 +51,10 @@ def resolve_shard(weight, options) -> VocabShard | None:
         validation.check_shards(table)
         start, total = table[dist.get_rank(group)][0], sum(size for _, size in table)
         widest = max(size for _, size in table)
+    elif weight.shape[0] == 0:
+        # Without the table this rank alone knows: the others will wait at the next collective.
+        raise ValueError("this rank's weight shard has no vocabulary rows (every rank needs at least one; "
+                         "with validate=True every rank refuses, from the table of shards)")
     return VocabShard(group, start, weight.shape[0], total, widest)
 
 

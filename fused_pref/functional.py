@@ -523,7 +523,7 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True, pairs=True)
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, num_sequences=num_sequences)
+        ref_bias=ref_bias, num_sequences=num_sequences, sharded=options.process_group is not None)
     mean = spec.reduction == "mean"
     # The policy's tokens first: their labels are checked there, and are the reference model's too.
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options), mean_over_sequences=mean)
@@ -573,7 +573,8 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
     kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R")
+        ref_bias=ref_bias, num_sequences=num_sequences, loss="kto_loss", rows="R",
+        sharded=options.process_group is not None)
     r = _rows(hidden, weight, labels, options, resolve_shard(weight, options))
     tokens = _token_logprobs(hidden, weight, labels, bias, options, logit_sum=True, token_stats=token_metrics, rows=r)
     logps, _, counts = _sequence_logps(tokens, "sum", options.cu_seqlens)

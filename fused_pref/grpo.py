@@ -349,8 +349,9 @@ def _check_per_token(name, value, labels):
 
 
 def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logps, ref_logps,
-                  importance_sampling_ratio, sampling_logps, num_items_in_batch):
-    """The GRPO tensors against the labels (the projection inputs are checked by linear_logprobs)."""
+                  importance_sampling_ratio, sampling_logps, num_items_in_batch, reference_head=False):
+    """The GRPO tensors against the labels (the projection inputs are checked by linear_logprobs);
+    ``reference_head``: whether the reference model's log-probs will come from its head."""
     if not isinstance(advantages, torch.Tensor) or not advantages.dtype.is_floating_point:
         raise TypeError("advantages must be a floating-point torch.Tensor [B], got "
                         f"{advantages.dtype if isinstance(advantages, torch.Tensor) else type(advantages).__name__}")
@@ -361,7 +362,7 @@ def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logp
         raise ValueError(f"advantages is on {advantages.device}, labels on {labels.device}")
     for name, value in (("old_logps", old_logps), ("ref_logps", ref_logps), ("sampling_logps", sampling_logps)):
         _check_per_token(name, value, labels)
-    if spec.beta != 0 and ref_logps is None:
+    if spec.beta != 0 and ref_logps is None and not reference_head:
         raise ValueError(f"beta={spec.beta!r} weighs the KL to the reference model: give ref_logps (its per-token "
                          "log-probs, shape of labels) or ref_hidden (and ref_weight), or set beta=0")
     ratio = importance_sampling_ratio
@@ -384,31 +385,28 @@ def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logp
                           "a positive number, a one-element tensor or None")
 
 
-def _reference_head_logps(logprobs, hidden, weight, labels, bias, options: Options, spec: GRPOSpec, *, ref_logps,
-                          ref_hidden, ref_weight, ref_bias):
-    """``ref_logps`` as given, or the reference head's per-token log-probs from ``ref_hidden`` (with
-    ``ref_weight`` / ``ref_bias``, default the policy's), computed without grad under the call's
-    options; None when ``beta`` is 0, which reads no reference."""
+def _reference_head(hidden, weight, labels, bias, options: Options, spec: GRPOSpec, *, ref_logps, ref_hidden,
+                    ref_weight, ref_bias):
+    """The reference head ``(ref_hidden, ref_weight, ref_bias)`` to compute the reference model's
+    per-token log-probs from (``ref_weight`` / ``ref_bias`` default to the policy's), checked and
+    detached; None where they come as ``ref_logps`` or ``beta`` is 0, which reads no reference."""
     if ref_hidden is None:
         if ref_weight is not None or ref_bias is not None:
             raise ValueError("ref_weight and ref_bias are only used with ref_hidden")
-        return ref_logps
+        return None
     if ref_logps is not None:
         raise ValueError("give the reference model as ref_logps (per-token log-probs) or as ref_hidden, not both")
     if ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
     validation.check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=validation.REFERENCE_DTYPES,
-                             sequence_level=True, packed=hidden.dim() == 2, name="ref_hidden")
+                             sequence_level=True, packed=hidden.dim() == 2, name="ref_hidden",
+                             sharded=options.process_group is not None)
     if ref_weight.shape[0] != weight.shape[0]:
         raise ValueError(f"ref_weight must have the vocabulary size of weight, V = {weight.shape[0]}, got shape "
                          f"{tuple(ref_weight.shape)}")
     if spec.beta == 0:
         return None
-    with torch.no_grad():
-        # validate=False: the policy's call checks the same labels.
-        return logprobs.with_options(ref_hidden, ref_weight.detach(), labels,
-                                     None if ref_bias is None else ref_bias.detach(),
-                                     options=dataclasses.replace(options, validate=False))
+    return ref_hidden, ref_weight.detach(), None if ref_bias is None else ref_bias.detach()
 
 
 def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Options, *, ref_hidden, ref_weight,
@@ -417,13 +415,18 @@ def _grpo(logprobs, hidden, weight, labels, bias, spec: GRPOSpec, options: Optio
     # Both paths' dtypes here; the fused linear_logprobs refuses fp64 itself.
     num_sequences = validation.check_call(hidden, weight, labels, bias, options, sequence_level=True,
                                           dtypes=validation.REFERENCE_DTYPES)
-    tensors["ref_logps"] = _reference_head_logps(logprobs, hidden, weight, labels, bias, options, spec,
-                                                 ref_logps=tensors["ref_logps"], ref_hidden=ref_hidden,
-                                                 ref_weight=ref_weight, ref_bias=ref_bias)
-    _check_inputs(labels, num_sequences, spec, **tensors)
-    # The entropy comes from the same pass (the `entropy` metric, the bonus, the entropy mask).
+    reference_head = _reference_head(hidden, weight, labels, bias, options, spec, ref_logps=tensors["ref_logps"],
+                                     ref_hidden=ref_hidden, ref_weight=ref_weight, ref_bias=ref_bias)
+    _check_inputs(labels, num_sequences, spec, reference_head=reference_head is not None, **tensors)
+    # The policy's pass first: it checks the labels (and, vocabulary-parallel, every rank's shard)
+    # that the reference head's pass then reads unchecked.  The entropy comes from the same pass
+    # (the `entropy` metric, the bonus, the entropy mask).
     out = logprobs.with_options(hidden, weight, labels, bias, return_entropy=True, options=options)
     logp, entropy = out.logp, out.entropy
+    if reference_head is not None:
+        with torch.no_grad():
+            tensors["ref_logps"] = logprobs.with_options(*reference_head[:2], labels, reference_head[2],
+                                                         options=dataclasses.replace(options, validate=False))
     targets = shift_labels(labels, options.ignore_index, options.cu_seqlens) if options.shift else labels
     return grpo_from_logprobs(logp, entropy, targets != options.ignore_index, spec=spec,
                               cu_seqlens=options.cu_seqlens, **tensors)

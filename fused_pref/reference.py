@@ -287,7 +287,8 @@ def dpo_loss(hidden, weight, labels, bias=None, *, ref_logps=None, ref_hidden=No
     num_sequences = labels.shape[0] if options.cu_seqlens is None else options.cu_seqlens.numel() - 1
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES)
+        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES,
+        sharded=options.process_group is not None)
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
     stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)
@@ -313,7 +314,8 @@ def kto_loss(hidden, weight, labels, bias=None, *, desirable, ref_logps=None, re
     kto.check_unpaired(desirable, kl, num_sequences, hidden.device, spec)
     ref_weight, ref_bias = validation.check_dpo_reference(
         hidden, weight, labels, bias, ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight=ref_weight,
-        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES, loss="kto_loss", rows="R")
+        ref_bias=ref_bias, num_sequences=num_sequences, dtypes=validation.REFERENCE_DTYPES, loss="kto_loss", rows="R",
+        sharded=options.process_group is not None)
     if ref_weight is not None:
         ref_weight, ref_bias = _whole_vocabulary(ref_weight, ref_bias, options)
     stats = _token_metrics(hidden, whole_weight, labels, whole_bias, options, token_metrics)

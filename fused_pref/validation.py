@@ -90,7 +90,7 @@ def _layer_hint(value, b_name) -> str:
 
 
 def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence_level=False, packed=False,
-                  name="hidden"):
+                  name="hidden", sharded=False):
     """Types, shapes, dtypes and devices of the projection inputs.
 
     Sequence-level functions take ``[R, T, D]`` (padded) or, with ``packed``, ``[N, D]``."""
@@ -123,7 +123,9 @@ def check_tensors(hidden, weight, labels, bias, *, dtypes=FUSED_DTYPES, sequence
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
         _fail(ValueError, f"{w_name} must be [V, D] with D = {name}.shape[-1] = {hidden.shape[-1]}, "
                           f"got shape {tuple(weight.shape)}")
-    if weight.shape[0] == 0:
+    # A shard without rows is refused by every rank at once, from the table of shards
+    # (distributed.resolve_shard): refused here, by this rank alone, it would leave the others waiting.
+    if weight.shape[0] == 0 and not sharded:
         _fail(ValueError, f"{w_name} must have at least one vocabulary row")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         _fail(ValueError, f"{b_name} must be [V] = [{weight.shape[0]}], got shape {tuple(bias.shape)}")
@@ -358,7 +360,7 @@ def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequen
 
 
 def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, ref_weight, ref_bias,
-                        num_sequences, dtypes=FUSED_DTYPES, loss="dpo_loss", rows="2B"):
+                        num_sequences, dtypes=FUSED_DTYPES, loss="dpo_loss", rows="2B", sharded=False):
     """The reference-model inputs of a DPO (or KTO: ``loss``, ``rows="R"``) loss; returns the
     ``(ref_weight, ref_bias)`` to use.
 
@@ -381,7 +383,7 @@ def check_dpo_reference(hidden, weight, labels, bias, *, ref_logps, ref_hidden, 
     if ref_weight is None:
         ref_weight, ref_bias = weight, bias if ref_bias is None else ref_bias
     check_tensors(ref_hidden, ref_weight, labels, ref_bias, dtypes=dtypes, sequence_level=True,
-                  packed=hidden.dim() == 2, name="ref_hidden")
+                  packed=hidden.dim() == 2, name="ref_hidden", sharded=sharded)
     # labels are range-checked against weight only: a smaller reference vocabulary would be read
     # out of bounds (NaN on the fused path, a RuntimeError in the reference).
     if ref_weight.shape[0] != weight.shape[0]:
@@ -415,7 +417,12 @@ def check_dpo_hyper(*, loss_type, label_smoothing, length_normalize, discopop_ta
 
 
 def check_shards(table):
-    """Every rank's ``(vocab_start, rows)`` must tile ``[0, V)`` without gaps or overlaps."""
+    """Every rank's ``(vocab_start, rows)`` must tile ``[0, V)`` without gaps or overlaps, each
+    with at least one row."""
+    empty = [rank for rank, (_, rows) in enumerate(table) if rows == 0]
+    if empty:
+        _fail(ValueError, f"every rank's weight shard needs at least one vocabulary row; rank(s) {empty} have none "
+                          f"((vocab_start, rows) per rank = {table})")
     expected = 0
     for start, rows in sorted(table):
         if start != expected:
@@ -429,7 +436,7 @@ def check_call(hidden, weight, labels, bias, options, *, sequence_level=False, p
     """Every free check of a public function's tensors (the options were checked when made);
     returns the number of sequences.  ``needs_gradient``: whether the call's result needs one."""
     check_tensors(hidden, weight, labels, bias, dtypes=dtypes, sequence_level=sequence_level,
-                  packed=options.cu_seqlens is not None)
+                  packed=options.cu_seqlens is not None, sharded=options.process_group is not None)
     check_cu_seqlens(options.cu_seqlens, hidden)
     if kind is not None:
         check_reduction(reduction, kind)

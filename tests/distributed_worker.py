@@ -462,7 +462,28 @@ def dtensor_parallel():
         assert "leaves a rank without rows" in str(error), f"rank {dist.get_rank()}: {error}"
     else:
         raise AssertionError(f"rank {dist.get_rank()}: a shard without rows was not refused")
-
+    # The same given by hand: rank 0 holds no rows, the other ranks split the vocabulary.
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sizes = [0] + [len(c) for c in torch.arange(SHAPE[3]).tensor_split(world - 1)]
+    start = sum(sizes[:rank])
+    mine = x["weight"].detach()[start:start + sizes[rank]]
+    group = {"process_group": dist.group.WORLD, "vocab_start": start}
+    advantages = torch.ones(x["labels"].shape[0])
+    for module in (fused_pref, fused_pref.reference):
+        calls = {
+            "linear_cross_entropy": lambda: module.linear_cross_entropy(x["hidden"], mine, x["labels"], **group),
+            "dpo_loss": lambda: module.dpo_loss(x["hidden"], mine, x["labels"], ref_hidden=x["hidden"], **group),
+            "grpo_loss": lambda: module.grpo_loss(x["hidden"], mine, x["labels"], advantages=advantages, beta=0.1,
+                                                  ref_hidden=x["hidden"], **group),
+        }
+        for name, call in calls.items():
+            try:
+                call()
+            except ValueError as error:
+                assert "rank(s) [0] have none" in str(error), f"rank {rank}: {module.__name__}.{name}: {error}"
+            else:
+                raise AssertionError(f"rank {rank}: {module.__name__}.{name}: a shard without rows given by hand "
+                                     "was not refused")
 
 class TinyLM(torch.nn.Module):
     """Embedding, one hidden layer and an lm_head; the loss is computed in forward (as trainers do)."""
@@ -583,6 +604,17 @@ def hf_sharded(wrap):
         got.backward()
     _same_as_single(f"hf-{wrap}", model, got, single, expected,
                     TOLERANCE[torch.bfloat16 if "bf16" in wrap else torch.float32])
+    if wrap != "zero3":
+        # Outside the model's forward its root's parameters stay sharded: refused with the way in.
+        for call in (lambda: fph.linear_cross_entropy(model, ids[rows], labels[rows]),
+                     lambda: fph.dpo_loss(single, ids[rows], labels[rows], ref_model=model),
+                     lambda: fph.hidden_states(model, ids[rows])):
+            try:
+                call()
+            except ValueError as error:
+                assert "add_fused_forward" in str(error), f"hf-{wrap}: {error}"
+            else:
+                raise AssertionError(f"hf-{wrap}: a call outside the FSDP root's forward was not refused")
 
 
 def _llama_batch():

@@ -5,11 +5,11 @@ Vocab-parallel results and gradients must equal the single-process reference on 
 weight, for SimPO, DPO and cross-entropy, with V = 1003 divisible by neither world size, with the
 shard given by hand (process_group) or as a DTensor lm_head from parallelize_module; so must the
 per-token statistics (an argmax tied across shards among them), the z-loss and label smoothing,
-the compiled calls, backward="in_forward" (with gradients, and a reference model's log-probs
+a rank without vocabulary rows refused by every rank, the compiled calls, backward="in_forward" (with gradients, and a reference model's log-probs
 without), and the TRL trainers' steps on a tensor-parallel lm_head; DDP and FSDP2 around a module
 calling the losses; a transformers model under FSDP2 (per layer and root, fp32 and a
-bf16 MixedPrecisionPolicy, the lm_head its own unit) and under DeepSpeed ZeRO-3 through
-integrations.hf, FusedDPOTrainer's loss step with both models so wrapped and FusedGRPOTrainer's
+bf16 MixedPrecisionPolicy, the lm_head its own unit; refused, naming the way in, when called from
+outside the root's forward) and under DeepSpeed ZeRO-3 through integrations.hf, FusedDPOTrainer's loss step with both models so wrapped and FusedGRPOTrainer's
 per-token log-probs, against the single process.
 """
 

@@ -525,3 +525,15 @@ def test_reference_head_errors(kwargs, pattern, device):
     with pytest.raises(ValueError, match=pattern):
         grpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], advantages=torch.ones(3, device=device), beta=0.1,
                   **{k: values[v] for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize("fn", [grpo_loss, reference_grpo_loss], ids=["fused", "reference"])
+def test_reference_head_reads_only_checked_labels(fn, device):
+    # The policy's pass checks the labels before the reference head's unchecked pass reads them: a
+    # label past V gets the range error, not the reference pass's out-of-bounds gather.
+    x = make_inputs(3, 9, 40, 257, device=device, seed=7)
+    labels = x["labels"].clone()
+    labels[1, 4] = 257
+    with pytest.raises(ValueError, match=r"^labels must be in \[0, 257\)"):
+        fn(x["hidden"], x["weight"], labels, x["bias"], advantages=torch.ones(3, device=device), beta=0.1,
+           ref_hidden=x["hidden"].detach())

@@ -296,8 +296,27 @@ def backbone(model) -> torch.nn.Module:
 
 def hidden_states(model, input_ids=None, attention_mask=None, **model_kwargs) -> torch.Tensor:
     """Final hidden states ``[B, T, D]`` of a causal LM, without its logits."""
+    _check_not_sharded(model)
     model_kwargs["use_cache"] = False
     return backbone(model)(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs).last_hidden_state
+
+
+def _check_not_sharded(model):
+    """Refuses an FSDP2 root whose own parameters (the embedding's, the lm_head's, ...) are sharded:
+    only its forward gathers them, and run from outside it the decoder fails on them in torch's words."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in {id(m): m for m in (model, _unwrap(model))}.values():
+        if not isinstance(module, FSDPModule):
+            continue
+        units = [m for m in module.modules() if m is not module and isinstance(m, FSDPModule)]
+        theirs = {id(p) for unit in units for p in unit.parameters()}
+        if any(isinstance(p, DTensor) for p in module.parameters() if id(p) not in theirs):
+            raise ValueError(f"{type(module).__name__} is an FSDP2 root (fully_shard) whose parameters are sharded "
+                             "outside its forward: call fused_pref.integrations.hf.add_fused_forward(model) before "
+                             "wrapping, then the loss through the wrapped model, model(input_ids, ..., "
+                             "fused_pref=lambda h, head: head.apply(fused_pref.simpo_loss, h, labels)), as the TRL "
+                             "trainers do")
 
 
 def gathered_by_hooks(layer) -> bool:
