@@ -229,8 +229,12 @@ def _reduce(spec: GRPOSpec, masked, sequences: _Sequences, counts, n_valid, num_
     if spec.loss_type == "luspo":
         return sequences.sum(masked).mean()                   # each sequence weighed by its length
     # dapo, cispo, vespo
-    items = n_valid if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=masked.device)
-    return masked.sum() / items.to(masked.dtype).reshape(()).clamp(min=1)
+    if num_items_in_batch is None:
+        return masked.sum() / n_valid.to(masked.dtype).clamp(min=1)
+    # Given as TRL computes it, a divisor that may be below 1 (its count clamped at 1, then divided by
+    # the processes): kept.  0 (no completion token counts) leaves nothing to divide: the sum is 0 too.
+    items = torch.as_tensor(num_items_in_batch, device=masked.device).to(masked.dtype).reshape(())
+    return masked.sum() / torch.where(items > 0, items, 1)
 
 
 def grpo_from_logprobs(logp, entropy, valid, advantages, spec: GRPOSpec, *, old_logps=None, ref_logps=None,
@@ -381,8 +385,8 @@ def _check_inputs(labels, num_sequences, spec: GRPOSpec, *, advantages, old_logp
                 raise ValueError(f"num_items_in_batch must hold one number, got shape "
                                  f"{tuple(num_items_in_batch.shape)}")
         else:
-            _check_number("num_items_in_batch", num_items_in_batch, lambda v: 0 < v < math.inf,
-                          "a positive number, a one-element tensor or None")
+            _check_number("num_items_in_batch", num_items_in_batch, lambda v: 0 <= v < math.inf,
+                          "a finite number >= 0, a one-element tensor or None")
 
 
 def _reference_head(hidden, weight, labels, bias, options: Options, spec: GRPOSpec, *, ref_logps, ref_hidden,
@@ -488,7 +492,7 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
     grpo, sapo          ``mean_b sum_t m l / max(n_b, 1)``
     bnpo                ``sum m l / max(sum m, 1)``
     dr_grpo             ``sum m l / (B * max_completion_length)`` (required)
-    dapo, cispo, vespo  ``sum m l / max(num_items_in_batch, 1)``
+    dapo, cispo, vespo  ``sum m l / num_items_in_batch`` (default ``max(sum m, 1)``)
     luspo               ``mean_b sum_t m l`` (each sequence weighed by its length)
     ==================  =====================================================================================
 
@@ -501,10 +505,12 @@ def grpo_loss(hidden, weight, labels, bias=None, *, advantages, old_logps=None, 
     not use are ignored, as in TRL's config.
 
     Per-process state, TRL's single-process values by default: ``num_items_in_batch`` is dapo / cispo /
-    vespo's divisor as given, default this call's completion tokens; TRL divides by
-    ``num_items_in_batch / num_processes * gradient_accumulation_steps / steps_per_generation``, so pass
-    that to reproduce a distributed run.  ``top_entropy_quantile < 1`` keeps the tokens whose entropy is
-    at least that quantile of this call's completion tokens (TRL gathers every process's first).  TRL's
+    vespo's divisor as given (below 1 too; 0, for a batch without completion tokens, gives a loss of
+    0), default this call's completion tokens; TRL divides by ``max(num_items_in_batch, 1) /
+    num_processes * gradient_accumulation_steps / steps_per_generation``, so pass that to reproduce a
+    distributed run.  ``top_entropy_quantile < 1`` keeps that fraction of this call's completion
+    tokens, those of highest entropy (at or above its ``1 - top_entropy_quantile`` quantile; TRL
+    gathers every process's first).  TRL's
     division by the gradient-accumulation steps of grpo, bnpo, dr_grpo, luspo and sapo is left to the
     caller.  ``importance_sampling_ratio``: the sampler correction (TRL's vLLM ``importance_sampling_ratio``,
     per token or ``[B]``).  ``off_policy_mask_threshold``: drop sequences with ``A < 0`` whose mean

@@ -296,6 +296,33 @@ TRL_SETTINGS = {
 }
 
 
+@pytest.mark.parametrize("completion_tokens", [3, 0])
+def test_divisor_below_one_matches_trl(completion_tokens):
+    # TRL clamps the generation batch's count at 1 and then divides by the processes: with few
+    # completion tokens on many processes the divisor is below 1, and is to be kept; with none, 0
+    # (its count before the clamp, or the divisor computed from it) gives TRL's loss of 0.
+    pytest.importorskip("trl")
+    x = as_reference(_inputs(31, "cpu", junk=-7.0, temperature=1.0))
+    keep = torch.zeros_like(x["labels"], dtype=torch.bool).flatten()
+    keep[torch.nonzero((x["labels"] != -100).flatten())[:completion_tokens]] = True
+    x["labels"] = x["labels"].masked_fill(~keep.view_as(x["labels"]), -100)
+    valid = x["labels"] != -100
+    hyper = dict(loss_type="dapo", importance_sampling_level="token", beta=0.0, epsilon_low=0.2, epsilon_high=0.2,
+                 max_completion_length=16, entropy_coef=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None)
+    y = as_reference(x)
+    out = fused_pref.reference.linear_logprobs(y["hidden"], y["weight"], y["labels"], y["bias"], return_entropy=True)
+    trainer = _trl_trainer(out.logp, out.entropy, use_vllm=False, config=TRL_DEFAULTS, **hyper)
+    trainer.accelerator.num_processes = 8
+    count = torch.tensor(float(completion_tokens), dtype=torch.float64)
+    inputs = dict(prompt_ids=torch.zeros(B, 1, dtype=torch.long), prompt_mask=torch.ones(B, 1, dtype=torch.long),
+                  completion_ids=torch.where(valid, y["labels"], 0), completion_mask=valid.long(),
+                  advantages=y["advantages"], num_items_in_batch=count, old_per_token_logps=y["old_logps"])
+    theirs = trainer._compute_loss(None, inputs)
+    for divisor in {count.clamp(min=1) / 8, count / 8, float(count / 8)}:
+        ours = _call(fused_pref.reference, x, num_items_in_batch=divisor, **hyper, **TRL_DEFAULTS)
+        assert relative_error(ours.loss, theirs) < 1e-12 if completion_tokens else ours.loss == theirs == 0
+
+
 @pytest.mark.parametrize("setting", TRL_SETTINGS)
 @pytest.mark.parametrize("level", ["token", "sequence"])
 @pytest.mark.parametrize("loss_type", GRPO_LOSS_TYPES)
@@ -426,7 +453,8 @@ ERRORS = {
     "top_entropy_quantile": (dict(top_entropy_quantile=2), ValueError, r"^top_entropy_quantile must be a number in"),
     "max_completion_length": (dict(max_completion_length=0), ValueError,
                               r"^max_completion_length must be a positive int or None, got 0$"),
-    "num_items_in_batch": (dict(num_items_in_batch=0), ValueError, r"^num_items_in_batch must be a positive number"),
+    "num_items_in_batch": (dict(num_items_in_batch=-1), ValueError,
+                           r"^num_items_in_batch must be a finite number >= 0"),
     "ratio-shape": (dict(importance_sampling_ratio=torch.ones(B + 1)), ValueError,
                     r"^importance_sampling_ratio must have the shape of labels \(3, 13\) \(per token\) or \[B\]"),
     "bias-correction-flag": (dict(use_bias_correction_kl="yes"), TypeError, r"^use_bias_correction_kl must be a bool"),
