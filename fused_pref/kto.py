@@ -62,7 +62,7 @@ def check_unpaired(desirable, kl, num_sequences, device, spec: KTOSpec):
         if kl.numel() != 1 or not kl.dtype.is_floating_point:
             raise ValueError(f"kl must be a number or a one-element floating tensor, got shape {tuple(kl.shape)} "
                              f"{kl.dtype}")
-    elif not validation.is_number(kl) or not math.isfinite(kl):
+    elif not validation.is_number(kl) or not -math.inf < kl < math.inf:     # traceable (check_hyper)
         raise ValueError(f"kl must be a finite number or a one-element tensor, got {kl!r}")
     if spec.loss_type == "apo_zero_unpaired":
         raise ValueError("loss_type='apo_zero_unpaired' has no KL reference point: leave kl=None")

@@ -313,10 +313,12 @@ def check_pairs(num_sequences):
 
 
 def check_hyper(*, beta, label_smoothing, gamma=0.0, sft_weight=0.0):
-    # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.
+    # Written so that NaN and inf fail too (NaN <= 0 is False): either gives a NaN loss.  Comparisons,
+    # not math.isfinite: a float torch.compile traces (dynamic=True, or one that changed between
+    # calls) goes through comparisons, not math.isfinite.
     if not is_number(beta) or not 0 < beta < math.inf:
         _fail(ValueError, f"beta must be a positive number, got {beta!r}")
-    if not is_number(gamma) or not math.isfinite(gamma):
+    if not is_number(gamma) or not -math.inf < gamma < math.inf:
         _fail(ValueError, f"gamma must be a finite number, got {gamma!r}")
     if not is_number(label_smoothing) or not 0.0 <= label_smoothing <= 0.5:
         _fail(ValueError, f"label_smoothing must be in [0, 0.5], got {label_smoothing!r}")

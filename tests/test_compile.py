@@ -54,3 +54,26 @@ def test_compiled_equals_eager(name, device):
     assert relative_error(compiled, eager) < 1e-5
     for ours, theirs in zip(compiled_grads, eager_grads):
         assert relative_error(ours, theirs) < 1e-5
+
+
+# Hyper-parameters as the compiled step's arguments: with dynamic=True (and once a value changes
+# between calls) torch.compile traces them as symbolic floats, which the checks must trace too.
+TRACED = {
+    "simpo": lambda h, w, lab, b, beta, gamma: fused_pref.simpo_loss(h, w, lab, b, beta=beta, gamma=gamma).loss,
+    "dpo": lambda h, w, lab, b, beta, gamma: fused_pref.dpo_loss(h, w, lab, b, ref_logps=torch.zeros(4),
+                                                                 beta=beta, label_smoothing=gamma / 10).loss,
+    "cpo": lambda h, w, lab, b, beta, gamma: fused_pref.cpo_loss(h, w, lab, b, beta=beta, sft_weight=gamma).loss,
+    "kto": lambda h, w, lab, b, beta, gamma: fused_pref.kto_loss(
+        h, w, lab, b, desirable=torch.tensor([True, False, True, False]), ref_logps=torch.zeros(4), beta=beta,
+        kl=gamma).loss,
+}
+
+
+@pytest.mark.parametrize("name", TRACED)
+def test_traced_hyper_parameters(name):
+    torch._dynamo.reset()
+    x = make_inputs(4, 7, 40, 257, seed=1)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    step = torch.compile(TRACED[name], fullgraph=True, dynamic=True)
+    for beta, gamma in ((2.0, 1.0), (2.5, 1.0), (2.5, 1.2)):
+        assert relative_error(step(*args, beta, gamma), TRACED[name](*args, beta, gamma)) < 1e-5
