@@ -13,6 +13,8 @@ device pointers and fail under the interpreter that CI runs on (DESIGN.md sectio
 ``custom_op`` works on both, at the price of an opaque node.
 """
 
+import functools
+
 import torch
 
 from .distributed import group_name, group_named
@@ -21,7 +23,21 @@ from .kernels import linear_grad_backward, linear_lse_forward, preference_head_f
 from .kernels.tiles import unit_stride_bias
 
 
+def _autocast_off(impl):
+    """``impl`` with ``torch.autocast`` off on its tensors' device.  Its products are fp32 by design
+    (fp32 logits and accumulators); an eager call under autocast would otherwise run them in the
+    autocast dtype, and a compiled one (where the op is opaque) would not.  Dtypes are the caller's:
+    ``integrations.hf`` casts to the autocast dtype as ``nn.Linear`` would."""
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        device = next(t.device.type for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor))
+        with torch.autocast(device, enabled=False):
+            return impl(*args, **kwargs)
+    return run
+
+
 @torch.library.custom_op("fused_pref::linear_lse", mutates_args=())
+@_autocast_off
 def linear_lse(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                rows: torch.Tensor, n_valid: torch.Tensor, softcap: float | None, temperature: float,
                logit_sum: bool, token_stats: bool, workspace_bytes: int, plan: str,
@@ -47,6 +63,7 @@ def _(hidden, weight, bias, labels, rows, n_valid, softcap, temperature, logit_s
 
 
 @torch.library.custom_op("fused_pref::linear_grad", mutates_args=())
+@_autocast_off
 def linear_grad(grad_logp: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 labels: torch.Tensor, rows: torch.Tensor, n_valid: torch.Tensor, lse: torch.Tensor,
                 target: torch.Tensor, softcap: float | None, temperature: float, needs: list[bool], workspace_bytes: int,
@@ -72,6 +89,7 @@ def _(grad_logp, hidden, weight, bias, labels, rows, n_valid, lse, target, softc
 
 
 @torch.library.custom_op("fused_pref::cross_entropy_in_forward", mutates_args=())
+@_autocast_off
 def cross_entropy_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                              labels: torch.Tensor, valid: torch.Tensor, rows: torch.Tensor, row_scale: torch.Tensor,
                              needs: list[bool], softcap: float | None, temperature: float,
@@ -105,6 +123,7 @@ def _(hidden, weight, bias, labels, valid, rows, row_scale, needs, softcap, temp
 
 
 @torch.library.custom_op("fused_pref::preference_in_forward", mutates_args=())
+@_autocast_off
 def preference_in_forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                           valid: torch.Tensor, rows: torch.Tensor, cu_seqlens: torch.Tensor | None,
                           ref_logps: torch.Tensor | None, needs: list[bool], head: str, reduction: str, beta: float,
@@ -132,6 +151,7 @@ def _(hidden, weight, bias, labels, valid, rows, cu_seqlens, ref_logps, needs, h
 
 
 @torch.library.custom_op("fused_pref::logprobs_in_blocks", mutates_args=())
+@_autocast_off
 def logprobs_in_blocks(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                        valid: torch.Tensor, rows: torch.Tensor, softcap: float | None, temperature: float,
                        workspace_bytes: int, group: str | None, block_vocab: int) -> torch.Tensor:
@@ -145,6 +165,7 @@ def _(hidden, weight, bias, labels, valid, rows, softcap, temperature, workspace
 
 
 @torch.library.custom_op("fused_pref::preference_head", mutates_args=())
+@_autocast_off
 def preference_head(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: torch.Tensor | None,
                     ref_rejected: torch.Tensor | None, loss: str, beta: float, gamma: float,
                     label_smoothing: float, tau: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

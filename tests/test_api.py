@@ -313,3 +313,31 @@ def test_the_reference_has_the_second_derivative_the_message_points_to():
     d_hidden, = torch.autograd.grad(loss, x["hidden"], create_graph=True)
     d_hidden.square().sum().backward()
     assert x["hidden"].grad.abs().sum() > 0 and torch.isfinite(x["hidden"].grad).all()
+
+
+AUTOCAST_CALLS = {
+    "default": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b),
+    "cublas": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b, plan="cublas"),
+    "cross_entropy[in_forward]": lambda h, w, lab, b: fused_pref.linear_cross_entropy(h, w, lab, b,
+                                                                                      backward="in_forward"),
+    "simpo[in_forward]": lambda h, w, lab, b: fused_pref.simpo_loss(h, w, lab, b, backward="in_forward").loss,
+    "dpo[in_forward, reference model]": lambda h, w, lab, b: fused_pref.dpo_loss(
+        h, w, lab, b, ref_hidden=h.detach().flip(0), backward="in_forward").loss,
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", AUTOCAST_CALLS)
+def test_autocast_leaves_the_products_fp32(name, dtype, device):
+    # The kernels' products are fp32 whatever autocast is on: an eager call inside
+    # torch.autocast ran the cuBLAS paths' in its dtype (bf16 logits and gradients, ~1e-3 off).
+    x = make_inputs(4, 7, 40, 257, dtype=dtype, device=device, seed=1)
+    args = (x["hidden"], x["weight"], x["labels"], x["bias"])
+    plain = AUTOCAST_CALLS[name](*args)
+    plain_grads = torch.autograd.grad(plain, args[:2] + args[3:])
+    with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        under = AUTOCAST_CALLS[name](*args)
+        grads = torch.autograd.grad(under, args[:2] + args[3:])
+    assert relative_error(under, plain) < 1e-6
+    for ours, theirs in zip(grads, plain_grads):
+        assert relative_error(ours, theirs) < 1e-6
