@@ -62,5 +62,6 @@ def reduce_weighted_losses(weighted, weights, reduction):
 
 def weights_divisor(total):
     """What a mean under weights summing to ``total`` divides by, as ``F.cross_entropy``: ``total``,
-    whatever its sign; 1 where it is 0, so that weights all 0 give 0, not NaN."""
-    return torch.where(total != 0, total, 1.0)
+    whatever its sign; inf where it is 0, so that the mean is 0 (and its gradient), not NaN, even where
+    what it divides is not 0 (label smoothing's uniform part, weights of both signs)."""
+    return torch.where(total != 0, total, torch.inf)

@@ -57,10 +57,16 @@ def test_weights_summing_below_zero_divide_as_torch(backward, device):
         assert relative_error(ours, theirs) <= 1e-5, module.__name__
 
 
-def test_zero_weights_give_zero_not_nan(device):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("module", [fused_pref, fused_pref.reference], ids=["fused", "reference"])
+def test_label_weights_summing_to_zero_give_zero_not_nan(module, smoothing, device):
+    # The README's "0, not NaN": also where what the mean divides is not 0 (label smoothing's uniform
+    # part weighs every class, here all but the labels' 1).
     x = make_inputs(2, 9, 40, 257, device=device, seed=89)
-    loss = fused_pref.linear_cross_entropy(x["hidden"], x["weight"], x["labels"],
-                                           ce_weight=torch.zeros(257, device=device))
+    ce_weight = torch.ones(257, device=device)
+    ce_weight[x["labels"][x["labels"] != -100]] = 0.0
+    loss = module.linear_cross_entropy(x["hidden"], x["weight"], x["labels"], ce_weight=ce_weight,
+                                       label_smoothing=smoothing)
     loss.backward()
     assert loss.item() == 0.0 and (x["hidden"].grad == 0).all()
 

@@ -178,6 +178,16 @@ def test_cpo_trainer_matches_trl(loss_type, cpo_alpha, fused_options, tmp_path, 
     assert_same_logs(ours, theirs, skip=("logits/chosen", "logits/rejected"))
 
 
+@pytest.mark.parametrize("loss_type, hyper, message", [
+    ("sigmoid", dict(label_smoothing=0.6), r"^label_smoothing must be in \[0, 0.5\], got 0.6$"),
+    ("simpo", dict(beta=0.0), r"^beta must be a positive number, got 0.0$"),
+], ids=["cpo-smoothing", "cpo-simpo-beta"])
+def test_cpo_values_our_losses_refuse_are_refused_when_the_trainer_is_built(loss_type, hyper, message, tmp_path):
+    config = CPOConfig(output_dir=str(tmp_path), loss_type=loss_type, max_length=32, **{**COMMON, **hyper})
+    with pytest.raises(ValueError, match=message):
+        FusedCPOTrainer(model=tiny_llama(), args=config, processing_class=tokenizer(), train_dataset=pairs())
+
+
 @pytest.mark.parametrize("loss_type, precompute, plan, fused_options", [
     ("kto", False, None, None), ("apo_zero_unpaired", False, None, None), ("kto", True, None, None),
     ("apo_zero_unpaired", True, None, None), ("kto", False, "cublas", None), ("kto", False, None, UNVALIDATED),

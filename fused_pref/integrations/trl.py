@@ -56,7 +56,7 @@ import torch
 
 import fused_pref
 from fused_pref.options import Options
-from fused_pref.preference import PreferenceSpec, dpo_spec
+from fused_pref.preference import PreferenceSpec, cpo_spec, dpo_spec, simpo_spec
 
 from .hf import add_fused_forward
 
@@ -80,7 +80,8 @@ except ImportError:   # pragma: no cover
 # label_smoothing only in these four; its "sigmoid" ignores it (ours would make it cDPO), so it is
 # passed only where TRL uses it.  TRL divides IPO's and sigmoid_norm's summed log-ratios by the
 # completion length: our length_normalize averages the policy's and the reference's log-probs over
-# the same tokens, the same number.
+# the scored tokens, the same number except where a completion starts at position 0, which TRL
+# counts but cannot score (the README says so).
 _DPO_LOSSES = {
     "sigmoid": ("sigmoid", {}),
     "sigmoid_norm": ("sigmoid", {"length_normalize": True}),
@@ -442,19 +443,24 @@ class FusedCPOTrainer(CPOTrainer):
                               ("router_aux_loss_coef (a MoE auxiliary loss)", self.aux_loss_enabled)):
             if present:
                 raise NotImplementedError(f"FusedCPOTrainer does not support {name}")
+        fn, hyper = self._fused_loss()
+        # The values our loss refuses (beta <= 0, label_smoothing > 0.5, ...) fail here, not at the first step.
+        (simpo_spec if fn is fused_pref.simpo_loss else cpo_spec)(**hyper)
         add_fused_forward(self.model)
+
+    def _fused_loss(self):
+        """Our loss function for TRL's ``loss_type`` and its hyper-parameters from TRL's config."""
+        hyper = dict(beta=self.beta, label_smoothing=self.label_smoothing, sft_weight=self.cpo_alpha)
+        if self.loss_type == "simpo":
+            # TRL: beta * ((S_c - S_r) - gamma / beta) = beta * (S_c - S_r) - gamma, our SimPO margin.
+            return fused_pref.simpo_loss, {**hyper, "gamma": self.simpo_gamma}
+        return fused_pref.cpo_loss, hyper
 
     def get_batch_loss_metrics(self, model, batch, train_eval="train"):
         batch = self.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=self.pad_token_id,
                                          device=self.accelerator.device)
         labels = batch["concatenated_labels"]     # Hugging Face alignment, -100 on prompt and padding
-        hyper = dict(beta=self.beta, label_smoothing=self.label_smoothing, sft_weight=self.cpo_alpha)
-        if self.loss_type == "simpo":
-            # TRL: beta * ((S_c - S_r) - gamma / beta) = beta * (S_c - S_r) - gamma, our SimPO margin.
-            fn, hyper["gamma"] = fused_pref.simpo_loss, self.simpo_gamma
-        else:
-            fn = fused_pref.cpo_loss
-
+        fn, hyper = self._fused_loss()
         out = model(batch["concatenated_input_ids"], attention_mask=batch["concatenated_attention_mask"],
                     use_cache=False,
                     fused_pref=lambda hidden, head: head.apply(fn, hidden, labels, **hyper, **self._fused_options))
