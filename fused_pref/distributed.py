@@ -3,7 +3,7 @@ lm_head (rows ``vocab_start .. vocab_start + V_local``), as Megatron-LM's tensor
 
 The fused path exchanges only O(N) per-token numbers: the forward all-reduces the partial
 log-sum-exp (MAX, then SUM of rescaled exponentials), the target logit (only its owner has it),
-the logit sums and, for the per-token statistics, each shard's softmax-mean logit, max logit and
+the logit sums and, for the per-token statistics, each shard's entropy, max logit and
 argmax; the backward all-reduces the partial ``d_hidden``.  ``d_weight`` and
 ``d_bias`` stay on their shard.  The reference gathers the whole weight instead (for checking).
 """
@@ -72,9 +72,9 @@ def combine_partials(lse, target, logit_sum, group, stats=None, start=0):
     ``group``; ``lse`` must be finite.  ``stats``: None, or this rank's ``(entropy, argmax,
     max_logit)`` over its shard (the argmax a column of the shard, whose first vocabulary id is
     ``start``; every value finite), which come back as the global ``(entropy,
-    argmax)``: the entropy is ``lse - E[z]`` with ``E[z] = sum_r exp(l_r - lse) (l_r - H_r)`` over
-    the ranks' partial lse ``l_r`` and entropies ``H_r``, and the argmax the lowest vocabulary id
-    holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, four with ``stats``."""
+    argmax)``: the entropy is ``sum_r exp(l_r - lse) (lse - l_r + H_r)`` over the ranks' partial lse
+    ``l_r`` and entropies ``H_r`` (terms >= 0, without ``lse - E[z]``'s cancellation), and the argmax
+    the lowest vocabulary id holding the max logit, as ``torch.argmax`` takes the first.  Two all-reduces, four with ``stats``."""
     # Copies reduced in place, read after beside the originals.  Not one stacked tensor: Inductor
     # (torch 2.13) wrote the stack's inputs into the stack's own buffer, so the in-place reduce
     # changed them too and a compiled call gave wrong log-probs.
@@ -86,14 +86,15 @@ def combine_partials(lse, target, logit_sum, group, stats=None, start=0):
     weight = torch.exp(lse - top)
     parts = [weight, target] + ([logit_sum] if logit_sum.numel() else [])
     if stats is not None:
-        parts.append(weight * (lse - stats[0]))
+        # Every term >= 0 (lse - E[z] would cancel to the rounding of the largest logit).
+        parts.append(weight * (top - lse + stats[0]))
     summed = torch.stack(parts)
     dist.all_reduce(summed, group=group)
     total_lse = top + torch.log(summed[0])
     total_sum = summed[2] if logit_sum.numel() else logit_sum
     if stats is None:
         return total_lse, summed[1], total_sum, None
-    entropy = total_lse - summed[-1] / summed[0]
+    entropy = torch.log(summed[0]) + summed[-1] / summed[0]
     none = torch.iinfo(torch.int64).max
     argmax = torch.where(stats[2] == best, stats[1] + start, none)
     dist.all_reduce(argmax, op=dist.ReduceOp.MIN, group=group)

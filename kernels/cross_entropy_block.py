@@ -55,8 +55,9 @@ def _first_pass(z_rows, b_ptr, label, r_mask, nlp_ptr, target_ptr, sum_ptr, entr
     run_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     target = tl.zeros((BLOCK_R,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
-    # Per lane, with STATS: sum of exp(z - run_max) * z, and the first column holding run_max.
-    run_zsum = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
+    # Per lane, with STATS: sum of exp(z - run_max) * (run_max - z), each term >= 0 (the entropy
+    # from it has no cancellation, as linear_lse's), and the first column holding run_max.
+    run_spread = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.float32)
     run_arg = tl.zeros((BLOCK_R, BLOCK_V), dtype=tl.int32)
     for v0 in range(0, V, BLOCK_V):
         z, offs_v, mask = stored_logits(z_rows, b_ptr, r_mask, v0, V, softcap, inv_temperature,
@@ -65,12 +66,14 @@ def _first_pass(z_rows, b_ptr, label, r_mask, nlp_ptr, target_ptr, sum_ptr, entr
         new_max = tl.maximum(run_max, z)
         rescale = tl.exp(run_max - new_max)
         e = tl.exp(z - new_max)
-        run_sum = run_sum * rescale + e
         if STATS:
-            # Masked columns add 0 (e is 0 there), not 0 * -inf.  Strictly greater: a lane keeps its
-            # first column of a tie.
-            run_zsum = run_zsum * rescale + e * tl.where(mask, z, 0.0)
+            # The lane's terms so far move by its max's rise (run_sum is 0 before its first column, and
+            # the floor finite); masked columns add 0 (e is 0 there), not 0 * inf.  Strictly greater:
+            # a lane keeps its first column of a tie.
+            rise = (new_max - run_max) * run_sum
+            run_spread = (run_spread + rise) * rescale + e * tl.where(mask, new_max - z, 0.0)
             run_arg = tl.where(z > run_max, offs_v[None, :], run_arg)
+        run_sum = run_sum * rescale + e
         run_max = new_max
         # A label past V (validate=False) matches no column, padded or not: its target stays 0.
         target += tl.sum(tl.where((offs_v[None, :] == label[:, None]) & mask, z, 0.0), axis=1)
@@ -81,7 +84,9 @@ def _first_pass(z_rows, b_ptr, label, r_mask, nlp_ptr, target_ptr, sum_ptr, entr
     total = tl.sum(run_sum * lane_weight, axis=1)
     lse = row_max + tl.log(total)
     if STATS:
-        tl.store(entropy_ptr + offs_r, lse - tl.sum(run_zsum * lane_weight, axis=1) / total, mask=r_mask)
+        # H = log(total) + sum_v p_v (row_max - z_v), each lane's terms moved to the row's max.
+        lane_spread = (run_spread + (row_max[:, None] - run_max) * run_sum) * lane_weight
+        tl.store(entropy_ptr + offs_r, tl.log(total) + tl.sum(lane_spread, axis=1) / total, mask=r_mask)
         # The first column among the lanes holding the row's max.
         first = tl.min(tl.where(run_max == row_max[:, None], run_arg, V), axis=1)
         tl.store(argmax_ptr + offs_r, first.to(tl.int64), mask=r_mask)

@@ -58,7 +58,7 @@ def linear_lse_kernel(
     """One program: BLOCK_N valid rows from position ``p_start`` of the row index against one
     vocabulary split.  Writes their partial log-sum-exp (and, with ``LOGIT_SUM``, sum of logits) at
     ``[split, position - p_start]`` of the partials, and the target logit of the rows whose label
-    lies in the split.  With ``TOKEN_STATS`` also the split's softmax-mean logit, its max and the
+    lies in the split.  With ``TOKEN_STATS`` also the split's entropy, its max and the
     first column holding it, at ``[k, split, position - p_start]`` of ``stat_part`` (k = 0, 1, 2)."""
     row_tile, split = grouped_tile(n_row_tiles, n_splits, n_group_rows)
     p0, n_valid = row_tile_start(n_valid_ptr, row_tile, BLOCK_N)
@@ -71,7 +71,9 @@ def linear_lse_kernel(
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    z_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)        # sum of exp(z - run_max) * z
+    # sum of exp(z - run_max) * (run_max - z): each term >= 0, so the split's entropy
+    # log(run_sum) + spread / run_sum has no cancellation (lse - E[z] loses what |z| rounds away).
+    spread = tl.zeros((BLOCK_N,), dtype=tl.float32)
     argmax = tl.zeros((BLOCK_N,), dtype=tl.int32)
     v_start = split * v_per_split
     v_end = tl.minimum(v_start + v_per_split, V)
@@ -107,12 +109,17 @@ def linear_lse_kernel(
             new_max = tl.maximum(run_max, tile_max)
             rescale = tl.exp(run_max - new_max)
             e = tl.exp(z - new_max[:, None])
-            run_sum = run_sum * rescale + tl.sum(e, axis=1)
             if TOKEN_STATS:
-                # e is 0 at padded columns, where z is -inf: 0 * -inf would be NaN.
-                z_sum = z_sum * rescale + tl.sum(e * tl.where(v_mask[None, :], z, 0.0), axis=1)
+                # The terms so far move by the max's rise (none before the first tile: inf * 0); e is
+                # 0 at padded columns, where new_max - z is inf: inf * 0 would be NaN.  (A logit of
+                # -inf gives NaN, as in the reference's p log p.)  One subtraction per logit more
+                # than E[z]'s sum, which cancelled.
+                rise = tl.where(run_sum > 0, (new_max - run_max) * run_sum, 0.0)
+                gap = tl.where(v_mask[None, :], new_max[:, None] - z, 0.0)
+                spread = (spread + rise) * rescale + tl.sum(e * gap, axis=1)
                 # Strictly greater: a later tile never takes a tie, so the first column wins (torch.argmax).
                 argmax = tl.where(tile_max > run_max, v0 + tl.argmax(z, axis=1).to(tl.int32), argmax)
+            run_sum = run_sum * rescale + tl.sum(e, axis=1)
             run_max = new_max
             target += tl.sum(tl.where(offs_v[None, :] == label[:, None], z, 0.0), axis=1)
             if LOGIT_SUM:
@@ -123,7 +130,7 @@ def linear_lse_kernel(
     if LOGIT_SUM:
         tl.store(sum_part_ptr + part, logit_sum, mask=p_mask)
     if TOKEN_STATS:
-        tl.store(stat_part_ptr + part, z_sum / run_sum, mask=p_mask)
+        tl.store(stat_part_ptr + part, tl.log(run_sum) + spread / run_sum, mask=p_mask)
         tl.store(stat_part_ptr + stride_part_k + part, run_max, mask=p_mask)
         # A column index below 2^24 is exact in fp32.
         tl.store(stat_part_ptr + 2 * stride_part_k + part, argmax.to(tl.float32), mask=p_mask)
@@ -142,8 +149,9 @@ def merge_splits_kernel(
     """Each row's log-sum-exp over the whole vocabulary from its splits' partials ``l_s``, in split
     order:  ``lse = M + log(sum_s exp(l_s - M))``, ``M`` the running max (the online-softmax merge:
     rescaling to the largest cannot overflow); and, with ``LOGIT_SUM``, the sum of its partial sums;
-    with ``TOKEN_STATS``, the entropy ``lse - E[z]`` (``E[z] = sum_s exp(l_s - lse) E_s[z]``, merged
-    as the sum is), the argmax (the first split's on a tie) and the max logit (which vocabulary
+    with ``TOKEN_STATS``, the entropy from the splits' ``H_s``: ``H = sum_s p_s (lse - l_s + H_s)``,
+    ``p_s = exp(l_s - lse)``, every term >= 0, merged as the sum is (``lse - E[z]`` would cancel
+    to the rounding of the largest logit), the argmax (the first split's on a tie) and the max logit (which vocabulary
     shards compare to find the global argmax).  Stored at the row's token, for
     positions ``p_start .. p_start + n_positions`` of the row index."""
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -151,7 +159,7 @@ def merge_splits_kernel(
     run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
-    z_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)        # sum of exp(l_s - run_max) E_s[z]
+    spread = tl.zeros((BLOCK_P,), dtype=tl.float32)       # sum of exp(l_s - run_max) (run_max - l_s + H_s)
     best = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
     argmax = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for s in range(0, n_splits):
@@ -160,12 +168,16 @@ def merge_splits_kernel(
         new_max = tl.maximum(run_max, partial)
         rescale = tl.exp(run_max - new_max)
         weight = tl.exp(partial - new_max)
+        if TOKEN_STATS:
+            # As in the split kernel: the terms so far move by the max's rise (none before the first).
+            rise = tl.where(run_sum > 0, (new_max - run_max) * run_sum, 0.0)
+            split_entropy = tl.load(stat_part_ptr + part, mask=mask, other=0.0)
+            spread = (spread + rise) * rescale + tl.where(weight > 0, weight * (new_max - partial + split_entropy), 0.0)
         run_sum = run_sum * rescale + weight
         run_max = new_max
         if LOGIT_SUM:
             logit_sum += tl.load(sum_part_ptr + part, mask=mask, other=0.0)
         if TOKEN_STATS:
-            z_sum = z_sum * rescale + weight * tl.load(stat_part_ptr + part, mask=mask, other=0.0)
             split_max = tl.load(stat_part_ptr + stride_part_k + part, mask=mask, other=0.0)
             split_arg = tl.load(stat_part_ptr + 2 * stride_part_k + part, mask=mask, other=0.0)
             argmax = tl.where(split_max > best, split_arg, argmax)
@@ -176,7 +188,7 @@ def merge_splits_kernel(
     if LOGIT_SUM:
         tl.store(logit_sum_ptr + row, logit_sum, mask=mask)
     if TOKEN_STATS:
-        tl.store(entropy_ptr + row, lse - z_sum / run_sum, mask=mask)
+        tl.store(entropy_ptr + row, tl.log(run_sum) + spread / run_sum, mask=mask)
         tl.store(argmax_ptr + row, argmax.to(tl.int64), mask=mask)
         tl.store(max_logit_ptr + row, best, mask=mask)
 

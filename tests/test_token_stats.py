@@ -155,6 +155,28 @@ def test_the_entropy_is_differentiable(loss, dtype, options, device):
         assert a.dtype == dtype and relative_error(a, b) <= TOLERANCE[dtype], (name, relative_error(a, b))
 
 
+@pytest.mark.parametrize("options", [{"plan": "narrow"}, {"plan": "cublas"}, {"backward": "in_forward"}],
+                         ids=["narrow", "cublas", "in_forward"])
+def test_confident_tokens_keep_their_small_entropy(options, device):
+    # Peaked rows (hidden x10: entropies down to 1e-4 and below, logits of tens): lse - E[z] in fp32
+    # cancels to the rounding of the largest logit (5e-6 relative over the batch); summed from
+    # non-negative terms the entropy is as close to fp64 as a plain fp32 -sum(p log p) (3e-7).
+    x = make_inputs(4, 9, 33, 1003, device=device, seed=1)
+    with torch.no_grad():
+        x["hidden"].mul_(10.0)
+    ref = {k: v.detach().cpu().double() if v.dtype.is_floating_point else v.cpu() for k, v in x.items()}
+    theirs = fused_pref.reference.linear_logprobs(ref["hidden"], ref["weight"], ref["labels"], ref["bias"],
+                                                  return_entropy=True).entropy
+    if "backward" in options:    # the gradient-in-forward mode's statistics: a pair loss's token metrics
+        ours = fused_pref.simpo_loss(x["hidden"], x["weight"], x["labels"], x["bias"], token_metrics=True,
+                                     **options).entropy
+        theirs = (theirs * (ref["labels"] != -100)).sum() / (ref["labels"] != -100).sum()
+    else:
+        ours = fused_pref.linear_logprobs(x["hidden"], x["weight"], x["labels"], x["bias"], return_entropy=True,
+                                          **options).entropy
+    assert relative_error(ours, theirs) < 1e-6
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
 def test_cross_entropy_token_accuracy_and_predicted_tokens(reduction, dtype, device):
