@@ -288,12 +288,16 @@ def run(module, case, x):
 
 
 def _outputs(module, case, x):
-    """Value, per-sequence log-probs (preference losses) and the gradients of ``run``, as a dict."""
+    """Value, per-sequence log-probs and rewards (preference losses) and the gradients of ``run``, as
+    a dict."""
     out = run(module, case, x)
     value = value_of(out)
     results = {"value": value.detach()}
     if isinstance(out, fused_pref.PreferenceOutput):
         results["logps"] = torch.cat([out.chosen_logps, out.rejected_logps])
+        # Compared too (fused_pref.testing.compare), and as ill-conditioned as a difference of
+        # near-equal log-probs is (a reference model close to the policy).
+        results["rewards"] = torch.cat([out.chosen_rewards, out.rejected_rewards]).detach()
     # A fixed random upstream gradient, so every output entry reaches the gradients.
     upstream = torch.randn(value.shape, generator=torch.Generator().manual_seed(case.seed), dtype=torch.float64)
     (value * upstream.to(device=value.device, dtype=value.dtype)).sum().backward()
@@ -313,6 +317,17 @@ def widened(x, dtype=torch.float64):
     return out
 
 
+def _nudged(x, seed):
+    """``x`` (``widened``) with each floating input scaled by ``1 +- 2^-24`` per element, at random."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(x)
+    for key in ("base", "weight", "bias", "ref_hidden", "ref_weight", "ref_logps"):
+        if x.get(key) is not None:
+            sign = torch.randint(0, 2, x[key].shape, generator=gen).to(x[key].dtype) * 2 - 1
+            out[key] = (x[key].detach() * (1 + sign * 2.0 ** -24)).requires_grad_(x[key].requires_grad)
+    return out
+
+
 def check_case(case) -> bool:
     """Fused against the fp64 reference on ``case`` (``fused_pref.testing.compare``): value,
     per-sequence log-probs and rewards, every gradient and the metrics within tolerance.  False
@@ -327,6 +342,13 @@ def check_case(case) -> bool:
     # loosely.  Our own precision is tested on every draw the reference itself gets right.
     ref32 = _outputs(fused_pref.reference, case, widened(x, torch.float32))
     if any(relative_error(ref32[key], ref[key]) > TOLERANCE[torch.float32] / 4 for key in ref):
+        return False
+    # Sensitivity: the same fp32 run can round luckily where another fp32 computation (ours) does not,
+    # so the fp64 reference must also hold on inputs moved by about one fp32 rounding (a gradient at
+    # a stationary point of the loss, ~1e-20 from cancellation, moved by 7e-3 relative: exo_pair's
+    # x = log((1 - eps) / eps)).
+    nudged = _outputs(fused_pref.reference, case, _nudged(widened(x), case.seed))
+    if any(relative_error(nudged[key], ref[key]) > TOLERANCE[torch.float32] / 4 for key in ref):
         return False
     # Representability: gradients come back in the input dtype, so the exact gradient rounded to
     # that dtype must itself be within tolerance, scaled as compare scales fp16's (a loss scale
