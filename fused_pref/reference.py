@@ -48,6 +48,8 @@ def _spans(labels, cu_seqlens):
             return [(0, labels.numel())]
         return [(r * T, (r + 1) * T) for r in range(labels.shape[0])]
     cu = cu_seqlens.tolist()
+    # Read here before anything indexes with them (validation's own check comes after the shift).
+    validation.check_cu_seqlens_values(cu, labels.numel())
     return list(zip(cu[:-1], cu[1:]))
 
 

@@ -15,8 +15,10 @@ def shift_labels(labels, ignore_index, cu_seqlens=None):
         return torch.cat([labels[..., 1:], pad], dim=-1)
     last = torch.zeros_like(labels, dtype=torch.bool)
     # cu_seqlens[1:] - 1 is each sequence's last position; an empty first sequence gives -1,
-    # which wraps to N - 1, the last position of the batch, last anyway.
-    last[cu_seqlens[1:].long() - 1] = True
+    # which wraps to N - 1, the last position of the batch, last anyway.  Clamped: values past N
+    # are refused by validation, which reads them after this runs (and an index past the end
+    # would be an IndexError here, a device-side assert on a GPU).
+    last[(cu_seqlens[1:].long() - 1).clamp(-1, labels.numel() - 1)] = True
     last[-1] = True
     return torch.where(last, ignore_index, labels.roll(-1))
 
@@ -29,7 +31,8 @@ def sequence_sums(values, cu_seqlens=None):
     if cu_seqlens is None:
         return values.sum(dim=-1)
     prefix = torch.cat([values.new_zeros(1, dtype=torch.float64), values.double().cumsum(0)])
-    cu = cu_seqlens.long()
+    # Clamped into [0, N] as shift_labels clamps: validation reads cu_seqlens' range after this.
+    cu = cu_seqlens.long().clamp(0, values.numel())
     return (prefix[cu[1:]] - prefix[cu[:-1]]).to(values.dtype if values.dtype.is_floating_point else torch.int64)
 
 

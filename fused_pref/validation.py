@@ -333,6 +333,12 @@ def reads_back(validate: bool) -> bool:
     return validate and not torch.compiler.is_compiling()
 
 
+def check_cu_seqlens_values(cu, n):
+    """``cu`` (``cu_seqlens`` read back, a list) must start at 0, end at ``n`` and never decrease."""
+    if cu[0] != 0 or cu[-1] != n or any(b < a for a, b in zip(cu, cu[1:])):
+        _fail(ValueError, f"cu_seqlens must start at 0, end at N = {n} and never decrease; got {cu}")
+
+
 def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequences=False, cu_seqlens=None):
     """Valid-token mask, and with ``validate`` the label-range, ``cu_seqlens`` and empty-sequence
     checks, all read with one host synchronisation."""
@@ -352,8 +358,7 @@ def check_labels(labels, vocab_size, *, ignore_index, validate, mean_over_sequen
         _fail(ValueError, f"labels must be in [0, {vocab_size}) or ignore_index={ignore_index}; "
                           f"found {n_bad} outside, first labels{list(where)} = {labels[where].item()}")
     if cu_seqlens is not None and rest.pop(0):
-        _fail(ValueError, f"cu_seqlens must start at 0, end at N = {labels.numel()} and never decrease; "
-                          f"got {cu_seqlens.tolist()}")
+        check_cu_seqlens_values(cu_seqlens.tolist(), labels.numel())
     if rest and rest[0]:
         first = int((sequence_sums(valid, cu_seqlens) == 0).nonzero()[0, 0])
         _fail(ValueError, f"sequence {first} has no valid label (all ignore_index={ignore_index}); "

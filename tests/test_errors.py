@@ -586,11 +586,15 @@ def test_bad_cu_seqlens_type_and_shape(module, name, cu, cls, pattern):
 
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("name", FUNCTIONS)
-@pytest.mark.parametrize("cu", [[1, 7, 14, 21, 28], [0, 7, 14, 21, 27], [0, 14, 7, 21, 28]],
-                         ids=["not-from-0", "not-to-N", "decreasing"])
-def test_bad_cu_seqlens_values(module, name, cu):
+@pytest.mark.parametrize("cu", [[1, 7, 14, 21, 28], [0, 7, 14, 21, 27], [0, 14, 7, 21, 28], [0, 7, 14, 21, 35],
+                                [0, 7, 40, 40, 28]],
+                         ids=["not-from-0", "not-to-N", "decreasing", "past-N", "inside-past-N"])
+@pytest.mark.parametrize("shift", [False, True], ids=["", "shift"])
+def test_bad_cu_seqlens_values(module, name, cu, shift):
+    # Values past N too: the shift and the per-sequence sums index with cu_seqlens before validation
+    # reads its check (an IndexError there before, a device-side assert on a GPU).
     with pytest.raises(ValueError, match=r"^cu_seqlens must start at 0, end at N = 28 and never decrease"):
-        call(module, name, **_packed(torch.tensor(cu, dtype=torch.int32, device=DEVICE)))
+        call(module, name, shift=shift, **_packed(torch.tensor(cu, dtype=torch.int32, device=DEVICE)))
 
 
 @pytest.mark.parametrize("module", MODULES)
