@@ -109,6 +109,23 @@ def test_disabled_and_merged_adapters_are_the_base_and_merged_weights():
         assert relative_error(ours, theirs) <= 1e-5 and relative_error(ours, adapted_loss) > 1e-3
 
 
+def test_a_lora_variant_on_the_output_layer_is_refused_where_one_weight_cannot_be_formed():
+    # DoRA rescales each row of W + s B @ A by a learned magnitude: active it is not that sum, and
+    # merged its merge is not a sum that subtracting s B @ A takes back (that gave a wrong base weight).
+    device = kernel_device()
+    model = adapted(peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["lm_head"]), device)
+    input_ids, labels = batch(device)
+    pattern = r"^LoRA adapter 'default' on the output layer is a variant \(DoraLinearVariant"
+    with torch.no_grad():
+        with pytest.raises(NotImplementedError, match=pattern):
+            fph.linear_cross_entropy(model, input_ids, labels)
+        model.merge_adapter()    # merged and active: the base layer's weight holds it, exactly
+        assert relative_error(fph.linear_cross_entropy(model, input_ids, labels),
+                              model(input_ids=input_ids, labels=labels).loss) <= 1e-5
+        with model.disable_adapter(), pytest.raises(NotImplementedError, match=pattern):
+            fph.linear_cross_entropy(model, input_ids, labels)
+
+
 def test_lora_dropout_in_training_is_refused():
     device = kernel_device()
     model = adapted(peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["lm_head"]), device)

@@ -231,8 +231,9 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     Refused (``NotImplementedError``): other PEFT tuners (IA3, ...), and, since one weight cannot
     express them, LoRA dropout while
     training (it drops entries of the hidden states of the low-rank term only) and LoRA variants
-    (DoRA, ...).  A merged adapter is the base layer's weight (which holds it); a disabled one is
-    that weight without the merged adapters, as PEFT's forward unmerges them first."""
+    (DoRA, ...), active or merged then disabled.  A merged adapter is the base layer's weight (which
+    holds it); a disabled one is that weight without the merged adapters, as PEFT's forward
+    unmerges them first."""
     lora_A, lora_B = getattr(layer, "lora_A", None), getattr(layer, "lora_B", None)
     if lora_A is None or lora_B is None or not hasattr(layer, "base_layer"):
         if hasattr(layer, "base_layer"):
@@ -245,6 +246,7 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     if layer.disable_adapters:
         # PEFT's forward unmerges a disabled adapter first: the base weight is W without them.
         for name in getattr(layer, "merged_adapters", ()):
+            _refuse_variant(layer, name)     # a variant's merge (DoRA's) is not a sum to take back
             weight, bias = _add_lora(layer, name, weight, bias, sign=-1.0)
         return weight, bias
     if layer.merged:
@@ -252,10 +254,7 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
     for name in layer.active_adapters:
         if name not in lora_A.keys():
             continue
-        if name in getattr(layer, "lora_variant", {}):
-            raise NotImplementedError(f"LoRA adapter {name!r} on the output layer is a variant "
-                                      f"({type(layer.lora_variant[name]).__name__}, e.g. DoRA): fused_pref applies "
-                                      "plain LoRA only")
+        _refuse_variant(layer, name)
         dropout = layer.lora_dropout[name]
         if layer.training and isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
             raise NotImplementedError(f"LoRA adapter {name!r} on the output layer has lora_dropout={dropout.p} in "
@@ -264,6 +263,13 @@ def effective_linear(layer) -> tuple[torch.Tensor, torch.Tensor | None]:
                                       "of target_modules")
         weight, bias = _add_lora(layer, name, weight, bias)
     return weight, bias
+
+
+def _refuse_variant(layer, name):
+    if name in getattr(layer, "lora_variant", {}):
+        raise NotImplementedError(f"LoRA adapter {name!r} on the output layer is a variant "
+                                  f"({type(layer.lora_variant[name]).__name__}, e.g. DoRA): fused_pref applies "
+                                  "plain LoRA only")
 
 
 def _add_lora(layer, name, weight, bias, sign=1.0):
