@@ -234,7 +234,7 @@ def _reduce(spec: GRPOSpec, masked, sequences: _Sequences, counts, n_valid, num_
     # Given as TRL computes it, a divisor that may be below 1 (its count clamped at 1, then divided by
     # the processes): kept.  0 (no completion token counts) leaves nothing to divide: the sum is 0 too.
     items = torch.as_tensor(num_items_in_batch, device=masked.device).to(masked.dtype).reshape(())
-    return masked.sum() / torch.where(items > 0, items, 1)
+    return masked.sum() / torch.where(items == 0, 1, items)     # a NaN stays a NaN
 
 
 def grpo_from_logprobs(logp, entropy, valid, advantages, spec: GRPOSpec, *, old_logps=None, ref_logps=None,

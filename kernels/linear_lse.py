@@ -67,7 +67,9 @@ def linear_lse_kernel(
         return
     offs_p, row, p_mask, h_offset, label = labelled_rows(rows_ptr, labels_ptr, n_valid, p0, V, T,
                                                          stride_h_r, stride_h_t, BLOCK_N)
-    run_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    # A finite floor, not -inf: a split whose logits are all -inf (a bias masking a vocabulary range)
+    # would otherwise compute exp(-inf - -inf) = NaN; with it, its sum is 0 and its partial lse -inf.
+    run_max = tl.full((BLOCK_N,), -1e30, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     target = tl.zeros((BLOCK_N,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -89,7 +91,7 @@ def linear_lse_kernel(
             HAS_BIAS, HAS_SOFTCAP, HAS_TEMPERATURE, DOT_IN_FP32, DOT_PRECISION, BLOCK_N, BLOCK_V, BLOCK_D,
         )
         z = tl.where(v_mask[None, :], z, float("-inf"))
-        run_max = tl.max(z, axis=1)
+        run_max = tl.maximum(tl.max(z, axis=1), -1e30)       # the floor, as in the loop below
         run_sum = tl.sum(tl.exp(z - run_max[:, None]), axis=1)
         # A label outside the tile gathers some column; the store below keeps only the split's.
         column = tl.minimum(tl.maximum(label - v_start, 0), BLOCK_V - 1).to(tl.int32)
@@ -110,11 +112,11 @@ def linear_lse_kernel(
             rescale = tl.exp(run_max - new_max)
             e = tl.exp(z - new_max[:, None])
             if TOKEN_STATS:
-                # The terms so far move by the max's rise (none before the first tile: inf * 0); e is
-                # 0 at padded columns, where new_max - z is inf: inf * 0 would be NaN.  (A logit of
-                # -inf gives NaN, as in the reference's p log p.)  One subtraction per logit more
-                # than E[z]'s sum, which cancelled.
-                rise = tl.where(run_sum > 0, (new_max - run_max) * run_sum, 0.0)
+                # The terms so far move by the max's rise (0 before the first tile, run_sum being 0
+                # and the floor finite); e is 0 at padded columns, where new_max - z is inf: inf * 0
+                # would be NaN.  (A logit of -inf gives NaN, as in the reference's p log p.)  One
+                # subtraction per logit more than E[z]'s sum, which cancelled.
+                rise = (new_max - run_max) * run_sum
                 gap = tl.where(v_mask[None, :], new_max[:, None] - z, 0.0)
                 spread = (spread + rise) * rescale + tl.sum(e * gap, axis=1)
                 # Strictly greater: a later tile never takes a tie, so the first column wins (torch.argmax).
@@ -156,7 +158,7 @@ def merge_splits_kernel(
     positions ``p_start .. p_start + n_positions`` of the row index."""
     offs = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     mask = (offs < n_positions) & (p_start + offs < tl.load(n_valid_ptr))
-    run_max = tl.full((BLOCK_P,), float("-inf"), dtype=tl.float32)
+    run_max = tl.full((BLOCK_P,), -1e30, dtype=tl.float32)     # the split kernel's floor: -inf partials add 0
     run_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     logit_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     spread = tl.zeros((BLOCK_P,), dtype=tl.float32)       # sum of exp(l_s - run_max) (run_max - l_s + H_s)
@@ -169,10 +171,10 @@ def merge_splits_kernel(
         rescale = tl.exp(run_max - new_max)
         weight = tl.exp(partial - new_max)
         if TOKEN_STATS:
-            # As in the split kernel: the terms so far move by the max's rise (none before the first).
-            rise = tl.where(run_sum > 0, (new_max - run_max) * run_sum, 0.0)
+            # As in the split kernel: the terms so far move by the max's rise (0 before the first).
+            rise = (new_max - run_max) * run_sum
             split_entropy = tl.load(stat_part_ptr + part, mask=mask, other=0.0)
-            spread = (spread + rise) * rescale + tl.where(weight > 0, weight * (new_max - partial + split_entropy), 0.0)
+            spread = (spread + rise) * rescale + weight * (new_max - partial + split_entropy)
         run_sum = run_sum * rescale + weight
         run_max = new_max
         if LOGIT_SUM:

@@ -175,6 +175,36 @@ def test_nan_and_inf_reach_the_loss(name, poison, device):
     assert torch.isnan(x["hidden"].grad).any() or torch.isnan(x["weight"].grad).any(), "gradients never silently 0"
 
 
+MASKED_RANGE_MODES = {"narrow": {}, "wide": {"plan": "wide"}, "widest": {"plan": "widest"},
+                      "cublas": {"plan": "cublas"}, "in_forward": {"backward": "in_forward"}}
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")     # the interpreter's numpy sees -inf - -inf
+@pytest.mark.parametrize("mode", MASKED_RANGE_MODES.values(), ids=MASKED_RANGE_MODES.keys())
+@pytest.mark.parametrize("masked", [slice(896, None), slice(0, 640), slice(1, 1000)],
+                         ids=["last-splits", "first-splits", "all-but-ends"])
+def test_a_vocabulary_range_masked_by_a_bias_of_minus_inf(masked, mode, device):
+    # Logits of -inf are probabilities of 0: a vocabulary split holding only such columns gave the
+    # default plan's partial lse exp(-inf - -inf) = NaN, and a NaN loss (the reference: finite).
+    x = make_inputs(R, T, D, 1003, seed=13, device=device)     # splits of 128 columns, some wholly masked
+    with torch.no_grad():
+        x["bias"][masked] = -math.inf
+    keep = torch.ones(1003, dtype=torch.bool, device=device)
+    keep[masked] = False
+    # Labels only on columns that keep a probability (a label of -inf logit has an infinite loss).
+    kept = int(keep.nonzero()[0])
+    labels = torch.where(keep[x["labels"].clamp(min=0)] | (x["labels"] == -100), x["labels"], kept)
+    args = (x["hidden"], x["weight"], labels, x["bias"])
+    ours = fused_pref.linear_cross_entropy(*args, **mode)
+    ref = as_reference({"hidden": x["hidden"], "weight": x["weight"], "bias": x["bias"]})
+    theirs = fused_pref.reference.linear_cross_entropy(ref["hidden"], ref["weight"], labels.cpu(), ref["bias"])
+    ours.backward()
+    theirs.backward()
+    assert relative_error(ours, theirs) < 1e-5
+    for name in ("hidden", "weight", "bias"):
+        assert relative_error(x[name].grad, ref[name].grad) < 1e-5, name
+
+
 # Unvalidated, the ignored rows are among those the backward gathers, and "in_forward" and the
 # "cublas" plan gather every row: each must keep their garbage out of d_weight.
 IGNORED_ROW_MODES = {"validated": {}, "unvalidated": {"validate": False},

@@ -13,8 +13,9 @@ shapes, the mask and the options).  Examples are few and small because the inter
 Draws that are ill-conditioned in the mathematics itself, for any implementation, are kept out
 (the tolerance is never widened): the drawn ranges avoid most (each with its reason, where it is
 drawn), and ``check_case`` skips the rest, those where the reference itself, run in fp32, is not
-well within the fp32 tolerance, or where the exact gradient does not fit the input dtype.  About
-2% of draws are skipped.  Failures found so far are kept as plain cases in ``REGRESSIONS``.
+well within the fp32 tolerance, where the fp64 reference moves by as much under a one-rounding
+nudge of the inputs, or where the exact gradient does not fit the input dtype.  About 2% of draws
+are skipped.  Failures found so far are kept as plain cases in ``REGRESSIONS``.
 """
 
 import math
